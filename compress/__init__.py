@@ -1,0 +1,1 @@
+"""llmprune.compress stage (see docs/)."""

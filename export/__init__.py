@@ -1,0 +1,1 @@
+"""llmprune.export stage (see docs/)."""

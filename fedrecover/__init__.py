@@ -1,0 +1,1 @@
+"""llmprune.fedrecover stage (see docs/)."""

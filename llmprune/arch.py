@@ -1,0 +1,79 @@
+"""Architecture adapters: where each supported decoder keeps its layers, projections and norms."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from .errors import LLMPruneError
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Names of the parts of one decoder-only architecture.
+
+    All supported families share the Llama layout (`model.layers[i].self_attn.{q,k,v,o}_proj`,
+    `mlp.{gate,up,down}_proj`); they differ in their norms."""
+
+    model_type: str
+    layer_norms: tuple[str, ...]
+    attention_norms: tuple[str, ...] = ()
+
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        return base_model(model).layers
+
+    def attention(self, layer: nn.Module) -> nn.Module:
+        return layer.self_attn
+
+    def attention_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        attn = layer.self_attn
+        return {name: getattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+
+    def mlp(self, layer: nn.Module) -> nn.Module:
+        return layer.mlp
+
+    def mlp_projections(self, layer: nn.Module) -> dict[str, nn.Linear]:
+        mlp = layer.mlp
+        return {name: getattr(mlp, name) for name in ("gate_proj", "up_proj", "down_proj")}
+
+    def norms(self, layer: nn.Module) -> dict[str, nn.Module]:
+        found = {name: getattr(layer, name) for name in self.layer_norms}
+        attn = layer.self_attn
+        found.update({f"self_attn.{name}": getattr(attn, name) for name in self.attention_norms})
+        return found
+
+    def layer_types(self, config) -> list[str] | None:
+        return list(config.layer_types) if getattr(config, "layer_types", None) else None
+
+
+_LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
+ADAPTERS: dict[str, ArchAdapter] = {
+    "llama": ArchAdapter("llama", _LLAMA_NORMS),
+    "mistral": ArchAdapter("mistral", _LLAMA_NORMS),
+    "qwen2": ArchAdapter("qwen2", _LLAMA_NORMS),
+    "qwen3": ArchAdapter("qwen3", _LLAMA_NORMS, ("q_norm", "k_norm")),
+    "gemma3_text": ArchAdapter(
+        "gemma3_text",
+        ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        ("q_norm", "k_norm"),
+    ),
+}
+SUPPORTED_ARCHITECTURES = tuple(ADAPTERS)
+
+
+def adapter_for(config_or_model) -> ArchAdapter:
+    """The adapter for a config or model; a clear error for any other architecture."""
+    config = getattr(config_or_model, "config", config_or_model)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in ADAPTERS:
+        raise LLMPruneError(
+            f"unsupported architecture '{model_type}'",
+            f"llmprune supports {', '.join(SUPPORTED_ARCHITECTURES)} decoder-only causal LMs",
+        )
+    return ADAPTERS[model_type]
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (embeddings, layers, final norm) under a *ForCausalLM head."""
+    return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model

