@@ -1,0 +1,142 @@
+"""Streamed calibration: the model runs one decoder layer at a time over the calibration windows.
+
+The inputs of layer 0 and the keyword arguments every layer receives (attention masks, rotary
+position embeddings, cache positions) are captured once by running the decoder stack with each
+layer replaced by a pass-through catcher; after that any layer can be run on its own:
+hidden states enter layer ℓ, leave it and feed layer ℓ+1. Peak memory is one layer plus the
+calibration activations."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from llmprune.arch import adapter_for, base_model
+
+# Gemma-3 decoder layers return a tuple; the other supported families return the tensor.
+_TUPLE_OUTPUT = {"gemma3_text"}
+
+
+class _Catcher(nn.Module):
+    def __init__(self, index: int, attention_type: str | None, returns_tuple: bool, store: dict):
+        super().__init__()
+        self.index, self.attention_type, self.returns_tuple, self.store = index, attention_type, returns_tuple, store
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise TypeError("decoder layers are expected to take keyword arguments after hidden_states")
+        if self.index == 0:
+            self.store["hidden"] = hidden_states
+        captured = self.store.setdefault("kwargs", {})
+        if self.index not in captured:  # the first (single-window) call: broadcastable arguments
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
+            kwargs["use_cache"] = False
+            captured[self.index] = kwargs
+        return (hidden_states,) if self.returns_tuple else hidden_states
+
+
+@contextmanager
+def _catchers(model: nn.Module, store: dict):
+    base = base_model(model)
+    original = base.layers
+    types = adapter_for(model).layer_types(model.config)
+    tuple_out = model.config.model_type in _TUPLE_OUTPUT
+    base.layers = nn.ModuleList(
+        _Catcher(i, types[i] if types else getattr(layer, "attention_type", None), tuple_out, store)
+        for i, layer in enumerate(original)
+    )
+    try:
+        yield
+    finally:
+        base.layers = original
+
+
+@dataclass
+class LayerStream:
+    """Calibration activations entering the current layer, and what each layer is called with."""
+
+    hidden: torch.Tensor  # [windows, tokens, hidden]
+    layer_kwargs: dict[int, dict] = field(default_factory=dict)
+    batch_size: int = 4
+
+
+def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> LayerStream:
+    """Embed the calibration windows and capture every layer's call arguments (for one window:
+    masks and rotary embeddings broadcast over the batch)."""
+    store: dict = {}
+    base = base_model(model)
+    with torch.inference_mode(), _catchers(model, store):
+        base(input_ids=input_ids[:1], use_cache=False)
+        kwargs = store["kwargs"]
+        hidden = [store["hidden"]]
+        for start in range(1, input_ids.shape[0], batch_size):
+            base(input_ids=input_ids[start : start + batch_size], use_cache=False)
+            hidden.append(store["hidden"])
+    return LayerStream(hidden=torch.cat(hidden).clone(), layer_kwargs=kwargs, batch_size=batch_size)
+
+
+def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 4) -> torch.Tensor:
+    """One decoder layer over all windows, in mini-batches; returns its output hidden states."""
+    out = torch.empty_like(hidden)
+    with torch.inference_mode():
+        for start in range(0, hidden.shape[0], batch_size):
+            result = layer(hidden[start : start + batch_size], **kwargs)
+            out[start : start + batch_size] = result[0] if isinstance(result, tuple) else result
+    return out
+
+
+def token_cosine(h_in: torch.Tensor, h_out: torch.Tensor, skip_first: bool = True) -> torch.Tensor:
+    """Per-token cosine similarity between a layer's input and output (BOS excluded: its
+    attention-sink activations are outliers unrelated to the text)."""
+    if skip_first and h_in.shape[1] > 1:
+        h_in, h_out = h_in[:, 1:], h_out[:, 1:]
+    return torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+
+
+def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
+    """ShortGPT's block influence: 1 − mean cosine(h_in, h_out); low means the layer changes little."""
+    return float(1.0 - token_cosine(h_in, h_out).mean())
+
+
+class GramCollector:
+    """Accumulates XᵀX, Σx and the count of the inputs to a linear layer (float64), via a
+    forward pre-hook. These are all that selection and least-squares fitting need."""
+
+    def __init__(self, module: nn.Linear):
+        n = module.in_features
+        self.gram = torch.zeros(n, n, dtype=torch.float64)
+        self.sum = torch.zeros(n, dtype=torch.float64)
+        self.count = 0
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        self.gram += (x.T @ x).double()
+        self.sum += x.sum(0).double()
+        self.count += x.shape[0]
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+    def covariance(self) -> torch.Tensor:
+        """Centered second moment (times count): XᵀX − n·μμᵀ."""
+        mu = self.mean
+        return self.gram - self.count * torch.outer(mu, mu)
+
+
+@contextmanager
+def collect_grams(modules: dict[str, nn.Linear]):
+    """Gram collectors on the inputs of several linear layers for the duration of the block."""
+    collectors = {name: GramCollector(m) for name, m in modules.items()}
+    try:
+        yield collectors
+    finally:
+        for c in collectors.values():
+            c.remove()

@@ -1,0 +1,129 @@
+"""Pruning one decoder layer: choose the kept heads and neurons (scoring/selection), fit the
+output projections (mask tuning), then change the shapes (surgery)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import torch
+from torch import nn
+
+from . import importance
+from .calibration import GramCollector
+from .config import CompressConfig
+from .mask_tuning import fit_output_projection
+from .selection import pivot_order, top_k
+from .surgery import head_columns, prune_mlp_neurons, prune_query_heads
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one layer, from the streamed pass."""
+
+    mlp: GramCollector
+    attn: GramCollector | None = None
+    grads: dict[str, torch.Tensor] | None = None  # taylor: accumulated gradients by parameter name
+    _pivots: tuple | None = field(default=None, repr=False)
+
+    def pivots(self, down_weight: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
+        """Condition-aware neuron order and its refit-error curve, computed once per layer and
+        shared by every keep count and every split candidate."""
+        if self._pivots is None:
+            self._pivots = pivot_order(self.mlp.gram, down_weight)
+        return self._pivots
+
+
+def neuron_ranking(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int) -> torch.Tensor | None:
+    """Scores (higher = keep) for score-based methods; None for comp (pivoted selection)."""
+    mlp = layer.mlp
+    gate, up, down = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
+    method = cfg.method
+    if method == "comp":
+        return None
+    if method in ("magnitude", "layer-only"):
+        return importance.magnitude_neurons(gate, up, down)
+    if method == "wanda-sp":
+        return importance.wanda_sp(stats.mlp, down)
+    if method == "fluctuation":
+        return importance.fluctuation(stats.mlp, down)
+    if method == "random":
+        return importance.random_scores(down.shape[1], cfg.seed, index)
+    if method == "taylor":
+        g = stats.grads
+        return importance.taylor_neurons(gate, up, down, g["gate_proj"], g["up_proj"], g["down_proj"])
+    raise ValueError(method)
+
+
+def select_kept_neurons(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int, keep: int) -> torch.Tensor:
+    width = layer.mlp.down_proj.in_features
+    if keep >= width:
+        return torch.arange(width)
+    scores = neuron_ranking(layer, stats, cfg, index)
+    if scores is None:
+        return stats.pivots(layer.mlp.down_proj.weight.detach())[0][:keep].sort().values
+    return top_k(scores, keep)
+
+
+def head_ranking(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int) -> torch.Tensor:
+    attn = layer.self_attn
+    hd = attn.head_dim
+    o = attn.o_proj.weight.detach()
+    q = attn.q_proj.weight.detach()
+    heads = q.shape[0] // hd
+    method = cfg.method
+    if method == "comp":
+        return importance.head_output_energy(stats.attn, o, hd)
+    if method in ("magnitude", "layer-only"):
+        return q.double().reshape(heads, -1).norm(dim=1) + o.double().T.reshape(heads, -1).norm(dim=1)
+    if method == "wanda-sp":
+        return importance.head_scores_from_columns(importance.wanda_sp(stats.attn, o), hd)
+    if method == "fluctuation":
+        return importance.head_scores_from_columns(importance.fluctuation(stats.attn, o), hd)
+    if method == "random":
+        return importance.random_scores(heads, cfg.seed + 7919, index)
+    if method == "taylor":
+        g = stats.grads
+        s = (q.double() * g["q_proj"].double()).reshape(heads, -1).sum(1)
+        s = s + (o.double() * g["o_proj"].double()).T.reshape(heads, -1).sum(1)
+        return s.abs()
+    raise ValueError(method)
+
+
+def select_kept_heads(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int, keep: int) -> torch.Tensor:
+    """Best heads within each KV group, the same number per group (heads of a group are consecutive)."""
+    attn = layer.self_attn
+    hd = attn.head_dim
+    heads = attn.q_proj.out_features // hd
+    kv = attn.k_proj.out_features // hd
+    groups = heads // kv
+    per_group = keep // kv
+    scores = head_ranking(layer, stats, cfg, index).reshape(kv, groups)
+    chosen = [g * groups + top_k(scores[g], per_group) for g in range(kv)]
+    return torch.cat(chosen).sort().values
+
+
+def prune_layer(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int,
+                keep_neurons: int | None, keep_heads: int | None, fit_mode: str | None = None) -> dict:
+    """Prune one layer in place; returns its report row (kept counts, reconstruction errors)."""
+    fit_mode = cfg.fit_mode if fit_mode is None else fit_mode
+    row: dict = {}
+    attn = layer.self_attn
+    heads = attn.q_proj.out_features // attn.head_dim
+    if keep_heads is not None and keep_heads < heads:
+        kept = select_kept_heads(layer, stats, cfg, index, keep_heads)
+        cols = head_columns(kept, attn.head_dim)
+        fit = fit_output_projection(stats.attn, attn.o_proj.weight.detach(), attn.o_proj.bias, cols,
+                                    mode=fit_mode, ridge=cfg.ridge, intercept=cfg.uses_intercept)
+        prune_query_heads(layer, kept, fit.weight, fit.bias)
+        row.update(kept_heads=kept.tolist(), attn_error_before=fit.error_before, attn_error_after=fit.error_after)
+    width = layer.mlp.down_proj.in_features
+    if keep_neurons is not None and keep_neurons < width:
+        kept = select_kept_neurons(layer, stats, cfg, index, keep_neurons)
+        down = layer.mlp.down_proj
+        fit = fit_output_projection(stats.mlp, down.weight.detach(), down.bias, kept,
+                                    mode=fit_mode, ridge=cfg.ridge, intercept=cfg.uses_intercept)
+        prune_mlp_neurons(layer, kept, fit.weight, fit.bias)
+        row.update(kept_neuron_indices=kept, mlp_error_before=fit.error_before, mlp_error_after=fit.error_after)
+    return row

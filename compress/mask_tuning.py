@@ -1,0 +1,93 @@
+"""Gradient-free mask tuning: least squares on calibration statistics, folded into the output
+projection.
+
+For an output projection y = W x (+ b) whose inputs are restricted to a kept set S, we fit the
+pruned layer to the dense one's output Y = X W_fullᵀ + b:
+- `scales`: one multiplier m_j per kept input, min ‖Y − X_S diag(m) W_Sᵀ − 1cᵀ‖² (+ ridge),
+  then W_S ← W_S diag(m);
+- `refit`: the whole kept projection, min ‖Y − X_S Vᵀ − 1cᵀ‖² (+ ridge) over V.
+Both only need the Gram matrix XᵀX, the input sum and the token count, so no activations are
+kept. The intercept c becomes an output bias, which also absorbs the mean of what was removed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .calibration import GramCollector
+
+
+@dataclass
+class FitResult:
+    weight: torch.Tensor  # [out, k]
+    bias: torch.Tensor | None  # [out]
+    error_before: float  # relative output error of plain pruning (no tuning)
+    error_after: float  # relative output error after the fit
+
+
+def _stats(stats: GramCollector, intercept: bool):
+    """Centered Gram and mean when fitting an intercept, else the raw Gram and zeros."""
+    if intercept:
+        return stats.covariance(), stats.mean
+    return stats.gram, torch.zeros_like(stats.sum)
+
+
+def _relative_error(gram: torch.Tensor, w_full: torch.Tensor, w_kept_full: torch.Tensor) -> tuple[float, float]:
+    """‖X(W−V)ᵀ‖² / ‖XWᵀ‖² computed from the Gram, for V given over all inputs (zeros off S)."""
+    diff = (w_full - w_kept_full).double()
+    err = torch.einsum("oi,ij,oj->", diff, gram, diff)
+    ref = torch.einsum("oi,ij,oj->", w_full.double(), gram, w_full.double())
+    return float(err), float(ref)
+
+
+def fit_output_projection(
+    stats: GramCollector,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    keep: torch.Tensor,
+    mode: str = "scales",
+    ridge: float = 1e-3,
+    intercept: bool = True,
+) -> FitResult:
+    """Least-squares tuning of an output projection restricted to input columns `keep`.
+    `mode` is 'none' (plain pruning, plus the intercept when asked), 'scales' or 'refit'."""
+    w = weight.double()
+    gram, mu = _stats(stats, intercept)
+    g_ss = gram[keep][:, keep]
+    k = keep.numel()
+    if mode == "none":
+        v = w[:, keep]
+    elif mode == "scales":
+        ws = w[:, keep]
+        m_mat = g_ss * (ws.T @ ws)
+        rhs = (gram[keep] * (ws.T @ w)).sum(1)
+        reg = ridge * m_mat.diagonal().mean().clamp_min(1e-30)
+        m = torch.linalg.solve(m_mat + reg * torch.eye(k, dtype=torch.float64), rhs)
+        v = ws * m
+    elif mode == "refit":
+        reg = ridge * g_ss.diagonal().mean().clamp_min(1e-30)
+        v = torch.linalg.solve(g_ss + reg * torch.eye(k, dtype=torch.float64), gram[keep] @ w.T).T
+    else:
+        raise ValueError(f"unknown fit mode {mode!r}")
+    full_v = torch.zeros_like(w)
+    full_v[:, keep] = v
+    base = weight.double().new_zeros(w.shape[0]) if bias is None else bias.double()
+    new_bias = None
+    if intercept:
+        # Output means match: b' = b + W μ − V μ_S.
+        new_bias = base + w @ mu - v @ mu[keep]
+    elif bias is not None:
+        new_bias = base
+    plain = torch.zeros_like(w)
+    plain[:, keep] = w[:, keep]
+    err_plain, ref = _relative_error(stats.gram if not intercept else gram, w, plain)
+    err_fit, _ = _relative_error(gram, w, full_v)
+    ref = max(ref, 1e-30)
+    dtype = weight.dtype
+    return FitResult(
+        weight=v.to(dtype),
+        bias=None if new_bias is None else new_bias.to(dtype),
+        error_before=err_plain / ref,
+        error_after=err_fit / ref,
+    )
