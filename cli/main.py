@@ -9,10 +9,11 @@ import sys
 
 from llmprune.errors import LLMPruneError
 
+from . import compress as compress_cmd
 from . import eval as eval_cmd
 from . import info as info_cmd
 
-COMMANDS = (eval_cmd, info_cmd)
+COMMANDS = (compress_cmd, eval_cmd, info_cmd)
 EXIT_USAGE = 2
 
 
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         sys.stderr.write(f"llmprune {args.command}: error: {exc}\n")
         return EXIT_USAGE
+    except BrokenPipeError:  # output piped into e.g. `head`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         sys.stderr.write(f"llmprune {args.command}: interrupted — nothing was written\n")
         return 130

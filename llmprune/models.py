@@ -139,10 +139,16 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
     from transformers import AutoModelForCausalLM
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
-    load_config(source)
+    config = load_config(source)
     try:
         if source.kind == "gguf":
             model = _load_gguf_model(Path(source.path), dtype)
+        elif getattr(config, "llmprune", None):
+            # A pruned checkpoint: the stock class resized from the recorded per-layer shapes.
+            from llmprune.compress.checkpoint import pruned_class
+
+            stock = AutoModelForCausalLM._model_mapping[type(config)]
+            model = pruned_class(stock).from_pretrained(source.path, config=config, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as exc:

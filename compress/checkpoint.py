@@ -1,0 +1,132 @@
+"""Pruned checkpoints: a standard Hugging Face folder plus the per-layer shapes in config.json, a
+`modeling_llmprune.py` (so stock `from_pretrained(..., trust_remote_code=True)` loads it) and
+`pruning_report.json`. Written to a temporary folder beside the target and renamed into place."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from llmprune.arch import adapter_for
+from llmprune.errors import LLMPruneError
+
+from .surgery import layer_shape
+
+log = logging.getLogger(__name__)
+
+MODELING_FILE = "modeling_llmprune.py"
+REPORT_FILE = "pruning_report.json"
+PRUNED_CLASS = "PrunedCausalLM"
+FORMAT_VERSION = 1
+
+
+def modeling_source(model: nn.Module) -> str:
+    """The modeling file for this model's architecture: the template with its base-class import."""
+    cls = type(model)
+    for klass in cls.__mro__:  # a model loaded from a pruned folder is a subclass of the stock one
+        if klass.__module__.startswith("transformers.models."):
+            cls = klass
+            break
+    template = resources.files("llmprune.compress").joinpath("modeling_template.py").read_text()
+    line = f"from {cls.__module__} import {cls.__name__} as _Base  # LLMPRUNE_BASE_IMPORT"
+    return template.replace("from transformers import PreTrainedModel as _Base  # LLMPRUNE_BASE_IMPORT", line)
+
+
+def record_shapes(model: nn.Module, layer_map: list[int], source: str | None = None) -> dict:
+    """config.llmprune: per-layer shapes and the original index of each kept layer."""
+    layers = adapter_for(model).decoder_layers(model)
+    previous = getattr(model.config, "llmprune", None) or {}
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "layers": [layer_shape(l) for l in layers],
+        "layer_map": list(layer_map),
+        "original_num_hidden_layers": previous.get("original_num_hidden_layers", len(previous.get("layer_map", [])) or None),
+        "source": previous.get("source", source),
+    }
+    if spec["original_num_hidden_layers"] is None:
+        spec["original_num_hidden_layers"] = max(layer_map) + 1 if layer_map else len(layers)
+    model.config.llmprune = spec
+    return spec
+
+
+def check_output_dir(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse an output path that is a file, or a non-empty folder without overwrite."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise LLMPruneError(f"--out '{out}' exists and is not a folder", "choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise LLMPruneError(f"--out '{out}' exists and is not empty", "pass --overwrite or choose another folder")
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False):
+    """Yields a temporary folder beside `out`; on success it replaces `out`, on any error (or
+    Ctrl-C) it is removed and `out` is untouched."""
+    out = Path(out)
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, trash / "old")
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: dict | None = None,
+                layer_map: list[int] | None = None, overwrite: bool = False) -> Path:
+    """Write a pruned model as a loadable checkpoint folder (atomically)."""
+    layers = adapter_for(model).decoder_layers(model)
+    if layer_map is None:
+        layer_map = (getattr(model.config, "llmprune", None) or {}).get("layer_map") or list(range(len(layers)))
+    record_shapes(model, layer_map)
+    model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{PRUNED_CLASS}"}
+    with atomic_output_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MODELING_FILE).write_text(modeling_source(model))
+        if report is not None:
+            (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_jsonable))
+    return Path(out)
+
+
+def _jsonable(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def pruned_class(stock_cls: type) -> type:
+    """A subclass of a stock *ForCausalLM that resizes its layers from config.llmprune (the same
+    code the modeling file carries)."""
+    from .modeling_template import apply_pruned_shapes
+
+    def __init__(self, config):
+        stock_cls.__init__(self, config)
+        apply_pruned_shapes(self, config)
+
+    return type(PRUNED_CLASS, (stock_cls,), {"__init__": __init__, "__module__": __name__})
+
+
+def is_pruned_config(config) -> bool:
+    return bool(getattr(config, "llmprune", None))
