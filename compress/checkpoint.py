@@ -29,9 +29,9 @@ PRUNED_CLASS = "PrunedCausalLM"
 FORMAT_VERSION = 1
 
 
-def modeling_source(model: nn.Module) -> str:
+def modeling_source(model_or_class) -> str:
     """The modeling file for this model's architecture: the template with its base-class import."""
-    cls = type(model)
+    cls = model_or_class if isinstance(model_or_class, type) else type(model_or_class)
     for klass in cls.__mro__:  # a model loaded from a pruned folder is a subclass of the stock one
         if klass.__module__.startswith("transformers.models."):
             cls = klass
