@@ -245,3 +245,13 @@ def test_too_short_data(tokenizer):
 def test_seq_len_must_be_positive(tokenizer):
     with pytest.raises(LLMPruneError, match="at least 1"):
         token_windows(tokenizer, [TINY_TEXT], 0)
+
+
+def test_max_windows_zero_is_an_error(tokenizer):
+    """KNOWN LIBRARY BUG — fails today: max_windows=0 returns an empty (0, seq_len+1) tensor, and
+    perplexity() of that reports 1.0 from zero tokens. The CLI's positive_int guards --max-windows,
+    the Python API does not. Suggested fix in llmprune/data.py cut_windows: raise
+    LLMPruneError("--max-windows must be at least 1 (got 0)", ...) when max_windows < 1, as for
+    seq_len < 1."""
+    with pytest.raises(LLMPruneError, match="at least 1"):
+        token_windows(tokenizer, [TINY_TEXT], 16, max_windows=0)

@@ -70,6 +70,17 @@ def test_window_nll_chunking_of_lm_head(tokenizer):
     assert whole / n_whole == pytest.approx(loss, rel=1e-5)
 
 
+def test_no_windows_is_an_error_not_perplexity_one():
+    """KNOWN LIBRARY BUG — fails today: perplexity() of zero windows returns perplexity 1.0
+    (exp of 0 / max(0, 1)) with tokens=0, a perfect score from no evidence. Suggested fix in
+    llmprune/evaluate.py perplexity: raise LLMPruneError("no windows to evaluate", ...) when
+    windows.shape[0] == 0."""
+    model = tiny_model("llama")
+    empty = torch.zeros((0, 33), dtype=torch.long)
+    with pytest.raises((LLMPruneError, ValueError)):
+        perplexity(model, empty, progress=False)
+
+
 def test_check_seq_len_against_max_positions():
     config = tiny_model("llama").config
     assert config.max_position_embeddings == 256
