@@ -50,6 +50,9 @@ def _quiet_third_party(debug: bool) -> None:
 
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        from huggingface_hub.utils import logging as hub_logging
+
+        hub_logging.set_verbosity_error()
     except ImportError:
         pass
 

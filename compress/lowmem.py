@@ -33,6 +33,7 @@ from .checkpoint import MODELING_FILE, PRUNED_CLASS, REPORT_FILE, atomic_output_
 from .surgery import layer_shape
 from .config import CompressConfig
 from .layer import LayerStats, prune_layer
+from .safetensors_io import copy_tensors, read_header
 from .pruner import CompressResult, calibration_windows
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,14 @@ class LazyCheckpoint:
                 self.files = {k: folder / "model.safetensors" for k in f.keys()}
         else:
             raise LLMPruneError(f"--low-memory needs safetensors weights in '{folder}'", "save the model with safe_serialization=True")
+
+    def total_params(self) -> int:
+        """Parameters stored in the checkpoint (a tied head is stored, and counted, once)."""
+        total = 0
+        for path in set(self.files.values()):
+            header, _ = read_header(path)
+            total += sum(int(torch.Size(v["shape"]).numel()) for k, v in header.items() if k != "__metadata__")
+        return total
 
     def names(self, prefix: str) -> list[str]:
         return [k for k in self.files if k.startswith(prefix)]
@@ -96,20 +105,30 @@ def _prefix_of(model: nn.Module, target: nn.Module) -> str:
     raise ValueError("module not found")
 
 
-def _head_loss(hidden: torch.Tensor, ids: torch.Tensor, norm: nn.Module, head_weight: torch.Tensor, softcap) -> float:
-    """Mean next-token NLL from final hidden states (chunked LM head)."""
-    total, count = 0.0, 0
+def _head_loss(hidden: torch.Tensor, ids: torch.Tensor, norm: nn.Module, ckpt: LazyCheckpoint, head_name: str,
+               softcap, vocab_chunk: int = 16384) -> float:
+    """Mean next-token NLL from final hidden states, reading the LM head from the checkpoint a
+    slice of the vocabulary at a time (running log-sum-exp), so the head never sits in memory."""
     with torch.inference_mode():
-        h = norm(hidden)[:, :-1]
-        targets = ids[:, 1:]
-        for start in range(0, h.shape[1], 128):
-            logits = h[:, start : start + 128] @ head_weight.T
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets[:, start : start + 128].reshape(-1), reduction="sum").item()
-            count += targets[:, start : start + 128].numel()
-    return total / max(count, 1)
+        h = norm(hidden)[:, :-1].reshape(-1, hidden.shape[-1])
+        targets = ids[:, 1:].reshape(-1)
+        lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float64)
+        target_logit = torch.zeros(h.shape[0], dtype=torch.float64)
+        with safe_open(ckpt.files[head_name], "pt") as f:
+            view = f.get_slice(head_name)
+            vocab = view.get_shape()[0]
+            for lo in range(0, vocab, vocab_chunk):
+                w = view[lo : lo + vocab_chunk].float()
+                for t in range(0, h.shape[0], 512):
+                    logits = h[t : t + 512] @ w.T
+                    if softcap:
+                        logits = torch.tanh(logits / softcap) * softcap
+                    lse[t : t + 512] = torch.logaddexp(lse[t : t + 512], torch.logsumexp(logits.double(), dim=1))
+                    local = targets[t : t + 512] - lo
+                    hit = (local >= 0) & (local < w.shape[0])
+                    rows = torch.nonzero(hit).flatten()
+                    target_logit[t + rows] = logits[rows, local[rows]].double()
+    return float((lse - target_logit).mean())
 
 
 def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overwrite: bool = False,
@@ -188,11 +207,9 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
         release(i)
         del grams
     head_name = prefix + "embed_tokens.weight" if getattr(config, "tie_word_embeddings", False) else "lm_head.weight"
-    head_weight = ckpt.get(head_name).float()
     softcap = getattr(config, "final_logit_softcapping", None)
     held_ids = held_out
-    dense_loss = _head_loss(held, held_ids, base.norm, head_weight, softcap)
-    del head_weight
+    dense_loss = _head_loss(held, held_ids, base.norm, ckpt, head_name, softcap)
 
     share = cfg.effective_layer_share
     if share == "auto":
@@ -252,19 +269,14 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
             hidden = out_hidden
             del layer, stats, grams, untuned, tensors
             release(i)
-        # Everything outside the decoder layers is copied as it is.
-        rest = {k: ckpt.get(k) for k in ckpt.files if not k.startswith(f"{prefix}layers.")}
-        save_file(rest, tmp / "model-rest.safetensors", metadata={"format": "pt"})
-        for k, v in rest.items():
-            weight_map[k] = "model-rest.safetensors"
-            total_size += v.numel() * v.element_size()
-        del rest
+        # Everything outside the decoder layers is streamed over byte for byte.
+        rest = {k: ckpt.files[k] for k in ckpt.files if not k.startswith(f"{prefix}layers.")}
+        total_size += copy_tensors(rest, tmp / "model-rest.safetensors")
+        weight_map.update({k: "model-rest.safetensors" for k in rest})
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1))
-        head_weight = ckpt.get(head_name).float()
-        pruned_loss = _head_loss(held_p, held_ids, base.norm, head_weight, softcap)
-        untuned_loss = _head_loss(held_u, held_ids, base.norm, head_weight, softcap) if cfg.fit_mode != "none" else None
-        del head_weight
-        before_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        pruned_loss = _head_loss(held_p, held_ids, base.norm, ckpt, head_name, softcap)
+        untuned_loss = _head_loss(held_u, held_ids, base.norm, ckpt, head_name, softcap) if cfg.fit_mode != "none" else None
+        before_total = ckpt.total_params()
         before_layers = total
         report = {
             "method": cfg.method, "config": cfg.to_dict(), "low_memory": True,

@@ -167,7 +167,7 @@ def compress_model(model: nn.Module, tokenizer, texts: list[str], cfg: CompressC
     curves = None
     if cfg.effective_allocation == "error":
         curves = {i: s.pivots(layers[i].mlp.down_proj.weight.detach())[1] for i, s in enumerate(stats)}
-    candidates = []
+    candidates, best = [], None
     for n_drop in candidate_drops(model, cfg):
         try:
             plan = make_plan(layers, influence, cfg.ratio, n_drop, head_ratio, output_bias=cfg.uses_intercept,
@@ -181,8 +181,10 @@ def compress_model(model: nn.Module, tokenizer, texts: list[str], cfg: CompressC
         with swapped_layers(model, new_layers):
             loss = lm_loss(model, held_out)
         log.info("split: %d layers dropped %s -> calibration loss %.4f", n_drop, plan.drop, loss)
-        candidates.append({"n_drop": n_drop, "plan": plan, "layers": new_layers, "kept": kept, "rows": rows, "loss": loss})
-    best = min(candidates, key=lambda c: (c["loss"], c["n_drop"]))
+        candidates.append({"n_drop": n_drop, "plan": plan, "loss": loss})
+        if best is None or loss < best["loss"]:  # only the best candidate's layers are kept in memory
+            best = {**candidates[-1], "layers": new_layers, "kept": kept, "rows": rows}
+        del new_layers
     untuned_loss = None
     if cfg.fit_mode != "none":
         plain, _, _ = build_pruned_layers(model, best["plan"], stats, cfg, fit_mode="none")

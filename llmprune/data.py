@@ -143,6 +143,8 @@ def cut_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None, bos
     """Consecutive non-overlapping windows of `seq_len` ids, each prefixed with BOS when given."""
     if seq_len < 1:
         raise LLMPruneError(f"--seq-len must be at least 1 (got {seq_len})", "pass a positive sequence length")
+    if max_windows is not None and max_windows < 1:
+        raise LLMPruneError(f"--max-windows must be at least 1 (got {max_windows})", "pass a positive number of windows")
     available = stream.numel() // seq_len
     if available == 0:
         raise LLMPruneError(

@@ -47,6 +47,10 @@ def window_nll(model, window: torch.Tensor, head_chunk: int = 128) -> tuple[floa
 
 def perplexity(model, windows: torch.Tensor, batch_size: int = 1, progress: bool = True) -> PerplexityResult:
     """exp(mean NLL) over all windows (each row: BOS + seq_len tokens)."""
+    from .errors import LLMPruneError
+
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise LLMPruneError("no evaluation windows (or windows of fewer than 2 tokens)", "give more text or a smaller --seq-len")
     total, count = 0.0, 0
     with stopwatch() as clock, torch.inference_mode():
         batches = range(0, windows.shape[0], batch_size)

@@ -49,7 +49,8 @@ def read_gguf_vocab(gguf_path: str | Path) -> dict:
 def spm_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> list[tuple[str, str]]:
     """BPE merges equivalent to SPM's score-driven merging: every split (left, right) of a normal
     piece whose halves are both in the vocabulary, ranked by the merged piece's score (highest
-    first; the lower token id wins ties, as in the SentencePiece model)."""
+    first; ties go to the lower token id — llama.cpp takes the leftmost pair instead, which only
+    differs for vocabularies with repeated scores; Gemma's scores are all distinct)."""
     vocab = {t: i for i, t in enumerate(tokens)}
     mergeable = np.flatnonzero(types == TOKEN_NORMAL)
     order = mergeable[np.lexsort((mergeable, -scores[mergeable]))]

@@ -65,6 +65,9 @@ def resolve_model_spec(spec: str | os.PathLike | None) -> ModelSource:
             f"'{spec}' is not a model folder (no config.json{'' if not ggufs else ', several .gguf files'})",
             "pass a folder written by save_pretrained or by llmprune, or a single .gguf file",
         )
+    if spec.count("/") == 1 and Path(spec.split("/")[0]).expanduser().is_dir():
+        # 'out/pruned' where out/ exists locally: a mistyped path, not a hub id.
+        raise LLMPruneError(f"model path '{spec}' does not exist", "check the path")
     if _looks_like_path(spec) or spec.count("/") != 1:
         if "/" not in spec and not spec.endswith(".gguf"):
             raise LLMPruneError(
