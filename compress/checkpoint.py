@@ -41,15 +41,18 @@ def modeling_source(model_or_class) -> str:
     return template.replace("from transformers import PreTrainedModel as _Base  # LLMPRUNE_BASE_IMPORT", line)
 
 
-def record_shapes(model: nn.Module, layer_map: list[int], source: str | None = None) -> dict:
-    """config.llmprune: per-layer shapes and the original index of each kept layer."""
+def record_shapes(model: nn.Module, layer_map: list[int], source: str | None = None,
+                  original_num_layers: int | None = None) -> dict:
+    """config.llmprune: per-layer shapes and the original index of each kept layer.
+    `original_num_layers`: the layer count of the model before this pruning (a model pruned
+    before keeps the count recorded then)."""
     layers = adapter_for(model).decoder_layers(model)
     previous = getattr(model.config, "llmprune", None) or {}
     spec = {
         "format_version": FORMAT_VERSION,
         "layers": [layer_shape(l) for l in layers],
         "layer_map": list(layer_map),
-        "original_num_hidden_layers": previous.get("original_num_hidden_layers", len(previous.get("layer_map", [])) or None),
+        "original_num_hidden_layers": previous.get("original_num_hidden_layers") or original_num_layers,
         "source": previous.get("source", source),
     }
     if spec["original_num_hidden_layers"] is None:
@@ -96,7 +99,9 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: dic
     layers = adapter_for(model).decoder_layers(model)
     if layer_map is None:
         layer_map = (getattr(model.config, "llmprune", None) or {}).get("layer_map") or list(range(len(layers)))
-    record_shapes(model, layer_map)
+    # The report has one row per layer of the model before pruning (dropped ones included).
+    rows = (report or {}).get("layers")
+    record_shapes(model, layer_map, original_num_layers=len(rows) if isinstance(rows, list) else None)
     model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{PRUNED_CLASS}"}
     with atomic_output_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)

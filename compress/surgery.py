@@ -15,6 +15,7 @@ def _sub_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None)
         new.weight.copy_(weight)
         if bias is not None:
             new.bias.copy_(bias)
+    new.requires_grad_(old.weight.requires_grad)  # a frozen model stays frozen
     return new
 
 
