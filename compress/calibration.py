@@ -101,21 +101,26 @@ def block_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> float:
     return float(1.0 - token_cosine(h_in, h_out).mean())
 
 
+WIDE = 4096  # inputs wider than this keep their statistics in float32 (a 7B MLP: 0.5 GB, not 1 GB)
+
+
 class GramCollector:
-    """Accumulates XᵀX, Σx and the count of the inputs to a linear layer (float64), via a
-    forward pre-hook. These are all that selection and least-squares fitting need."""
+    """Accumulates XᵀX, Σx and the count of the inputs to a linear layer (float64, or float32 for
+    inputs wider than WIDE), via a forward pre-hook. These are all that selection and
+    least-squares fitting need."""
 
     def __init__(self, module: nn.Linear):
         n = module.in_features
-        self.gram = torch.zeros(n, n, dtype=torch.float64)
-        self.sum = torch.zeros(n, dtype=torch.float64)
+        dtype = torch.float64 if n <= WIDE else torch.float32
+        self.gram = torch.zeros(n, n, dtype=dtype)
+        self.sum = torch.zeros(n, dtype=dtype)
         self.count = 0
         self._handle = module.register_forward_pre_hook(self._hook)
 
     def _hook(self, module, args):
         x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        self.gram += (x.T @ x).double()
-        self.sum += x.sum(0).double()
+        self.gram += (x.T @ x).to(self.gram.dtype)
+        self.sum += x.sum(0).to(self.sum.dtype)
         self.count += x.shape[0]
 
     def remove(self) -> None:

@@ -9,7 +9,6 @@ independent of depth."""
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -228,7 +227,7 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
     rows, shapes, weight_map, total_size = [], [], {}, 0
     params_after_layers = 0
     with atomic_output_dir(out, overwrite) as tmp:
-        hidden, held_p, held_u = hidden0[:n_calib], hidden0[n_calib:], hidden0[n_calib:]
+        hidden, held_p = hidden0[:n_calib], hidden0[n_calib:]
         for i in tqdm(range(n_layers), desc="pass 2: prune", unit="layer"):
             layer = load_layer(i)
             row = {"original_index": layer_map_in[i], "block_influence": influence[i], "dropped": i in plan.drop,
@@ -245,16 +244,11 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
             with collect_grams(targets) as grams:
                 out_hidden = run_layer(layer, hidden, stream.layer_kwargs[i], cfg.batch_size)
             stats = LayerStats(mlp=grams["mlp"], attn=grams.get("attn"))
-            untuned = None
-            if cfg.fit_mode != "none":
-                untuned = copy.deepcopy(layer, memo={id(config): config})
-                prune_layer(untuned, stats, cfg, i, plan.keep_neurons.get(i), plan.keep_heads.get(i), fit_mode="none")
             detail = prune_layer(layer, stats, cfg, i, plan.keep_neurons.get(i), plan.keep_heads.get(i))
             detail.pop("kept_neuron_indices", None)
             new_idx = kept.index(i)
             layer.layer_idx = new_idx
             held_p = run_layer(layer, held_p, stream.layer_kwargs[i], cfg.batch_size)
-            held_u = run_layer(untuned if untuned is not None else layer, held_u, stream.layer_kwargs[i], cfg.batch_size)
             shapes.append(layer_shape(layer))
             row.update(neurons_after=layer.mlp.down_proj.in_features,
                        heads_after=layer.self_attn.q_proj.out_features // layer.self_attn.head_dim, **detail)
@@ -267,7 +261,7 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
                 total_size += v.numel() * v.element_size()
             params_after_layers += sum(p.numel() for p in layer.parameters())
             hidden = out_hidden
-            del layer, stats, grams, untuned, tensors
+            del layer, stats, grams, tensors
             release(i)
         # Everything outside the decoder layers is streamed over byte for byte.
         rest = {k: ckpt.files[k] for k in ckpt.files if not k.startswith(f"{prefix}layers.")}
@@ -275,7 +269,8 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
         weight_map.update({k: "model-rest.safetensors" for k in rest})
         (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1))
         pruned_loss = _head_loss(held_p, held_ids, base.norm, ckpt, head_name, softcap)
-        untuned_loss = _head_loss(held_u, held_ids, base.norm, ckpt, head_name, softcap) if cfg.fit_mode != "none" else None
+        # No before-tuning loss here: it would need an untuned copy of every layer in memory.
+        untuned_loss = None
         before_total = ckpt.total_params()
         before_layers = total
         report = {

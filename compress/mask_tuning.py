@@ -33,12 +33,9 @@ def _stats(stats: GramCollector, intercept: bool):
     return stats.gram, torch.zeros_like(stats.sum)
 
 
-def _relative_error(gram: torch.Tensor, w_full: torch.Tensor, w_kept_full: torch.Tensor) -> tuple[float, float]:
-    """‖X(W−V)ᵀ‖² / ‖XWᵀ‖² computed from the Gram, for V given over all inputs (zeros off S)."""
-    diff = (w_full - w_kept_full).double()
-    err = torch.einsum("oi,ij,oj->", diff, gram, diff)
-    ref = torch.einsum("oi,ij,oj->", w_full.double(), gram, w_full.double())
-    return float(err), float(ref)
+def _energy(gram: torch.Tensor, w: torch.Tensor) -> float:
+    """‖X Wᵀ‖² from the Gram: tr(W G Wᵀ)."""
+    return float(((w @ gram) * w).sum())
 
 
 def fit_output_projection(
@@ -52,8 +49,8 @@ def fit_output_projection(
 ) -> FitResult:
     """Least-squares tuning of an output projection restricted to input columns `keep`.
     `mode` is 'none' (plain pruning, plus the intercept when asked), 'scales' or 'refit'."""
-    w = weight.double()
     gram, mu = _stats(stats, intercept)
+    w = weight.to(gram.dtype)
     g_ss = gram[keep][:, keep]
     k = keep.numel()
     if mode == "none":
@@ -63,27 +60,28 @@ def fit_output_projection(
         m_mat = g_ss * (ws.T @ ws)
         rhs = (gram[keep] * (ws.T @ w)).sum(1)
         reg = ridge * m_mat.diagonal().mean().clamp_min(1e-30)
-        m = torch.linalg.solve(m_mat + reg * torch.eye(k, dtype=torch.float64), rhs)
+        m = torch.linalg.solve(m_mat + reg * torch.eye(k, dtype=gram.dtype), rhs)
         v = ws * m
     elif mode == "refit":
         reg = ridge * g_ss.diagonal().mean().clamp_min(1e-30)
-        v = torch.linalg.solve(g_ss + reg * torch.eye(k, dtype=torch.float64), gram[keep] @ w.T).T
+        v = torch.linalg.solve(g_ss + reg * torch.eye(k, dtype=gram.dtype), gram[keep] @ w.T).T
     else:
         raise ValueError(f"unknown fit mode {mode!r}")
     full_v = torch.zeros_like(w)
     full_v[:, keep] = v
-    base = weight.double().new_zeros(w.shape[0]) if bias is None else bias.double()
+    base = w.new_zeros(w.shape[0]) if bias is None else bias.to(w.dtype)
     new_bias = None
     if intercept:
         # Output means match: b' = b + W μ − V μ_S.
         new_bias = base + w @ mu - v @ mu[keep]
     elif bias is not None:
         new_bias = base
-    plain = torch.zeros_like(w)
-    plain[:, keep] = w[:, keep]
-    err_plain, ref = _relative_error(stats.gram if not intercept else gram, w, plain)
-    err_fit, _ = _relative_error(gram, w, full_v)
-    ref = max(ref, 1e-30)
+    ref = max(_energy(gram, w), 1e-30)
+    plain = w.clone()
+    plain[:, keep] = 0.0  # W minus its plainly pruned version: only the removed columns
+    err_plain = _energy(gram, plain)
+    full_v.neg_().add_(w)  # W − V over all inputs
+    err_fit = _energy(gram, full_v)
     dtype = weight.dtype
     return FitResult(
         weight=v.to(dtype),

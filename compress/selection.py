@@ -14,9 +14,9 @@ import torch
 
 
 def weighted_gram(gram: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """D G D for D = diag(weights)."""
-    w = weights.double()
-    return gram.double() * torch.outer(w, w)
+    """D G D for D = diag(weights), in the Gram's precision."""
+    w = weights.to(gram.dtype)
+    return gram * torch.outer(w, w)
 
 
 def pivot_order(gram: torch.Tensor, out_weight: torch.Tensor, ridge: float = 1e-6) -> tuple[torch.Tensor, np.ndarray]:
@@ -29,19 +29,22 @@ def pivot_order(gram: torch.Tensor, out_weight: torch.Tensor, ridge: float = 1e-
     calibration tokens than columns; past the data's rank the order follows the diagonal."""
     from scipy.linalg import lapack
 
-    w = out_weight.double().norm(dim=0).clamp_min(1e-30)
+    w = out_weight.to(gram.dtype).norm(dim=0).clamp_min(1e-30)
     g = weighted_gram(gram, w).numpy().copy()
     n = g.shape[0]
     g[np.diag_indices(n)] += ridge * max(float(np.mean(np.diag(g))), 1e-30)
-    u, piv, rank, _ = lapack.dpstrf(g, lower=0, tol=-1.0)
+    pstrf = lapack.dpstrf if g.dtype == np.float64 else lapack.spstrf
+    u, piv, rank, _ = pstrf(g, lower=0, tol=-1.0, overwrite_a=True)
+    del g
     order = (piv - 1).astype(np.int64)
     u = np.triu(u)
     if rank < n:  # rank-deficient even with the ridge: the tail is left unfactored by LAPACK
         u[rank:, rank:] = 0.0
-        rest = order[rank:][np.argsort(-np.diag(g)[order[rank:]], kind="stable")]
+        diag = (gram.diagonal() * w * w).numpy()
+        rest = order[rank:][np.argsort(-diag[order[rank:]], kind="stable")]
         order = np.concatenate([order[:rank], rest])
-    scaled = (out_weight.double() / w).numpy()[:, order]  # W D⁻¹ in pivot order
-    energy = ((u @ scaled.T) ** 2).sum(1)
+    scaled = (out_weight.to(gram.dtype) / w).numpy()[:, order]  # W D⁻¹ in pivot order
+    energy = ((u @ scaled.T) ** 2).sum(1).astype(np.float64)
     curve = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
     return torch.from_numpy(order), curve / max(curve[0], 1e-300)
 
