@@ -83,3 +83,17 @@ def _plot_compress(runs: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def render_scale(result: dict, docs: Path) -> None:
+    gib = 2**30
+    lines = ["## compress --low-memory at 7B shape", "",
+             f"A Llama-2-7B-shaped checkpoint (hidden 4096, MLP 11008, 32 heads, vocab 32000) with random fp16 weights and "
+             f"{result['layers']} layers ({result['checkpoint_bytes'] / gib:.2f} GiB, one shard per layer), compressed with "
+             f"`llmprune compress --low-memory --ratio 0.2 --layer-share 0`, calibration {result['calibration']}.", "",
+             "| layers | checkpoint GiB | peak RSS MiB | peak RSS / checkpoint | peak RSS / full 32-layer 7B | s per layer | ratio achieved |",
+             "|---|---|---|---|---|---|---|",
+             f"| {result['layers']} | {result['checkpoint_bytes'] / gib:.2f} | {result['peak_rss_mb']:.0f} | "
+             f"{result['peak_rss_share_of_checkpoint']:.1%} | {result['peak_rss_share_of_full_7b']:.1%} | "
+             f"{result['seconds_per_layer']:.1f} | {result['ratio_achieved']:.3f} |"]
+    _replace_section(docs / "benchmarks.md", "scale", "\n".join(lines))

@@ -303,6 +303,7 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
 
 def _write_config(config, stock_cls, kept: list[int], shapes: list[dict], layer_map: list[int], tmp: Path, source: Path) -> None:
     """config.json of the pruned checkpoint, the modeling file and the generation config."""
+    n_input_layers = config.num_hidden_layers
     types = getattr(config, "layer_types", None)
     previous = getattr(config, "llmprune", None) or {}
     config.num_hidden_layers = len(kept)
@@ -310,7 +311,7 @@ def _write_config(config, stock_cls, kept: list[int], shapes: list[dict], layer_
         config.layer_types = [types[i] for i in kept]
     config.llmprune = {
         "format_version": 1, "layers": shapes, "layer_map": layer_map,
-        "original_num_hidden_layers": previous.get("original_num_hidden_layers", len(types) if types else max(layer_map) + 1),
+        "original_num_hidden_layers": previous.get("original_num_hidden_layers") or n_input_layers,
         "source": previous.get("source", str(source)),
     }
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{PRUNED_CLASS}"}

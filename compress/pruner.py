@@ -71,6 +71,7 @@ def taylor_gradients(model: nn.Module, windows: torch.Tensor) -> dict[int, dict[
     """Accumulated LM-loss gradients of every layer's projections (LLM-Pruner's importance needs
     the full backward pass: the memory-hungry reference)."""
     adapter = adapter_for(model)
+    trainable = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(True)
     model.zero_grad(set_to_none=True)
@@ -84,7 +85,7 @@ def taylor_gradients(model: nn.Module, windows: torch.Tensor) -> dict[int, dict[
         grads[i] = {name: m.weight.grad.detach().clone() for name, m in mods.items()}
     model.zero_grad(set_to_none=True)
     for p in model.parameters():
-        p.requires_grad_(False)
+        p.requires_grad_(trainable[id(p)])
     return grads
 
 
@@ -167,14 +168,13 @@ def compress_model(model: nn.Module, tokenizer, texts: list[str], cfg: CompressC
     curves = None
     if cfg.effective_allocation == "error":
         curves = {i: s.pivots(layers[i].mlp.down_proj.weight.detach())[1] for i, s in enumerate(stats)}
-    candidates, best = [], None
+    candidates, best, last_error = [], None, None
     for n_drop in candidate_drops(model, cfg):
         try:
             plan = make_plan(layers, influence, cfg.ratio, n_drop, head_ratio, output_bias=cfg.uses_intercept,
                              curves=curves, min_keep=cfg.min_keep)
         except LLMPruneError as exc:
-            if len(candidate_drops(model, cfg)) == 1:
-                raise
+            last_error = exc
             log.info("split with %d dropped layers skipped: %s", n_drop, exc)
             continue
         new_layers, kept, rows = build_pruned_layers(model, plan, stats, cfg)
@@ -185,6 +185,8 @@ def compress_model(model: nn.Module, tokenizer, texts: list[str], cfg: CompressC
         if best is None or loss < best["loss"]:  # only the best candidate's layers are kept in memory
             best = {**candidates[-1], "layers": new_layers, "kept": kept, "rows": rows}
         del new_layers
+    if best is None:  # no split fits the budget
+        raise last_error
     untuned_loss = None
     if cfg.fit_mode != "none":
         plain, _, _ = build_pruned_layers(model, best["plan"], stats, cfg, fit_mode="none")

@@ -216,8 +216,6 @@ def test_a_ratio_that_leaves_no_neuron_is_refused(overrides, fragment, tok, cali
     assert compare_state_dicts(before, model.state_dict()) == []  # the model is untouched
 
 
-@pytest.mark.xfail(strict=True, raises=(ValueError, TypeError),
-                   reason="bug: comp's auto split raises a bare ValueError/TypeError when no split fits the ratio")
 def test_comp_auto_split_with_no_feasible_split_is_a_clear_error(tok, calib_texts, small_config):
     with pytest.raises(LLMPruneError):
         compress(tiny_model("llama"), small_config(ratio=0.95), tokenizer=tok, calib=calib_texts)
