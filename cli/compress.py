@@ -15,7 +15,7 @@ def ratio_type(text: str) -> float:
 
 
 def add_parser(sub) -> None:
-    from llmprune.compress.config import ALLOCATIONS, FIT_MODES, METHODS
+    from llmprune.compress.config import ALLOCATIONS, FIT_MODES, METHODS, SELECTIONS
 
     p = sub.add_parser("compress", help="prune a model (COMP or a baseline) and write a checkpoint", description=__doc__)
     p.add_argument("--model", default=None, help="HF folder, .gguf, hub id or 'gemma-3-270m' (default)")
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
                    "(default: auto for comp, 1 for layer-only, 0 for the other baselines)")
     p.add_argument("--fit", choices=FIT_MODES, default="refit", help="comp's least-squares tuning: refit (default), scales (mask tuning), none")
     p.add_argument("--refit", dest="fit", action="store_const", const="refit", help="same as --fit refit")
+    p.add_argument("--selection", choices=SELECTIONS, default="energy", help="comp's neuron order: energy (default) or pivot (pivoted Cholesky)")
     p.add_argument("--allocation", choices=ALLOCATIONS, default=None, help="neurons per layer: error (comp default) or uniform")
     p.add_argument("--prune-heads", action="store_true", help="also prune query heads, evenly within KV groups")
     p.add_argument("--head-ratio", type=ratio_type, default=None, help="fraction of query heads removed per layer (default: --ratio)")
@@ -49,7 +50,7 @@ def build_config(args):
     seq_len = args.calib_seq_len or (SELF_CALIB_DEFAULTS["calib_seq_len"] if use_self else 512)
     return CompressConfig(
         ratio=args.ratio, method=args.method, calib_samples=samples, calib_seq_len=seq_len,
-        layer_share=args.layer_share, fit=args.fit, allocation=args.allocation, prune_heads=args.prune_heads,
+        layer_share=args.layer_share, fit=args.fit, selection=args.selection, allocation=args.allocation, prune_heads=args.prune_heads,
         head_ratio=args.head_ratio, intercept=args.intercept, low_memory=args.low_memory, seed=args.seed,
     )
 

@@ -8,6 +8,7 @@ from llmprune.errors import LLMPruneError
 
 METHODS = ("comp", "layer-only", "wanda-sp", "magnitude", "fluctuation", "random", "taylor")
 FIT_MODES = ("none", "scales", "refit")
+SELECTIONS = ("energy", "pivot")
 ALLOCATIONS = ("uniform", "error")
 
 
@@ -30,6 +31,9 @@ class CompressConfig:
     prune_heads: also prune attention query heads (evenly within each KV group) when the model
         has more than one query head per KV head; head_ratio is the fraction of query heads removed
         per layer (default: ratio).
+    selection: comp's neuron order: 'energy' (output energy ‖x_j‖·‖W_j‖, the diagonal of the
+        weighted Gram; default: it measures best, out of domain too) or 'pivot' (greedy pivoted
+        Cholesky on the weighted Gram: large and well conditioned on the calibration data).
     allocation: 'uniform' (every layer loses the same fraction of neurons) or 'error' (per-layer
         counts chosen to minimise the summed relative refit error of the layers, from each layer's
         pivoted-Cholesky error curve). None means 'error' for comp and 'uniform' for baselines.
@@ -43,12 +47,13 @@ class CompressConfig:
     calib_seq_len: int = 512
     layer_share: float | str | None = None
     fit: str = "refit"
+    selection: str = "energy"
     prune_heads: bool = False
     head_ratio: float | None = None
     allocation: str | None = None
     low_memory: bool = False
     seed: int = 0
-    ridge: float = 1e-3
+    ridge: float = 1e-2
     intercept: bool = False
     min_keep: float = 0.25
     loss_windows: int = 4
@@ -59,6 +64,8 @@ class CompressConfig:
             raise LLMPruneError(f"--ratio must be between 0 and 1, exclusive (got {self.ratio})", "pass e.g. --ratio 0.2")
         if self.method not in METHODS:
             raise LLMPruneError(f"unknown method '{self.method}'", f"choose one of: {', '.join(METHODS)}")
+        if self.selection not in SELECTIONS:
+            raise LLMPruneError(f"unknown selection '{self.selection}'", f"choose one of: {', '.join(SELECTIONS)}")
         if self.fit not in FIT_MODES:
             raise LLMPruneError(f"unknown fit '{self.fit}'", f"choose one of: {', '.join(FIT_MODES)}")
         if self.allocation is not None and self.allocation not in ALLOCATIONS:

@@ -14,7 +14,7 @@ from . import importance
 from .calibration import GramCollector
 from .config import CompressConfig
 from .mask_tuning import fit_output_projection
-from .selection import pivot_order, top_k
+from .selection import energy_order, pivot_order, refit_error_curve, top_k
 from .surgery import head_columns, prune_mlp_neurons, prune_query_heads
 
 
@@ -25,14 +25,19 @@ class LayerStats:
     mlp: GramCollector
     attn: GramCollector | None = None
     grads: dict[str, torch.Tensor] | None = None  # taylor: accumulated gradients by parameter name
-    _pivots: tuple | None = field(default=None, repr=False)
+    _orders: dict = field(default_factory=dict, repr=False)
 
-    def pivots(self, down_weight: torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-        """Condition-aware neuron order and its refit-error curve, computed once per layer and
-        shared by every keep count and every split candidate."""
-        if self._pivots is None:
-            self._pivots = pivot_order(self.mlp.gram, down_weight)
-        return self._pivots
+    def pivots(self, down_weight: torch.Tensor, selection: str = "energy") -> tuple[torch.Tensor, np.ndarray]:
+        """comp's neuron order (best first) and its refit-error curve, computed once per layer
+        and shared by every keep count and split candidate. 'pivot': greedy pivoted Cholesky on
+        the weighted Gram (condition-aware); 'energy': its diagonal (output energy)."""
+        if selection not in self._orders:
+            if selection == "pivot":
+                self._orders[selection] = pivot_order(self.mlp.gram, down_weight)
+            else:
+                order = energy_order(self.mlp.gram, down_weight)
+                self._orders[selection] = (order, refit_error_curve(self.mlp.gram, down_weight, order))
+        return self._orders[selection]
 
 
 def neuron_ranking(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int) -> torch.Tensor | None:
@@ -62,7 +67,7 @@ def select_kept_neurons(layer: nn.Module, stats: LayerStats, cfg: CompressConfig
         return torch.arange(width)
     scores = neuron_ranking(layer, stats, cfg, index)
     if scores is None:
-        return stats.pivots(layer.mlp.down_proj.weight.detach())[0][:keep].sort().values
+        return stats.pivots(layer.mlp.down_proj.weight.detach(), cfg.selection)[0][:keep].sort().values
     return top_k(scores, keep)
 
 

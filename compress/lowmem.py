@@ -200,7 +200,7 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
             out_hidden = run_layer(layer, hidden, stream.layer_kwargs[i], cfg.batch_size)
         influence.append(block_influence(hidden, out_hidden))
         if want_curves:
-            curves[i] = LayerStats(mlp=grams["mlp"]).pivots(layer.mlp.down_proj.weight.detach())[1]
+            curves[i] = LayerStats(mlp=grams["mlp"]).pivots(layer.mlp.down_proj.weight.detach(), cfg.selection)[1]
         held = run_layer(layer, held, stream.layer_kwargs[i], cfg.batch_size)
         hidden = out_hidden
         release(i)

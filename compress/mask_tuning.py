@@ -3,9 +3,11 @@ projection.
 
 For an output projection y = W x (+ b) whose inputs are restricted to a kept set S, we fit the
 pruned layer to the dense one's output Y = X W_fullᵀ + b:
-- `scales`: one multiplier m_j per kept input, min ‖Y − X_S diag(m) W_Sᵀ − 1cᵀ‖² (+ ridge),
+- `scales`: one multiplier m_j per kept input, min ‖Y − X_S diag(m) W_Sᵀ − 1cᵀ‖² + λ‖m − 1‖²,
   then W_S ← W_S diag(m);
-- `refit`: the whole kept projection, min ‖Y − X_S Vᵀ − 1cᵀ‖² (+ ridge) over V.
+- `refit`: the whole kept projection, min ‖Y − X_S Vᵀ − 1cᵀ‖² + λ‖V − W_S‖² over V.
+The ridge shrinks towards plain pruning rather than towards zero, so the fit stays safe when
+the calibration set has fewer tokens than the projection has inputs.
 Both only need the Gram matrix XᵀX, the input sum and the token count, so no activations are
 kept. The intercept c becomes an output bias, which also absorbs the mean of what was removed."""
 
@@ -60,11 +62,15 @@ def fit_output_projection(
         m_mat = g_ss * (ws.T @ ws)
         rhs = (gram[keep] * (ws.T @ w)).sum(1)
         reg = ridge * m_mat.diagonal().mean().clamp_min(1e-30)
-        m = torch.linalg.solve(m_mat + reg * torch.eye(k, dtype=gram.dtype), rhs)
+        # The ridge pulls each scale towards 1 (plain pruning), not towards 0.
+        m = torch.linalg.solve(m_mat + reg * torch.eye(k, dtype=gram.dtype), rhs + reg)
         v = ws * m
     elif mode == "refit":
         reg = ridge * g_ss.diagonal().mean().clamp_min(1e-30)
-        v = torch.linalg.solve(g_ss + reg * torch.eye(k, dtype=gram.dtype), gram[keep] @ w.T).T
+        # The ridge pulls V towards the plainly pruned W_S, not towards 0: directions the
+        # calibration data does not cover (fewer tokens than inputs) keep their original weights.
+        rhs = gram[keep] @ w.T + reg * w[:, keep].T
+        v = torch.linalg.solve(g_ss + reg * torch.eye(k, dtype=gram.dtype), rhs).T
     else:
         raise ValueError(f"unknown fit mode {mode!r}")
     full_v = torch.zeros_like(w)

@@ -167,7 +167,7 @@ def compress_model(model: nn.Module, tokenizer, texts: list[str], cfg: CompressC
 
     curves = None
     if cfg.effective_allocation == "error":
-        curves = {i: s.pivots(layers[i].mlp.down_proj.weight.detach())[1] for i, s in enumerate(stats)}
+        curves = {i: s.pivots(layers[i].mlp.down_proj.weight.detach(), cfg.selection)[1] for i, s in enumerate(stats)}
     candidates, best, last_error = [], None, None
     for n_drop in candidate_drops(model, cfg):
         try:
@@ -236,7 +236,7 @@ def _layer_report(layers, best, influence, stats, layer_map, cfg) -> list[dict]:
             row["neurons_after"] = new.mlp.down_proj.in_features
             row["heads_after"] = new.self_attn.q_proj.out_features // new.self_attn.head_dim
             kept = r.pop("kept_neuron_indices", None)
-            if kept is not None and cfg.method == "comp":
+            if kept is not None:
                 row["kappa_kept"] = condition_number(stats[i].mlp.gram, layer.mlp.down_proj.weight.detach(), kept)
             row.update({k: v for k, v in r.items()})
         rows.append(row)

@@ -68,3 +68,23 @@ def condition_number(gram: torch.Tensor, out_weight: torch.Tensor, keep: torch.T
     eig = torch.linalg.eigvalsh(g)
     low = float(eig[0])
     return float("inf") if low <= 0 else float(np.sqrt(float(eig[-1]) / low))
+
+
+def energy_order(gram: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+    """Columns by their output energy ‖x_j‖²·‖W[:, j]‖² — the diagonal of the weighted Gram, i.e.
+    the first step of the pivoted selection without its redundancy updates (the same ranking as
+    Wanda-SP); ties by index."""
+    energy = gram.diagonal().double().clamp_min(0) * out_weight.double().norm(dim=0) ** 2
+    return torch.from_numpy(np.lexsort((np.arange(energy.numel()), -energy.numpy())).astype(np.int64))
+
+
+def refit_error_curve(gram: torch.Tensor, out_weight: torch.Tensor, order: torch.Tensor, ridge: float = 1e-6) -> np.ndarray:
+    """curve[k] = relative refit error ‖XWᵀ − X_S V*ᵀ‖²/‖XWᵀ‖² when S is the first k columns of
+    `order`: one Cholesky factorisation of the Gram in that order (G_p = UᵀU; what a fit on the
+    first k columns cannot explain is U[k:]ᵀU[k:])."""
+    g = gram[order][:, order].double().clone()
+    g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-30)))
+    u = torch.linalg.cholesky(g, upper=True)
+    energy = ((u @ out_weight.double()[:, order].T) ** 2).sum(1).numpy()
+    curve = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
+    return curve / max(curve[0], 1e-300)
