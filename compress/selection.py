@@ -82,9 +82,11 @@ def refit_error_curve(gram: torch.Tensor, out_weight: torch.Tensor, order: torch
     """curve[k] = relative refit error ‖XWᵀ − X_S V*ᵀ‖²/‖XWᵀ‖² when S is the first k columns of
     `order`: one Cholesky factorisation of the Gram in that order (G_p = UᵀU; what a fit on the
     first k columns cannot explain is U[k:]ᵀU[k:])."""
-    g = gram[order][:, order].double().clone()
+    # In the Gram's precision (float32 for wide layers) and factorised in place: at 7B shape
+    # each extra copy of the Gram is half a gigabyte.
+    g = gram.index_select(0, order).index_select(1, order)
     g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-30)))
-    u = torch.linalg.cholesky(g, upper=True)
-    energy = ((u @ out_weight.double()[:, order].T) ** 2).sum(1).numpy()
+    torch.linalg.cholesky(g, upper=True, out=g)
+    energy = ((g @ out_weight.to(g.dtype)[:, order].T) ** 2).sum(1).double().numpy()  # g is now U (lower part zeroed)
     curve = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
     return curve / max(curve[0], 1e-300)
