@@ -11,9 +11,11 @@ from llmprune.errors import LLMPruneError
 
 from . import compress as compress_cmd
 from . import eval as eval_cmd
+from . import export as export_cmd
+from . import generate as generate_cmd
 from . import info as info_cmd
 
-COMMANDS = (compress_cmd, eval_cmd, info_cmd)
+COMMANDS = (compress_cmd, eval_cmd, export_cmd, generate_cmd, info_cmd)
 EXIT_USAGE = 2
 
 

@@ -1,0 +1,101 @@
+"""`llmprune generate`: greedy text from an ONNX export (onnxruntime, KV cache) or from a checkpoint
+in PyTorch, streamed token by token."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from .common import positive_int
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="generate text with an ONNX export (onnxruntime) or a checkpoint (PyTorch)",
+                       description=__doc__)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--onnx", help="folder written by `llmprune export` (or one of its int8/int4 sub-folders)")
+    source.add_argument("--model", help="checkpoint folder, .gguf or 'gemma-3-270m' (PyTorch, for comparison)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (64)")
+    p.add_argument("--ort-format", action="store_true", help="run model.ort instead of model.onnx")
+    p.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
+    p.set_defaults(run=run)
+
+
+def _onnx_tokens(args, tokenizer, ids):
+    from llmprune.export import OnnxCausalLM
+
+    from pathlib import Path
+    import json
+
+    lm = OnnxCausalLM(args.onnx, threads=args.threads, prefer_ort=args.ort_format)
+    eos = None
+    for name in ("generation_config.json", "config.json"):
+        path = Path(args.onnx) / name
+        if path.is_file():
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            if eos is not None:
+                break
+    return lm.stream(ids, args.max_new_tokens, eos_token_id=eos)
+
+
+def _torch_tokens(args, model, ids):
+    import torch
+
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) or model.config.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model(input_ids=x, use_cache=True)
+        for _ in range(args.max_new_tokens):
+            token = int(out.logits[0, -1].argmax())
+            yield token
+            if token in eos:
+                return
+            out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+
+
+def run(args) -> int:
+    from llmprune.errors import LLMPruneError
+    from llmprune.export import text_stream
+    from llmprune.export.parity import prompt_ids
+
+    if args.onnx:
+        from pathlib import Path
+
+        from llmprune.export.runtime import model_file
+        from transformers import AutoTokenizer
+
+        model_file(args.onnx, args.ort_format)  # a clear error before loading the tokenizer
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(Path(args.onnx)))
+        except (OSError, ValueError) as exc:
+            raise LLMPruneError(f"no tokenizer in '{args.onnx}'", "export a checkpoint that has tokenizer files") from exc
+        ids = prompt_ids(tokenizer, args.prompt)
+        tokens = _onnx_tokens(args, tokenizer, ids)
+    else:
+        from llmprune.models import load
+
+        model, tokenizer = load(args.model)
+        ids = prompt_ids(tokenizer, args.prompt)
+        tokens = _torch_tokens(args, model, ids)
+    count = 0
+    start = time.perf_counter()
+
+    def counted():
+        nonlocal count
+        for t in tokens:
+            count += 1
+            yield t
+
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    for piece in text_stream(tokenizer, counted()):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    seconds = time.perf_counter() - start
+    sys.stderr.write(f"{count} tokens in {seconds:.2f} s ({count / seconds if seconds else 0:.1f} tokens/s, "
+                     f"{'onnxruntime' if args.onnx else 'PyTorch'})\n")
+    return 0

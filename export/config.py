@@ -1,0 +1,76 @@
+"""ExportConfig: what `llmprune export` writes and how strictly it checks it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmprune.errors import LLMPruneError
+
+QUANTIZE_MODES = ("none", "int8", "int4")
+
+# Three short prompts for the greedy-generation parity check (any text the tokenizer can take).
+DEFAULT_PROMPTS = (
+    "The capital of France is",
+    "Pruning a neural network removes",
+    "def fibonacci(n):",
+)
+
+# Used for the perplexity change of quantized files when no --eval-data is given: real English
+# prose, so the numbers mean something on a real model (tiny windows, so they are rough).
+DEFAULT_EVAL_TEXT = (
+    "The history of the city goes back to a small settlement on the river, where traders met to "
+    "exchange grain, salt and timber. Over the following centuries the town grew into a regional "
+    "centre, with a cathedral, a market square and a university founded in the fourteenth century. "
+    "During the industrial revolution, factories were built along the canal, and the population "
+    "doubled within a generation. Railways connected the city to the coast in 1850, and new "
+    "districts of brick houses spread across the surrounding fields. In the twentieth century the "
+    "old industries declined, but the university expanded and research institutes, hospitals and "
+    "software companies became the largest employers. Today the old town is a protected area, and "
+    "visitors come to see its churches, its museums and the botanical garden, which holds one of the "
+    "oldest collections of medicinal plants in the country. The climate is mild, with warm summers "
+    "and cool, wet winters; most of the rain falls between October and March. The city is governed "
+    "by an elected council and a mayor, who serve terms of six years. Its football club, founded by "
+    "railway workers, has played in the national league for most of its history. "
+)
+
+
+@dataclass
+class ExportConfig:
+    """Options of one export.
+
+    quantize: 'none' (fp32 only), 'int8' (dynamic, MatMul + embedding) or 'int4' (block-wise
+    MatMulNBits, `block_size`, embedding too when `quantize_embedding`). The fp32 model is always
+    written at the top of the output folder (a standard optimum layout) and parity-checked; a
+    quantized model goes in a sub-folder named after the mode, itself a complete folder.
+    atol: the largest max |logit difference| an fp32 export may have against PyTorch (fails above).
+    """
+
+    quantize: str = "none"
+    block_size: int = 32
+    quantize_embedding: bool = True
+    accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPU)
+    ort: bool = False
+    genai: bool = False
+    opset: int | None = None
+    atol: float = 1e-3
+    check_generation: bool = True  # fp32 greedy tokens must equal PyTorch's
+    parity_tokens: int = 32
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
+    parity_seq_len: int = 48  # tokens of the fixed logit-parity input
+    eval_windows: int = 4
+    eval_seq_len: int = 128
+    max_context: int | None = None  # genai_config context_length (default: the model's positions)
+    threads: int | None = None  # onnxruntime intra-op threads for the checks (default: all cores)
+    overwrite: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.quantize not in QUANTIZE_MODES:
+            raise LLMPruneError(f"unknown quantization '{self.quantize}'", f"use one of: {', '.join(QUANTIZE_MODES)}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise LLMPruneError(f"block size {self.block_size} is not a power of two >= 16", "use 32 (default), 64 or 128")
+        if not self.atol > 0:
+            raise LLMPruneError(f"parity tolerance must be positive (got {self.atol})", "use e.g. 1e-3")
+        if self.parity_tokens < 1 or self.parity_seq_len < 2 or self.eval_windows < 1 or self.eval_seq_len < 2:
+            raise LLMPruneError("parity/eval sizes must be positive", "check parity_tokens, parity_seq_len, eval_windows, eval_seq_len")
+        self.prompts = tuple(self.prompts)

@@ -1,0 +1,106 @@
+"""`genai_config.json` for onnxruntime-genai, and `.ort` conversion for ONNX Runtime Mobile."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from llmprune.errors import LLMPruneError
+
+log = logging.getLogger(__name__)
+
+GENAI_FILE = "genai_config.json"
+# onnxruntime-genai's model types for the decoder-only families llmprune supports.
+GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3_text": "gemma3_text"}
+
+
+def _token_id(value):
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value] if len(value) != 1 else int(value[0])
+    return None if value is None else int(value)
+
+
+def genai_config(config, session_inputs: set[str], filename: str = "model.onnx", context_length: int | None = None,
+                 generation_config=None) -> dict:
+    """The decoder description onnxruntime-genai reads. The export is optimum's layout (past
+    concatenated each step), so the KV buffer is not shared between past and present. Pruned
+    query heads do not matter here: genai sizes the cache from the KV heads, which pruning keeps."""
+    model_type = GENAI_TYPES.get(config.model_type)
+    if model_type is None:
+        raise LLMPruneError(f"onnxruntime-genai has no model type for '{config.model_type}'", f"--genai supports {', '.join(GENAI_TYPES)}")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    context = int(context_length or getattr(config, "max_position_embeddings", 2048))
+    gen = generation_config
+    eos = _token_id(getattr(gen, "eos_token_id", None) if gen is not None else None) or _token_id(config.eos_token_id)
+    pad = _token_id(getattr(config, "pad_token_id", None))
+    inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if "position_ids" in session_inputs:
+        inputs["position_ids"] = "position_ids"
+    inputs.update({"past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"})
+    return {
+        "model": {
+            "bos_token_id": _token_id(config.bos_token_id),
+            "context_length": context,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": int(head_dim),
+                "hidden_size": int(config.hidden_size),
+                "inputs": inputs,
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"},
+                "num_attention_heads": int(config.num_attention_heads),
+                "num_hidden_layers": int(config.num_hidden_layers),
+                "num_key_value_heads": int(config.num_key_value_heads),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": pad if pad is not None else (eos if isinstance(eos, int) else eos[0]),
+            "type": model_type,
+            "vocab_size": int(config.vocab_size),
+        },
+        "search": {
+            "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+            "max_length": context, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+            "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+            "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+        },
+    }
+
+
+def write_genai_config(folder: Path, config, session_inputs: set[str], context_length: int | None = None,
+                       generation_config=None) -> Path:
+    path = folder / GENAI_FILE
+    path.write_text(json.dumps(genai_config(config, session_inputs, "model.onnx", context_length, generation_config), indent=2) + "\n")
+    return path
+
+
+def convert_to_ort(folder: Path) -> list[Path]:
+    """model.onnx -> model.ort beside it (ORT format for ONNX Runtime Mobile, fixed optimizations)."""
+    import contextlib
+    import io
+
+    from onnxruntime.tools.convert_onnx_models_to_ort import OptimizationStyle, convert_onnx_models_to_ort
+
+    src = folder / "model.onnx"
+    if (folder / "model.onnx_data").exists():
+        raise LLMPruneError("the ORT format cannot hold a model above 2 GB (external data)", "quantize (--quantize int8/int4) before --ort")
+    buf = io.StringIO()
+    quiet = [logging.getLogger(n) for n in ("ort_format_model", "ort_format_model.utils")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            convert_onnx_models_to_ort(src, output_dir=folder, optimization_styles=[OptimizationStyle.Fixed])
+    except Exception as exc:  # noqa: BLE001
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LLMPruneError(f".ort conversion of {src} failed ({first[:200]})", "rerun with --debug") from exc
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+    made = sorted(folder.glob("*.ort"))
+    if not made:
+        raise LLMPruneError(f".ort conversion of {src} wrote no file ({buf.getvalue().strip()[-200:]})", "rerun with --debug")
+    for extra in folder.glob("*.required_operators*.config"):
+        extra.unlink()
+    return made

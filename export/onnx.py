@@ -1,0 +1,268 @@
+"""ONNX export of an in-memory (pruned) causal LM through optimum-onnx, tied weights stored once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from llmprune.arch import adapter_for
+from llmprune.errors import LLMPruneError
+
+log = logging.getLogger(__name__)
+
+TASK = "text-generation-with-past"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+PROTOBUF_LIMIT = 2_000_000_000  # bytes: above this the weights go to external data
+_MIN_DEDUPE_ELEMENTS = 1024
+
+
+def stock_class(model) -> type:
+    """The transformers class a (pruned) model instance derives from."""
+    for klass in type(model).__mro__:
+        if klass.__module__.startswith("transformers.models."):
+            return klass
+    raise LLMPruneError(f"'{type(model).__name__}' is not a transformers causal LM", "export a model loaded with llmprune.load")
+
+
+@contextmanager
+def as_stock_class(model):
+    """Presents a pruned model (PrunedCausalLM, whose layers are already resized) as its stock
+    transformers class while optimum inspects it: optimum infers the library from the class's
+    module, and a pruned model differs from the stock one only in how it was built."""
+    original = type(model)
+    model.__class__ = stock_class(model)
+    try:
+        yield model
+    finally:
+        model.__class__ = original
+
+
+def raw_export(model, out: Path, opset: int | None = None) -> None:
+    """optimum-onnx's export of `model` into `out` (model.onnx, config.json, generation config)."""
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    adapter_for(model)
+    if next(model.parameters()).dtype != torch.float32:
+        raise LLMPruneError(f"the model is {next(model.parameters()).dtype}, not float32", "load it with dtype=torch.float32 for export")
+    model.eval()
+    saved_name = model.config._name_or_path
+    model.config._name_or_path = ""  # keeps optimum from copying files of the source folder
+    try:
+        with as_stock_class(model), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")
+            onnx_export_from_model(model, out, task=TASK, opset=opset, do_validation=False)
+    except LLMPruneError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - optimum/torch raise many types; one clear line for the user
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LLMPruneError(
+            f"the ONNX exporter could not take this {model.config.model_type} model ({type(exc).__name__}: {first[:200]})",
+            "rerun with --debug for the traceback; supported: llama, mistral, qwen2, qwen3, gemma3_text",
+        ) from exc
+    finally:
+        model.config._name_or_path = saved_name
+    # The folder holds no modeling file: the pruned class map would point nowhere.
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("auto_map", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _digest(array: np.ndarray) -> str:
+    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def dedupe_initializers(model_proto) -> dict:
+    """Stores each weight once. An initializer equal to another is replaced by it. For the tied
+    LM head, which the exporter writes as a transposed copy of the embedding table for its MatMul,
+    the embedding lookup is rewritten to read the LM head's [hidden, vocab] matrix instead —
+    Gather(axis=1) then a Transpose of the (small) gathered activations — so the file, and ONNX
+    Runtime's memory, hold the table once and no weight is transposed at load time. Returns what
+    was removed."""
+    from onnx import helper, numpy_helper
+
+    graph = model_proto.graph
+    _fold_transposed_initializers(graph)  # optimum's own tie (a Transpose node) -> a plain copy, handled below
+    seen: dict[tuple, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+    replace: dict[str, str] = {}
+    transposed: dict[str, str] = {}  # removed name -> kept name whose transpose it is
+    for init in graph.initializer:
+        if int(np.prod(init.dims)) < _MIN_DEDUPE_ELEMENTS:
+            continue
+        arr = numpy_helper.to_array(init)
+        key = (arr.dtype.str, arr.shape, _digest(arr))
+        if key in seen and np.array_equal(arrays[seen[key]], arr):
+            replace[init.name] = seen[key]
+            continue
+        if arr.ndim == 2:
+            t_key = (arr.dtype.str, arr.shape[::-1], _digest(arr.T))
+            if t_key in seen and np.array_equal(arrays[seen[t_key]], arr.T):
+                transposed[init.name] = seen[t_key]
+                continue
+        seen[key] = init.name
+        arrays[init.name] = arr
+    if not replace and not transposed:
+        return {"removed": [], "bytes_saved": 0}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    input_ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    removed = set(replace)
+    prefix: list = []
+    for copy, original in transposed.items():
+        # `copy` = original.T. Preferred: drop `original` if only axis-0 Gathers read it.
+        users = [n for n in graph.node if original in n.input]
+        gathers_ok = users and all(
+            n.op_type == "Gather" and list(n.input).index(original) == 0 and _attr(n, "axis", 0) == 0
+            and n.input[1] in input_ranks for n in users)
+        if gathers_ok:
+            for k, node in enumerate(users):
+                rank = input_ranks[node.input[1]]
+                out = node.output[0]
+                gathered = f"{out}_llmprune_hidden_first"
+                node.input[0] = copy
+                node.output[0] = gathered
+                for a in list(node.attribute):
+                    if a.name == "axis":
+                        node.attribute.remove(a)
+                node.attribute.append(helper.make_attribute("axis", 1))
+                transpose = helper.make_node("Transpose", [gathered], [out], name=f"llmprune_tied_lookup_{k}",
+                                             perm=list(range(1, rank + 1)) + [0])
+                graph.node.insert(list(graph.node).index(node) + 1, transpose)
+            removed.add(original)
+        else:  # fall back: a Transpose node of the kept table yields the removed name
+            prefix.append(helper.make_node("Transpose", [original], [copy], name=f"llmprune_tied_{len(prefix)}", perm=[1, 0]))
+            removed.add(copy)
+    saved = sum(numpy_helper.to_array(i).nbytes for i in graph.initializer if i.name in removed)
+    keep = [i for i in graph.initializer if i.name not in removed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if prefix:
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(prefix + nodes)
+    return {"removed": sorted(removed), "tied_transposed": dict(transposed), "duplicates": dict(replace), "bytes_saved": int(saved)}
+
+
+def _fold_transposed_initializers(graph) -> int:
+    """Transpose nodes of 2-D initializers become initializers (ONNX Runtime would do the same
+    at load time, holding both copies in memory)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+            continue
+        perm = _attr(node, "perm", [1, 0])
+        if list(perm) != [1, 0]:
+            continue
+        arr = numpy_helper.to_array(inits[node.input[0]]).T
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), node.output[0]))
+        graph.node.remove(node)
+        folded += 1
+    return folded
+
+
+def _attr(node, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            from onnx import helper
+
+            return helper.get_attribute_value(a)
+    return default
+
+
+def untie_initializers(model_proto) -> int:
+    """The reverse of dedupe for tied tables: the embedding lookup reads its own [vocab, hidden]
+    table again (and a Transpose-node copy becomes an initializer), so weight-only quantizers,
+    which need a constant MatMul weight and an axis-0 Gather table, take both."""
+    from onnx import numpy_helper
+
+    graph = model_proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    count = 0
+    for node in list(graph.node):
+        if node.op_type == "Transpose" and node.name.startswith("llmprune_tied_lookup_"):
+            gather = next(n for n in graph.node if node.input[0] in n.output)
+            table = gather.input[0]
+            name = f"{table}_llmprune_embedding"
+            if name not in inits:
+                arr = numpy_helper.to_array(inits[table]).T
+                inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+                graph.initializer.append(inits[name])
+            gather.input[0] = name
+            for a in list(gather.attribute):
+                if a.name == "axis":
+                    gather.attribute.remove(a)
+            gather.output[0] = node.output[0]
+            graph.node.remove(node)
+            count += 1
+        elif node.op_type == "Transpose" and node.name.startswith("llmprune_tied_") and node.input[0] in inits:
+            arr = numpy_helper.to_array(inits[node.input[0]]).T
+            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), node.output[0]))
+            graph.node.remove(node)
+            count += 1
+    return count
+
+
+def load_model_proto(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def save_model_proto(model_proto, path: Path) -> list[Path]:
+    """Writes one .onnx file, or .onnx + one external data file when it would pass protobuf's 2 GB;
+    returns the files written."""
+    import onnx
+
+    data = path.with_name(path.name + "_data")
+    for stale in (path, data):
+        if stale.exists():
+            stale.unlink()
+    total = sum(len(i.raw_data) for i in model_proto.graph.initializer)
+    if total < PROTOBUF_LIMIT:
+        from onnx.external_data_helper import convert_model_from_external_data
+
+        convert_model_from_external_data(model_proto)
+        onnx.save_model(model_proto, str(path))
+        return [path]
+    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    return [path, data]
+
+
+def onnx_files(folder: Path) -> list[Path]:
+    """The model files of a folder: .onnx, their external data and .ort."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and (p.suffix in (".onnx", ".ort") or p.name.endswith(".onnx_data")))
+
+
+def folder_size(folder: Path, suffixes=(".onnx", ".onnx_data")) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file() and any(p.name.endswith(s) for s in suffixes))
+
+
+def export_fp32(model, out: Path, opset: int | None = None) -> dict:
+    """Raw optimum export into `out`, then tied/duplicate weights stored once. Returns facts for the report."""
+    raw_export(model, out, opset)
+    path = out / MODEL_FILE
+    if not path.is_file():
+        raise LLMPruneError("the ONNX exporter wrote no model.onnx", "rerun with --debug")
+    before = folder_size(out)
+    proto = load_model_proto(path)
+    dedupe = dedupe_initializers(proto)
+    if dedupe["removed"]:
+        save_model_proto(proto, path)
+    after = folder_size(out)
+    return {"raw_bytes": before, "bytes": after, "dedupe": dedupe, "opset": int(proto.opset_import[0].version)}

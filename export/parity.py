@@ -1,0 +1,97 @@
+"""Parity of an ONNX export with the PyTorch model: logits on fixed inputs, greedy generation on
+prompts (through the KV cache), and perplexity on a few evaluation windows."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from llmprune.evaluate import perplexity as torch_perplexity
+
+from .runtime import OnnxCausalLM
+
+
+def fixed_inputs(vocab_size: int, seq_len: int, bos_id: int | None, seed: int = 1234) -> torch.Tensor:
+    """Two deterministic rows of token ids (BOS first when the model has one)."""
+    g = torch.Generator().manual_seed(seed)
+    low = min(3, vocab_size - 1)
+    ids = torch.randint(low, vocab_size, (2, seq_len), generator=g)
+    if bos_id is not None:
+        ids[:, 0] = bos_id
+    return ids
+
+
+def torch_logits(model, ids: torch.Tensor) -> np.ndarray:
+    with torch.inference_mode():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float().numpy()
+
+
+def logit_parity(model, session: OnnxCausalLM, ids: torch.Tensor) -> dict:
+    """max |logit difference| on full-sequence inputs, and on the same inputs fed as a prefix plus
+    the rest through the KV cache (the decode path)."""
+    ref = torch_logits(model, ids)
+    full, _ = session.forward(ids.numpy())
+    split = ids.shape[1] // 2
+    first, past = session.forward(ids[:, :split].numpy())
+    rest, _ = session.forward(ids[:, split:].numpy(), past=past)
+    cached = np.concatenate([first, rest], axis=1)
+    scale = float(np.abs(ref).max())
+    return {
+        "max_abs_logit_diff": float(np.abs(full - ref).max()),
+        "max_abs_logit_diff_kv_cache": float(np.abs(cached - ref).max()),
+        "max_abs_logit": scale,
+        "argmax_agreement": float((full.argmax(-1) == ref.argmax(-1)).mean()),
+        "input_shape": list(ids.shape),
+    }
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    if tokenizer.bos_token_id is not None and (not ids or ids[0] != tokenizer.bos_token_id):
+        ids = [tokenizer.bos_token_id] + ids
+    return ids
+
+
+def torch_greedy(model, ids: list[int], max_new_tokens: int, eos=None) -> list[int]:
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=eos if isinstance(eos, int) else None,
+                             temperature=None, top_p=None, top_k=None)
+    return out[0, len(ids):].tolist()
+
+
+def generation_parity(model, session: OnnxCausalLM, prompts: list[list[int]], max_new_tokens: int, eos=None) -> dict:
+    """Greedy continuations by PyTorch and by ONNX Runtime (KV cache) for each prompt."""
+    rows = []
+    for ids in prompts:
+        ref = torch_greedy(model, ids, max_new_tokens, eos)
+        t0 = time.perf_counter()
+        got = session.generate(ids, max_new_tokens, eos_token_id=eos)
+        seconds = time.perf_counter() - t0
+        first_diff = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
+        if first_diff is None and len(ref) != len(got):
+            first_diff = min(len(ref), len(got))
+        rows.append({"prompt_tokens": len(ids), "torch": ref, "onnx": got, "equal": ref == got,
+                     "first_difference": first_diff, "onnx_seconds": round(seconds, 4)})
+    return {"tokens": max_new_tokens, "all_equal": all(r["equal"] for r in rows), "prompts": rows}
+
+
+def perplexities(model, session: OnnxCausalLM, windows: torch.Tensor, reference_onnx: OnnxCausalLM | None = None) -> dict:
+    """Perplexity of the windows under PyTorch and ONNX Runtime (and a reference ONNX model, the fp32 one)."""
+    result = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1] - 1)}
+    if model is not None:
+        result["torch"] = torch_perplexity(model, windows, progress=False).perplexity
+    result["onnx"] = session.perplexity(windows.numpy())
+    if reference_onnx is not None:
+        result["onnx_fp32"] = reference_onnx.perplexity(windows.numpy())
+        result["change"] = result["onnx"] / result["onnx_fp32"] - 1.0
+    elif "torch" in result:
+        result["change_vs_torch"] = result["onnx"] / result["torch"] - 1.0
+    for key, value in list(result.items()):
+        if isinstance(value, float) and not math.isfinite(value):
+            result[key] = None
+    return result

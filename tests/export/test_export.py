@@ -1,0 +1,158 @@
+"""Tiny-model exports of every supported architecture with pruned shapes: parity with PyTorch,
+the optimum layout, tied weights stored once, quantized and .ort files, genai_config."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from llmprune.errors import LLMPruneError
+from llmprune.export import REPORT_FILE, OnnxCausalLM, export_onnx
+
+from .conftest import ARCHS, PRUNED_LAYERS, fast_config, pruned_tiny_model
+
+
+def _initializer_shapes(path) -> list[tuple]:
+    model = onnx.load(str(path))
+    return [tuple(i.dims) for i in model.graph.initializer]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_pruned_export_matches_pytorch(arch, pruned_export):
+    model, result = pruned_export(arch)
+    out = result.path
+    fp32 = result.report["variants"]["fp32"]
+    assert fp32["logits"]["max_abs_logit_diff"] < 1e-4
+    assert fp32["logits"]["max_abs_logit_diff_kv_cache"] < 1e-4
+    assert fp32["generation"]["all_equal"] and len(fp32["generation"]["prompts"]) == 3
+    assert all(len(r["onnx"]) == 32 or r["onnx"][-1] == model.config.eos_token_id for r in fp32["generation"]["prompts"])
+    assert json.loads((out / REPORT_FILE).read_text())["variants"]["fp32"]["sizes"]["onnx_bytes"] == (out / "model.onnx").stat().st_size
+
+    # The pruned shapes are in the graph as they are: 3 layers of KV cache, each layer's MLP width
+    # and query-head count.
+    session = OnnxCausalLM(out, threads=1)
+    assert session.num_layers == 3 and session.kv_shapes == [(2, 16)] * 3
+    shapes = _initializer_shapes(out / "model.onnx")
+    for width, heads, _ in PRUNED_LAYERS:
+        assert (64, width) in shapes and (width, 64) in shapes  # up/gate and down projections (MatMul layout)
+        assert (64, heads * 16) in shapes  # q_proj
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 3 and "auto_map" not in config
+    assert [l["intermediate_size"] for l in config["llmprune"]["layers"]] == [w for w, _, _ in PRUNED_LAYERS]
+    if arch == "gemma3_text":
+        assert config["layer_types"] == ["sliding_attention", "full_attention", "sliding_attention"]
+        assert config["sliding_window"] == 16  # parity inputs (48 tokens) and generation run past it
+    # Tied embeddings are stored once (the exporter alone writes a transposed copy for the LM head).
+    vocab_tables = [s for s in shapes if 320 in s and 64 in s]
+    assert len(vocab_tables) == (1 if model.config.tie_word_embeddings else 2), vocab_tables
+    if model.config.tie_word_embeddings:
+        assert result.report["dedupe"]["removed"] == ["model.embed_tokens.weight"]
+        assert result.report["dedupe"]["bytes"] <= result.report["dedupe"]["raw_bytes"] + 1024
+        # ... and not copied again by ONNX Runtime's load-time folding of a Transpose of a weight.
+        proto = onnx.load(str(out / "model.onnx"))
+        weights = {i.name for i in proto.graph.initializer}
+        assert not [n.name for n in proto.graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_optimum_loads_and_generates(arch, pruned_export):
+    """Users' existing optimum code works on the fp32 folder."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model, result = pruned_export(arch)
+    ort_model = ORTModelForCausalLM.from_pretrained(result.path)
+    ids = torch.tensor([[1, 17, 45, 99, 120, 7, 8, 9]])
+    with torch.inference_mode():
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False)
+    got = ort_model.generate(ids, max_new_tokens=24, do_sample=False)
+    assert torch.equal(ref, got)
+    with torch.inference_mode():
+        diff = (ort_model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits - model(ids).logits).abs().max()
+    assert diff < 1e-4
+
+
+def test_int4_ort_genai(pruned_export, tok):
+    """int4 (embedding quantized too) + .ort + genai_config on the tied, sliding-window Gemma-3."""
+    model, result = pruned_export("gemma3_text", quantize="int4", ort=True, genai=True)
+    out = result.path
+    report = result.report
+    q = report["variants"]["int4"]
+    assert (out / "int4" / "model.onnx").is_file() and (out / "int4" / "model.ort").is_file() and (out / "model.ort").is_file()
+    # Every MatMul weight and the embedding table are 4-bit: no float table of the vocabulary left.
+    proto = onnx.load(str(out / "int4" / "model.onnx"))
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    floats = [tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 320 * 64]
+    assert floats == []
+    assert q["sizes"]["onnx_bytes"] < 0.5 * report["variants"]["fp32"]["sizes"]["onnx_bytes"]
+    assert q["size_vs_fp32"] == pytest.approx(q["sizes"]["onnx_bytes"] / report["variants"]["fp32"]["sizes"]["onnx_bytes"])
+    # Quantized: close to fp32, perplexity change measured on the evaluation windows.
+    assert 0 < q["logits"]["max_abs_logit_diff"] < 0.5 * q["logits"]["max_abs_logit"]  # a wrong zero point gives ~8x
+    ppl = q["perplexity"]
+    assert ppl["onnx"] > 1 and ppl["onnx_fp32"] > 1 and ppl["change"] == pytest.approx(ppl["onnx"] / ppl["onnx_fp32"] - 1)
+    assert abs(ppl["change"]) < 0.2
+    # The .ort files run and give the .onnx results.
+    for name in ("fp32", "int4"):
+        assert report["variants"][name]["ort"]["max_abs_logit_diff_vs_onnx"] < 1e-5
+    ort_session = OnnxCausalLM(out / "int4", threads=1, prefer_ort=True)
+    assert ort_session.path.name == "model.ort"
+    assert len(ort_session.generate([1, 5, 6, 7], 8)) == 8
+    # genai_config describes the pruned decoder.
+    genai = json.loads((out / "int4" / "genai_config.json").read_text())
+    decoder = genai["model"]["decoder"]
+    assert decoder["num_hidden_layers"] == 3 and decoder["num_key_value_heads"] == 2 and decoder["head_size"] == 16
+    assert genai["model"]["type"] == "gemma3_text" and genai["search"]["past_present_share_buffer"] is False
+    assert (out / "int4" / "tokenizer.json").is_file()
+
+
+def test_genai_generates_like_onnxruntime(pruned_export):
+    og = pytest.importorskip("onnxruntime_genai")
+    _, result = pruned_export("gemma3_text", quantize="int4", ort=True, genai=True)
+    for folder in (result.path, result.path / "int4"):
+        model = og.Model(str(folder))
+        ids = [1, 17, 45, 99, 120, 7]
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+        generator = og.Generator(model, params)
+        generator.append_tokens(ids)
+        got = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            got.append(int(generator.get_next_tokens()[0]))
+        ref = OnnxCausalLM(folder, threads=1).generate(ids, 10)
+        assert got and got == ref[: len(got)]
+        assert og.Tokenizer(model).decode(got)  # tokenizer files load
+
+
+def test_int8(pruned_export):
+    model, result = pruned_export("llama", quantize="int8")
+    q = result.report["variants"]["int8"]
+    proto = onnx.load(str(result.path / "int8" / "model.onnx"))
+    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    assert q["size_vs_fp32"] < 0.6
+    assert 0 < q["logits"]["max_abs_logit_diff"] < 0.1 * q["logits"]["max_abs_logit"]
+    assert abs(q["perplexity"]["change"]) < 0.05
+    session = OnnxCausalLM(result.path / "int8", threads=1)
+    assert len(session.generate([1, 2 + 3, 9], 5, eos_token_id=None)) == 5
+
+
+def test_failed_parity_leaves_nothing(tmp_path, tok):
+    """An export that fails its check writes no output and leaves no temporary folder."""
+    model = pruned_tiny_model("qwen2")
+    out = tmp_path / "onnx"
+    with pytest.raises(LLMPruneError, match="differ from PyTorch"):
+        export_onnx(model, fast_config(atol=1e-12, check_generation=False), out, tokenizer=tok)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320, n_positions=64)).eval()
+    with pytest.raises(LLMPruneError, match="unsupported architecture 'gpt2'"):
+        export_onnx(model, fast_config(), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
