@@ -184,15 +184,17 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def untie_initializers(model_proto) -> int:
+def untie_initializers(model_proto) -> dict[str, str]:
     """The reverse of dedupe for tied tables: the embedding lookup reads its own [vocab, hidden]
     table again (and a Transpose-node copy becomes an initializer), so weight-only quantizers,
-    which need a constant MatMul weight and an axis-0 Gather table, take both."""
+    which need a constant MatMul weight and an axis-0 Gather table, take both. Returns
+    {embedding table: the [hidden, vocab] LM-head weight it was tied to} (Transpose-node copies
+    as {copy: source})."""
     from onnx import numpy_helper
 
     graph = model_proto.graph
     inits = {i.name: i for i in graph.initializer}
-    count = 0
+    tied: dict[str, str] = {}
     for node in list(graph.node):
         if node.op_type == "Transpose" and node.name.startswith("llmprune_tied_lookup_"):
             gather = next(n for n in graph.node if node.input[0] in n.output)
@@ -208,13 +210,13 @@ def untie_initializers(model_proto) -> int:
                     gather.attribute.remove(a)
             gather.output[0] = node.output[0]
             graph.node.remove(node)
-            count += 1
+            tied[name] = table
         elif node.op_type == "Transpose" and node.name.startswith("llmprune_tied_") and node.input[0] in inits:
             arr = numpy_helper.to_array(inits[node.input[0]]).T
             graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), node.output[0]))
             graph.node.remove(node)
-            count += 1
-    return count
+            tied[node.output[0]] = node.input[0]
+    return tied
 
 
 def load_model_proto(path: Path):

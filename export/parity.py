@@ -64,8 +64,20 @@ def torch_greedy(model, ids: list[int], max_new_tokens: int, eos=None) -> list[i
     return out[0, len(ids):].tolist()
 
 
+def _tie_gap(model, ids: list[int], ref: list[int], got: list[int], at: int) -> float | None:
+    """How far apart PyTorch's logits of the two tokens chosen at the first difference are (a
+    near tie flips on float rounding alone)."""
+    if at >= len(ref) or at >= len(got):
+        return None
+    x = torch.tensor([ids + ref[:at]])
+    with torch.inference_mode():
+        logits = model(input_ids=x, use_cache=False).logits[0, -1].float()
+    return float(logits[ref[at]] - logits[got[at]])
+
+
 def generation_parity(model, session: OnnxCausalLM, prompts: list[list[int]], max_new_tokens: int, eos=None) -> dict:
-    """Greedy continuations by PyTorch and by ONNX Runtime (KV cache) for each prompt."""
+    """Greedy continuations by PyTorch and by ONNX Runtime (KV cache) for each prompt. Where they
+    differ, `tie_gap` is PyTorch's logit margin between the two choices at the first difference."""
     rows = []
     for ids in prompts:
         ref = torch_greedy(model, ids, max_new_tokens, eos)
@@ -75,8 +87,11 @@ def generation_parity(model, session: OnnxCausalLM, prompts: list[list[int]], ma
         first_diff = next((i for i, (a, b) in enumerate(zip(ref, got)) if a != b), None)
         if first_diff is None and len(ref) != len(got):
             first_diff = min(len(ref), len(got))
-        rows.append({"prompt_tokens": len(ids), "torch": ref, "onnx": got, "equal": ref == got,
-                     "first_difference": first_diff, "onnx_seconds": round(seconds, 4)})
+        row = {"prompt_tokens": len(ids), "torch": ref, "onnx": got, "equal": ref == got,
+               "first_difference": first_diff, "onnx_seconds": round(seconds, 4)}
+        if first_diff is not None:
+            row["tie_gap"] = _tie_gap(model, ids, ref, got, first_diff)
+        rows.append(row)
     return {"tokens": max_new_tokens, "all_equal": all(r["equal"] for r in rows), "prompts": rows}
 
 

@@ -114,10 +114,15 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
             raise LLMPruneError(
                 f"fp32 ONNX logits differ from PyTorch by {worst:.3g} (tolerance {config.atol:g})",
                 "the export is wrong for this model; rerun with --debug, or raise --atol if the difference is expected")
-        if config.check_generation and not gen["all_equal"]:
-            bad = next(r for r in gen["prompts"] if not r["equal"])
+        # A difference is accepted only at a near tie: PyTorch's own margin between the two tokens
+        # within twice the logit tolerance (float rounding alone can flip such a choice).
+        bad = [r for r in gen["prompts"] if not r["equal"]
+               and not (r.get("tie_gap") is not None and abs(r["tie_gap"]) <= 2 * config.atol)]
+        gen["all_equal_or_near_tie"] = not bad
+        if config.check_generation and bad:
             raise LLMPruneError(
-                f"fp32 ONNX greedy generation differs from PyTorch at token {bad['first_difference']} of a prompt",
+                f"fp32 ONNX greedy generation differs from PyTorch at token {bad[0]['first_difference']} of a prompt"
+                f" (PyTorch margin {bad[0].get('tie_gap')})",
                 "the KV-cache path of the export is wrong for this model; rerun with --debug")
 
         folders = {"fp32": tmp}

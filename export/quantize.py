@@ -30,7 +30,8 @@ def quantize_int8(src: Path, dst: Path) -> dict:
             op_types_to_quantize=["MatMul", "Gather"], use_external_data_format=len(files) > 1,
             extra_options={"MatMulConstBOnly": True},
         )
-    return {"mode": "int8", "weight_type": "int8 per-channel (dynamic activations)", "ops": ["MatMul", "Gather"], "untied": untied}
+    return {"mode": "int8", "weight_type": "int8 per-channel (dynamic activations)", "ops": ["MatMul", "Gather"],
+            "untied": len(untied)}
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding: bool = True,
@@ -56,11 +57,61 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     with np.errstate(divide="ignore", invalid="ignore"):
         quantizer.process()
     proto = quantizer.model.model
+    shared = share_tied_int4_table(proto, untied, block_size) if quantize_embedding else 0
     repacked = repack_int4_gathers(proto)
     save_model_proto(proto, dst)
     return {"mode": "int4", "block_size": block_size, "symmetric": True, "ops": list(ops),
-            "accuracy_level": accuracy_level, "untied": untied,
-            "embedding_repacked_uint8": repacked}
+            "accuracy_level": accuracy_level, "untied": len(untied),
+            "tied_table_shared": shared, "embedding_repacked_uint8": repacked}
+
+
+def share_tied_int4_table(proto, tied: dict[str, str], block_size: int) -> int:
+    """For a tied embedding, the lookup reads the LM head's 4-bit MatMulNBits weight instead of
+    its own quantized copy, so the table is stored once in 4 bits too. MatMulNBits keeps B as
+    uint8 [vocab, hidden/block, block/2] (two values a byte, implicit zero point 8, one scale a
+    block): as GatherBlockQuantized data that is the same table, gathered on axis 0 and
+    dequantized along the last axis; its [batch, seq, blocks, block] output is reshaped to
+    [batch, seq, hidden]."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = list(graph.node)
+    shared = 0
+    for table, weight in tied.items():
+        gathers = [n for n in nodes if n.op_type == "GatherBlockQuantized" and n.input[0] == f"{table}_Q4"]
+        matmuls = [n for n in nodes if n.op_type == "MatMulNBits" and n.input[1] == f"{weight}_Q4" and len(n.input) == 3]
+        if len(gathers) != 1 or len(matmuls) != 1:
+            continue
+        gather, matmul = gathers[0], matmuls[0]
+        data = inits[matmul.input[1]]
+        if len(data.dims) != 3 or data.dims[2] * 2 != block_size:
+            continue
+        vocab, blocks = int(data.dims[0]), int(data.dims[1])
+        scales = matmul.input[2]
+        shape_3d = numpy_helper.from_array(np.array([vocab, blocks, 1], np.int64), f"{table}_llmprune_scales_shape")
+        shape_out = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{table}_llmprune_hidden_shape")
+        graph.initializer.extend([shape_3d, shape_out])
+        scales_3d, gathered = f"{table}_llmprune_scales_3d", f"{gather.output[0]}_llmprune_blocks"
+        new = [
+            helper.make_node("Reshape", [scales, shape_3d.name], [scales_3d], name=f"{table}_llmprune_scales_reshape"),
+            helper.make_node("GatherBlockQuantized", [matmul.input[1], gather.input[1], scales_3d], [gathered],
+                             name=f"{table}_llmprune_shared_lookup", domain="com.microsoft",
+                             gather_axis=0, quantize_axis=2, block_size=block_size, bits=4),
+            helper.make_node("Reshape", [gathered, shape_out.name], [gather.output[0]], name=f"{table}_llmprune_hidden"),
+        ]
+        at = nodes.index(gather)
+        nodes[at:at + 1] = new
+        shared += 1
+    if shared:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        used = {name for n in graph.node for name in n.input}
+        keep = [i for i in graph.initializer if i.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+    return shared
 
 
 def repack_int4_gathers(proto) -> int:

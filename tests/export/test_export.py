@@ -88,6 +88,12 @@ def test_int4_ort_genai(pruned_export, tok):
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
     floats = [tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 320 * 64]
     assert floats == []
+    # The tied table is stored once in 4 bits too: the lookup reads the LM head's MatMulNBits weight.
+    gather = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
+    matmul_weights = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
+    assert gather.input[0] in matmul_weights and q["quantization"]["tied_table_shared"] == 1
+    tables = [i.name for i in proto.graph.initializer if 320 in i.dims and i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT4)]
+    assert len(tables) == 1, tables
     assert q["sizes"]["onnx_bytes"] < 0.5 * report["variants"]["fp32"]["sizes"]["onnx_bytes"]
     assert q["size_vs_fp32"] == pytest.approx(q["sizes"]["onnx_bytes"] / report["variants"]["fp32"]["sizes"]["onnx_bytes"])
     # Quantized: close to fp32, perplexity change measured on the evaluation windows.

@@ -1,0 +1,111 @@
+"""`llmprune export` and `llmprune generate` through the real console script (subprocesses), and
+their bad-input errors (one line, exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ..cli.test_cli import assert_one_line_error
+from ..conftest import run_cli
+
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def cli_export(pruned_checkpoint, tmp_path_factory):
+    """`llmprune export --quantize int4 --ort --json` of a pruned checkpoint folder."""
+    out = tmp_path_factory.mktemp("cli-export") / "onnx"
+    result = run_cli("export", "--model", pruned_checkpoint, "--out", out, "--quantize", "int4", "--ort", "--json",
+                     "--eval-windows", "2", "--eval-seq-len", "32", cwd=out.parent, env={"OMP_NUM_THREADS": "1"})
+    return result, out
+
+
+def test_export_cli_writes_checked_folder(cli_export):
+    result, out = cli_export
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert json.loads((out / "export_report.json").read_text()) == report
+    fp32, int4 = report["variants"]["fp32"], report["variants"]["int4"]
+    assert fp32["logits"]["max_abs_logit_diff"] < 1e-4 and fp32["generation"]["all_equal"]
+    assert report["model"]["num_hidden_layers"] == 3
+    assert [l["intermediate_size"] for l in report["model"]["pruned_layers"]] == [96, 40, 128]
+    for folder in (out, out / "int4"):
+        assert {"model.onnx", "model.ort", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
+    assert int4["sizes"]["onnx_bytes"] < fp32["sizes"]["onnx_bytes"] / 2
+    assert int4["perplexity"]["change"] is not None
+
+
+def test_generate_onnx_equals_pytorch(cli_export, pruned_checkpoint, tmp_path):
+    _, out = cli_export
+    onnx = run_cli("generate", "--onnx", out, "--prompt", PROMPT, "--max-new-tokens", "16", "--threads", "1", cwd=tmp_path)
+    torch_run = run_cli("generate", "--model", pruned_checkpoint, "--prompt", PROMPT, "--max-new-tokens", "16", cwd=tmp_path)
+    assert onnx.returncode == 0, onnx.stderr
+    assert torch_run.returncode == 0, torch_run.stderr
+    assert onnx.stdout.startswith(PROMPT) and len(onnx.stdout.strip()) > len(PROMPT)
+    assert onnx.stdout == torch_run.stdout  # same greedy continuation, KV cache in both
+    assert "tokens/s, onnxruntime" in onnx.stderr and "tokens/s, PyTorch" in torch_run.stderr
+
+
+def test_generate_quantized_and_ort_format(cli_export, tmp_path):
+    _, out = cli_export
+    result = run_cli("generate", "--onnx", out / "int4", "--prompt", PROMPT, "--max-new-tokens", "8", "--ort-format",
+                     "--threads", "1", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(PROMPT) and result.stderr.strip().split()[0] in {str(n) for n in range(1, 9)}
+
+
+# ---------------------------------------------------------------- bad input (in-process: fast)
+
+
+def _main(capsys, *args):
+    from llmprune.cli.main import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+
+    class Result:
+        returncode, stdout, stderr = code, captured.out, captured.err
+
+    return Result
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("not a model")
+    out = tmp_path / "onnx"
+    result = _main(capsys, "export", "--model", folder, "--out", out)
+    assert_one_line_error(result, "is not a model folder")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
+def test_existing_output_needs_overwrite(pruned_checkpoint, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = _main(capsys, "export", "--model", pruned_checkpoint, "--out", out)
+    assert_one_line_error(result, "exists and is not empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_unsupported_architecture_cli(gpt2_checkpoint, tmp_path, capsys):
+    out = tmp_path / "onnx"
+    result = _main(capsys, "export", "--model", gpt2_checkpoint, "--out", out)
+    assert_one_line_error(result, "unsupported architecture 'gpt2'")
+    assert not out.exists()
+
+
+def test_generate_without_export(tmp_path, capsys):
+    result = _main(capsys, "generate", "--onnx", tmp_path, "--prompt", "hi")
+    assert_one_line_error(result, "holds no model.onnx")
+
+
+def test_bad_quantize_flag(capsys):
+    with pytest.raises(SystemExit) as exc:
+        _main(capsys, "export", "--model", "x", "--out", "y", "--quantize", "int3")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int3" in err[0]
