@@ -225,7 +225,7 @@ def load_model_proto(path: Path):
     return onnx.load(str(path), load_external_data=True)
 
 
-def save_model_proto(model_proto, path: Path) -> list[Path]:
+def save_model_proto(model_proto, path: Path, limit: int = PROTOBUF_LIMIT) -> list[Path]:
     """Writes one .onnx file, or .onnx + one external data file when it would pass protobuf's 2 GB;
     returns the files written."""
     import onnx
@@ -235,7 +235,7 @@ def save_model_proto(model_proto, path: Path) -> list[Path]:
         if stale.exists():
             stale.unlink()
     total = sum(len(i.raw_data) for i in model_proto.graph.initializer)
-    if total < PROTOBUF_LIMIT:
+    if total < limit:
         from onnx.external_data_helper import convert_model_from_external_data
 
         convert_model_from_external_data(model_proto)
@@ -243,6 +243,7 @@ def save_model_proto(model_proto, path: Path) -> list[Path]:
         return [path]
     onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=data.name, size_threshold=1024)
+    os.chmod(data, 0o644)
     return [path, data]
 
 

@@ -162,3 +162,31 @@ def test_unsupported_architecture(tmp_path):
     with pytest.raises(LLMPruneError, match="unsupported architecture 'gpt2'"):
         export_onnx(model, fast_config(), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_external_data_layout_loads_and_quantizes(pruned_export, tmp_path):
+    """Above 2 GB a model is written as model.onnx + model.onnx_data: the same layout, forced here
+    on a tiny model, loads in the runtime and in optimum and quantizes."""
+    import shutil
+
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    from llmprune.export.onnx import load_model_proto, save_model_proto
+    from llmprune.export.quantize import quantize_int4
+
+    _, result = pruned_export("gemma3_text")
+    folder = tmp_path / "external"
+    folder.mkdir()
+    for p in result.path.iterdir():
+        if p.suffix == ".json":
+            shutil.copy2(p, folder / p.name)
+    files = save_model_proto(load_model_proto(result.path / "model.onnx"), folder / "model.onnx", limit=0)
+    assert [f.name for f in files] == ["model.onnx", "model.onnx_data"]
+    assert (folder / "model.onnx_data").stat().st_size > 320 * 64 * 4  # the weights are in the data file
+    ids = np.array([[1, 40, 41, 42, 43, 44, 45]])
+    want = OnnxCausalLM(result.path, threads=1).forward(ids)[0]
+    assert np.abs(OnnxCausalLM(folder, threads=1).forward(ids)[0] - want).max() < 1e-6
+    got = ORTModelForCausalLM.from_pretrained(folder)(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
+    assert np.abs(got.numpy() - want).max() < 1e-5
+    quantize_int4(folder / "model.onnx", tmp_path / "int4.onnx")
+    assert np.abs(OnnxCausalLM(tmp_path / "int4.onnx", threads=1).forward(ids)[0] - want).max() < 0.5 * np.abs(want).max()
