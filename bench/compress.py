@@ -24,6 +24,14 @@ METHODS = ["comp", "layer-only", "wanda-sp", "magnitude", "fluctuation", "random
 CORPORA = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs": "pydocs/library.txt"}
 # Forced splits for the layer/neuron sweep at 0.2 (layer shares giving 1, 2 and 3 whole layers).
 SPLIT_SHARES = {"1 layer": 0.3, "2 layers": 0.6, "3 layers": 0.9}
+# Ablations of comp at 0.2: each changes one default.
+ABLATIONS = {
+    "selection=pivot": ["--selection", "pivot"],
+    "fit=scales": ["--fit", "scales"],
+    "fit=none": ["--fit", "none"],
+    "allocation=uniform": ["--allocation", "uniform"],
+    "heads 1/4": ["--prune-heads", "--head-ratio", "0.25", "--layer-share", "0"],
+}
 
 
 def evaluate(model: str, windows: int, work: Path) -> dict:
@@ -78,6 +86,7 @@ def main() -> int:
     jobs += [(f"{m}@{r}", m, ["--method", m], r) for r in order for m in args.methods]
     if not args.no_extras and "comp" in args.methods:
         jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", "--layer-share", str(s)], 0.2) for name, s in SPLIT_SHARES.items()]
+        jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", *flags], 0.2) for name, flags in ABLATIONS.items()]
         jobs += [("comp[low-memory]@0.2", "comp", ["--method", "comp", "--low-memory"], 0.2)]
     for key, method, extra, ratio in jobs:
         if key in runs and args.resume:
@@ -87,7 +96,8 @@ def main() -> int:
             if method is None:
                 runs[key] = {"ratio": 0.0, "perplexity": evaluate(args.model, args.eval_windows, args.work)}
             else:
-                runs[key] = {"method": method, **compress_run(key.replace("[", "_").replace("]", "").replace("@", "-"), extra, ratio, args, args.work)}
+                slug = "".join(c if c.isalnum() or c in ".-" else "_" for c in key)
+                runs[key] = {"method": method, **compress_run(slug, extra, ratio, args, args.work)}
         except RuntimeError as exc:
             runs[key] = {"method": method, "ratio": ratio, "error": str(exc)}
         print(f"[bench] {key}: {runs[key].get('perplexity', runs[key].get('error'))}", flush=True)
