@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llmprune.errors import LLMPruneError
 
@@ -62,7 +62,6 @@ class ExportConfig:
     max_context: int | None = None  # genai_config context_length (default: the model's positions)
     threads: int | None = None  # onnxruntime intra-op threads for the checks (default: all cores)
     overwrite: bool = False
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_MODES:

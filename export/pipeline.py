@@ -19,7 +19,7 @@ from llmprune.data import cut_windows, tokenize_stream
 from llmprune.errors import LLMPruneError
 
 from .config import DEFAULT_EVAL_TEXT, ExportConfig
-from .genai import GENAI_FILE, convert_to_ort, write_genai_config
+from .genai import convert_to_ort, write_genai_config
 from .onnx import MODEL_FILE, export_fp32, folder_size
 from .parity import fixed_inputs, generation_parity, logit_parity, perplexities, prompt_ids
 from .quantize import quantize
@@ -79,7 +79,7 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
             "pruned_layers": ((getattr(mc, "llmprune", None) or {}).get("layers")),
             "parameters": sum(p.numel() for p in model.parameters()),
         },
-        "config": {k: v for k, v in config.__dict__.items() if k not in ("extra", "overwrite", "threads")},
+        "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
         "variants": {},
     }
     with atomic_output_dir(out, config.overwrite) as tmp:
