@@ -190,3 +190,15 @@ def test_external_data_layout_loads_and_quantizes(pruned_export, tmp_path):
     assert np.abs(got.numpy() - want).max() < 1e-5
     quantize_int4(folder / "model.onnx", tmp_path / "int4.onnx")
     assert np.abs(OnnxCausalLM(tmp_path / "int4.onnx", threads=1).forward(ids)[0] - want).max() < 0.5 * np.abs(want).max()
+
+
+def test_dense_checkpoint_folder(checkpoint, tmp_path):
+    """A dense checkpoint folder exports through the same path (export_checkpoint loads it)."""
+    from llmprune.export import ExportConfig, export_checkpoint
+
+    result = export_checkpoint(checkpoint("qwen2"), ExportConfig(threads=1, eval_windows=2, eval_seq_len=32), tmp_path / "onnx")
+    fp32 = result.report["variants"]["fp32"]
+    assert fp32["logits"]["max_abs_logit_diff"] < 1e-4 and fp32["generation"]["all_equal"]
+    assert result.report["model"]["pruned_layers"] is None and result.report["model"]["num_hidden_layers"] == 4
+    assert (tmp_path / "onnx" / "tokenizer.json").is_file()
+    assert OnnxCausalLM(tmp_path / "onnx", threads=1).num_layers == 4
