@@ -23,12 +23,11 @@ from common import ROOT, SHARED, load_results, run_json, save_results  # noqa: E
 METHODS = ["comp", "layer-only", "wanda-sp", "magnitude", "fluctuation", "random", "taylor"]
 CORPORA = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs": "pydocs/library.txt"}
 # Forced splits for the layer/neuron sweep at 0.2 (layer shares giving 1, 2 and 3 whole layers).
-SPLIT_SHARES = {"1 layer": 0.3, "2 layers": 0.6, "3 layers": 0.9}
+SPLIT_SHARES = {"1 layer": 0.3}
 # Ablations of comp at 0.2: each changes one default.
 ABLATIONS = {
     "selection=pivot": ["--selection", "pivot"],
     "fit=scales": ["--fit", "scales"],
-    "fit=none": ["--fit", "none"],
     "allocation=uniform": ["--allocation", "uniform"],
     "heads 1/4": ["--prune-heads", "--head-ratio", "0.25", "--layer-share", "0"],
 }
@@ -81,13 +80,15 @@ def main() -> int:
                             eval=f"{args.eval_windows}x512 windows (+BOS) of " + ", ".join(CORPORA.values()))
     runs = results.setdefault("runs", {})
 
+    # The headline comparison at 0.2 first, then comp's variants, then the other ratios.
     jobs = [("dense", None, [], 0.0)]
-    order = sorted(args.ratios, key=lambda r: (abs(r - 0.2), r))  # 0.2 first: the headline comparison
-    jobs += [(f"{m}@{r}", m, ["--method", m], r) for r in order for m in args.methods]
+    order = sorted(args.ratios, key=lambda r: (abs(r - 0.2), r))
+    jobs += [(f"{m}@{order[0]}", m, ["--method", m], order[0]) for m in args.methods]
     if not args.no_extras and "comp" in args.methods:
-        jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", "--layer-share", str(s)], 0.2) for name, s in SPLIT_SHARES.items()]
-        jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", *flags], 0.2) for name, flags in ABLATIONS.items()]
         jobs += [("comp[low-memory]@0.2", "comp", ["--method", "comp", "--low-memory"], 0.2)]
+        jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", *flags], 0.2) for name, flags in ABLATIONS.items()]
+        jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", "--layer-share", str(s)], 0.2) for name, s in SPLIT_SHARES.items()]
+    jobs += [(f"{m}@{r}", m, ["--method", m], r) for r in order[1:] for m in args.methods]
     for key, method, extra, ratio in jobs:
         if key in runs and args.resume:
             continue
