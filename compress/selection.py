@@ -83,10 +83,18 @@ def refit_error_curve(gram: torch.Tensor, out_weight: torch.Tensor, order: torch
     `order`: one Cholesky factorisation of the Gram in that order (G_p = UᵀU; what a fit on the
     first k columns cannot explain is U[k:]ᵀU[k:])."""
     # In the Gram's precision (float32 for wide layers) and factorised in place: at 7B shape
-    # each extra copy of the Gram is half a gigabyte.
-    g = gram.index_select(0, order).index_select(1, order)
-    g.diagonal().add_(ridge * float(g.diagonal().mean().clamp_min(1e-30)))
-    torch.linalg.cholesky(g, upper=True, out=g)
+    # each extra copy of the Gram is half a gigabyte. With fewer calibration tokens than columns
+    # the Gram is singular; the ridge grows tenfold until the factorisation succeeds.
+    scale = float(gram.diagonal().mean().clamp_min(1e-30))
+    info = torch.zeros((), dtype=torch.int32)
+    while True:
+        g = gram.index_select(0, order).index_select(1, order)
+        g.diagonal().add_(ridge * scale)
+        torch.linalg.cholesky_ex(g, upper=True, out=(g, info))
+        if int(info) == 0 or ridge >= 1.0:
+            break
+        del g
+        ridge *= 10.0
     energy = ((g @ out_weight.to(g.dtype)[:, order].T) ** 2).sum(1).double().numpy()  # g is now U (lower part zeroed)
     curve = np.concatenate([np.cumsum(energy[::-1])[::-1], [0.0]])
     return curve / max(curve[0], 1e-300)
