@@ -88,7 +88,8 @@ def generation_parity(model, session: OnnxCausalLM, prompts: list[list[int]], ma
         if first_diff is None and len(ref) != len(got):
             first_diff = min(len(ref), len(got))
         row = {"prompt_tokens": len(ids), "torch": ref, "onnx": got, "equal": ref == got,
-               "first_difference": first_diff, "onnx_seconds": round(seconds, 4)}
+               "first_difference": first_diff, "onnx_seconds": round(seconds, 4),
+               "onnx_tokens_per_s": round(len(got) / seconds, 2) if seconds > 0 else None}
         if first_diff is not None:
             row["tie_gap"] = _tie_gap(model, ids, ref, got, first_diff)
         rows.append(row)
