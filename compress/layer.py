@@ -110,8 +110,10 @@ def select_kept_heads(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, 
 
 
 def prune_layer(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int,
-                keep_neurons: int | None, keep_heads: int | None, fit_mode: str | None = None) -> dict:
-    """Prune one layer in place; returns its report row (kept counts, reconstruction errors)."""
+                keep_neurons: int | None, keep_heads: int | None, fit_mode: str | None = None,
+                release_stats: bool = False) -> dict:
+    """Prune one layer in place; returns its report row (kept counts, reconstruction errors).
+    `release_stats` frees the MLP Gram once fitted (the --low-memory path uses each layer once)."""
     fit_mode = cfg.fit_mode if fit_mode is None else fit_mode
     row: dict = {}
     attn = layer.self_attn
@@ -129,6 +131,8 @@ def prune_layer(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index:
         down = layer.mlp.down_proj
         fit = fit_output_projection(stats.mlp, down.weight.detach(), down.bias, kept,
                                     mode=fit_mode, ridge=cfg.ridge, intercept=cfg.uses_intercept)
+        if release_stats:  # the caller is done with this layer's statistics: free them before surgery
+            stats.mlp.gram = None
         prune_mlp_neurons(layer, kept, fit.weight, fit.bias)
         row.update(kept_neuron_indices=kept, mlp_error_before=fit.error_before, mlp_error_after=fit.error_after)
     return row

@@ -199,12 +199,13 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
         with collect_grams(targets) as grams:
             out_hidden = run_layer(layer, hidden, stream.layer_kwargs[i], cfg.batch_size)
         influence.append(block_influence(hidden, out_hidden))
-        if want_curves:
-            curves[i] = LayerStats(mlp=grams["mlp"]).pivots(layer.mlp.down_proj.weight.detach(), cfg.selection)[1]
         held = run_layer(layer, held, stream.layer_kwargs[i], cfg.batch_size)
         hidden = out_hidden
-        release(i)
-        del grams
+        down = layer.mlp.down_proj.weight.detach().clone()
+        release(i)  # the error curve needs only down_proj: free the layer first
+        if want_curves:
+            curves[i] = LayerStats(mlp=grams["mlp"]).pivots(down, cfg.selection)[1]
+        del grams, down
     head_name = prefix + "embed_tokens.weight" if getattr(config, "tie_word_embeddings", False) else "lm_head.weight"
     softcap = getattr(config, "final_logit_softcapping", None)
     held_ids = held_out
@@ -244,7 +245,7 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
             with collect_grams(targets) as grams:
                 out_hidden = run_layer(layer, hidden, stream.layer_kwargs[i], cfg.batch_size)
             stats = LayerStats(mlp=grams["mlp"], attn=grams.get("attn"))
-            detail = prune_layer(layer, stats, cfg, i, plan.keep_neurons.get(i), plan.keep_heads.get(i))
+            detail = prune_layer(layer, stats, cfg, i, plan.keep_neurons.get(i), plan.keep_heads.get(i), release_stats=True)
             detail.pop("kept_neuron_indices", None)
             new_idx = kept.index(i)
             layer.layer_idx = new_idx
@@ -261,7 +262,7 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
                 total_size += v.numel() * v.element_size()
             params_after_layers += sum(p.numel() for p in layer.parameters())
             hidden = out_hidden
-            del layer, stats, grams, tensors
+            del layer, stats, grams, tensors, detail
             release(i)
         # Everything outside the decoder layers is streamed over byte for byte.
         rest = {k: ckpt.files[k] for k in ckpt.files if not k.startswith(f"{prefix}layers.")}

@@ -53,24 +53,30 @@ def fit_output_projection(
     `mode` is 'none' (plain pruning, plus the intercept when asked), 'scales' or 'refit'."""
     gram, mu = _stats(stats, intercept)
     w = weight.to(gram.dtype)
-    g_ss = gram[keep][:, keep]
-    k = keep.numel()
     if mode == "none":
         v = w[:, keep]
     elif mode == "scales":
+        rows = gram.index_select(0, keep)  # G[S, :]
         ws = w[:, keep]
-        m_mat = g_ss * (ws.T @ ws)
-        rhs = (gram[keep] * (ws.T @ w)).sum(1)
+        rhs = (rows * (ws.T @ w)).sum(1)
+        m_mat = rows[:, keep] * (ws.T @ ws)
         reg = ridge * m_mat.diagonal().mean().clamp_min(1e-30)
+        m_mat.diagonal().add_(reg)
         # The ridge pulls each scale towards 1 (plain pruning), not towards 0.
-        m = torch.linalg.solve(m_mat + reg * torch.eye(k, dtype=gram.dtype), rhs + reg)
+        m = torch.linalg.solve(m_mat, rhs + reg)
         v = ws * m
     elif mode == "refit":
+        rows = gram.index_select(0, keep)
+        rhs = rows @ w.T
+        g_ss = rows[:, keep]
+        del rows
         reg = ridge * g_ss.diagonal().mean().clamp_min(1e-30)
         # The ridge pulls V towards the plainly pruned W_S, not towards 0: directions the
         # calibration data does not cover (fewer tokens than inputs) keep their original weights.
-        rhs = gram[keep] @ w.T + reg * w[:, keep].T
-        v = torch.linalg.solve(g_ss + reg * torch.eye(k, dtype=gram.dtype), rhs).T
+        rhs += reg * w[:, keep].T
+        g_ss.diagonal().add_(reg)
+        v = torch.linalg.solve(g_ss, rhs).T
+        del g_ss, rhs
     else:
         raise ValueError(f"unknown fit mode {mode!r}")
     full_v = torch.zeros_like(w)
