@@ -29,6 +29,8 @@ def add_parser(sub) -> None:
     p.add_argument("--block-size", type=positive_int, default=32, help="int4 block size (32)")
     p.add_argument("--no-quantize-embedding", dest="quantize_embedding", action="store_false",
                    help="int4: keep the embedding table in fp32")
+    p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
+                   help="int4 MatMulNBits compute type: 4 = int8 activations (fast, default), 0 = unset (fp32 on CPU)")
     p.add_argument("--ort", action="store_true", help="also write model.ort (ONNX Runtime Mobile) beside each model.onnx")
     p.add_argument("--genai", action="store_true", help="also write genai_config.json for onnxruntime-genai")
     p.add_argument("--atol", type=_positive_float, default=1e-3, help="largest fp32 max |logit diff| vs PyTorch (1e-3)")
@@ -47,6 +49,7 @@ def run(args) -> int:
 
     config = ExportConfig(
         quantize=args.quantize, block_size=args.block_size, quantize_embedding=args.quantize_embedding,
+        accuracy_level=args.accuracy_level or None,
         ort=args.ort, genai=args.genai, atol=args.atol, eval_windows=args.eval_windows,
         eval_seq_len=args.eval_seq_len, opset=args.opset, overwrite=args.overwrite,
     )
