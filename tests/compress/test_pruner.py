@@ -206,7 +206,7 @@ def test_too_little_calibration_text_names_the_token_counts(tok, small_config, c
 @pytest.mark.parametrize("overrides,fragment", [
     ({"ratio": 0.8, "method": "wanda-sp"}, "no MLP neuron"),  # neurons only: the MLPs are ~2/3 of the layers
     ({"ratio": 0.99, "method": "layer-only"}, "no MLP neuron"),  # 3 layers dropped, the last one emptied
-    ({"ratio": 0.7, "layer_share": 0.0}, "minimum kept fraction"),
+    ({"ratio": 0.7, "layer_share": 0.0, "allocation": "error"}, "minimum kept fraction"),
 ])
 def test_a_ratio_that_leaves_no_neuron_is_refused(overrides, fragment, tok, calib_texts, small_config, compare_state_dicts):
     model = tiny_model("llama")
