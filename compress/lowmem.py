@@ -33,7 +33,7 @@ from .surgery import layer_shape
 from .config import CompressConfig
 from .layer import LayerStats, prune_layer
 from .safetensors_io import copy_tensors, read_header
-from .pruner import CompressResult, calibration_windows
+from .pruner import CompressResult, calibration_windows, use_error_allocation
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overw
     # Pass 1: block influence (and error curves), dense held-out hidden states.
     influence, curves = [], {}
     hidden, held = hidden0[:n_calib], hidden0[n_calib:]
-    want_curves = cfg.effective_allocation == "error"
+    want_curves = use_error_allocation(cfg, calib_ids.numel(), layers)
     for i in tqdm(range(n_layers), desc="pass 1: block influence", unit="layer", leave=False):
         layer = load_layer(i)
         targets = {"mlp": layer.mlp.down_proj} if want_curves else {}

@@ -135,6 +135,24 @@ def swapped_layers(model: nn.Module, new_layers: list[nn.Module]):
         base.layers = original
 
 
+# The error curves come from a Gram estimated on the calibration tokens; with fewer than about
+# four tokens per neuron it is too rank-deficient to say how much each layer can lose (measured on
+# Gemma-3-270M with 8×128 tokens: the curves call half of every layer free), so the default
+# allocation falls back to uniform there.
+MIN_TOKENS_PER_NEURON = 4
+
+
+def use_error_allocation(cfg: CompressConfig, calib_tokens: int, layers) -> bool:
+    if cfg.effective_allocation != "error":
+        return False
+    widest = max(l.mlp.down_proj.in_features for l in layers)
+    if cfg.allocation is None and calib_tokens < MIN_TOKENS_PER_NEURON * widest:
+        log.info("allocation: uniform (%d calibration tokens < %d per neuron × %d neurons; "
+                 "pass --allocation error to force it)", calib_tokens, MIN_TOKENS_PER_NEURON, widest)
+        return False
+    return True
+
+
 def candidate_drops(model: nn.Module, cfg: CompressConfig) -> list[int]:
     layers = adapter_for(model).decoder_layers(model)
     share = cfg.effective_layer_share
@@ -166,7 +184,7 @@ def compress_model(model: nn.Module, tokenizer, texts: list[str], cfg: CompressC
     head_ratio = (cfg.head_ratio if cfg.head_ratio is not None else cfg.ratio) if cfg.prune_heads else None
 
     curves = None
-    if cfg.effective_allocation == "error":
+    if use_error_allocation(cfg, calib.numel(), layers):
         curves = {i: s.pivots(layers[i].mlp.down_proj.weight.detach(), cfg.selection)[1] for i, s in enumerate(stats)}
     candidates, best, last_error = [], None, None
     for n_drop in candidate_drops(model, cfg):
