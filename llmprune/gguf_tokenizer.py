@@ -66,7 +66,7 @@ def spm_merges(tokens: list[str], scores: np.ndarray, types: np.ndarray) -> list
 
 def build_spm_tokenizer(vocab: dict):
     """A `tokenizers.Tokenizer` reproducing llama.cpp's SPM tokenization of this vocabulary."""
-    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers
     from tokenizers.models import BPE
 
     tokens, scores, types = vocab["tokens"], vocab["scores"], vocab["types"]

@@ -84,15 +84,9 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gpt2_ckpt(tmp_path_factory) -> Path:
-    """A tiny GPT-2 checkpoint: an architecture llmprune does not support."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path_factory.mktemp("compress-ckpt-gpt2")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320, n_positions=64)).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return folder
+def gpt2_ckpt(gpt2_checkpoint) -> Path:
+    """A tiny GPT-2 checkpoint (the root conftest's): an architecture llmprune does not support."""
+    return gpt2_checkpoint
 
 
 def _llmprune_command() -> list[str]:
