@@ -171,10 +171,22 @@ def self_generated_text(model, tokenizer, n_tokens: int = 8192, seed: int = 0, c
 
     Sequences of `chunk` tokens are sampled as one batch, which is far faster on a CPU than one
     long sequence; about 10% extra is generated because decoded text re-tokenizes a little shorter."""
+    from tqdm.auto import tqdm
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Progress(StoppingCriteria):  # a progress bar, one tick per generated position
+        def __init__(self, bar):
+            self.bar = bar
+
+        def __call__(self, input_ids, scores, **kwargs):
+            self.bar.update(1)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     n_seq = max(1, -(-int(n_tokens * 1.1) // chunk))
     saved = torch.random.get_rng_state()
     torch.manual_seed(seed)
+    bar = tqdm(total=chunk, desc=f"self text ({n_seq}×{chunk} tokens)", unit="tok", leave=False)
     try:
         with torch.inference_mode():
             out = model.generate(
@@ -183,7 +195,9 @@ def self_generated_text(model, tokenizer, n_tokens: int = 8192, seed: int = 0, c
                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                 max_new_tokens=chunk, min_new_tokens=chunk,
                 pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos,
+                stopping_criteria=StoppingCriteriaList([_Progress(bar)]),
             )
     finally:
+        bar.close()
         torch.random.set_rng_state(saved)
     return "\n\n".join(tokenizer.decode(row[1:], skip_special_tokens=True) for row in out)
