@@ -62,9 +62,8 @@ def compress(model: nn.Module | str | os.PathLike | None = None, config: Compres
     )
     result = compress_model(model, tokenizer, texts, config)
     result.report.update(model=str(spec) if spec is not None else type(model).__name__,
-                         calibration_data=calib if isinstance(calib, (str, os.PathLike)) else "texts",
+                         calibration_data=str(calib) if isinstance(calib, (str, os.PathLike)) else "texts",
                          seed=config.seed, versions=_versions())
-    result.report["calibration_data"] = str(result.report["calibration_data"])
     if out is not None:
         save_pruned(model, tokenizer, out, result.report, layer_map=result.report["layer_map"], overwrite=overwrite)
         result.report["out"] = str(out)

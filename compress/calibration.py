@@ -123,8 +123,17 @@ class GramCollector:
         self.sum += x.sum(0).to(self.sum.dtype)
         self.count += x.shape[0]
 
+    @classmethod
+    def of(cls, x: torch.Tensor) -> "GramCollector":
+        """Exact float64 statistics of the rows of x, as the hook would accumulate them."""
+        stats = cls.__new__(cls)
+        x = x.double()
+        stats.gram, stats.sum, stats.count, stats._handle = x.T @ x, x.sum(0), x.shape[0], None
+        return stats
+
     def remove(self) -> None:
-        self._handle.remove()
+        if self._handle is not None:
+            self._handle.remove()
 
     @property
     def mean(self) -> torch.Tensor:

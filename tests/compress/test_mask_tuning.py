@@ -11,12 +11,7 @@ from llmprune.compress.calibration import GramCollector, collect_grams
 from llmprune.compress.mask_tuning import fit_output_projection
 
 
-def stats_of(x: torch.Tensor) -> GramCollector:
-    stats = GramCollector(nn.Linear(x.shape[1], 1))
-    stats.remove()
-    x = x.double()
-    stats.gram, stats.sum, stats.count = x.T @ x, x.sum(0), x.shape[0]
-    return stats
+stats_of = GramCollector.of
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from llmprune.compress import importance
 from llmprune.compress.calibration import GramCollector
@@ -13,13 +12,7 @@ from llmprune.compress.mask_tuning import fit_output_projection
 from llmprune.compress.selection import condition_number, pivot_order, select_neurons, top_k, weighted_gram
 
 
-def stats_of(x: torch.Tensor) -> GramCollector:
-    """Exact float64 statistics of the rows of x (as the hook would accumulate them)."""
-    stats = GramCollector(nn.Linear(x.shape[1], 1))
-    stats.remove()
-    x = x.double()
-    stats.gram, stats.sum, stats.count = x.T @ x, x.sum(0), x.shape[0]
-    return stats
+stats_of = GramCollector.of
 
 
 @pytest.fixture
