@@ -14,8 +14,9 @@ from . import eval as eval_cmd
 from . import export as export_cmd
 from . import generate as generate_cmd
 from . import info as info_cmd
+from . import recover as recover_cmd
 
-COMMANDS = (compress_cmd, eval_cmd, export_cmd, generate_cmd, info_cmd)
+COMMANDS = (compress_cmd, recover_cmd, eval_cmd, export_cmd, generate_cmd, info_cmd)
 EXIT_USAGE = 2
 
 
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _quiet_third_party(debug: bool) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # flwr's SuperLink state, imported by flwr
     if debug:
         return
     import warnings

@@ -94,8 +94,10 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False):
 
 
 def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: dict | None = None,
-                layer_map: list[int] | None = None, overwrite: bool = False) -> Path:
-    """Write a pruned model as a loadable checkpoint folder (atomically)."""
+                layer_map: list[int] | None = None, overwrite: bool = False,
+                extra_files: dict[str, str] | None = None) -> Path:
+    """Write a pruned model as a loadable checkpoint folder (atomically); `extra_files` (name ->
+    text) are written into it in the same atomic step."""
     layers = adapter_for(model).decoder_layers(model)
     if layer_map is None:
         layer_map = (getattr(model.config, "llmprune", None) or {}).get("layer_map") or list(range(len(layers)))
@@ -110,6 +112,8 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: dic
         (tmp / MODELING_FILE).write_text(modeling_source(model))
         if report is not None:
             (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=_jsonable))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return Path(out)
 
 

@@ -1,0 +1,155 @@
+"""The Flower ClientApp: a device that trains LoRA on its own data and uploads only the adapter.
+
+Messages it answers:
+- query: which client it is (partition id, device name), how many windows it holds;
+- train: `arrays` = the adapter for this client (its rank, its layers), `config` = steps, lr,
+  seed...; replies with the trained adapter (same names and shapes) and metrics.
+
+Where its data comes from: node config `data-path` (a device's own file, on a real fleet), or
+the partition file `data-cache` that `llmprune recover` wrote for a simulation. Its model:
+node config `model-path`, else the run config's `model`. Both are loaded once per process."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import lru_cache
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.app import MessageType
+
+from llmprune.errors import LLMPruneError
+from llmprune.memory import peak_rss_mb
+
+from .config import RecoverConfig
+from .partition import ClientData
+from .task import train_lora
+
+log = logging.getLogger(__name__)
+KEY_CLIPPING_NORM = "clipping_norm"
+
+
+@lru_cache(maxsize=2)
+def _model(path: str):
+    import llmprune
+
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
+    model = llmprune.load_model(path)
+    model.eval()
+    return model
+
+
+@lru_cache(maxsize=4)
+def _own_windows(model_path: str, data_path: str, seq_len: int, max_windows: int | None) -> torch.Tensor:
+    import llmprune
+
+    tokenizer = llmprune.load_tokenizer(model_path)
+    return llmprune.token_windows(tokenizer, llmprune.load_texts(data_path), seq_len, max_windows)
+
+
+@lru_cache(maxsize=2)
+def _cached_partitions(path: str) -> ClientData:
+    return ClientData.load(path)
+
+
+def client_windows(cfg: RecoverConfig, context: Context) -> tuple[torch.Tensor, int]:
+    """This client's training windows and its partition id."""
+    node = context.node_config
+    pid = int(node.get("partition-id", 0))
+    if node.get("data-path"):
+        return _own_windows(model_path(cfg, context), str(node["data-path"]), cfg.seq_len, cfg.max_windows), pid
+    cache = cfg.extra.get("data-cache")
+    if not cache:
+        raise LLMPruneError("this SuperNode has no data", "start it with --node-config \"data-path='FILE'\"")
+    data = _cached_partitions(str(cache))
+    if pid >= len(data.partitions):
+        raise LLMPruneError(f"partition {pid} does not exist ({len(data.partitions)} clients)", "match --clients to the SuperNodes")
+    return data.client_windows(pid), pid
+
+
+def model_path(cfg: RecoverConfig, context: Context) -> str:
+    return str(context.node_config.get("model-path") or cfg.extra.get("model", ""))
+
+
+def _inject_faults(spec: str, pid: int, server_round: int) -> None:
+    """Failure injection for tests and drills: `crash:P` raises in client P, `delay:P:S` makes
+    it S seconds late, `exit:P` kills its process (a device vanishing mid-round); `@R` limits a
+    fault to round R (e.g. `crash:1@2`)."""
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        item, _, only_round = item.partition("@")
+        kind, _, rest = item.partition(":")
+        target, _, arg = rest.partition(":")
+        if int(target) != pid or (only_round and int(only_round) != server_round):
+            continue
+        if kind == "crash":
+            raise RuntimeError(f"injected crash in client {pid}")
+        if kind == "delay":
+            time.sleep(float(arg))
+        if kind == "exit":
+            os._exit(17)
+
+
+def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _dp_clip_if_asked(msg: Message, context: Context, call_next):
+    """Flower's fixedclipping_mod, applied when the server's DP wrapper sent a clipping norm."""
+    config = msg.content.config_records.get("config") if msg.metadata.message_type == MessageType.TRAIN else None
+    if config is not None and KEY_CLIPPING_NORM in config:
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def build_client_app(overrides: dict | None = None) -> ClientApp:
+    """The ClientApp; `overrides` are run-config entries a simulation passes in directly."""
+    app = ClientApp(mods=[_dp_clip_if_asked])
+
+    def config_of(context: Context) -> RecoverConfig:
+        return RecoverConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        windows, pid = client_windows(cfg, context)
+        metrics = MetricRecord({"partition-id": pid, "num-examples": int(windows.shape[0])})
+        reply = RecordDict({"metrics": metrics})
+        if context.node_config.get("device"):
+            from flwr.app import ConfigRecord
+
+            reply["device"] = ConfigRecord({"name": str(context.node_config["device"])})
+        return Message(reply, reply_to=msg)
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        round_config = msg.content["config"]
+        server_round = int(round_config["server-round"])
+        windows, pid = client_windows(cfg, context)
+        _inject_faults(cfg.inject_faults, pid, server_round)
+        model = _model(model_path(cfg, context))
+        start = time.perf_counter()
+        trained, loss = train_lora(
+            model, _to_numpy(msg.content["arrays"]), windows,
+            scale=float(round_config["scale"]), steps=int(round_config["local-steps"]),
+            batch_size=int(round_config["batch-size"]), lr=float(round_config["lr"]),
+            seed=int(round_config["seed"]), dropout=cfg.lora_dropout)
+        metrics = MetricRecord({
+            "num-examples": int(windows.shape[0]) if not round_config.get("uniform-weights") else 1,
+            "train-loss": loss, "partition-id": pid, "seconds": time.perf_counter() - start,
+            "peak-rss-mb": peak_rss_mb()})
+        return Message(RecordDict({"arrays": to_record(trained), "metrics": metrics}), reply_to=msg)
+
+    return app
+
+
+app = build_client_app()
