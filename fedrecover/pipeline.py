@@ -86,7 +86,9 @@ def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig
     data_stats = prepare_data(model_dir, data, config, state / PARTITIONS_FILE)
     overrides = run_config(model_dir, config, out, state, resume=resume, overwrite=overwrite)
     cpus = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    # A client process that dies (a device vanishing) is restarted by ray, and a job handed to it while it
+    # restarts is retried once: Flower puts the dead actor back in its pool, which failed other clients too.
+    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 1},
                "init_args": {"num_cpus": cpus, "include_dashboard": False,
                              "logging_level": "info" if verbose else "error", "log_to_driver": verbose}}
     _quiet_flower(verbose)
