@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--prompt", required=True, help="text to continue")
     p.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to generate (64)")
     p.add_argument("--ort-format", action="store_true", help="run model.ort instead of model.onnx")
+    p.add_argument("--genai", action="store_true",
+                   help="with --onnx: run the folder with onnxruntime-genai (export it with --genai) instead of onnxruntime")
     p.add_argument("--threads", type=positive_int, default=None, help="onnxruntime threads (default: all cores)")
     p.set_defaults(run=run)
 
@@ -61,6 +63,10 @@ def run(args) -> int:
     from llmprune.export import text_stream
     from llmprune.export.parity import prompt_ids
 
+    if args.genai and not args.onnx:
+        raise LLMPruneError("--genai runs an ONNX export", "pass --onnx DIR (a folder exported with --genai)")
+    if args.genai and args.ort_format:
+        raise LLMPruneError("--genai runs model.onnx, not model.ort", "drop --ort-format")
     if args.onnx:
         from pathlib import Path
 
@@ -72,8 +78,15 @@ def run(args) -> int:
             tokenizer = AutoTokenizer.from_pretrained(str(Path(args.onnx)))
         except (OSError, ValueError) as exc:
             raise LLMPruneError(f"no tokenizer in '{args.onnx}'", "export a checkpoint that has tokenizer files") from exc
-        ids = prompt_ids(tokenizer, args.prompt)
-        tokens = _onnx_tokens(args, tokenizer, ids)
+        if args.genai:
+            from llmprune.export.genai import GenaiCausalLM
+
+            lm = GenaiCausalLM(args.onnx)
+            ids = lm.encode(args.prompt)  # BOS first: onnxruntime-genai's tokenizer leaves it out
+            tokens = lm.stream(ids, args.max_new_tokens)
+        else:
+            ids = prompt_ids(tokenizer, args.prompt)
+            tokens = _onnx_tokens(args, tokenizer, ids)
     else:
         from llmprune.models import load
 
@@ -97,5 +110,5 @@ def run(args) -> int:
     sys.stdout.write("\n")
     seconds = time.perf_counter() - start
     sys.stderr.write(f"{count} tokens in {seconds:.2f} s ({count / seconds if seconds else 0:.1f} tokens/s, "
-                     f"{'onnxruntime' if args.onnx else 'PyTorch'})\n")
+                     f"{'onnxruntime-genai' if args.genai else 'onnxruntime' if args.onnx else 'PyTorch'})\n")
     return 0

@@ -5,6 +5,7 @@ cache, config, tokenizer) checked against PyTorch, plus optional int8/int4 varia
 and `genai_config.json`; `OnnxCausalLM` runs such a folder with onnxruntime."""
 
 from .config import DEFAULT_PROMPTS, QUANTIZE_MODES, ExportConfig
+from .genai import GenaiCausalLM
 from .pipeline import REPORT_FILE, ExportResult, export_checkpoint, export_onnx
 from .runtime import OnnxCausalLM, text_stream
 
@@ -14,6 +15,7 @@ __all__ = [
     "REPORT_FILE",
     "ExportConfig",
     "ExportResult",
+    "GenaiCausalLM",
     "OnnxCausalLM",
     "export_checkpoint",
     "export_onnx",

@@ -39,7 +39,8 @@ class ExportConfig:
     """Options of one export.
 
     quantize: 'none' (fp32 only), 'int8' (dynamic, MatMul + embedding) or 'int4' (block-wise
-    MatMulNBits, `block_size`, embedding too when `quantize_embedding`). The fp32 model is always
+    MatMulNBits, `block_size`, for the decoder layers; the vocabulary table — LM head, and the
+    embedding too when `quantize_embedding` — in `table_bits`). The fp32 model is always
     written at the top of the output folder (a standard optimum layout) and parity-checked; a
     quantized model goes in a sub-folder named after the mode, itself a complete folder.
     atol: the largest max |logit difference| an fp32 export may have against PyTorch (fails above).
@@ -49,6 +50,8 @@ class ExportConfig:
     block_size: int = 32
     quantize_embedding: bool = True
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPU)
+    symmetric: bool = True  # int4 layer blocks without zero points (False: asymmetric, with zero points)
+    table_bits: int = 8  # int4 mode: bits of the vocabulary table (LM head + tied embedding), 8 or 4
     ort: bool = False
     genai: bool = False
     opset: int | None = None
@@ -68,6 +71,8 @@ class ExportConfig:
             raise LLMPruneError(f"unknown quantization '{self.quantize}'", f"use one of: {', '.join(QUANTIZE_MODES)}")
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise LLMPruneError(f"block size {self.block_size} is not a power of two >= 16", "use 32 (default), 64 or 128")
+        if self.table_bits not in (4, 8):
+            raise LLMPruneError(f"table bits must be 4 or 8 (got {self.table_bits})", "use 8 (default) or 4")
         if not self.atol > 0:
             raise LLMPruneError(f"parity tolerance must be positive (got {self.atol})", "use e.g. 1e-3")
         if self.parity_tokens < 1 or self.parity_seq_len < 2 or self.eval_windows < 1 or self.eval_seq_len < 2:

@@ -104,3 +104,66 @@ def convert_to_ort(folder: Path) -> list[Path]:
     for extra in folder.glob("*.required_operators*.config"):
         extra.unlink()
     return made
+
+
+class GenaiCausalLM:
+    """An export folder run by onnxruntime-genai (needs `genai_config.json`, written by --genai):
+    prompt ids with BOS first, greedy generation token by token.
+
+    onnxruntime-genai's tokenizer does not add special tokens unless told to (its `encode` gives
+    no `<bos>` whatever the tokenizer files say), and Gemma without `<bos>` first produces
+    garbage; so the tokenizer is switched to add them, and BOS is put first if it still is not."""
+
+    def __init__(self, folder: str | Path):
+        try:
+            import onnxruntime_genai as og
+        except ImportError as exc:
+            raise LLMPruneError("onnxruntime-genai is not installed", "pip install onnxruntime-genai") from exc
+        folder = Path(folder)
+        config_path = folder / GENAI_FILE
+        if not config_path.is_file():
+            raise LLMPruneError(f"'{folder}' holds no {GENAI_FILE}", "export with --genai")
+        self._og = og
+        self.model = og.Model(str(folder))
+        self.tokenizer = og.Tokenizer(self.model)
+        try:
+            self.tokenizer.update_options(add_special_tokens="true")
+        except Exception:  # noqa: BLE001 - older releases have no options; BOS is added below
+            log.debug("onnxruntime-genai tokenizer takes no add_special_tokens option")
+        model = json.loads(config_path.read_text())["model"]
+        self.bos_token_id = model.get("bos_token_id")
+        eos = model.get("eos_token_id")
+        self.eos_token_ids = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.context_length = int(model.get("context_length") or 2048)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text` as the model was trained to see them: BOS first when it has one."""
+        ids = [int(t) for t in self.tokenizer.encode(text)]
+        if self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            ids = [int(self.bos_token_id)] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def stream(self, input_ids: list[int], max_new_tokens: int = 32):
+        """Greedy decoding (the folder's search options, top_k 1), one token id at a time; stops
+        after an EOS id."""
+        ids = [int(t) for t in input_ids]
+        if not ids:
+            raise LLMPruneError("empty prompt", "give a prompt of at least one token")
+        params = self._og.GeneratorParams(self.model)
+        params.set_search_options(max_length=min(len(ids) + max_new_tokens, self.context_length), do_sample=False)
+        generator = self._og.Generator(self.model, params)
+        generator.append_tokens(ids)
+        for _ in range(max_new_tokens):
+            if generator.is_done():
+                return
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            yield token
+            if token in self.eos_token_ids:
+                return
+
+    def generate(self, input_ids: list[int], max_new_tokens: int = 32) -> list[int]:
+        return list(self.stream(input_ids, max_new_tokens))

@@ -35,43 +35,115 @@ def quantize_int8(src: Path, dst: Path) -> dict:
 
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding: bool = True,
-                  accuracy_level: int | None = 4) -> dict:
-    """Block-wise symmetric int4 (MatMulNBits, block `block_size`); with `quantize_embedding` the
-    embedding Gather becomes GatherBlockQuantized, so the vocabulary table shrinks too."""
+                  accuracy_level: int | None = 4, symmetric: bool = True, table_bits: int = 8,
+                  layer_bits: int = 4, embedding_bits: int | None = None) -> dict:
+    """Block-wise 4-bit decoder layers: every MatMul of the layers becomes MatMulNBits (block
+    `block_size`, `symmetric` or with zero points). The vocabulary table gets `table_bits` (8 or
+    4; 0 keeps it fp32), symmetric, same blocks: the LM head MatMul becomes MatMulNBits of that
+    width and, with `quantize_embedding`, the embedding Gather a GatherBlockQuantized — for a tied
+    table one that reads the LM head's quantized weight, so the table is stored once.
+    `layer_bits=0` and `embedding_bits` (default: `table_bits`) are there to measure where the
+    error comes from."""
     try:
         import onnx_ir  # noqa: F401 - MatMulNBitsQuantizer imports it
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
     except ImportError as exc:
         raise LLMPruneError(f"int4 quantization needs a package that is missing ({exc.name})", "pip install onnx-ir") from exc
+    embedding_bits = (table_bits if embedding_bits is None else embedding_bits) if quantize_embedding else 0
+    for what, bits in (("table", table_bits), ("layer", layer_bits), ("embedding", embedding_bits)):
+        if bits not in (0, 4, 8):
+            raise LLMPruneError(f"{what} bits must be 4, 8 or 0 for fp32 (got {bits})", "use --table-bits 8 or 4")
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
 
     proto = load_model_proto(src)
     untied = untie_initializers(proto)
-    ops = ("MatMul", "Gather") if quantize_embedding else ("MatMul",)
-    quantizer = MatMulNBitsQuantizer(
-        proto, bits=4, block_size=block_size, is_symmetric=True, accuracy_level=accuracy_level,
-        op_types_to_quantize=ops, quant_axes=(("MatMul", 0), ("Gather", 1)),
-    )
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-    import numpy as np
-
-    with np.errstate(divide="ignore", invalid="ignore"):
-        quantizer.process()
-    proto = quantizer.model.model
-    shared = share_tied_int4_table(proto, untied, block_size) if quantize_embedding else 0
+    head = lm_head_matmul(proto)
+    head_name = head.name if head is not None else None
+    head_weight = head.input[1] if head is not None else None
+    tables = embedding_tables(proto, untied)
+    if layer_bits:
+        proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", [head_name] if head_name else [])
+    if table_bits and head_name:
+        others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name]
+        proto = _nbits_pass(proto, table_bits, block_size, True, accuracy_level, "MatMul", others)
+    shared = 0
+    if embedding_bits and tables:
+        if table_bits == embedding_bits and head_weight is not None:
+            shared = share_tied_table(proto, {t: w for t, w in untied.items() if w == head_weight and t in tables},
+                                      block_size, embedding_bits)
+        left = {n.name for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in tables}
+        if left and embedding_bits == 4:
+            others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name not in left]
+            proto = _nbits_pass(proto, 4, block_size, symmetric, None, "Gather", others)
+        elif left:
+            quantize_gathers_int8(proto, left, block_size)
     repacked = repack_int4_gathers(proto)
     save_model_proto(proto, dst)
-    return {"mode": "int4", "block_size": block_size, "symmetric": True, "ops": list(ops),
-            "accuracy_level": accuracy_level, "untied": len(untied),
-            "tied_table_shared": shared, "embedding_repacked_uint8": repacked}
+    return {"mode": "int4", "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
+            "layer_bits": layer_bits, "table_bits": table_bits, "embedding_bits": embedding_bits,
+            "lm_head": head_name, "untied": len(untied), "tied_table_shared": shared,
+            "embedding_repacked_uint8": repacked}
 
 
-def share_tied_int4_table(proto, tied: dict[str, str], block_size: int) -> int:
-    """For a tied embedding, the lookup reads the LM head's 4-bit MatMulNBits weight instead of
-    its own quantized copy, so the table is stored once in 4 bits too. MatMulNBits keeps B as
-    uint8 [vocab, hidden/block, block/2] (two values a byte, implicit zero point 8, one scale a
-    block): as GatherBlockQuantized data that is the same table, gathered on axis 0 and
-    dequantized along the last axis; its [batch, seq, blocks, block] output is reshaped to
-    [batch, seq, hidden]."""
+def lm_head_matmul(proto):
+    """The MatMul with a constant weight that produces the logits (through elementwise ops such as
+    a soft-cap), or None."""
+    graph = proto.graph
+    inits = {i.name for i in graph.initializer}
+    producer = {o: n for n in graph.node for o in n.output}
+    frontier = [o.name for o in graph.output if o.name == "logits"]
+    seen: set[int] = set()
+    while frontier:
+        node = producer.get(frontier.pop())
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            return node
+        if node.op_type in ("Mul", "Div", "Tanh", "Add", "Cast", "Reshape", "Identity"):
+            frontier.extend(node.input)
+    return None
+
+
+def embedding_tables(proto, untied: dict[str, str]) -> set[str]:
+    """Initializers read by a Gather as a [vocab, hidden] lookup table (axis 0, 2-D, the large
+    ones): the token embedding(s)."""
+    from onnx import helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    tables = set(untied) & set(inits)
+    for node in proto.graph.node:
+        if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+        dims = list(inits[node.input[0]].dims)
+        if axis == 0 and len(dims) == 2 and dims[0] >= 256 and dims[0] >= dims[1]:
+            tables.add(node.input[0])
+    return tables
+
+
+def _nbits_pass(proto, bits: int, block_size: int, symmetric: bool, accuracy_level: int | None, op_type: str,
+                exclude: list[str]):
+    """One MatMulNBitsQuantizer pass over the nodes of `op_type` that are not in `exclude`."""
+    import numpy as np
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(
+        proto, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
+        op_types_to_quantize=(op_type,), quant_axes=(("MatMul", 0), ("Gather", 1)), nodes_to_exclude=exclude,
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        quantizer.process()
+    return quantizer.model.model
+
+
+def share_tied_table(proto, tied: dict[str, str], block_size: int, bits: int) -> int:
+    """For a tied embedding, the lookup reads the LM head's MatMulNBits weight instead of a copy
+    of its own, so the table is stored once. MatMulNBits keeps B as uint8
+    [vocab, hidden/block, block·bits/8] (4 bits: two values a byte, implicit zero point 8; 8 bits:
+    implicit zero point 128) with one scale a block: as GatherBlockQuantized data that is the same
+    table, gathered on axis 0 and dequantized along the last axis; its [batch, seq, blocks, block]
+    output is reshaped to [batch, seq, hidden]."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -80,13 +152,13 @@ def share_tied_int4_table(proto, tied: dict[str, str], block_size: int) -> int:
     nodes = list(graph.node)
     shared = 0
     for table, weight in tied.items():
-        gathers = [n for n in nodes if n.op_type == "GatherBlockQuantized" and n.input[0] == f"{table}_Q4"]
-        matmuls = [n for n in nodes if n.op_type == "MatMulNBits" and n.input[1] == f"{weight}_Q4" and len(n.input) == 3]
+        gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == table]
+        matmuls = [n for n in nodes if n.op_type == "MatMulNBits" and n.input[1] == f"{weight}_Q{bits}" and len(n.input) == 3]
         if len(gathers) != 1 or len(matmuls) != 1:
             continue
         gather, matmul = gathers[0], matmuls[0]
         data = inits[matmul.input[1]]
-        if len(data.dims) != 3 or data.dims[2] * 2 != block_size:
+        if len(data.dims) != 3 or data.dims[2] * 8 != block_size * bits:
             continue
         vocab, blocks = int(data.dims[0]), int(data.dims[1])
         scales = matmul.input[2]
@@ -98,7 +170,7 @@ def share_tied_int4_table(proto, tied: dict[str, str], block_size: int) -> int:
             helper.make_node("Reshape", [scales, shape_3d.name], [scales_3d], name=f"{table}_llmprune_scales_reshape"),
             helper.make_node("GatherBlockQuantized", [matmul.input[1], gather.input[1], scales_3d], [gathered],
                              name=f"{table}_llmprune_shared_lookup", domain="com.microsoft",
-                             gather_axis=0, quantize_axis=2, block_size=block_size, bits=4),
+                             gather_axis=0, quantize_axis=2, block_size=block_size, bits=bits),
             helper.make_node("Reshape", [gathered, shape_out.name], [gather.output[0]], name=f"{table}_llmprune_hidden"),
         ]
         at = nodes.index(gather)
@@ -107,11 +179,58 @@ def share_tied_int4_table(proto, tied: dict[str, str], block_size: int) -> int:
     if shared:
         del graph.node[:]
         graph.node.extend(nodes)
-        used = {name for n in graph.node for name in n.input}
-        keep = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        _drop_unused_initializers(graph)
+        _ensure_contrib_opset(proto)
     return shared
+
+
+def quantize_gathers_int8(proto, names: set[str], block_size: int) -> int:
+    """Plain axis-0 Gathers of a [vocab, hidden] table -> GatherBlockQuantized with 8-bit symmetric
+    blocks along hidden (uint8, implicit zero point 128, one scale a block)."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    inits = {i.name: i for i in graph.initializer}
+    nodes = list(graph.node)
+    count = 0
+    for at, node in enumerate(nodes):
+        if node.name not in names:
+            continue
+        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
+        vocab, hidden = table.shape
+        pad = (-hidden) % block_size
+        blocks = np.pad(table, ((0, 0), (0, pad))).reshape(vocab, -1, block_size)
+        scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
+        scale[scale == 0] = 1.0
+        q = (np.clip(np.rint(blocks / scale), -127, 127) + 128).astype(np.uint8).reshape(vocab, -1)[:, :hidden]
+        data = numpy_helper.from_array(np.ascontiguousarray(q), f"{node.input[0]}_Q8")
+        scales = numpy_helper.from_array(np.ascontiguousarray(scale[..., 0]), f"{node.input[0]}_scales8")
+        graph.initializer.extend([data, scales])
+        nodes[at] = helper.make_node("GatherBlockQuantized", [data.name, node.input[1], scales.name], list(node.output),
+                                     name=f"{node.name}_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
+                                     block_size=block_size, bits=8)
+        count += 1
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+        _drop_unused_initializers(graph)
+        _ensure_contrib_opset(proto)
+    return count
+
+
+def _drop_unused_initializers(graph) -> None:
+    used = {name for n in graph.node for name in n.input}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+
+
+def _ensure_contrib_opset(proto) -> None:
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in proto.opset_import):
+        proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 def repack_int4_gathers(proto) -> int:
@@ -152,10 +271,10 @@ class _quiet_root:
 
 
 def quantize(mode: str, src: Path, dst: Path, block_size: int = 32, quantize_embedding: bool = True,
-             accuracy_level: int | None = 4) -> dict:
+             accuracy_level: int | None = 4, symmetric: bool = True, table_bits: int = 8) -> dict:
     with _quiet_root():
         if mode == "int8":
             return quantize_int8(src, dst)
         if mode == "int4":
-            return quantize_int4(src, dst, block_size, quantize_embedding, accuracy_level)
+            return quantize_int4(src, dst, block_size, quantize_embedding, accuracy_level, symmetric, table_bits)
     raise LLMPruneError(f"unknown quantization '{mode}'", "use int8 or int4")

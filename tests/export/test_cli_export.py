@@ -15,9 +15,9 @@ PROMPT = "The quick brown fox"
 
 @pytest.fixture(scope="module")
 def cli_export(pruned_checkpoint, tmp_path_factory):
-    """`llmprune export --quantize int4 --ort --json` of a pruned checkpoint folder."""
+    """`llmprune export --quantize int4 --ort --genai --json` of a pruned checkpoint folder."""
     out = tmp_path_factory.mktemp("cli-export") / "onnx"
-    result = run_cli("export", "--model", pruned_checkpoint, "--out", out, "--quantize", "int4", "--ort", "--json",
+    result = run_cli("export", "--model", pruned_checkpoint, "--out", out, "--quantize", "int4", "--ort", "--genai", "--json",
                      "--eval-windows", "2", "--eval-seq-len", "32", cwd=out.parent, env={"OMP_NUM_THREADS": "1"})
     return result, out
 
@@ -54,6 +54,17 @@ def test_generate_quantized_and_ort_format(cli_export, tmp_path):
                      "--threads", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(PROMPT) and result.stderr.strip().split()[0] in {str(n) for n in range(1, 9)}
+
+
+def test_generate_genai_equals_onnxruntime(cli_export, tmp_path):
+    pytest.importorskip("onnxruntime_genai")
+    _, out = cli_export
+    runs = [run_cli("generate", "--onnx", out / "int4", "--prompt", PROMPT, "--max-new-tokens", "12", "--threads", "1", *extra,
+                    cwd=tmp_path) for extra in ([], ["--genai"])]
+    for r in runs:
+        assert r.returncode == 0, r.stderr
+    assert runs[1].stdout == runs[0].stdout  # BOS first in both: the same greedy continuation
+    assert "tokens/s, onnxruntime-genai" in runs[1].stderr
 
 
 # ---------------------------------------------------------------- bad input (in-process: fast)
@@ -101,6 +112,11 @@ def test_unsupported_architecture_cli(gpt2_checkpoint, tmp_path, capsys):
 def test_generate_without_export(tmp_path, capsys):
     result = _main(capsys, "generate", "--onnx", tmp_path, "--prompt", "hi")
     assert_one_line_error(result, "holds no model.onnx")
+
+
+def test_generate_genai_needs_onnx(capsys):
+    result = _main(capsys, "generate", "--model", "x", "--genai", "--prompt", "hi")
+    assert_one_line_error(result, "--genai runs an ONNX export")
 
 
 def test_bad_quantize_flag(capsys):

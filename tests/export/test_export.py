@@ -134,6 +134,24 @@ def test_genai_generates_like_onnxruntime(pruned_export):
         assert og.Tokenizer(model).decode(got)  # tokenizer files load
 
 
+def test_genai_prompt_starts_with_bos(pruned_export, tok):
+    """onnxruntime-genai's tokenizer adds no BOS by itself (Gemma needs it first): GenaiCausalLM
+    encodes prompts as the Hugging Face tokenizer does, BOS first, and generates like onnxruntime."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from llmprune.export import GenaiCausalLM
+
+    _, result = pruned_export("gemma3_text", quantize="int4", ort=True, genai=True)
+    folder = result.path / "int4"
+    text = "The quick brown fox"
+    want = tok(text)["input_ids"]
+    assert want[0] == tok.bos_token_id
+    raw = [int(t) for t in og.Tokenizer(og.Model(str(folder))).encode(text)]
+    assert raw == want[1:]  # the reason for the wrapper
+    lm = GenaiCausalLM(folder)
+    assert lm.encode(text) == want
+    assert lm.generate(want, 8) == OnnxCausalLM(folder, threads=1).generate(want, 8)
+
+
 def test_int8(pruned_export):
     model, result = pruned_export("llama", quantize="int8")
     q = result.report["variants"]["int8"]
