@@ -14,6 +14,7 @@ Clients take the devices in order (client i gets device i, cycling when there ar
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -150,11 +151,11 @@ def assign_devices(model: nn.Module, devices: list[Device], max_rank: int, batch
                 if mb <= dev.memory_mb and (best is None or (params, depth) > (best[3], best[1])):
                     best = (rank, depth, mb, params)
         if best is None:
-            need = min(estimate(r, d)[0] for r in ranks for d in depths)
+            need = math.ceil(min(estimate(r, d)[0] for r in ranks for d in depths))  # rounded up: that budget fits
             raise LLMPruneError(
                 f"device '{dev.name}' has {dev.memory_mb:.0f} MB but the smallest LoRA setup "
-                f"(rank {min(ranks)}, {min(depths)} layer) needs about {need:.0f} MB",
-                f"raise its memory_mb to at least {need:.0f}, or lower --batch-size/--seq-len")
+                f"(rank {min(ranks)}, {min(depths)} layer) needs about {need} MB",
+                f"raise its memory_mb to at least {need}, or lower --batch-size/--seq-len")
         rank, depth, mb, params = best
         out.append(Assignment(dev.name, dev.memory_mb, dev.speed, rank, depth, round(mb, 1), params))
     return out
