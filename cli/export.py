@@ -25,12 +25,17 @@ def add_parser(sub) -> None:
                        description=__doc__)
     p.add_argument("--model", required=True, help="checkpoint: HF folder (pruned ones included), .gguf, or 'gemma-3-270m'")
     p.add_argument("--out", required=True, help="output folder (fp32 model at the top, a quantized one in a sub-folder)")
-    p.add_argument("--quantize", choices=QUANTIZE_MODES, default="none", help="also write an int8 or int4 model (default none)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES, nargs="+", default=["none"],
+                   help="also write an int8 and/or int4 model, each in its sub-folder (default none)")
     p.add_argument("--block-size", type=positive_int, default=32, help="int4 block size (32)")
     p.add_argument("--no-quantize-embedding", dest="quantize_embedding", action="store_false",
                    help="int4: keep the embedding table in fp32")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
                    help="int4 MatMulNBits compute type: 4 = int8 activations (fast, default), 0 = unset (fp32 on CPU)")
+    p.add_argument("--asymmetric", dest="symmetric", action="store_false",
+                   help="int4: blocks with zero points (default symmetric)")
+    p.add_argument("--table-bits", type=int, choices=(4, 8), default=8,
+                   help="int4: bits of the vocabulary table (LM head and tied embedding, stored once): 8 (default) or 4")
     p.add_argument("--ort", action="store_true", help="also write model.ort (ONNX Runtime Mobile) beside each model.onnx")
     p.add_argument("--genai", action="store_true", help="also write genai_config.json for onnxruntime-genai")
     p.add_argument("--atol", type=_positive_float, default=1e-3, help="largest fp32 max |logit diff| vs PyTorch (1e-3)")
@@ -48,8 +53,8 @@ def run(args) -> int:
     from llmprune.export import ExportConfig, export_checkpoint
 
     config = ExportConfig(
-        quantize=args.quantize, block_size=args.block_size, quantize_embedding=args.quantize_embedding,
-        accuracy_level=args.accuracy_level or None,
+        quantize=tuple(args.quantize), block_size=args.block_size, quantize_embedding=args.quantize_embedding,
+        accuracy_level=args.accuracy_level or None, symmetric=args.symmetric, table_bits=args.table_bits,
         ort=args.ort, genai=args.genai, atol=args.atol, eval_windows=args.eval_windows,
         eval_seq_len=args.eval_seq_len, opset=args.opset, overwrite=args.overwrite,
     )

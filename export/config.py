@@ -46,7 +46,7 @@ class ExportConfig:
     atol: the largest max |logit difference| an fp32 export may have against PyTorch (fails above).
     """
 
-    quantize: str = "none"
+    quantize: str | tuple[str, ...] = "none"  # one mode, or several ("int8", "int4") written side by side
     block_size: int = 32
     quantize_embedding: bool = True
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPU)
@@ -67,8 +67,13 @@ class ExportConfig:
     overwrite: bool = False
 
     def __post_init__(self):
-        if self.quantize not in QUANTIZE_MODES:
-            raise LLMPruneError(f"unknown quantization '{self.quantize}'", f"use one of: {', '.join(QUANTIZE_MODES)}")
+        modes = (self.quantize,) if isinstance(self.quantize, str) else tuple(self.quantize)
+        for mode in modes:
+            if mode not in QUANTIZE_MODES:
+                raise LLMPruneError(f"unknown quantization '{mode}'", f"use one of: {', '.join(QUANTIZE_MODES)}")
+        if "none" in modes and len(modes) > 1:
+            raise LLMPruneError("quantization 'none' cannot be combined with other modes", "give none, or int8 and/or int4")
+        self.quantize = modes[0] if len(modes) == 1 else modes
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise LLMPruneError(f"block size {self.block_size} is not a power of two >= 16", "use 32 (default), 64 or 128")
         if self.table_bits not in (4, 8):
@@ -78,3 +83,9 @@ class ExportConfig:
         if self.parity_tokens < 1 or self.parity_seq_len < 2 or self.eval_windows < 1 or self.eval_seq_len < 2:
             raise LLMPruneError("parity/eval sizes must be positive", "check parity_tokens, parity_seq_len, eval_windows, eval_seq_len")
         self.prompts = tuple(self.prompts)
+
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The quantized variants to write (none, one or both of int8 and int4), each in its sub-folder."""
+        modes = (self.quantize,) if isinstance(self.quantize, str) else self.quantize
+        return tuple(dict.fromkeys(m for m in modes if m != "none"))

@@ -96,14 +96,16 @@ def generation_parity(model, session: OnnxCausalLM, prompts: list[list[int]], ma
     return {"tokens": max_new_tokens, "all_equal": all(r["equal"] for r in rows), "prompts": rows}
 
 
-def perplexities(model, session: OnnxCausalLM, windows: torch.Tensor, reference_onnx: OnnxCausalLM | None = None) -> dict:
-    """Perplexity of the windows under PyTorch and ONNX Runtime (and a reference ONNX model, the fp32 one)."""
+def perplexities(model, session: OnnxCausalLM, windows: torch.Tensor, reference_onnx: OnnxCausalLM | None = None,
+                 reference_ppl: float | None = None) -> dict:
+    """Perplexity of the windows under PyTorch and ONNX Runtime, and its change against a
+    reference ONNX model (the fp32 one), run here or measured already (`reference_ppl`)."""
     result = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1] - 1)}
     if model is not None:
         result["torch"] = torch_perplexity(model, windows, progress=False).perplexity
     result["onnx"] = session.perplexity(windows.numpy())
-    if reference_onnx is not None:
-        result["onnx_fp32"] = reference_onnx.perplexity(windows.numpy())
+    if reference_onnx is not None or reference_ppl is not None:
+        result["onnx_fp32"] = reference_ppl if reference_ppl is not None else reference_onnx.perplexity(windows.numpy())
         result["change"] = result["onnx"] / result["onnx_fp32"] - 1.0
     elif "torch" in result:
         result["change_vs_torch"] = result["onnx"] / result["torch"] - 1.0

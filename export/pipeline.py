@@ -126,8 +126,7 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
                 "the KV-cache path of the export is wrong for this model; rerun with --debug")
 
         folders = {"fp32": tmp}
-        if config.quantize != "none":
-            mode = config.quantize
+        for mode in config.modes:
             qdir = tmp / mode
             qdir.mkdir()
             t = time.perf_counter()
@@ -143,10 +142,11 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
                 "folder": mode, "quantization": info, "quantize_seconds": round(q_seconds, 3),
                 "logits": logit_parity(model, qsession, ids),
                 "generation": generation_parity(model, qsession, prompts, config.parity_tokens, eos),
-                "perplexity": perplexities(None, qsession, windows, reference_onnx=fp32),
+                "perplexity": perplexities(None, qsession, windows, reference_ppl=ppl["onnx"]),
             }
             report["variants"][mode]["check_seconds"] = round(time.perf_counter() - t, 3)
             folders[mode] = qdir
+            del qsession
 
         if config.genai:
             if tokenizer is None:

@@ -36,14 +36,17 @@ def quantize_int8(src: Path, dst: Path) -> dict:
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding: bool = True,
                   accuracy_level: int | None = 4, symmetric: bool = True, table_bits: int = 8,
-                  layer_bits: int = 4, embedding_bits: int | None = None) -> dict:
+                  layer_bits: int = 4, embedding_bits: int | None = None, algorithm: str = "rtn",
+                  wide: tuple[str, ...] = ()) -> dict:
     """Block-wise 4-bit decoder layers: every MatMul of the layers becomes MatMulNBits (block
     `block_size`, `symmetric` or with zero points). The vocabulary table gets `table_bits` (8 or
     4; 0 keeps it fp32), symmetric, same blocks: the LM head MatMul becomes MatMulNBits of that
     width and, with `quantize_embedding`, the embedding Gather a GatherBlockQuantized — for a tied
     table one that reads the LM head's quantized weight, so the table is stored once.
-    `layer_bits=0` and `embedding_bits` (default: `table_bits`) are there to measure where the
-    error comes from."""
+    `algorithm` 'hqq' fits each block's scale and zero point (half-quadratic, no data) instead of
+    round-to-nearest; `wide` names MatMuls (substrings of node names, e.g. 'down_proj') kept at 8
+    bits. `layer_bits=0` and `embedding_bits` (default: `table_bits`) are there to measure where
+    the error comes from."""
     try:
         import onnx_ir  # noqa: F401 - MatMulNBitsQuantizer imports it
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
@@ -61,8 +64,16 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     head_name = head.name if head is not None else None
     head_weight = head.input[1] if head is not None else None
     tables = embedding_tables(proto, untied)
+    if algorithm not in ("rtn", "hqq"):
+        raise LLMPruneError(f"unknown int4 algorithm '{algorithm}'", "use rtn or hqq")
+    wide_names = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name
+                  and any(w in n.name for w in wide)]
     if layer_bits:
-        proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", [head_name] if head_name else [])
+        skip = ([head_name] if head_name else []) + wide_names
+        proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip, algorithm)
+    if wide_names:
+        others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in wide_names]
+        proto = _nbits_pass(proto, 8, block_size, True, accuracy_level, "MatMul", others)
     if table_bits and head_name:
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name]
         proto = _nbits_pass(proto, table_bits, block_size, True, accuracy_level, "MatMul", others)
@@ -81,6 +92,7 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     save_model_proto(proto, dst)
     return {"mode": "int4", "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
             "layer_bits": layer_bits, "table_bits": table_bits, "embedding_bits": embedding_bits,
+            "algorithm": algorithm, "wide": {"patterns": list(wide), "matmuls": len(wide_names)},
             "lm_head": head_name, "untied": len(untied), "tied_table_shared": shared,
             "embedding_repacked_uint8": repacked}
 
@@ -123,14 +135,17 @@ def embedding_tables(proto, untied: dict[str, str]) -> set[str]:
 
 
 def _nbits_pass(proto, bits: int, block_size: int, symmetric: bool, accuracy_level: int | None, op_type: str,
-                exclude: list[str]):
+                exclude: list[str], algorithm: str = "rtn"):
     """One MatMulNBitsQuantizer pass over the nodes of `op_type` that are not in `exclude`."""
     import numpy as np
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
+    axes = (("MatMul", 0), ("Gather", 1))
+    algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=(op_type,), quant_axes=axes) \
+        if algorithm == "hqq" else None
     quantizer = MatMulNBitsQuantizer(
         proto, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
-        op_types_to_quantize=(op_type,), quant_axes=(("MatMul", 0), ("Gather", 1)), nodes_to_exclude=exclude,
+        op_types_to_quantize=(op_type,), quant_axes=axes, nodes_to_exclude=exclude, algo_config=algo,
     )
     with np.errstate(divide="ignore", invalid="ignore"):
         quantizer.process()

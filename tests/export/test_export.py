@@ -164,6 +164,37 @@ def test_int8(pruned_export):
     assert len(session.generate([1, 2 + 3, 9], 5, eos_token_id=None)) == 5
 
 
+def test_int8_and_int4_side_by_side(pruned_export):
+    """--quantize int8 int4: one export, both quantized folders, each checked against the one fp32."""
+    _, result = pruned_export("llama", quantize=("int8", "int4"))
+    variants = result.report["variants"]
+    assert list(variants) == ["fp32", "int8", "int4"]
+    fp32_ppl = variants["fp32"]["perplexity"]["onnx"]
+    for mode in ("int8", "int4"):
+        assert (result.path / mode / "model.onnx").is_file() and (result.path / mode / "tokenizer.json").is_file()
+        assert variants[mode]["perplexity"]["onnx_fp32"] == fp32_ppl
+        assert abs(variants[mode]["perplexity"]["change"]) < 0.2
+    assert not (result.path / "int8" / "int4").exists()
+    q = variants["int4"]["quantization"]
+    assert q["table_bits"] == 8 and q["layer_bits"] == 4 and q["lm_head"]  # untied (llama): the LM head found, 8-bit; own 8-bit lookup table
+    proto = onnx.load(str(result.path / "int4" / "model.onnx"))
+    bits = sorted({next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node if n.op_type == "MatMulNBits"})
+    assert bits == [4, 8]
+    gathers = [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert len(gathers) == 1 and next(a.i for a in gathers[0].attribute if a.name == "bits") == 8
+
+
+def test_quantize_modes_validated():
+    from llmprune.export import ExportConfig
+
+    assert ExportConfig(quantize=["int4", "int8"]).modes == ("int4", "int8")
+    assert ExportConfig(quantize="none").modes == ()
+    with pytest.raises(LLMPruneError, match="cannot be combined"):
+        ExportConfig(quantize=("none", "int8"))
+    with pytest.raises(LLMPruneError, match="table bits"):
+        ExportConfig(quantize="int4", table_bits=6)
+
+
 def test_failed_parity_leaves_nothing(tmp_path, tok):
     """An export that fails its check writes no output and leaves no temporary folder."""
     model = pruned_tiny_model("qwen2")
