@@ -189,7 +189,9 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> N
     started = time.perf_counter()
 
     nodes = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
-    found = discover(grid, nodes, cfg.round_timeout)
+    # a client's first answer waits for its process to start and load data: the connect timeout,
+    # not the (possibly short) round timeout
+    found = discover(grid, nodes, max(cfg.node_timeout, cfg.round_timeout))
     plans = plan_devices(model, cfg, cfg.clients)
     clients = _match(found, plans)
     shapes = module_shapes(model, cfg.target_modules)
