@@ -21,6 +21,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.app import MessageType
 
 from llmprune.errors import LLMPruneError
@@ -28,6 +29,7 @@ from llmprune.memory import peak_rss_mb
 
 from .config import RecoverConfig
 from .partition import ClientData
+from .secagg import is_legacy_fit, secagg_train
 from .task import train_lora
 
 log = logging.getLogger(__name__)
@@ -110,9 +112,18 @@ def _dp_clip_if_asked(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
+def _secagg_if_asked(msg: Message, context: Context, call_next):
+    """Flower's secaggplus_mod for the messages of a SecAgg+ round (they carry its config)."""
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
 def build_client_app(overrides: dict | None = None) -> ClientApp:
     """The ClientApp; `overrides` are run-config entries a simulation passes in directly."""
-    app = ClientApp(mods=[_dp_clip_if_asked])
+    app = ClientApp(mods=[_secagg_if_asked, _dp_clip_if_asked])
 
     def config_of(context: Context) -> RecoverConfig:
         return RecoverConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
@@ -129,25 +140,27 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             reply["device"] = ConfigRecord({"name": str(context.node_config["device"])})
         return Message(reply, reply_to=msg)
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        cfg = config_of(context)
-        round_config = msg.content["config"]
-        server_round = int(round_config["server-round"])
+    def local_training(cfg: RecoverConfig, context: Context, arrays: dict, round_config) -> tuple[dict, dict]:
         windows, pid = client_windows(cfg, context)
-        _inject_faults(cfg.inject_faults, pid, server_round)
+        _inject_faults(cfg.inject_faults, pid, int(round_config["server-round"]))
         model = _model(model_path(cfg, context))
         start = time.perf_counter()
         trained, loss = train_lora(
-            model, _to_numpy(msg.content["arrays"]), windows,
-            scale=float(round_config["scale"]), steps=int(round_config["local-steps"]),
+            model, arrays, windows, scale=float(round_config["scale"]), steps=int(round_config["local-steps"]),
             batch_size=int(round_config["batch-size"]), lr=float(round_config["lr"]),
             seed=int(round_config["seed"]), dropout=cfg.lora_dropout)
-        metrics = MetricRecord({
-            "num-examples": int(windows.shape[0]) if not round_config.get("uniform-weights") else 1,
-            "train-loss": loss, "partition-id": pid, "seconds": time.perf_counter() - start,
-            "peak-rss-mb": peak_rss_mb()})
-        return Message(RecordDict({"arrays": to_record(trained), "metrics": metrics}), reply_to=msg)
+        metrics = {"num-examples": int(windows.shape[0]) if not round_config.get("uniform-weights") else 1,
+                   "train-loss": loss, "partition-id": pid, "seconds": time.perf_counter() - start,
+                   "peak-rss-mb": peak_rss_mb()}
+        return trained, metrics
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        cfg = config_of(context)
+        if is_legacy_fit(msg):  # a SecAgg+ round: the legacy fit protocol, masked by the mod
+            return secagg_train(msg, lambda arrays, config: local_training(cfg, context, arrays, config))
+        trained, metrics = local_training(cfg, context, _to_numpy(msg.content["arrays"]), msg.content["config"])
+        return Message(RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app
 

@@ -40,6 +40,35 @@ def _check_checkpoint(model_dir: str) -> None:
     llmprune.adapter_for(llmprune.load_config(model_dir))
 
 
+def meta_model(model_dir: str):
+    """The checkpoint's module tree on the meta device (shapes, no weights): enough to plan
+    the fleet before anything is loaded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import llmprune
+    from llmprune.compress.checkpoint import pruned_class
+
+    config = llmprune.load_config(model_dir)
+    stock = AutoModelForCausalLM._model_mapping[type(config)]
+    cls = pruned_class(stock) if getattr(config, "llmprune", None) else stock
+    with torch.device("meta"):
+        return cls(config)
+
+
+def check_fleet(model_dir: str, cfg: RecoverConfig) -> list[dict]:
+    """Every device of the fleet file gets a rank and depth that fit, or the error says which
+    device and what budget it needs, before Flower starts."""
+    from .fleet import assign_devices, load_fleet
+
+    plans = assign_devices(meta_model(model_dir), load_fleet(cfg.fleet), cfg.lora_rank, cfg.batch_size, cfg.seq_len,
+                           cfg.target_modules)
+    if cfg.aggregation == "fedavg" and len({p.rank for p in plans}) > 1:
+        raise LLMPruneError("the fleet gives devices different LoRA ranks; fedavg needs one rank",
+                            "use --aggregation hetlora or flexlora")
+    return [p.to_dict() for p in plans]
+
+
 def prepare_data(model_dir: str, data: list[str], cfg: RecoverConfig, path: Path) -> dict:
     """Tokenize and partition once, before Flower starts, so bad data fails early and every
     simulated client reads its share from one file."""
@@ -80,6 +109,8 @@ def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig
     if not data:
         raise LLMPruneError("no --data given", "pass one or more text files, folders or HF dataset names")
     check_output_dir(out, overwrite)
+    if config.fleet:
+        check_fleet(model_dir, config)
     state = state_dir_for(out)
     if not resume and (state / "state.json").exists() and not overwrite:
         raise LLMPruneError(f"'{state}' holds rounds of an earlier run", "pass --resume to continue it, or --overwrite to start over")
@@ -108,4 +139,4 @@ def _quiet_flower(verbose: bool) -> None:
 
     warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        logging.getLogger("flwr").setLevel(logging.ERROR)  # its round-by-round INFO and a deprecation notice

@@ -12,6 +12,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -229,39 +230,30 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> N
         t0 = time.perf_counter()
         np.random.seed(np.random.default_rng([cfg.seed, server_round, 7]).integers(2**31))  # DP noise
         messages = list(strategy.configure_train(server_round, to_record(state.arrays), ConfigRecord(train_config), grid))
-        replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
-        ok = [r for r in replies if not r.has_error()]
-        for r in replies:
-            if r.has_error():
-                log.warning("round %d: client on node %d failed: %s", server_round, r.metadata.src_node_id,
-                            (r.error.reason or "").strip().splitlines()[-1][:300] if r.error.reason else r.error.code)
-        missing = len(messages) - len(replies)
-        if missing:
-            log.warning("round %d: %d client(s) did not answer within %.0f s", server_round, missing, cfg.round_timeout)
         needed = cfg.min_replies(len(messages))
-        applied, train_loss = False, None
-        if len(ok) >= needed:
-            new, metrics = strategy.aggregate_train(server_round, ok if cfg.dp_clip is None else replies)
-            if new is not None:
-                state.arrays = {k: v.numpy() for k, v in new.items()}
-                applied, train_loss = True, float(metrics["train-loss"]) if metrics else None
+        if cfg.secagg:
+            result = _secagg_round(grid, context, inner, messages, state.arrays, rank, needed, cfg, found)
         else:
+            result = _plain_round(grid, strategy, messages, needed, cfg, server_round)
+        if result.arrays is not None:
+            state.arrays = result.arrays
+        if not result.applied:
             log.warning("round %d: %d of %d clients returned, %d needed: the global adapter is unchanged",
-                        server_round, len(ok), len(messages), needed)
-        up = sum(_payload_bytes(r.content["arrays"]) for r in ok)
-        row = {"round": server_round, "clients_sampled": len(messages), "clients_returned": len(ok),
-               "applied": applied, "train_loss": train_loss,
+                        server_round, len(result.client_metrics), len(messages), needed)
+        ok_metrics = result.client_metrics
+        row = {"round": server_round, "clients_sampled": len(messages), "clients_returned": len(ok_metrics),
+               "applied": result.applied, "train_loss": result.train_loss,
                "eval_perplexity": evaluate(model, state.arrays, cfg.scale, windows),
-               "bytes_up": up, "bytes_down": inner.round_info["bytes_down"],
-               "bytes_up_per_client_max": max((_payload_bytes(r.content["arrays"]) for r in ok), default=0),
-               "client_seconds": [round(float(r.content["metrics"]["seconds"]), 2) for r in ok],
-               "client_peak_rss_mb": [round(float(r.content["metrics"]["peak-rss-mb"]), 1) for r in ok],
+               "bytes_up": result.bytes_up, "bytes_down": inner.round_info["bytes_down"],
+               "bytes_up_per_client_max": result.bytes_up_per_client,
+               "client_seconds": [round(float(m["seconds"]), 2) for m in ok_metrics],
+               "client_peak_rss_mb": [round(float(m["peak-rss-mb"]), 1) for m in ok_metrics],
                "seconds": round(time.perf_counter() - t0, 2)}
         state.rounds.append(row)
         state.round = server_round
         save_state(state_dir, state, cfg)
-        log.info("round %d: %d/%d clients, train loss %s, eval ppl %s, %.1f s", server_round, len(ok), len(messages),
-                 train_loss, row["eval_perplexity"], row["seconds"])
+        log.info("round %d: %d/%d clients, train loss %s, eval ppl %s, %.1f s", server_round, len(ok_metrics),
+                 len(messages), result.train_loss, row["eval_perplexity"], row["seconds"])
 
     metrics = {
         "rounds": state.rounds, "devices": devices,
@@ -274,6 +266,61 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> N
     write_recovered(model, tokenizer, state.arrays, cfg.scale, out, metrics, model_dir,
                     overwrite=str(cfg.extra.get("overwrite", "")).lower() in ("true", "1"))
     context.state["metrics"] = ConfigRecord({"json": json.dumps(metrics, default=str)})
+
+
+@dataclass
+class RoundResult:
+    arrays: dict[str, np.ndarray] | None
+    applied: bool
+    train_loss: float | None
+    client_metrics: list[dict]
+    bytes_up: int
+    bytes_up_per_client: int
+
+
+def _plain_round(grid: Grid, strategy: Strategy, messages: list[Message], needed: int, cfg: RecoverConfig,
+                 server_round: int) -> RoundResult:
+    """Send, wait up to the round timeout, aggregate what came back if enough did."""
+    replies = list(grid.send_and_receive(messages, timeout=cfg.round_timeout))
+    ok = [r for r in replies if not r.has_error()]
+    for r in replies:
+        if r.has_error():
+            reason = (r.error.reason or "").strip().splitlines()
+            log.warning("round %d: client on node %d failed: %s", server_round, r.metadata.src_node_id,
+                        reason[-1][:300] if reason else r.error.code)
+    if len(messages) > len(replies):
+        log.warning("round %d: %d client(s) did not answer within %.0f s", server_round, len(messages) - len(replies),
+                    cfg.round_timeout)
+    metrics = [dict(r.content["metrics"]) for r in ok]
+    sizes = [_payload_bytes(r.content["arrays"]) for r in ok]
+    arrays, loss = None, None
+    if len(ok) >= needed:
+        # Flower's DP wrapper checks the replies itself (and refuses a round with failures).
+        new, agg_metrics = strategy.aggregate_train(server_round, replies if cfg.dp_clip is not None else ok)
+        if new is not None:
+            arrays = {k: v.numpy() for k, v in new.items()}
+            loss = float(agg_metrics["train-loss"]) if agg_metrics else None
+    return RoundResult(arrays, arrays is not None, loss, metrics, sum(sizes), max(sizes, default=0))
+
+
+def _secagg_round(grid: Grid, context: Context, strategy: LoraStrategy, messages: list[Message],
+                  global_arrays: dict[str, np.ndarray], rank: int, needed: int, cfg: RecoverConfig,
+                  found: dict[int, dict]) -> RoundResult:
+    from .secagg import run_secagg_round
+
+    if len(messages) < 2:
+        raise LLMPruneError("SecAgg+ needs at least 2 sampled clients per round", "raise --clients or --fraction")
+    max_weight = float(max(info["num-examples"] for info in found.values()) + 1)
+    new, metrics, up = run_secagg_round(grid, context, messages, global_arrays, rank, needed, max_weight,
+                                        cfg.round_timeout)
+    if new is not None and len(metrics) < needed:
+        new = None
+    loss = None
+    if metrics:
+        w = [float(m["num-examples"]) for m in metrics]
+        loss = float(np.average([float(m["train-loss"]) for m in metrics], weights=w))
+    per_client = up // max(len(metrics), 1)
+    return RoundResult(new, new is not None, loss if new is not None else None, metrics, up, per_client)
 
 
 def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: dict, source: str, overwrite: bool) -> None:

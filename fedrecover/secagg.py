@@ -1,0 +1,150 @@
+"""SecAgg+ rounds (Flower's SecAggPlusWorkflow and secaggplus_mod): the server learns only the
+weighted sum of the clients' uploads, never one client's adapter.
+
+Secure aggregation can only add vectors of one layout, so in a SecAgg+ round every client
+uploads the global layout: for every module any client trains, A and B zero-padded to the global
+rank (zeros for modules it does not hold) and a one-element holder flag. The unmasked sum,
+divided by the summed holder flags, is exactly the per-module, example-weighted HetLoRA/FedAvg
+average of the clients that hold the module. (flexlora averages products B·A, which a sum of
+factors cannot give: config validation refuses that combination.)
+
+Flower's SecAgg+ workflow speaks the legacy fit protocol, so the round is driven through a
+LegacyContext with a small legacy strategy that turns our per-client views into FitIns."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.server.strategy import Strategy as LegacyStrategy
+
+log = logging.getLogger(__name__)
+HOLDER = "holder"
+
+
+def upload_layout(global_arrays: dict[str, np.ndarray]) -> list[tuple[str, int, int]]:
+    """(module, out, in) of every module of the global adapter, in a fixed order."""
+    from .lora import modules_of
+
+    return [(m, global_arrays[f"{m}.B"].shape[0], global_arrays[f"{m}.A"].shape[1]) for m in modules_of(global_arrays)]
+
+
+def padded_upload(trained: dict[str, np.ndarray], layout: list[tuple[str, int, int]], rank: int) -> list[np.ndarray]:
+    """A client's adapter in the global layout: per module A [rank, in], B [out, rank], holder [1]."""
+    from .aggregation import pad_rank
+
+    out = []
+    for module, out_f, in_f in layout:
+        if f"{module}.A" in trained:
+            a, b = pad_rank(trained[f"{module}.A"], trained[f"{module}.B"], rank)
+            held = 1.0
+        else:
+            a, b, held = np.zeros((rank, in_f), np.float32), np.zeros((out_f, rank), np.float32), 0.0
+        out += [a, b, np.array([held], np.float32)]
+    return out
+
+
+def unpack_average(vectors: list[np.ndarray], layout: list[tuple[str, int, int]],
+                   previous: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The weighted average per module from the securely aggregated (weighted-mean) vectors."""
+    out = dict(previous)
+    for i, (module, _, _) in enumerate(layout):
+        a, b, held = vectors[3 * i], vectors[3 * i + 1], float(vectors[3 * i + 2][0])
+        if held > 1e-6:  # the held share of the total weight; below it nobody held the module
+            out[f"{module}.A"] = (a / held).astype(np.float32)
+            out[f"{module}.B"] = (b / held).astype(np.float32)
+    return out
+
+
+class _LegacyRound(LegacyStrategy):
+    def __init__(self, views: dict[int, dict[str, np.ndarray]], configs: dict[int, dict], layout, rank: int) -> None:
+        self.views, self.configs, self.layout, self.rank = views, configs, layout, rank
+        self.vectors: list[np.ndarray] | None = None
+        self.client_metrics: list[dict] = []
+
+    def initialize_parameters(self, client_manager):
+        return None
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from flwr.common import FitIns, ndarrays_to_parameters
+
+        proxies = client_manager.all()
+        out = []
+        for node, view in self.views.items():
+            names = sorted(view)
+            config = dict(self.configs[node])
+            config.update({"names": ",".join(names), "layout": json.dumps(self.layout), "global-rank": self.rank})
+            out.append((proxies[str(node)], FitIns(ndarrays_to_parameters([view[n] for n in names]), config)))
+        return out
+
+    def aggregate_fit(self, server_round, results, failures):
+        from flwr.common import parameters_to_ndarrays
+
+        if results:
+            self.vectors = parameters_to_ndarrays(results[0][1].parameters)
+            self.client_metrics = [dict(res.metrics, **{"num-examples": res.num_examples}) for _, res in results]
+        return None, {}
+
+    def configure_evaluate(self, server_round, parameters, client_manager):
+        return []
+
+    def aggregate_evaluate(self, server_round, results, failures):
+        return None, {}
+
+    def evaluate(self, server_round, parameters):
+        return None
+
+
+def run_secagg_round(grid, context: Context, messages: list[Message], global_arrays: dict[str, np.ndarray], rank: int,
+                     threshold: int, max_weight: float, timeout: float):
+    """One SecAgg+ round over the nodes `messages` address (the plain round's per-client views
+    and configs). Returns (new global arrays or None, per-client metrics, bytes uploaded)."""
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    layout = upload_layout(global_arrays)
+    views = {m.metadata.dst_node_id: {k: v.numpy() for k, v in m.content["arrays"].items()} for m in messages}
+    configs = {m.metadata.dst_node_id: dict(m.content["config"]) for m in messages}
+    strategy = _LegacyRound(views, configs, layout, rank)
+    manager = SimpleClientManager()
+    for node in views:
+        manager.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
+    server_round = int(next(iter(configs.values()))["server-round"])
+    legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
+    legacy.state.array_records["parameters"] = ArrayRecord()
+    # num_shares as a fraction: every sampled client shares its mask keys with all the others.
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=max(2, threshold),
+                                  max_weight=max_weight, timeout=timeout)
+    workflow(grid, legacy)
+    if strategy.vectors is None:
+        return None, strategy.client_metrics, 0
+    per_client = sum(v.size for v in strategy.vectors) * 4
+    return unpack_average(strategy.vectors, layout, global_arrays), strategy.client_metrics, per_client * len(strategy.client_metrics)
+
+
+# -- client side ---------------------------------------------------------------------------------
+def is_legacy_fit(msg: Message) -> bool:
+    return "fitins.config" in msg.content.config_records
+
+
+def secagg_train(msg: Message, train_fn) -> Message:
+    """Answer a SecAgg+ fit: decode the named view, train with `train_fn(arrays, config)`, reply
+    with the padded global layout as FitRes (secaggplus_mod masks it before it leaves)."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    config = dict(fitins.config)
+    arrays = dict(zip(str(config["names"]).split(","), parameters_to_ndarrays(fitins.parameters)))
+    trained, metrics = train_fn(arrays, config)
+    layout = [tuple(x) for x in json.loads(str(config["layout"]))]
+    upload = padded_upload(trained, layout, int(config["global-rank"]))
+    examples = int(metrics.pop("num-examples"))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(upload), examples, metrics)
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
