@@ -1,0 +1,269 @@
+"""Federated recovery benchmark on the real Gemma-3-270M pruned at 0.2 by comp.
+
+4 clients, non-IID by domain (2 hold WikiText-2 valid, 2 hold Python docs: howto, faq and
+reference), several Flower rounds of LoRA in simulation (`llmprune recover --json`, its own
+process); against centralized LoRA on the union of the same data with the same total optimizer
+steps (clients x rounds x local-steps, in one process), the upper reference.
+Perplexity of dense, pruned, federated and centralized on WikiText-2 test and Python docs
+tutorial (held out of training), and per round from the saved round adapters. Upload per client
+per round against full-model FedAvg (every client sending all weights). Results go to
+bench/results/recover.json (updated after every step; --resume skips finished steps), a section of
+docs/benchmarks.md and docs/img/recover_ppl.png. Nothing here asserts a timing.
+
+    python bench/recover.py                   # about 45 minutes on 2 cores
+    python bench/recover.py --rounds 3 --local-steps 25
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SHARED, load_results, run_json, save_results  # noqa: E402
+
+EVAL = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs-tutorial": "pydocs/tutorial.txt"}
+PYDOCS_TRAIN = ("howto.txt", "faq.txt", "reference.txt")
+
+
+def evaluate(model: str, args, work: Path, tag: str) -> dict:
+    out = {}
+    for name, rel in EVAL.items():
+        res, _ = run_json(["eval", "--model", model, "--data", str(SHARED / rel), "--seq-len", "512",
+                           "--max-windows", str(args.eval_windows)], work / f"eval-{tag}-{name}.log")
+        out[name] = round(res["perplexity"], 3)
+    return out
+
+
+def pruned_checkpoint(args, work: Path) -> Path:
+    out = work / "pruned-0.2"
+    if not (out / "config.json").is_file():
+        run_json(["compress", "--model", args.model, "--ratio", "0.2", "--method", "comp", "--calib",
+                  str(SHARED / "wikitext2/wiki.valid.tokens"), "--calib-samples", "32", "--calib-seq-len", "512",
+                  "--seed", "0", "--out", str(out), "--overwrite"], work / "compress.log")
+    return out
+
+
+def pydocs_train(work: Path) -> Path:
+    folder = work / "pydocs-train"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PYDOCS_TRAIN:
+        link = folder / name
+        if not link.exists():
+            link.symlink_to(SHARED / "pydocs" / name)
+    return folder
+
+
+def recover_args(args, pruned: Path, data: list[str], out: Path, clients: int, rounds: int, steps: int,
+                 partition: str) -> list[str]:
+    return ["recover", "--model", str(pruned), "--data", *data, "--out", str(out), "--clients", str(clients),
+            "--rounds", str(rounds), "--local-steps", str(steps), "--partition", partition,
+            "--lora-rank", str(args.lora_rank), "--lr", str(args.lr), "--seq-len", str(args.seq_len),
+            "--batch-size", str(args.batch_size), "--max-windows", str(args.max_windows),
+            "--eval-data", str(SHARED / EVAL["wikitext2"]), "--eval-windows", "4", "--seed", "0", "--overwrite"]
+
+
+def centralized_lora(args, pruned: Path, data: list[str], out: Path, steps: int) -> dict:
+    """The upper reference: the same LoRA (init, rank, loss, optimizer, lr) trained in one place on
+    the union of the clients' windows for the federated run's total number of steps, then merged.
+    In this process with all cores (the simulation gives each client one)."""
+    import torch
+
+    import llmprune
+    from llmprune.compress.checkpoint import save_pruned
+    from llmprune.fedrecover import RecoverConfig, build_client_data, merge_lora, module_shapes, train_lora
+    from llmprune.fedrecover.lora import init_arrays
+
+    cfg = RecoverConfig(lora_rank=args.lora_rank)
+    model, tok = llmprune.load(str(pruned))
+    union = build_client_data(tok, data, 1, "iid", args.seq_len, 0, args.max_windows,
+                              str(SHARED / EVAL["wikitext2"]), 4)
+    shapes = module_shapes(model, cfg.target_modules)
+    arrays = init_arrays(shapes, list(shapes), args.lora_rank, 0)
+    torch.set_num_threads(2)
+    start = time.perf_counter()
+    trained, loss = train_lora(model, arrays, union.client_windows(0), scale=cfg.scale, steps=steps,
+                               batch_size=args.batch_size, lr=args.lr, seed=0)
+    seconds = time.perf_counter() - start
+    merge_lora(model, trained, cfg.scale)
+    save_pruned(model, tok, out, overwrite=True)
+    from llmprune.memory import peak_rss_mb
+
+    return {"train_loss": round(loss, 4), "train_seconds": round(seconds, 1), "windows": int(union.windows.shape[0]),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def round_curve(pruned: Path, rounds_dir: Path, scale: float, args) -> list[dict]:
+    """Perplexity of the global adapter after each round (from OUT.rounds/), on both test sets."""
+    import llmprune
+    from llmprune.fedrecover.lora import lora_applied
+    from safetensors.numpy import load_file
+
+    model, tok = llmprune.load(str(pruned))
+    windows = {name: llmprune.token_windows(tok, llmprune.load_texts(str(SHARED / rel)), 512, args.eval_windows)
+               for name, rel in EVAL.items()}
+    curve = []
+    for path in sorted(rounds_dir.glob("round-*.safetensors")):
+        arrays = load_file(str(path))
+        row = {"round": int(path.stem.split("-")[1])}
+        with lora_applied(model, arrays, scale):
+            for name, w in windows.items():
+                row[name] = round(llmprune.perplexity(model, w, progress=False).perplexity, 3)
+        curve.append(row)
+    return curve
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--clients", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--local-steps", type=int, default=15)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-windows", type=int, default=600, help="windows per data source (600)")
+    p.add_argument("--eval-windows", type=int, default=8, help="512-token windows per test corpus (8)")
+    p.add_argument("--aggregation", default="fedavg")
+    p.add_argument("--resume", action="store_true", help="skip steps already in the results file")
+    p.add_argument("--results", type=Path, default=ROOT / "bench/results/recover.json")
+    p.add_argument("--work", type=Path, default=ROOT / "bench/work/recover")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = load_results(args.results) if args.resume else {}
+    results.setdefault("setup", {}).update(
+        model=args.model, pruning="comp 0.2 (wiki.valid 32x512 calibration)", clients=args.clients,
+        rounds=args.rounds, local_steps=args.local_steps, lora_rank=args.lora_rank, lr=args.lr,
+        batch=f"{args.batch_size}x{args.seq_len}", partition="domain",
+        data=["wikitext2/wiki.valid.tokens", "pydocs/{" + ",".join(PYDOCS_TRAIN) + "}"],
+        max_windows_per_source=args.max_windows, eval=f"{args.eval_windows}x512 windows (+BOS)",
+        aggregation=args.aggregation)
+    runs = results.setdefault("runs", {})
+
+    def step(key: str, fn) -> dict:
+        if key not in runs:
+            start = time.perf_counter()
+            runs[key] = fn()
+            runs[key]["bench_seconds"] = round(time.perf_counter() - start, 1)
+            save_results(args.results, results)
+            print(f"{key}: {json.dumps({k: v for k, v in runs[key].items() if k != 'metrics'})[:300]}", flush=True)
+        return runs[key]
+
+    pruned = pruned_checkpoint(args, args.work)
+    data = [str(SHARED / "wikitext2/wiki.valid.tokens"), str(pydocs_train(args.work))]
+    step("dense", lambda: {"perplexity": evaluate(args.model, args, args.work, "dense")})
+    step("pruned", lambda: {"perplexity": evaluate(str(pruned), args, args.work, "pruned")})
+
+    def federated() -> dict:
+        out = args.work / "federated"
+        metrics, seconds = run_json(recover_args(args, pruned, data, out, args.clients, args.rounds, args.local_steps,
+                                                 "domain") + ["--aggregation", args.aggregation], args.work / "federated.log")
+        return {"metrics": metrics, "wall_seconds": round(seconds, 1),
+                "perplexity": evaluate(str(out), args, args.work, "federated")}
+
+    def centralized() -> dict:
+        out = args.work / "centralized"
+        total = args.clients * args.rounds * args.local_steps
+        start = time.perf_counter()
+        train = centralized_lora(args, pruned, data, out, total)
+        return {"steps": total, "wall_seconds": round(time.perf_counter() - start, 1), **train,
+                "perplexity": evaluate(str(out), args, args.work, "centralized")}
+
+    fed = step("federated", federated)
+    step("centralized", centralized)
+    if "curve" not in results:
+        import llmprune.fedrecover as fr
+
+        scale = fr.RecoverConfig(lora_rank=args.lora_rank).scale
+        results["curve"] = round_curve(pruned, args.work / "federated.rounds", scale, args)
+        save_results(args.results, results)
+    summarize(results, fed)
+    save_results(args.results, results)
+    render(results, ROOT / "docs/benchmarks.md", ROOT / "docs/img/recover_ppl.png")
+    print(json.dumps(results["summary"], indent=1))
+    return 0
+
+
+def summarize(results: dict, fed: dict) -> None:
+    runs = results["runs"]
+    m = fed["metrics"]
+    summary = {}
+    for name in EVAL:
+        dense, pruned = runs["dense"]["perplexity"][name], runs["pruned"]["perplexity"][name]
+        fedp, cent = runs["federated"]["perplexity"][name], runs["centralized"]["perplexity"][name]
+        summary[name] = {"gap_closed": round((pruned - fedp) / (pruned - dense), 3) if pruned != dense else None,
+                         "federated_vs_centralized": round(fedp / cent - 1, 4)}
+    per_client = max(r["bytes_up_per_client_max"] for r in m["rounds"])
+    summary["upload_per_client_round_bytes"] = per_client
+    summary["full_model_fedavg_bytes"] = m["model_bytes"]
+    summary["upload_share_of_model"] = round(per_client / m["model_bytes"], 5)
+    summary["client_peak_rss_mb"] = max(x for r in m["rounds"] for x in r["client_peak_rss_mb"])
+    summary["client_estimate_mb"] = max(d["estimate_mb"] for d in m["devices"])
+    results["summary"] = summary
+
+
+def render(results: dict, doc: Path, plot: Path) -> None:
+    from report import _replace_section
+
+    runs, s, setup = results["runs"], results["summary"], results["setup"]
+    rows = ["| model | WikiText-2 test | Python docs tutorial |", "|---|---|---|"]
+    for key, label in (("dense", "dense"), ("pruned", "pruned 0.2 (comp)"), ("federated", "federated LoRA"),
+                       ("centralized", "centralized LoRA (same steps)")):
+        ppl = runs[key]["perplexity"]
+        rows.append(f"| {label} | {ppl['wikitext2']:.2f} | {ppl['pydocs-tutorial']:.2f} |")
+    fed = runs["federated"]["metrics"]
+    body = [
+        "## Federated recovery (`bench/recover.py`)", "",
+        f"Gemma-3-270M pruned at 0.2 by comp; {setup['clients']} clients in Flower's simulation, non-IID by domain "
+        f"(two hold WikiText-2 valid, two hold Python docs howto/faq/reference, at most {setup['max_windows_per_source']} "
+        f"windows of {setup['batch'].split('x')[1]} tokens per source), {setup['rounds']} rounds x {setup['local_steps']} "
+        f"local steps, batch {setup['batch']}, LoRA rank {setup['lora_rank']} on every projection, lr {setup['lr']}, "
+        f"{setup['aggregation']}. Centralized: the same LoRA trained in one process on the union of the data for the same total steps. "
+        f"Perplexity on {setup['eval']}.", "", *rows, "",
+        "| target | measured |", "|---|---|",
+        f"| recovery closes ≥ half the pruned→dense gap | WikiText-2 {100 * s['wikitext2']['gap_closed']:.0f}%, "
+        f"Python docs {100 * s['pydocs-tutorial']['gap_closed']:.0f}% |",
+        f"| federated within 10% of centralized | WikiText-2 {100 * s['wikitext2']['federated_vs_centralized']:+.1f}%, "
+        f"Python docs {100 * s['pydocs-tutorial']['federated_vs_centralized']:+.1f}% |",
+        f"| upload per client per round ≤ 2% of the model | {s['upload_per_client_round_bytes'] / 1e6:.2f} MB = "
+        f"{100 * s['upload_share_of_model']:.2f}% of {s['full_model_fedavg_bytes'] / 1e6:.0f} MB (full-model FedAvg) |",
+        "",
+        f"Federated wall time {runs['federated']['wall_seconds']:.0f} s ({len(fed['rounds'])} rounds, "
+        f"{', '.join(str(r['seconds']) for r in fed['rounds'])} s); centralized {runs['centralized']['wall_seconds']:.0f} s. "
+        f"Client peak RSS {s['client_peak_rss_mb']:.0f} MB against the fleet estimate {s['client_estimate_mb']:.0f} MB.",
+        "", "| after round | WikiText-2 | Python docs tutorial |", "|---|---|---|",
+        f"| 0 (pruned) | {runs['pruned']['perplexity']['wikitext2']:.2f} | {runs['pruned']['perplexity']['pydocs-tutorial']:.2f} |",
+        *[f"| {r['round']} | {r['wikitext2']:.2f} | {r['pydocs-tutorial']:.2f} |" for r in results["curve"]],
+        "", "![perplexity per round](img/recover_ppl.png)",
+    ]
+    _replace_section(doc, "recover", "\n".join(body))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, name, title in zip(axes, EVAL, ("WikiText-2 test", "Python docs tutorial")):
+        xs = [0] + [r["round"] for r in results["curve"]]
+        ys = [runs["pruned"]["perplexity"][name]] + [r[name] for r in results["curve"]]
+        ax.plot(xs, ys, "o-", label="federated (global adapter)")
+        ax.axhline(runs["dense"]["perplexity"][name], color="k", ls="--", label="dense")
+        ax.axhline(runs["centralized"]["perplexity"][name], color="g", ls=":", label="centralized, same steps")
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("perplexity")
+        ax.set_xticks(xs)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(plot, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
