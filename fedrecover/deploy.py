@@ -1,0 +1,102 @@
+"""Deploying federated recovery on a real fleet (see docs/fleet.md).
+
+The Flower app project that `flwr run` takes ships inside the package: `app_dir()` is the folder
+holding its `pyproject.toml` (`[tool.flwr.app]`: the ServerApp/ClientApp references and every
+run-config key with its default). On an installed package:
+
+    flwr run "$(python -c 'import llmprune.fedrecover.deploy as d; print(d.app_dir())')" my-superlink \\
+        --run-config "model='/srv/pruned' out='/srv/recovered' clients=2 rounds=3"
+
+Helpers here build the pieces the commands take: the run-config defaults (which the shipped
+pyproject.toml must equal), `--run-config` / `--node-config` strings, and a SuperLink connection
+for the Flower configuration file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .config import RecoverConfig
+
+log = logging.getLogger(__name__)
+
+APP_DIR = Path(__file__).resolve().parent / "app"
+
+# Run-config keys the apps read beyond RecoverConfig's fields (see server_app.py / client_app.py).
+EXTRA_DEFAULTS: dict[str, str | bool] = {
+    "model": "",         # checkpoint folder on the server (and on the devices unless node config model-path)
+    "out": "",           # folder the ServerApp writes: merged model + metrics.json (default: ./recovered)
+    "state-dir": "",     # per-round checkpoints (default: OUT.rounds)
+    "resume": False,     # continue from state-dir
+    "overwrite": False,  # replace an existing out folder
+    "data-cache": "",    # simulation only: the partition file `llmprune recover` writes
+}
+
+
+def app_dir() -> Path:
+    """The Flower app project folder (`flwr run APP_DIR SUPERLINK`)."""
+    return APP_DIR
+
+
+def run_config_defaults() -> dict:
+    """Every run-config key the apps read, with its default: what `[tool.flwr.app.config]` in
+    the app's pyproject.toml holds (a test checks they agree)."""
+    return {**RecoverConfig().to_run_config(), **EXTRA_DEFAULTS}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if "'" in text:
+        if '"' in text or "\\" in text:
+            raise ValueError(f"cannot quote {text!r} for a Flower config string")
+        return f'"{text}"'
+    return f"'{text}'"
+
+
+def config_string(values: dict) -> str:
+    """`key=value` pairs as `flwr run --run-config` and `flower-supernode --node-config` parse
+    them: space-separated, strings quoted (TOML literal strings, so paths keep backslashes)."""
+    return " ".join(f"{key}={_toml_value(value)}" for key, value in values.items())
+
+
+def run_config_overrides(model: str | Path, out: str | Path, config: RecoverConfig | None = None, **extra) -> str:
+    """The `--run-config` string for a fleet run: the checkpoint on the server, the output
+    folder, and the RecoverConfig fields that differ from the defaults (`extra` adds keys such
+    as resume=True; underscores become dashes)."""
+    defaults = RecoverConfig().to_run_config()
+    chosen = (config or RecoverConfig()).to_run_config()
+    values = {"model": str(model), "out": str(out)}
+    values.update({k: v for k, v in chosen.items() if k in defaults and v != defaults[k]})
+    values.update({k.replace("_", "-"): v for k, v in extra.items()})
+    unknown = set(values) - set(run_config_defaults())
+    if unknown:
+        raise ValueError(f"not run-config keys of the app: {', '.join(sorted(unknown))}")
+    return config_string(values)
+
+
+def node_config(partition_id: int, num_partitions: int, data_path: str | Path, *,
+                model_path: str | Path | None = None, device: str | None = None) -> str:
+    """The `--node-config` string of one SuperNode: which client it is and where its own data
+    (and optionally its copy of the checkpoint, and its fleet-file device name) live."""
+    values: dict = {"partition-id": partition_id, "num-partitions": num_partitions, "data-path": str(data_path)}
+    if model_path is not None:
+        values["model-path"] = str(model_path)
+    if device is not None:
+        values["device"] = device
+    return config_string(values)
+
+
+def superlink_connection_toml(name: str, address: str, *, root_certificates: str | Path | None = None) -> str:
+    """A `[superlink.NAME]` table for the Flower configuration file ($FLWR_HOME/config.toml,
+    ~/.flwr/config.toml by default) that `flwr run APP NAME` and `flwr supernode register` read.
+    Without root certificates the connection is insecure (no TLS)."""
+    lines = [f"[superlink.{name}]", f"address = {_toml_value(address)}"]
+    if root_certificates is None:
+        lines.append("insecure = true")
+    else:
+        lines.append(f"root-certificates = {_toml_value(str(Path(root_certificates).resolve()))}")
+    return "\n".join(lines) + "\n"
