@@ -25,7 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.app import MessageType
 
 from llmprune.errors import LLMPruneError
-from llmprune.memory import peak_rss_mb
+from llmprune.memory import reset_peak_rss, window_peak_rss_mb
 
 from .config import RecoverConfig
 from .partition import ClientData
@@ -144,6 +144,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         windows, pid = client_windows(cfg, context)
         _inject_faults(cfg.inject_faults, pid, int(round_config["server-round"]))
         model = _model(model_path(cfg, context))
+        reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
         start = time.perf_counter()
         trained, loss = train_lora(
             model, arrays, windows, scale=float(round_config["scale"]), steps=int(round_config["local-steps"]),
@@ -151,7 +152,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
             seed=int(round_config["seed"]), dropout=cfg.lora_dropout)
         metrics = {"num-examples": int(windows.shape[0]) if not round_config.get("uniform-weights") else 1,
                    "train-loss": loss, "partition-id": pid, "seconds": time.perf_counter() - start,
-                   "peak-rss-mb": peak_rss_mb()}
+                   "peak-rss-mb": window_peak_rss_mb()}
         return trained, metrics
 
     @app.train()

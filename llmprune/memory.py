@@ -36,3 +36,28 @@ def stopwatch():
         yield result
     finally:
         result["seconds"] = time.perf_counter() - start
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux), so `window_peak_rss_mb`
+    measures one phase (e.g. training after a load that briefly held two copies). False where
+    the platform cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def window_peak_rss_mb() -> float:
+    """The RSS high-water mark since the last `reset_peak_rss` (VmHWM), in MiB; the process peak
+    where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
