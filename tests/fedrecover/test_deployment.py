@@ -1,7 +1,7 @@
 """The recovery app on a real (localhost) fleet: a flower-superlink and two flower-supernode
 processes on free ports, `flwr run` of the shipped app folder, one round on a tiny model.
 
-Two fleets, marked integration (40-90 s each on a busy 2-core machine): insecure, and TLS (a CA
+Two fleets, marked integration (40-95 s each on a busy 2-core machine): insecure, and TLS (a CA
 and a server certificate for localhost/127.0.0.1 made here with openssl) with SuperNode
 authentication (EC key pairs made with ssh-keygen, registered with `flwr supernode register`).
 The commands are the ones docs/fleet.md gives. Every process this test starts (and the
@@ -182,7 +182,7 @@ def make_certificates(fleet: Fleet) -> Path:
     return certs
 
 
-def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> None:
+def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> dict:
     root = fleet.root
     for name in ("device0", "device1", "heldout"):
         (root / f"{name}.txt").write_text(TINY_TEXT * 3)
@@ -245,7 +245,7 @@ def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> None:
             fleet.cli("flwr-log", ["flwr", "log", str(run_id), CONNECTION, "--show"], timeout=30)
         raise
 
-    fleet.mark("metrics.json written")
+    fleet.mark(f"metrics.json written (round: {metrics['rounds'][0]['seconds']} s)")
     assert len(metrics["rounds"]) == 1
     row = metrics["rounds"][0]
     assert row["clients_sampled"] == 2 and row["clients_returned"] == 2 and row["applied"]
@@ -261,10 +261,11 @@ def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> None:
         assert metrics["aggregation"] == "hetlora"
     llmprune.load_model(out)
     fleet.mark("merged model loads")
+    return metrics
 
 
 @needs_flower
-@pytest.mark.integration   # 40-90 s each on the shared 2-core machine (flwr-clientapp starts per message)
+@pytest.mark.integration   # 40-95 s each on the shared 2-core machine (flwr-clientapp starts per message)
 @pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-node-auth"])
 def test_fleet_round_on_localhost(fleet, pruned, secure):
     if secure and not (shutil.which("openssl") and shutil.which("ssh-keygen")):
