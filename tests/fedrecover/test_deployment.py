@@ -106,8 +106,8 @@ class Fleet:
                 p.terminate()
         _, alive = psutil.wait_procs(family, timeout=1)
         for p in alive:
-            self.mark(f"kill {p.pid} {p.name() if p.is_running() else ''}")
             with contextlib.suppress(psutil.NoSuchProcess):
+                self.mark(f"kill {p.pid} {p.name()}")
                 p.kill()
         psutil.wait_procs(alive, timeout=5)
         for proc in self.procs.values():
@@ -211,8 +211,9 @@ def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> dict:
     # The TLS fleet also has a fleet file: each SuperNode names its device, and the devices'
     # LoRA ranks differ (phone-b's rank and depth are fixed in the file), so hetlora aggregates.
     devices = ["phone-b", "phone-a"] if secure else [None, None]
-    (root / "fleet.toml").write_text('[[device]]\nname = "phone-a"\nmemory_mb = 2000\n\n'
-                                     '[[device]]\nname = "phone-b"\nmemory_mb = 2000\nrank = 2\ndepth = 1\n')
+    if secure:
+        (root / "fleet.toml").write_text('[[device]]\nname = "phone-a"\nmemory_mb = 2000\n\n'
+                                         '[[device]]\nname = "phone-b"\nmemory_mb = 2000\nrank = 2\ndepth = 1\n')
     registered = set()
     for i in range(2):
         node = ["flower-supernode", *supernode_tls, "--superlink", f"127.0.0.1:{port}", "--port", str(node_ports[i]),
