@@ -214,6 +214,8 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> N
                            initial_eval_perplexity=evaluate(model, init, cfg.scale, windows))
     else:
         log.info("resuming after round %d from %s", state.round, state_dir)
+        # safetensors gives the names sorted: back to the run's order, in which DP noise is drawn
+        state.arrays = {**{k: state.arrays[k] for k in init if k in state.arrays}, **state.arrays}
 
     strategy: Strategy = LoraStrategy(cfg, clients, init, modules, rank)
     inner = strategy
