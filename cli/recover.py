@@ -71,6 +71,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import contextlib
     import logging
     import sys
 
@@ -83,8 +84,10 @@ def run(args) -> int:
         max_windows=args.max_windows, eval_data=args.eval_data, eval_windows=args.eval_windows, fleet=args.fleet,
         round_timeout=args.round_timeout, seed=args.seed, secagg=args.secagg, dp_clip=args.dp_clip,
         dp_noise=args.dp_noise)
-    result = recover(args.model, args.data, config, args.out, resume=args.resume, overwrite=args.overwrite,
-                     verbose=args.debug)
+    # stdout carries only the result: ray prints notes of its workers there during the run
+    with contextlib.redirect_stdout(sys.stderr):
+        result = recover(args.model, args.data, config, args.out, resume=args.resume, overwrite=args.overwrite,
+                         verbose=args.debug)
     metrics = result.metrics
     if args.json:
         emit_json(metrics)
