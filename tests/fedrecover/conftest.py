@@ -13,6 +13,9 @@ from llmprune.testing import TINY_TEXT, tiny_model, tiny_tokenizer
 
 # Small federated settings: every simulation in these tests uses them unless it says otherwise.
 SMALL = dict(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2, lora_rank=4)
+# The shared run: DP clipping norm and noise multiplier small enough to keep training meaningful.
+DP_CLIP, DP_NOISE = 1e-4, 1.0
+BASIC = dict(clients=3, fraction=0.67, rounds=2, dp_clip=DP_CLIP, dp_noise=DP_NOISE)
 
 
 def varied_text(words: int = 3000, seed: int = 0) -> str:
@@ -56,7 +59,7 @@ def run_recover(model_dir, data, out, **overrides):
 
 @pytest.fixture(scope="session")
 def basic_run(pruned_ckpt, text_file, tmp_path_factory):
-    """FedAvg, 3 clients of which 2 are sampled each round, 2 rounds: the end-to-end run, and the
-    reference of the resume test."""
+    """FedAvg with central DP, 3 clients of which 2 are sampled each round, 2 rounds: the
+    end-to-end run, and the reference of the resume test."""
     out = tmp_path_factory.mktemp("basic") / "recovered"
-    return run_recover(pruned_ckpt, [text_file], out, clients=3, fraction=0.67, rounds=2)
+    return run_recover(pruned_ckpt, [text_file], out, **BASIC)

@@ -1,6 +1,6 @@
 """Federated recovery end to end in Flower's simulation on a tiny pruned model: metrics.json,
-the merged checkpoint, mixed-rank fleets (hetlora, flexlora), clients that crash, exit or
-straggle, client sampling, and DP.
+the merged checkpoint, client sampling and DP (the shared run), mixed-rank fleets (hetlora,
+flexlora), and clients that crash, straggle or exit.
 
 Each `recover()` below is one simulation (10-20 s, mostly ray's start-up); module-scoped
 fixtures run each once and several tests read its output."""
@@ -22,7 +22,7 @@ from llmprune.fedrecover import METRICS_FILE, TARGET_MODULES, lora_applied, merg
 from llmprune.fedrecover.lora import init_arrays, top_layer_modules
 from llmprune.fedrecover.partition import ClientData
 
-from .conftest import run_recover, varied_text
+from .conftest import DP_CLIP, DP_NOISE, run_recover, varied_text
 
 # What the issue asks every round row to hold.
 ROUND_KEYS = {"round", "clients_sampled", "clients_returned", "train_loss", "eval_perplexity", "bytes_up", "bytes_down",
@@ -31,7 +31,8 @@ SCALE = 2.0          # LoRA alpha / r with the default alpha (2 x rank)
 # Three devices of different ranks and depths (fixed in the fleet file, budgets ample).
 FLEET = [{"name": "laptop", "memory_mb": 64000, "rank": 4, "depth": 3},
          {"name": "phone", "memory_mb": 64000, "rank": 2, "depth": 2},
-         {"name": "watch", "memory_mb": 64000, "rank": 1, "depth": 1}]
+         {"name": "watch", "memory_mb": 64000, "rank": 1, "depth": 1},
+         {"name": "tablet", "memory_mb": 64000, "rank": 4, "depth": 2}]
 
 
 def round_arrays(out, rnd: int) -> dict[str, np.ndarray]:
@@ -56,10 +57,9 @@ def shapes(pruned_ckpt):
     return module_shapes(llmprune.load_model(pruned_ckpt), TARGET_MODULES)
 
 
-@pytest.fixture(scope="module")
-def fleet_file(tmp_path_factory):
+def fleet_file(tmp_path_factory, devices):
     path = tmp_path_factory.mktemp("fleet") / "fleet.json"
-    path.write_text(json.dumps({"devices": FLEET}))
+    path.write_text(json.dumps({"devices": devices}))
     return path
 
 
@@ -70,7 +70,7 @@ def second_domain(tmp_path_factory):
     return path
 
 
-# ---------------------------------------------------------------- FedAvg, sampling (the shared run)
+# ---------------------------------------------------------------- FedAvg, sampling, DP (the shared run)
 
 
 def test_metrics_json_has_what_the_issue_lists(basic_run):
@@ -130,28 +130,35 @@ def test_eval_perplexity_is_the_global_adapter_on_the_held_out_windows(basic_run
 # ---------------------------------------------------------------- hetlora, mixed fleet, a crashing client
 
 
+TIMEOUT = 15.0      # above a client's cold start (imports, model load) on a busy machine
+
+
 @pytest.fixture(scope="module")
-def hetlora_run(pruned_ckpt, text_file, second_domain, fleet_file, tmp_path_factory):
-    """3 devices of ranks 4/2/1 and depths 3/2/1, one domain per client; the rank-4 laptop crashes."""
+def hetlora_run(pruned_ckpt, text_file, second_domain, tmp_path_factory):
+    """4 devices of ranks 4/2/1/4 and depths 3/2/1/2, one domain per client; the laptop crashes
+    and the tablet answers 3 s after the round timeout."""
     out = tmp_path_factory.mktemp("hetlora") / "recovered"
-    return run_recover(pruned_ckpt, [text_file, second_domain], out, clients=3, aggregation="hetlora",
-                       partition="domain", fleet=str(fleet_file), inject_faults="crash:0")
+    return run_recover(pruned_ckpt, [text_file, second_domain], out, clients=4, aggregation="hetlora",
+                       partition="domain", fleet=str(fleet_file(tmp_path_factory, FLEET)), round_timeout=TIMEOUT,
+                       inject_faults=f"crash:0,delay:3:{TIMEOUT + 3}")
 
 
 def test_fleet_devices_get_their_ranks_and_depths(hetlora_run, text_file, second_domain):
     devices = hetlora_run.metrics["devices"]
     assert [(d["device"], d["rank"], d["depth"], d["modules"]) for d in devices] == \
-        [("laptop", 4, 3, 21), ("phone", 2, 2, 14), ("watch", 1, 1, 7)]
+        [("laptop", 4, 3, 21), ("phone", 2, 2, 14), ("watch", 1, 1, 7), ("tablet", 4, 2, 14)]
     assert all(d["memory_mb"] == 64000 and 0 < d["estimate_mb"] <= 64000 for d in devices)
     domains = [list(c["domains"]) for c in hetlora_run.metrics["data"]["clients"]]
-    assert domains == [[str(text_file)], [str(second_domain)], [str(text_file)]]
+    assert domains == [[str(text_file)], [str(second_domain)], [str(text_file)], [str(second_domain)]]
 
 
-def test_a_crashing_client_does_not_stop_the_round(hetlora_run, shapes):
+def test_a_crashing_client_and_a_straggler_do_not_stop_the_round(hetlora_run, shapes):
     (row,) = hetlora_run.metrics["rounds"]
-    assert (row["clients_sampled"], row["clients_returned"], row["applied"]) == (3, 2, True)
+    assert (row["clients_sampled"], row["clients_returned"], row["applied"]) == (4, 2, True)
     assert row["bytes_down"] == sum(adapter_bytes(shapes, d["rank"], d["depth"]) for d in FLEET)
-    assert row["bytes_up"] == adapter_bytes(shapes, 2, 2) + adapter_bytes(shapes, 1, 1)   # the laptop sent nothing
+    # the laptop crashed and the tablet was too late: only the phone and the watch count
+    assert row["bytes_up"] == adapter_bytes(shapes, 2, 2) + adapter_bytes(shapes, 1, 1)
+    assert TIMEOUT <= row["seconds"] < TIMEOUT + 3
 
 
 def test_hetlora_averages_each_layer_over_the_clients_that_hold_it(hetlora_run, shapes):
@@ -165,7 +172,7 @@ def test_hetlora_averages_each_layer_over_the_clients_that_hold_it(hetlora_run, 
         if layer == 0:   # only the crashed laptop holds layer 0: unchanged
             np.testing.assert_array_equal(a, init[f"{name}.A"])
             np.testing.assert_array_equal(b, init[f"{name}.B"])
-        else:            # held by the phone (rank 2) and the watch (rank 1): zero-padded above rank 2
+        else:            # held by the phone (rank 2) and the watch (rank 1), not the late tablet: zero-padded above rank 2
             assert not a[2:].any() and not b[:, 2:].any()
             assert b[:, :2].any()
         if layer == 1:   # the phone alone: its rank-2 adapter, not shrunk by the watch's weight
@@ -182,11 +189,13 @@ def test_merged_model_of_a_hetlora_run(hetlora_run, pruned_ckpt):
 
 
 @pytest.fixture(scope="module")
-def flexlora_run(pruned_ckpt, text_file, second_domain, fleet_file, tmp_path_factory):
-    """The same fleet with flexlora, Dirichlet partitions, 2 rounds; the phone's process exits in round 1."""
+def flexlora_run(pruned_ckpt, text_file, second_domain, tmp_path_factory):
+    """Laptop, phone and watch with flexlora, Dirichlet partitions, 2 rounds; the phone's process
+    exits in round 1."""
     out = tmp_path_factory.mktemp("flexlora") / "recovered"
     return run_recover(pruned_ckpt, [text_file, second_domain], out, clients=3, rounds=2, aggregation="flexlora",
-                       partition="dirichlet:1.0", fleet=str(fleet_file), inject_faults="exit:1@1")
+                       partition="dirichlet:1.0", fleet=str(fleet_file(tmp_path_factory, FLEET[:3])),
+                       inject_faults="exit:1@1")
 
 
 def test_an_exiting_client_does_not_stop_the_round_and_comes_back(flexlora_run, shapes):
@@ -195,7 +204,7 @@ def test_an_exiting_client_does_not_stop_the_round_and_comes_back(flexlora_run, 
     assert r1["bytes_up"] == adapter_bytes(shapes, 4, 3) + adapter_bytes(shapes, 1, 1)
     # its process was restarted: every client answers round 2
     assert (r2["clients_sampled"], r2["clients_returned"], r2["applied"]) == (3, 3, True)
-    assert r2["bytes_up"] == r2["bytes_down"] == sum(adapter_bytes(shapes, d["rank"], d["depth"]) for d in FLEET)
+    assert r2["bytes_up"] == r2["bytes_down"] == sum(adapter_bytes(shapes, d["rank"], d["depth"]) for d in FLEET[:3])
 
 
 def test_flexlora_keeps_the_average_product_of_the_holders(flexlora_run, shapes):
@@ -218,36 +227,21 @@ def test_merged_model_of_a_flexlora_run(flexlora_run, pruned_ckpt):
     assert [d["rank"] for d in flexlora_run.metrics["devices"]] == [4, 2, 1]
 
 
-# ---------------------------------------------------------------- a straggler, with DP
+# ---------------------------------------------------------------- DP (the shared run)
 
 
-CLIP, NOISE, TIMEOUT = 1e-4, 0.2, 6.0
-
-
-@pytest.fixture(scope="module")
-def dp_straggler_run(pruned_ckpt, text_file, tmp_path_factory):
-    """2 clients, central DP (clip + noise); client 1 answers 3 s after the round timeout."""
-    out = tmp_path_factory.mktemp("dp") / "recovered"
-    return run_recover(pruned_ckpt, [text_file], out, clients=2, dp_clip=CLIP, dp_noise=NOISE,
-                       round_timeout=TIMEOUT, inject_faults=f"delay:1:{TIMEOUT + 3}")
-
-
-def test_a_straggler_beyond_the_timeout_is_dropped(dp_straggler_run, shapes):
-    (row,) = dp_straggler_run.metrics["rounds"]
-    assert (row["clients_sampled"], row["clients_returned"], row["applied"]) == (2, 1, True)
-    assert row["bytes_up"] == adapter_bytes(shapes, 4, 3)
-    assert TIMEOUT <= row["seconds"] < TIMEOUT + 3
-
-
-def test_dp_clips_the_update_and_adds_noise_of_the_right_scale(dp_straggler_run, shapes):
-    """Without noise the clipped update moves the adapter by at most CLIP; the Gaussian noise of
-    std NOISE x CLIP / sampled clients moves it by far more; unclipped, LoRA steps would move it
-    by ~1e-2."""
-    got = round_arrays(dp_straggler_run.out, 1)
-    init = init_arrays(shapes, list(shapes), 4, seed=0)
-    delta = np.concatenate([(got[k].astype(np.float64) - init[k]).ravel() for k in init])
-    std = NOISE * CLIP / 2
-    expected_norm = std * math.sqrt(delta.size)
-    assert np.linalg.norm(delta) > 10 * CLIP                      # noise was added
-    assert abs(np.linalg.norm(delta) - expected_norm) < CLIP + 0.05 * expected_norm   # ... and the update was clipped
-    assert delta.std() == pytest.approx(std, rel=0.05)
+def test_dp_clips_the_updates_and_adds_noise_of_the_right_scale(basic_run, shapes):
+    """Each round moves the global adapter by the average of the clipped updates (norm <= CLIP)
+    plus Gaussian noise of std NOISE x CLIP / sampled clients. Unclipped, two LoRA steps would
+    move it by ~3e-2, far more than the noise (~5e-3); without noise it would move by <= CLIP."""
+    previous = init_arrays(shapes, list(shapes), 4, seed=0)
+    std = DP_NOISE * DP_CLIP / 2
+    for rnd in (1, 2):
+        got = round_arrays(basic_run.out, rnd)
+        delta = np.concatenate([(got[k].astype(np.float64) - previous[k]).ravel() for k in previous])
+        expected_norm = std * math.sqrt(delta.size)
+        assert np.linalg.norm(delta) > 10 * DP_CLIP, "no noise was added"
+        assert abs(np.linalg.norm(delta) - expected_norm) < DP_CLIP + 0.05 * expected_norm, "the update was not clipped"
+        assert delta.std() == pytest.approx(std, rel=0.05)
+        previous = got
+    assert basic_run.metrics["config"]["dp-clip"] == DP_CLIP and basic_run.metrics["config"]["dp-noise"] == DP_NOISE

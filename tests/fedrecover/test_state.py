@@ -16,7 +16,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.fedrecover import RecoverConfig, state_dir_for
 from llmprune.fedrecover.state import STATE_FILE, RoundState, load_state, save_state
 
-from .conftest import SMALL, run_recover
+from .conftest import BASIC, SMALL, run_recover
 
 
 def config(**overrides) -> RecoverConfig:
@@ -78,16 +78,17 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_equals_the_uninterrupted_run(basic_run, pruned_ckpt, text_file, tmp_path):
-    """2 rounds in one go == round 1, the run stops before writing its model, then --resume to 2."""
+    """2 rounds in one go == round 1, the run stops before writing its model, then --resume to 2
+    (client sampling and DP noise included)."""
     out = tmp_path / "recovered"
-    first = run_recover(pruned_ckpt, [text_file], out, clients=3, fraction=0.67, rounds=1)
+    first = run_recover(pruned_ckpt, [text_file], out, **{**BASIC, "rounds": 1})
     assert [r["round"] for r in first.metrics["rounds"]] == [1]
     shutil.rmtree(out)                       # as if it had stopped after round 1's checkpoint
     state = state_dir_for(out)
     assert json.loads((state / STATE_FILE).read_text())["round"] == 1
     with pytest.raises(LLMPruneError, match="holds rounds of an earlier run"):
-        run_recover(pruned_ckpt, [text_file], out, clients=3, fraction=0.67, rounds=2)
-    resumed = run_recover(pruned_ckpt, [text_file], out, clients=3, fraction=0.67, rounds=2, resume=True)
+        run_recover(pruned_ckpt, [text_file], out, **BASIC)
+    resumed = run_recover(pruned_ckpt, [text_file], out, **BASIC, resume=True)
 
     ref = basic_run.metrics
     got = resumed.metrics
