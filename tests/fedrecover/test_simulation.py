@@ -28,7 +28,7 @@ from .conftest import DP_CLIP, DP_NOISE, run_recover, varied_text
 ROUND_KEYS = {"round", "clients_sampled", "clients_returned", "train_loss", "eval_perplexity", "bytes_up", "bytes_down",
               "seconds"}
 SCALE = 2.0          # LoRA alpha / r with the default alpha (2 x rank)
-# Three devices of different ranks and depths (fixed in the fleet file, budgets ample).
+# Four devices of different ranks and depths (fixed in the fleet file, budgets ample).
 FLEET = [{"name": "laptop", "memory_mb": 64000, "rank": 4, "depth": 3},
          {"name": "phone", "memory_mb": 64000, "rank": 2, "depth": 2},
          {"name": "watch", "memory_mb": 64000, "rank": 1, "depth": 1},
@@ -127,7 +127,7 @@ def test_eval_perplexity_is_the_global_adapter_on_the_held_out_windows(basic_run
         perplexity(model, windows, progress=False).perplexity, rel=1e-4)
 
 
-# ---------------------------------------------------------------- hetlora, mixed fleet, a crashing client
+# ---------------------------------------------------------------- hetlora, mixed fleet, a crash and a straggler
 
 
 TIMEOUT = 15.0      # above a client's cold start (imports, model load) on a busy machine
