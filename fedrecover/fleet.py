@@ -25,7 +25,7 @@ from llmprune.errors import LLMPruneError
 
 from .lora import module_shapes, top_layer_modules
 
-RUNTIME_OVERHEAD_MB = 400.0      # Python, torch, tokenizer: measured floor of a client process
+RUNTIME_OVERHEAD_MB = 500.0      # Python, torch, transformers, peft, flwr: ~430 MB measured, plus slack
 LOSS_CHUNK = 64                  # positions whose full-vocabulary logits exist at once
 ADAM_BYTES_PER_PARAM = 16        # fp32 weight + grad + two Adam moments
 
@@ -94,8 +94,9 @@ def training_memory_mb(model: nn.Module, rank: int, depth: int, batch_size: int,
 
     weights (all parameters, their dtype) + LoRA weights, grads and Adam state (16 B/param)
     + activations kept for backward, only in the `depth` top layers (nothing below the lowest
-    LoRA layer needs a gradient): per token about 14 x hidden + 4 x MLP width floats per layer,
-    plus the attention probabilities (heads x seq_len floats per token)
+    LoRA layer needs a gradient): per token about 24 x hidden + 6 x MLP width floats per layer,
+    plus the attention probabilities (2 x heads x seq_len floats per token) — coefficients fitted
+    to measured training peaks of pruned Gemma-3-270M (4 settings, within 3%; docs/recover.md)
     + one chunk of full-vocabulary logits with its softmax and gradient (the loss is chunked)
     + the runtime floor."""
     config = model.config
@@ -110,7 +111,7 @@ def training_memory_mb(model: nn.Module, rank: int, depth: int, batch_size: int,
     for layer in layers:
         mlp = shapes.get(f"{layer}.mlp.gate_proj", shapes.get(f"{layer}.mlp.up_proj", (4 * hidden, hidden)))[0]
         heads = shapes.get(f"{layer}.self_attn.q_proj", (config.num_attention_heads * _head_dim(config), hidden))[0] // _head_dim(config)
-        act += 4.0 * tokens * (14 * hidden + 4 * mlp + heads * (seq_len + 1))
+        act += 4.0 * tokens * (24 * hidden + 6 * mlp + 2 * heads * (seq_len + 1))
     logits = 4.0 * LOSS_CHUNK * config.vocab_size * 3
     total = weight_bytes + lora_params * ADAM_BYTES_PER_PARAM + act + logits
     return total / 2**20 + RUNTIME_OVERHEAD_MB, lora_params
