@@ -202,8 +202,20 @@ def summarize(results: dict, fed: dict) -> None:
     summary["full_model_fedavg_bytes"] = m["model_bytes"]
     summary["upload_share_of_model"] = round(per_client / m["model_bytes"], 5)
     summary["client_peak_rss_mb"] = max(x for r in m["rounds"] for x in r["client_peak_rss_mb"])
-    summary["client_estimate_mb"] = max(d["estimate_mb"] for d in m["devices"])
+    summary["client_estimate_mb"] = round(current_estimate(results), 1)
     results["summary"] = summary
+
+
+def current_estimate(results: dict) -> float:
+    """The fleet memory estimate for the run's setting, from the code as it is now."""
+    from llmprune.fedrecover.config import TARGET_MODULES
+    from llmprune.fedrecover.fleet import training_memory_mb
+    from llmprune.fedrecover.pipeline import meta_model
+
+    setup = results["setup"]
+    batch, seq = (int(x) for x in setup["batch"].split("x"))
+    model = meta_model(str(ROOT / "bench/work/recover/pruned-0.2"))
+    return training_memory_mb(model, setup["lora_rank"], 10**6, batch, seq, TARGET_MODULES)[0]
 
 
 def render(results: dict, doc: Path, plot: Path) -> None:

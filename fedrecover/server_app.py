@@ -176,6 +176,33 @@ def eval_windows(cfg: RecoverConfig, tokenizer):
     return None
 
 
+@dataclass
+class FleetPlan:
+    """Who trains what: node -> (partition id, assignment), the modules per partition, the global
+    rank, the seeded initial adapter over every trained module, and the per-device report."""
+
+    clients: dict[int, tuple[int, Assignment]]
+    modules: dict[int, list[str]]
+    rank: int
+    init: dict[str, np.ndarray]
+    devices: list[dict]
+
+
+def plan_fleet(model, cfg: RecoverConfig, found: dict[int, dict]) -> FleetPlan:
+    clients = _match(found, plan_devices(model, cfg, cfg.clients))
+    shapes = module_shapes(model, cfg.target_modules)
+    modules = {pid: top_layer_modules(shapes, plan.depth) for pid, plan in clients.values()}
+    ranks = {plan.rank for _, plan in clients.values()}
+    if cfg.aggregation == "fedavg" and len(ranks) > 1:
+        raise LLMPruneError("the fleet gives devices different LoRA ranks; fedavg needs one rank",
+                            "use --aggregation hetlora or flexlora")
+    union = [m for m in shapes if any(m in mods for mods in modules.values())]
+    init = init_arrays(shapes, union, max(ranks), cfg.seed)
+    devices = [{"partition-id": pid, "node-id": node, **plan.to_dict(), "examples": found[node]["num-examples"],
+                "modules": len(modules[pid])} for node, (pid, plan) in sorted(clients.items(), key=lambda kv: kv[1][0])]
+    return FleetPlan(clients, modules, max(ranks), init, devices)
+
+
 def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> None:
     """The whole federated run (the ServerApp's main)."""
     import llmprune
@@ -193,19 +220,9 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> N
     # a client's first answer waits for its process to start and load data: the connect timeout,
     # not the (possibly short) round timeout
     found = discover(grid, nodes, max(cfg.node_timeout, cfg.round_timeout))
-    plans = plan_devices(model, cfg, cfg.clients)
-    clients = _match(found, plans)
-    shapes = module_shapes(model, cfg.target_modules)
-    modules = {pid: top_layer_modules(shapes, plan.depth) for pid, plan in clients.values()}
-    rank = max(plan.rank for _, plan in clients.values())
-    if cfg.aggregation == "fedavg" and len({plan.rank for _, plan in clients.values()}) > 1:
-        raise LLMPruneError("the fleet gives devices different LoRA ranks; fedavg needs one rank",
-                            "use --aggregation hetlora or flexlora")
-    union = [m for m in shapes if any(m in mods for mods in modules.values())]
-    init = init_arrays(shapes, union, rank, cfg.seed)
+    fleet = plan_fleet(model, cfg, found)
+    clients, modules, rank, init, devices = fleet.clients, fleet.modules, fleet.rank, fleet.init, fleet.devices
     windows = eval_windows(cfg, tokenizer)
-    devices = [{"partition-id": pid, "node-id": node, **plan.to_dict(), "examples": found[node]["num-examples"],
-                "modules": len(modules[pid])} for node, (pid, plan) in sorted(clients.items(), key=lambda kv: kv[1][0])]
     model_bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
 
     state = load_state(state_dir, cfg) if str(cfg.extra.get("resume", "")).lower() in ("true", "1") else None
