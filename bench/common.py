@@ -36,3 +36,30 @@ def save_results(path: Path, results: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(path)
+
+
+def run_measured(args: list[str], log_path: Path | None = None) -> tuple[str, float, float]:
+    """Run a command in a fresh process; (stdout, wall seconds, that process's peak RSS in MiB).
+    Output goes through files (no pipe to fill), and os.wait4 gives the child's own rusage."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, stdout=out, stderr=err, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if log_path is not None:
+        log_path.write_text(stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, args[:6]))} ... failed ({proc.returncode}): {stderr.strip().splitlines()[-1:]}")
+    return stdout, seconds, usage.ru_maxrss / 1024
+
+
+def run_cli_measured(args: list[str], log_path: Path | None = None) -> tuple[dict, float, float]:
+    """`llmprune ARGS --json` in a fresh process; (parsed stdout, wall seconds, peak RSS MiB)."""
+    stdout, seconds, rss = run_measured(LLMPRUNE + ["-q", *args, "--json"], log_path)
+    return json.loads(stdout), seconds, rss

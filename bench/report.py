@@ -97,3 +97,66 @@ def render_scale(result: dict, docs: Path) -> None:
              f"{result['peak_rss_share_of_checkpoint']:.1%} | {result['peak_rss_share_of_full_7b']:.1%} | "
              f"{result['seconds_per_layer']:.1f} | {result['ratio_achieved']:.3f} |"]
     _replace_section(docs / "benchmarks.md", "scale", "\n".join(lines))
+
+
+def render_export(results: dict, docs: Path) -> None:
+    setup, steps, summary = results.get("setup", {}), results.get("steps", {}), results.get("summary", {})
+    mib = 2**20
+    lines = ["## export: Gemma-3-270M on ONNX Runtime (CPU), PyTorch and llama.cpp", "",
+             f"Dense and pruned-{setup.get('ratio')} (`llmprune compress --ratio {setup.get('ratio')}`, calibration "
+             f"{setup.get('calib')}) exported with `llmprune export --quantize int8 int4`. Perplexity: "
+             f"{setup.get('eval')}, the same token windows for every engine. Prefill: one "
+             f"{setup.get('prefill_tokens')}-token prompt (median of 3). Decode: {setup.get('decode')} (median of 2). "
+             f"{setup.get('threads')} threads for every engine (ONNX Runtime intra-op, torch, llama.cpp), on a "
+             f"{setup.get('cpu_count')}-core machine shared with another engineer's jobs (load averages in "
+             "`bench/results/export.json`; timings may be inflated). Peak RSS is of the measuring process "
+             "(model load included).", "",
+             "| model | engine | precision | file MiB | size vs fp32 | perplexity | change vs fp32 | prefill 512 s | prefill tok/s | decode tok/s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ("dense", "pruned"):
+        exp = steps.get(f"export:{name}", {})
+        variants = exp.get("variants", {})
+        for prec in ("fp32", "int8", "int4"):
+            v, m = variants.get(prec, {}), steps.get(f"onnx:{name}:{prec}", {})
+            ppl = v.get("perplexity") or {}
+            change = ppl.get("change")
+            lines.append(
+                f"| {name} | ONNX Runtime | {prec} | {_fmt(v['onnx_bytes'] / mib if v.get('onnx_bytes') else None, '.0f')} | "
+                f"{_fmt(v.get('size_vs_fp32'), '.1%')} | {_fmt(ppl.get('onnx'))} | {'—' if change is None else format(change, '+.1%')} | "
+                f"{_fmt(m.get('prefill_seconds'))} | {_fmt(m.get('prefill_tokens_per_s'), '.0f')} | "
+                f"{_fmt(m.get('decode_tokens_per_s'), '.1f')} | {_fmt(m.get('peak_rss_mb'), '.0f')} |")
+        t = steps.get(f"torch:{name}:fp32", {})
+        tppl = (variants.get("fp32", {}).get("perplexity") or {}).get("torch")
+        lines.append(f"| {name} | PyTorch eager | fp32 | — | — | {_fmt(tppl)} | — | {_fmt(t.get('prefill_seconds'))} | "
+                     f"{_fmt(t.get('prefill_tokens_per_s'), '.0f')} | {_fmt(t.get('decode_tokens_per_s'), '.1f')} | "
+                     f"{_fmt(t.get('peak_rss_mb'), '.0f')} |")
+    ll = steps.get("llama.cpp:dense:Q4_K_M", {})
+    if "skipped" in ll or "error" in ll:
+        lines.append(f"| dense | llama.cpp | Q4_K_M | — | — | — | — | — | — | — | — |\n\nllama.cpp row: {ll.get('skipped') or ll.get('error')}")
+    elif ll:
+        lines.append(f"| dense (original GGUF) | llama.cpp {ll.get('version', '')} | Q4_K_M | {ll['file_bytes'] / mib:.0f} | — | "
+                     f"{_fmt(ll.get('perplexity'))} | — | {_fmt(ll.get('prefill_seconds'))} | {_fmt(ll.get('prefill_tokens_per_s'), '.0f')} | "
+                     f"{_fmt(ll.get('decode_tokens_per_s'), '.1f')} | {_fmt(ll.get('peak_rss_mb'), '.0f')} |")
+    tg = summary.get("targets", {})
+    if tg:
+        lines += ["", "Targets of the export issue:", ""]
+        r = tg.get("pruned_int4_decode_vs_llama_cpp")
+        lines.append(f"- pruned int4 decode vs llama.cpp Q4_K_M (target ≥ 1.0×): {_fmt(r, '.2f')}×")
+        for prec in ("fp32", "int8", "int4"):
+            s = tg.get(f"decode_speedup_{prec}")
+            if s:
+                lines.append(f"- pruned/dense decode speed-up, {prec}: {s['speedup']:.3f}× vs ideal {s['ideal']:.3f}× "
+                             f"(weight bytes dense/pruned) = {s['of_ideal']:.2f} of ideal (target ≥ 0.9)")
+        for name in ("dense", "pruned"):
+            lines.append(f"- {name}: int4 size {_fmt(tg.get(f'{name}_int4_size_vs_fp32'), '.1%')} of fp32 (target ≤ 30%); "
+                         f"int8 perplexity change {_fmt(tg.get(f'{name}_int8_ppl_change'), '+.2%')} (target within 3%); "
+                         f"int4 perplexity change {_fmt(tg.get(f'{name}_int4_ppl_change'), '+.1%')}")
+    lines += ["", "Wall time and peak RSS per step (each step its own process):", "",
+              "| step | wall s | peak RSS MiB | load average before → after (1 min) |", "|---|---|---|---|"]
+    for key, row in steps.items():
+        if isinstance(row, dict) and "wall_seconds" in row:
+            rss = row.get("process_peak_rss_mb", row.get("peak_rss_mb"))
+            load = (f"{row['load_avg_before'][0]:.1f} → {row['load_avg_after'][0]:.1f}"
+                    if row.get("load_avg_before") and row.get("load_avg_after") else "—")
+            lines.append(f"| {key} | {row['wall_seconds']:.0f} | {_fmt(rss, '.0f')} | {load} |")
+    _replace_section(docs / "benchmarks.md", "export", "\n".join(lines))

@@ -27,13 +27,16 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (fp32 model at the top, a quantized one in a sub-folder)")
     p.add_argument("--quantize", choices=QUANTIZE_MODES, nargs="+", default=["none"],
                    help="also write an int8 and/or int4 model, each in its sub-folder (default none)")
-    p.add_argument("--block-size", type=positive_int, default=32, help="int4 block size (32)")
+    p.add_argument("--block-size", type=positive_int, default=32, help="int8/int4 block size (32)")
     p.add_argument("--no-quantize-embedding", dest="quantize_embedding", action="store_false",
-                   help="int4: keep the embedding table in fp32")
+                   help="int8/int4: keep the embedding lookup table in fp32 (the LM head is still quantized)")
     p.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=4,
-                   help="int4 MatMulNBits compute type: 4 = int8 activations (fast, default), 0 = unset (fp32 on CPU)")
-    p.add_argument("--asymmetric", dest="symmetric", action="store_false",
-                   help="int4: blocks with zero points (default symmetric)")
+                   help="MatMulNBits compute type: 4 = int8 activations (fast, default), 0 = unset (fp32 on CPU; "
+                        "very slow for 8-bit weights)")
+    p.add_argument("--symmetric", action="store_true",
+                   help="int4: blocks without zero points (default: a zero point per block, measured more accurate)")
+    p.add_argument("--keep-8bit", nargs="*", default=["down_proj", "v_proj"], metavar="NAME",
+                   help="int4: MatMuls whose node name contains one of these stay 8-bit (default: down_proj v_proj; none: give no NAME)")
     p.add_argument("--table-bits", type=int, choices=(4, 8), default=8,
                    help="int4: bits of the vocabulary table (LM head and tied embedding, stored once): 8 (default) or 4")
     p.add_argument("--ort", action="store_true", help="also write model.ort (ONNX Runtime Mobile) beside each model.onnx")
@@ -55,6 +58,7 @@ def run(args) -> int:
     config = ExportConfig(
         quantize=tuple(args.quantize), block_size=args.block_size, quantize_embedding=args.quantize_embedding,
         accuracy_level=args.accuracy_level or None, symmetric=args.symmetric, table_bits=args.table_bits,
+        keep_8bit=tuple(args.keep_8bit),
         ort=args.ort, genai=args.genai, atol=args.atol, eval_windows=args.eval_windows,
         eval_seq_len=args.eval_seq_len, opset=args.opset, overwrite=args.overwrite,
     )

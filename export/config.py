@@ -38,9 +38,10 @@ DEFAULT_EVAL_TEXT = (
 class ExportConfig:
     """Options of one export.
 
-    quantize: 'none' (fp32 only), 'int8' (dynamic, MatMul + embedding) or 'int4' (block-wise
-    MatMulNBits, `block_size`, for the decoder layers; the vocabulary table — LM head, and the
-    embedding too when `quantize_embedding` — in `table_bits`). The fp32 model is always
+    quantize: 'none' (fp32 only), 'int8' (block-wise 8-bit weights: MatMul and embedding) or 'int4'
+    (block-wise 4-bit MatMulNBits for the decoder layers, with a zero point per block unless
+    `symmetric`, those matching `keep_8bit` at 8 bits; the vocabulary table — LM head, and the
+    embedding too when `quantize_embedding` — in `table_bits`), or both. The fp32 model is always
     written at the top of the output folder (a standard optimum layout) and parity-checked; a
     quantized model goes in a sub-folder named after the mode, itself a complete folder.
     atol: the largest max |logit difference| an fp32 export may have against PyTorch (fails above).
@@ -50,7 +51,8 @@ class ExportConfig:
     block_size: int = 32
     quantize_embedding: bool = True
     accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPU)
-    symmetric: bool = True  # int4 layer blocks without zero points (False: asymmetric, with zero points)
+    symmetric: bool = False  # int4 layer blocks: False = a zero point per block (measured better), True = none
+    keep_8bit: tuple[str, ...] = ("down_proj", "v_proj")  # int4 mode: MatMuls (node-name substrings) kept at 8 bits
     table_bits: int = 8  # int4 mode: bits of the vocabulary table (LM head + tied embedding), 8 or 4
     ort: bool = False
     genai: bool = False
@@ -76,6 +78,7 @@ class ExportConfig:
         self.quantize = modes[0] if len(modes) == 1 else modes
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise LLMPruneError(f"block size {self.block_size} is not a power of two >= 16", "use 32 (default), 64 or 128")
+        self.keep_8bit = tuple(self.keep_8bit)
         if self.table_bits not in (4, 8):
             raise LLMPruneError(f"table bits must be 4 or 8 (got {self.table_bits})", "use 8 (default) or 4")
         if not self.atol > 0:

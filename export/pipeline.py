@@ -130,8 +130,7 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
             qdir = tmp / mode
             qdir.mkdir()
             t = time.perf_counter()
-            info = quantize(mode, tmp / MODEL_FILE, qdir / MODEL_FILE, config.block_size, config.quantize_embedding,
-                            config.accuracy_level, config.symmetric, config.table_bits)
+            info = quantize(mode, tmp / MODEL_FILE, qdir / MODEL_FILE, config)
             q_seconds = time.perf_counter() - t
             for p in tmp.iterdir():  # config, generation config, tokenizer files
                 if p.is_file() and (p.suffix in (".json", ".model", ".txt")) and p.name != REPORT_FILE:

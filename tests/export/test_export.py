@@ -156,7 +156,11 @@ def test_int8(pruned_export):
     model, result = pruned_export("llama", quantize="int8")
     q = result.report["variants"]["int8"]
     proto = onnx.load(str(result.path / "int8" / "model.onnx"))
-    assert "MatMulInteger" in {n.op_type for n in proto.graph.node}
+    ops = {n.op_type for n in proto.graph.node}
+    weights = {i.name for i in proto.graph.initializer}
+    assert not [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in weights]  # every weight 8-bit
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert {next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node if n.op_type == "MatMulNBits"} == {8}
     assert q["size_vs_fp32"] < 0.6
     assert 0 < q["logits"]["max_abs_logit_diff"] < 0.1 * q["logits"]["max_abs_logit"]
     assert abs(q["perplexity"]["change"]) < 0.05
