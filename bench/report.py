@@ -110,7 +110,10 @@ def render_export(results: dict, docs: Path) -> None:
              f"{setup.get('threads')} threads for every engine (ONNX Runtime intra-op, torch, llama.cpp), on a "
              f"{setup.get('cpu_count')}-core machine shared with another engineer's jobs (load averages in "
              "`bench/results/export.json`; timings may be inflated). Peak RSS is of the measuring process "
-             "(model load included).", "",
+             "(model load, the tokenized evaluation text and a 512-token prefill included). The ONNX graph "
+             "(optimum's layout) and PyTorch compute the logits of every prompt position in the prefill — "
+             "512 × 262k LM-head products, more work than the decoder layers — while llama.cpp computes the "
+             "last position's only.", "",
              "| model | engine | precision | file MiB | size vs fp32 | perplexity | change vs fp32 | prefill 512 s | prefill tok/s | decode tok/s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("dense", "pruned"):
