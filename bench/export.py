@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED, load_results, run_cli_measured, run_measured, save_results  # noqa: E402
 
-THREADS = 2
+THREADS = int(os.environ.get("LLMPRUNE_BENCH_THREADS", "2"))
 PREFILL_TOKENS = 512
 DECODE_TOKENS = 128
 DECODE_PROMPT = 16
@@ -102,8 +102,20 @@ class _Torch:
 
 class _LlamaCpp:
     def __init__(self, path: str, logits_all: bool = False):
-        from llama_cpp import Llama
+        import llama_cpp.llama as ll
 
+        # llama.cpp's extra CPU buffer types (AMX, weight repacking) crash in ggml_backend_amx_mul_mat
+        # on this machine's VM (segfault in llama_decode, llama-cpp-python 0.3.36): turned off, so
+        # llama.cpp runs its plain CPU kernels here (use_extra_bufts is not a Llama() argument).
+        defaults = ll.llama_cpp.llama_model_default_params
+
+        def no_extra_bufts():
+            params = defaults()
+            params.use_extra_bufts = False
+            return params
+
+        ll.llama_cpp.llama_model_default_params = no_extra_bufts
+        Llama = ll.Llama
         # logits_all keeps every position's logits (perplexity); otherwise only the last one is computed.
         self.llm = Llama(model_path=path, n_ctx=PREFILL_TOKENS + 8 if logits_all else 1024, n_batch=PREFILL_TOKENS + 8,
                          n_threads=THREADS, n_threads_batch=THREADS, logits_all=logits_all, verbose=False)
@@ -166,7 +178,7 @@ def measure(engine: str, path: str, tokenizer_spec: str) -> dict:
         decode_tokens=DECODE_TOKENS, decode_prompt_tokens=DECODE_PROMPT, decode_runs=decode,
         decode_tokens_per_s=DECODE_TOKENS / statistics.median(decode), decode_sample=tokens[:16],
     )
-    if engine == "llama.cpp":
+    if engine == "llama.cpp" and THREADS == 2:  # the same model's perplexity does not depend on threads
         del runner
         result["perplexity"] = _LlamaCpp(path, logits_all=True).perplexity(windows)
     result["peak_rss_mb"] = _rss_mb()
@@ -214,7 +226,8 @@ def main() -> int:
     models = {"dense": args.model, "pruned": str(pruned_dir)}
 
     def step(key: str, fn) -> None:
-        if (args.resume and key in steps and "error" not in steps[key]) or (args.only and key not in args.only):
+        done = key in steps and not ({"error", "skipped"} & set(steps[key]))
+        if (args.resume and done) or (args.only and key not in args.only):
             return
         print(f"[bench] {key} ...", flush=True)
         load = _load_avg()
@@ -254,9 +267,13 @@ def main() -> int:
             }
         return row
 
-    def run_measure(engine: str, path: str, tokenizer: str) -> dict:
-        stdout, wall, rss = run_measured([sys.executable, str(Path(__file__).resolve()), "--measure", engine, path, tokenizer],
-                                         args.work / f"measure-{engine}.log")
+    def run_measure(engine: str, path: str, tokenizer: str, threads: int = THREADS) -> dict:
+        os.environ["LLMPRUNE_BENCH_THREADS"] = str(threads)
+        try:
+            stdout, wall, rss = run_measured([sys.executable, str(Path(__file__).resolve()), "--measure", engine, path, tokenizer],
+                                             args.work / f"measure-{engine}.log")
+        finally:
+            os.environ.pop("LLMPRUNE_BENCH_THREADS", None)
         return {**json.loads(stdout), "wall_seconds": wall, "process_peak_rss_mb": rss}
 
     step("compress", compress)
@@ -269,17 +286,24 @@ def main() -> int:
             step(f"onnx:{name}:{prec}", lambda sub=sub: run_measure("onnx", str(sub), str(sub)))
         step(f"torch:{name}:fp32", lambda name=name: run_measure("torch", models[name], models[name]))
 
-    def llama_cpp() -> dict:
+    def llama_cpp(threads: int = THREADS) -> dict:
         try:
             import llama_cpp  # noqa: F401
         except ImportError:
             print(f"[bench] llama.cpp row skipped: {LLAMA_CPP_MISSING}", flush=True)
             return {"skipped": LLAMA_CPP_MISSING}
         gguf = _gguf()
-        row = run_measure("llama.cpp", str(gguf), args.model)
+        row = run_measure("llama.cpp", str(gguf), args.model, threads)
         return {**row, "gguf": gguf.name, "file_bytes": gguf.stat().st_size, "version": llama_cpp.__version__}
 
     step("llama.cpp:dense:Q4_K_M", llama_cpp)
+    # On a shared 2-core machine llama.cpp's 2 OpenMP threads spin-wait on each other at every graph
+    # barrier and decode collapses (measured 2.9 vs 23.8 tokens/s with 1 thread): a 1-thread
+    # comparison of the int4 decoders as well.
+    for name in models:
+        sub = Path(steps.get(f"export:{name}", {}).get("folder", args.work / f"{name}-onnx")) / "int4"
+        step(f"onnx:{name}:int4@1thread", lambda sub=sub: run_measure("onnx", str(sub), str(sub), 1))
+    step("llama.cpp:dense:Q4_K_M@1thread", lambda: llama_cpp(1))
     results["summary"] = summarize(results)
     save_results(args.results, results)
     from report import render_export
@@ -319,6 +343,9 @@ def summarize(results: dict) -> dict:
     llama = get("llama.cpp:dense:Q4_K_M", "decode_tokens_per_s")
     p4 = out["pruned:int4"]["decode_tokens_per_s"]
     targets["pruned_int4_decode_vs_llama_cpp"] = (p4 / llama) if p4 and llama else None
+    llama1 = get("llama.cpp:dense:Q4_K_M@1thread", "decode_tokens_per_s")
+    p41 = get("onnx:pruned:int4@1thread", "decode_tokens_per_s")
+    targets["pruned_int4_decode_vs_llama_cpp_1thread"] = (p41 / llama1) if p41 and llama1 else None
     for prec in PRECISIONS:
         d, pr = out[f"dense:{prec}"], out[f"pruned:{prec}"]
         if d["decode_tokens_per_s"] and pr["decode_tokens_per_s"] and d["bytes"] and pr["bytes"]:
