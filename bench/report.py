@@ -108,12 +108,16 @@ def render_export(results: dict, docs: Path) -> None:
              f"{setup.get('eval')}, the same token windows for every engine. Prefill: one "
              f"{setup.get('prefill_tokens')}-token prompt (median of 3). Decode: {setup.get('decode')} (median of 2). "
              f"{setup.get('threads')} threads for every engine (ONNX Runtime intra-op, torch, llama.cpp), on a "
-             f"{setup.get('cpu_count')}-core machine shared with another engineer's jobs (load averages in "
+             f"{setup.get('cpu_count')}-core machine shared with another engineer's jobs (and, before the llama.cpp rows, a "
+             "low-priority build of llama-cpp-python; load averages in "
              "`bench/results/export.json`; timings may be inflated). Peak RSS is of the measuring process "
              "(model load, the tokenized evaluation text and a 512-token prefill included). The ONNX graph "
              "(optimum's layout) and PyTorch compute the logits of every prompt position in the prefill — "
              "512 × 262k LM-head products, more work than the decoder layers — while llama.cpp computes the "
-             "last position's only.", "",
+             "last position's only. llama.cpp (llama-cpp-python, built here from source) runs without its extra CPU "
+             "buffer types (AMX and weight repacking), whose AMX kernel segfaults on this VM; its peak RSS includes "
+             "its perplexity run (logits of every position). PyTorch eager decode varied between 0.25 and 1.2 s a "
+             "token in a re-check on the busy machine: treat its decode column as a rough lower bound.", "",
              "| model | engine | precision | file MiB | size vs fp32 | perplexity | change vs fp32 | prefill 512 s | prefill tok/s | decode tok/s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("dense", "pruned"):
