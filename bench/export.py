@@ -221,7 +221,6 @@ def main() -> int:
         "cpu_count": os.cpu_count(),
     }
     steps = results.setdefault("steps", {})
-    runs = results.setdefault("runs", {})
     pruned_dir = args.work / f"pruned-{args.ratio}"
     models = {"dense": args.model, "pruned": str(pruned_dir)}
 

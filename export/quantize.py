@@ -38,8 +38,9 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     `wide` names MatMuls (substrings of node names, e.g. 'down_proj') kept at 8 bits.
     `algorithm` 'hqq' fits each block's scale and zero point (half-quadratic, no data) instead of
     rounding to nearest: measured more accurate but its float zero points take a slow kernel
-    in ONNX Runtime (about 25x slower per MatMul), so it is not offered in ExportConfig. `layer_bits=0` and `embedding_bits` (default: `table_bits`) are there to measure where
-    the error comes from."""
+    in ONNX Runtime (about 25x slower per MatMul), so it is not offered in ExportConfig.
+    `layer_bits=0` and `embedding_bits` (default: `table_bits`) are there to measure where the
+    error comes from."""
     try:
         import onnx_ir  # noqa: F401 - MatMulNBitsQuantizer imports it
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
