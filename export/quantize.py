@@ -29,7 +29,7 @@ def quantize_int8(src: Path, dst: Path, block_size: int = 32, quantize_embedding
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding: bool = True,
                   accuracy_level: int | None = 4, symmetric: bool = False, table_bits: int = 8,
                   layer_bits: int = 4, embedding_bits: int | None = None, algorithm: str = "rtn",
-                  wide: tuple[str, ...] = ()) -> dict:
+                  wide: tuple[str, ...] = ("down_proj", "v_proj")) -> dict:
     """Block-wise 4-bit decoder layers: every MatMul of the layers becomes MatMulNBits (block
     `block_size`, `symmetric` or with zero points). The vocabulary table gets `table_bits` (8 or
     4; 0 keeps it fp32), symmetric, same blocks: the LM head MatMul becomes MatMulNBits of that
