@@ -246,7 +246,8 @@ def render(results: dict, doc: Path, plot: Path) -> None:
         "",
         f"Federated wall time {runs['federated']['wall_seconds']:.0f} s ({len(fed['rounds'])} rounds, "
         f"{', '.join(str(r['seconds']) for r in fed['rounds'])} s); centralized {runs['centralized']['wall_seconds']:.0f} s. "
-        f"Client peak RSS {s['client_peak_rss_mb']:.0f} MB against the fleet estimate {s['client_estimate_mb']:.0f} MB.",
+        f"Client peak RSS {s['client_peak_rss_mb']:.0f} MB (training, in a ray worker) against the fleet estimate "
+        f"{s['client_estimate_mb']:.0f} MB.", *results.get("notes", []),
         "", "| after round | WikiText-2 | Python docs tutorial |", "|---|---|---|",
         f"| 0 (pruned) | {runs['pruned']['perplexity']['wikitext2']:.2f} | {runs['pruned']['perplexity']['pydocs-tutorial']:.2f} |",
         *[f"| {r['round']} | {r['wikitext2']:.2f} | {r['pydocs-tutorial']:.2f} |" for r in results["curve"]],
