@@ -212,7 +212,7 @@ def main() -> int:
         return 0
 
     args.work.mkdir(parents=True, exist_ok=True)
-    results = load_results(args.results) if args.resume else {}
+    results = load_results(args.results) if (args.resume or args.only) else {}  # --only re-measures in place
     rel, n_windows, seq = EVAL
     results["setup"] = {
         "model": args.model, "ratio": args.ratio, "calib": "wikitext2/wiki.valid.tokens (compress defaults)",

@@ -108,9 +108,9 @@ def render_export(results: dict, docs: Path) -> None:
              f"{setup.get('eval')}, the same token windows for every engine. Prefill: one "
              f"{setup.get('prefill_tokens')}-token prompt (median of 3). Decode: {setup.get('decode')} (median of 2). "
              f"{setup.get('threads')} threads for every engine (ONNX Runtime intra-op, torch, llama.cpp), on a "
-             f"{setup.get('cpu_count')}-core machine shared with another engineer's jobs (and, before the llama.cpp rows, a "
-             "low-priority build of llama-cpp-python; load averages in "
-             "`bench/results/export.json`; timings may be inflated). Peak RSS is of the measuring process "
+             f"{setup.get('cpu_count')}-core machine. The ONNX Runtime and llama.cpp rows were measured on the idle "
+             "machine; the exports, the PyTorch rows and the 1-thread table ran while other jobs shared the cores "
+             "(1-minute load averages per step below; those timings are inflated). Peak RSS is of the measuring process "
              "(model load, the tokenized evaluation text and a 512-token prefill included). The ONNX graph "
              "(optimum's layout) and PyTorch compute the logits of every prompt position in the prefill — "
              "512 × 262k LM-head products, more work than the decoder layers — while llama.cpp computes the "
@@ -147,8 +147,9 @@ def render_export(results: dict, docs: Path) -> None:
     one = [(k, steps[k]) for k in ("onnx:dense:int4@1thread", "onnx:pruned:int4@1thread", "llama.cpp:dense:Q4_K_M@1thread")
            if isinstance(steps.get(k), dict) and "decode_tokens_per_s" in steps[k]]
     if one:
-        lines += ["", "The same on **1 thread** (llama.cpp's 2 OpenMP threads spin-wait on each other when the 2 cores are "
-                  "shared with other jobs, and its 2-thread decode above collapses; ONNX Runtime degrades far less):", "",
+        lines += ["", "The same on **1 thread**, measured while other jobs ran (with the cores shared, llama.cpp's 2 "
+                  "OpenMP threads spin-wait on each other and its 2-thread decode collapsed to 1.5 tokens/s; on 1 "
+                  "thread both engines degrade gracefully):", "",
                   "| run | prefill 512 s | prefill tok/s | decode tok/s | peak RSS MiB |", "|---|---|---|---|---|"]
         for key, m in one:
             lines.append(f"| {key.replace('@1thread', '')} | {_fmt(m.get('prefill_seconds'))} | {_fmt(m.get('prefill_tokens_per_s'), '.0f')} | "
