@@ -3,19 +3,7 @@ optionally quantized (int8 / int4), converted to .ort and described for onnxrunt
 
 from __future__ import annotations
 
-from .common import emit_json, positive_int
-
-
-def _positive_float(text: str) -> float:
-    import argparse
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
+from .common import emit_json, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -41,7 +29,7 @@ def add_parser(sub) -> None:
                    help="int4: bits of the vocabulary table (LM head and tied embedding, stored once): 8 (default) or 4")
     p.add_argument("--ort", action="store_true", help="also write model.ort (ONNX Runtime Mobile) beside each model.onnx")
     p.add_argument("--genai", action="store_true", help="also write genai_config.json for onnxruntime-genai")
-    p.add_argument("--atol", type=_positive_float, default=1e-3, help="largest fp32 max |logit diff| vs PyTorch (1e-3)")
+    p.add_argument("--atol", type=positive_float, default=1e-3, help="largest fp32 max |logit diff| vs PyTorch (1e-3)")
     p.add_argument("--eval-data", default=None, help="text for the quantized perplexity change (file, folder or HF "
                    "dataset; default: a built-in paragraph)")
     p.add_argument("--eval-windows", type=positive_int, default=4, help="evaluation windows (4)")

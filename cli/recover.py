@@ -4,36 +4,7 @@ round's adapter to OUT.rounds/ (for --resume)."""
 
 from __future__ import annotations
 
-import argparse
-
-from .common import emit_json, positive_int
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text) if text.replace(".", "", 1).replace("e-", "", 1).isdigit() else None
-    if value is None:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a non-negative number")
-    return value
+from .common import emit_json, fraction, non_negative_float, positive_float, positive_int
 
 
 def add_parser(sub) -> None:
@@ -48,22 +19,22 @@ def add_parser(sub) -> None:
     p.add_argument("--fleet", default=None, help="TOML/JSON file of devices with memory_mb (and speed): rank and depth per device")
     p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | domain (iid)")
     p.add_argument("--aggregation", choices=AGGREGATIONS, default="fedavg", help="fedavg (equal ranks), hetlora or flexlora")
-    p.add_argument("--fraction", type=_fraction, default=1.0, help="share of clients sampled per round (1.0)")
+    p.add_argument("--fraction", type=fraction, default=1.0, help="share of clients sampled per round (1.0)")
     p.add_argument("--min-clients", type=positive_int, default=None, help="replies needed to apply a round (half the sampled)")
     p.add_argument("--local-steps", type=positive_int, default=10, help="optimizer steps per client per round (10)")
     p.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank; with --fleet the largest rank (8)")
-    p.add_argument("--lora-alpha", type=_positive_float, default=None, help="LoRA alpha (2 x rank)")
-    p.add_argument("--lr", type=_positive_float, default=2e-4, help="client learning rate (2e-4)")
+    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (2 x rank)")
+    p.add_argument("--lr", type=positive_float, default=2e-4, help="client learning rate (2e-4)")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (4)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (256)")
     p.add_argument("--max-windows", type=positive_int, default=None, help="at most this many windows per data source")
     p.add_argument("--eval-data", default=None, help="server-side evaluation text (default: windows held out of --data)")
     p.add_argument("--eval-windows", type=positive_int, default=4, help="evaluation windows (4)")
-    p.add_argument("--round-timeout", type=_positive_float, default=600.0, help="straggler timeout per round, seconds (600)")
+    p.add_argument("--round-timeout", type=positive_float, default=600.0, help="straggler timeout per round, seconds (600)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling, partitions, LoRA init and training (0)")
     p.add_argument("--secagg", action="store_true", help="Flower SecAgg+: the server only sees the sum of uploads")
-    p.add_argument("--dp-clip", type=_positive_float, default=None, help="central DP: clip each client's update to this L2 norm")
-    p.add_argument("--dp-noise", type=_non_negative_float, default=0.0, help="central DP: noise multiplier z (0)")
+    p.add_argument("--dp-clip", type=positive_float, default=None, help="central DP: clip each client's update to this L2 norm")
+    p.add_argument("--dp-noise", type=non_negative_float, default=0.0, help="central DP: noise multiplier z (0)")
     p.add_argument("--resume", action="store_true", help="continue the run whose rounds are in OUT.rounds/")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and earlier rounds")
     p.add_argument("--json", action="store_true", help="print metrics as JSON on stdout")

@@ -137,5 +137,13 @@ def pruned_class(stock_cls: type) -> type:
     return type(PRUNED_CLASS, (stock_cls,), {"__init__": __init__, "__module__": __name__})
 
 
+def model_class(config) -> type:
+    """The *ForCausalLM class that builds `config`: the stock one, resized when it is pruned."""
+    from transformers import AutoModelForCausalLM
+
+    stock = AutoModelForCausalLM._model_mapping[type(config)]
+    return pruned_class(stock) if is_pruned_config(config) else stock
+
+
 def is_pruned_config(config) -> bool:
     return bool(getattr(config, "llmprune", None))

@@ -186,11 +186,17 @@ def share_tied_table(proto, tied: dict[str, str], block_size: int, bits: int) ->
         nodes[at:at + 1] = new
         shared += 1
     if shared:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _drop_unused_initializers(graph)
-        _ensure_contrib_opset(proto)
+        _replace_nodes(proto, nodes)
     return shared
+
+
+def _replace_nodes(proto, nodes: list) -> None:
+    """Install the rewritten node list, drop initializers nothing reads any more and declare the
+    com.microsoft opset the new contrib nodes need."""
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    _drop_unused_initializers(proto.graph)
+    _ensure_contrib_opset(proto)
 
 
 def quantize_gathers_int8(proto, names: set[str], block_size: int) -> int:
@@ -221,10 +227,7 @@ def quantize_gathers_int8(proto, names: set[str], block_size: int) -> int:
                                      block_size=block_size, bits=8)
         count += 1
     if count:
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _drop_unused_initializers(graph)
-        _ensure_contrib_opset(proto)
+        _replace_nodes(proto, nodes)
     return count
 
 

@@ -40,7 +40,6 @@ KEY_CLIPPING_NORM = "clipping_norm"
 def _model(path: str):
     import llmprune
 
-    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     model = llmprune.load_model(path)
     model.eval()
     return model
@@ -96,7 +95,7 @@ def _inject_faults(spec: str, pid: int, server_round: int) -> None:
             os._exit(17)
 
 
-def _to_numpy(record: ArrayRecord) -> dict[str, np.ndarray]:
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
@@ -160,7 +159,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         cfg = config_of(context)
         if is_legacy_fit(msg):  # a SecAgg+ round: the legacy fit protocol, masked by the mod
             return secagg_train(msg, lambda arrays, config: local_training(cfg, context, arrays, config))
-        trained, metrics = local_training(cfg, context, _to_numpy(msg.content["arrays"]), msg.content["config"])
+        trained, metrics = local_training(cfg, context, from_record(msg.content["arrays"]), msg.content["config"])
         return Message(RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

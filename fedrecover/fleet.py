@@ -121,6 +121,13 @@ def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def check_ranks(aggregation: str, ranks: set[int]) -> None:
+    """fedavg averages A and B as they are, so every device must share one rank."""
+    if aggregation == "fedavg" and len(ranks) > 1:
+        raise LLMPruneError("the fleet gives devices different LoRA ranks; fedavg needs one rank",
+                            "use --aggregation hetlora or flexlora")
+
+
 def candidate_ranks(max_rank: int) -> list[int]:
     ranks, r = {max_rank}, 1
     while r < max_rank:

@@ -62,7 +62,7 @@ def source_windows(tokenizer, specs: list[str], seq_len: int, max_windows: int |
     return torch.cat(parts), np.concatenate(domains)
 
 
-def split_eval(windows: torch.Tensor, domains: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+def split_eval(domains: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices kept for training, and `count` held out for evaluation (the last windows of each
     domain in turn), so evaluation text is never trained on."""
     keep = np.ones(len(domains), dtype=bool)
@@ -127,7 +127,7 @@ def build_client_data(tokenizer, specs: list[str], clients: int, partition: str,
         held = token_windows(tokenizer, load_texts(eval_spec), seq_len, eval_windows)
         train_idx = np.arange(len(domains))
     else:
-        train_idx, eval_idx = split_eval(windows, domains, eval_windows)
+        train_idx, eval_idx = split_eval(domains, eval_windows)
         held = windows[torch.from_numpy(eval_idx)] if len(eval_idx) else None
     if len(train_idx) < clients:
         raise LLMPruneError(

@@ -36,7 +36,6 @@ def _check_checkpoint(model_dir: str) -> None:
     if not path.is_dir() or not (path / "config.json").is_file():
         raise LLMPruneError(f"'{model_dir}' is not a checkpoint folder (no config.json)",
                             "pass a folder written by `llmprune compress` (or any HF model folder)")
-    llmprune.load_config(model_dir)
     llmprune.adapter_for(llmprune.load_config(model_dir))
 
 
@@ -44,28 +43,23 @@ def meta_model(model_dir: str):
     """The checkpoint's module tree on the meta device (shapes, no weights): enough to plan
     the fleet before anything is loaded."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     import llmprune
-    from llmprune.compress.checkpoint import pruned_class
+    from llmprune.compress.checkpoint import model_class
 
     config = llmprune.load_config(model_dir)
-    stock = AutoModelForCausalLM._model_mapping[type(config)]
-    cls = pruned_class(stock) if getattr(config, "llmprune", None) else stock
     with torch.device("meta"):
-        return cls(config)
+        return model_class(config)(config)
 
 
 def check_fleet(model_dir: str, cfg: RecoverConfig) -> list[dict]:
     """Every device of the fleet file gets a rank and depth that fit, or the error says which
     device and what budget it needs, before Flower starts."""
-    from .fleet import assign_devices, load_fleet
+    from .fleet import assign_devices, check_ranks, load_fleet
 
     plans = assign_devices(meta_model(model_dir), load_fleet(cfg.fleet), cfg.lora_rank, cfg.batch_size, cfg.seq_len,
                            cfg.target_modules)
-    if cfg.aggregation == "fedavg" and len({p.rank for p in plans}) > 1:
-        raise LLMPruneError("the fleet gives devices different LoRA ranks; fedavg needs one rank",
-                            "use --aggregation hetlora or flexlora")
+    check_ranks(cfg.aggregation, {p.rank for p in plans})
     return [p.to_dict() for p in plans]
 
 

@@ -107,8 +107,10 @@ def run_secagg_round(grid, context: Context, messages: list[Message], global_arr
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
 
+    from .client_app import from_record
+
     layout = upload_layout(global_arrays)
-    views = {m.metadata.dst_node_id: {k: v.numpy() for k, v in m.content["arrays"].items()} for m in messages}
+    views = {m.metadata.dst_node_id: from_record(m.content["arrays"]) for m in messages}
     configs = {m.metadata.dst_node_id: dict(m.content["config"]) for m in messages}
     strategy = _LegacyRound(views, configs, layout, rank)
     manager = SimpleClientManager()

@@ -24,9 +24,9 @@ from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, 
 from llmprune.errors import LLMPruneError
 
 from .aggregation import ClientUpdate, aggregate, client_view
-from .client_app import to_record
+from .client_app import from_record, to_record
 from .config import RecoverConfig
-from .fleet import Assignment, assign_devices, load_fleet, uniform_assignments
+from .fleet import Assignment, assign_devices, check_ranks, load_fleet, uniform_assignments
 from .lora import init_arrays, module_shapes, modules_of, top_layer_modules
 from .state import RoundState, load_state, save_state
 
@@ -60,7 +60,7 @@ class LoraStrategy(Strategy):
         return [by_pid[i] for i in sorted(rng.choice(len(by_pid), size=k, replace=False))]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.global_arrays = {k: v.numpy() for k, v in arrays.items()}
+        self.global_arrays = from_record(arrays)
         messages, down = [], 0
         for node in self.sample(server_round):
             pid, plan = self.clients[node]
@@ -82,7 +82,7 @@ class LoraStrategy(Strategy):
             if reply.has_error():
                 continue
             metrics = reply.content["metrics"]
-            arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+            arrays = from_record(reply.content["arrays"])
             updates.append(ClientUpdate(arrays, float(metrics["num-examples"]), str(metrics["partition-id"])))
             losses.append(float(metrics["train-loss"]))
             weights.append(float(metrics["num-examples"]))
@@ -193,9 +193,7 @@ def plan_fleet(model, cfg: RecoverConfig, found: dict[int, dict]) -> FleetPlan:
     shapes = module_shapes(model, cfg.target_modules)
     modules = {pid: top_layer_modules(shapes, plan.depth) for pid, plan in clients.values()}
     ranks = {plan.rank for _, plan in clients.values()}
-    if cfg.aggregation == "fedavg" and len(ranks) > 1:
-        raise LLMPruneError("the fleet gives devices different LoRA ranks; fedavg needs one rank",
-                            "use --aggregation hetlora or flexlora")
+    check_ranks(cfg.aggregation, ranks)
     union = [m for m in shapes if any(m in mods for mods in modules.values())]
     init = init_arrays(shapes, union, max(ranks), cfg.seed)
     devices = [{"partition-id": pid, "node-id": node, **plan.to_dict(), "examples": found[node]["num-examples"],
@@ -317,7 +315,7 @@ def _plain_round(grid: Grid, strategy: Strategy, messages: list[Message], needed
         # Flower's DP wrapper checks the replies itself (and refuses a round with failures).
         new, agg_metrics = strategy.aggregate_train(server_round, replies if cfg.dp_clip is not None else ok)
         if new is not None:
-            arrays = {k: v.numpy() for k, v in new.items()}
+            arrays = from_record(new)
             loss = float(agg_metrics["train-loss"]) if agg_metrics else None
     return RoundResult(arrays, arrays is not None, loss, metrics, sum(sizes), max(sizes, default=0))
 
