@@ -73,7 +73,7 @@ def centralized_lora(args, pruned: Path, data: list[str], out: Path, steps: int)
     import torch
 
     import llmprune
-    from llmprune.compress.checkpoint import save_pruned
+    from llmprune.checkpoint import save_pruned
     from llmprune.fedrecover import RecoverConfig, build_client_data, merge_lora, module_shapes, train_lora
     from llmprune.fedrecover.lora import init_arrays
 

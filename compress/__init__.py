@@ -9,7 +9,7 @@ import platform
 
 from torch import nn
 
-from .checkpoint import check_output_dir, save_pruned
+from llmprune.checkpoint import check_output_dir, save_pruned
 from .config import METHODS, CompressConfig
 from .pruner import CompressResult, compress_model
 

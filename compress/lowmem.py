@@ -28,8 +28,8 @@ from llmprune.models import load_config, load_tokenizer, resolve_model_spec
 
 from .budget import Plan, layer_params, make_plan
 from .calibration import block_influence, capture_inputs, collect_grams, run_layer
-from .checkpoint import MODELING_FILE, PRUNED_CLASS, REPORT_FILE, atomic_output_dir, modeling_source, pruned_class
-from .surgery import layer_shape
+from llmprune.checkpoint import MODELING_FILE, PRUNED_CLASS, REPORT_FILE, atomic_output_dir, modeling_source, pruned_class
+from llmprune.checkpoint import layer_shape
 from .config import CompressConfig
 from .layer import LayerStats, prune_layer
 from .safetensors_io import copy_tensors, read_header

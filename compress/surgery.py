@@ -84,17 +84,6 @@ def head_columns(head_indices: torch.Tensor, head_dim: int) -> torch.Tensor:
     return (head_indices[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
 
 
-def layer_shape(layer: nn.Module) -> dict:
-    """The per-layer record stored in config.llmprune['layers']."""
-    attn, mlp = layer.self_attn, layer.mlp
-    return {
-        "intermediate_size": int(mlp.down_proj.in_features),
-        "num_attention_heads": int(attn.q_proj.out_features // attn.head_dim),
-        "mlp_out_bias": mlp.down_proj.bias is not None,
-        "attn_out_bias": attn.o_proj.bias is not None,
-    }
-
-
 def install_layers(model: nn.Module, new_layers: list[nn.Module], kept: list[int]) -> None:
     """Replace the decoder stack by `new_layers` (the layers of current indices `kept`), updating
     num_hidden_layers, layer_types and every layer_idx."""

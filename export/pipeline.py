@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from llmprune.arch import adapter_for
-from llmprune.compress.checkpoint import atomic_output_dir, check_output_dir
+from llmprune.checkpoint import atomic_output_dir, check_output_dir
 from llmprune.data import cut_windows, tokenize_stream
 from llmprune.errors import LLMPruneError
 

@@ -45,7 +45,7 @@ def meta_model(model_dir: str):
     import torch
 
     import llmprune
-    from llmprune.compress.checkpoint import model_class
+    from llmprune.checkpoint import model_class
 
     config = llmprune.load_config(model_dir)
     with torch.device("meta"):
@@ -93,7 +93,7 @@ def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig
     to `out` (atomically, at the end) and per-round checkpoints to `out`.rounds/."""
     from flwr.simulation import run_simulation
 
-    from llmprune.compress.checkpoint import check_output_dir
+    from llmprune.checkpoint import check_output_dir
 
     from .client_app import build_client_app
     from .server_app import build_server_app

@@ -342,7 +342,7 @@ def _secagg_round(grid: Grid, context: Context, strategy: LoraStrategy, messages
 
 def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: dict, source: str, overwrite: bool) -> None:
     """Fold the adapter into the weights and write a checkpoint like compress's, with metrics.json."""
-    from llmprune.compress.checkpoint import REPORT_FILE, save_pruned
+    from llmprune.checkpoint import REPORT_FILE, save_pruned
 
     from .lora import merge_lora
 

@@ -148,7 +148,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
             model = _load_gguf_model(Path(source.path), dtype)
         elif getattr(config, "llmprune", None):
             # A pruned checkpoint: the stock class resized from the recorded per-layer shapes.
-            from llmprune.compress.checkpoint import pruned_class
+            from llmprune.checkpoint import pruned_class
 
             stock = AutoModelForCausalLM._model_mapping[type(config)]
             model = pruned_class(stock).from_pretrained(source.path, config=config, dtype=dtype)

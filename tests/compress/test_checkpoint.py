@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.compress import compress
-from llmprune.compress.checkpoint import MODELING_FILE, REPORT_FILE, atomic_output_dir, check_output_dir, save_pruned
+from llmprune.checkpoint import MODELING_FILE, REPORT_FILE, atomic_output_dir, check_output_dir, save_pruned
 from llmprune.errors import LLMPruneError
 from llmprune.testing import tiny_model
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from llmprune.compress.surgery import drop_layers, install_layers, layer_shape, prune_mlp_neurons, prune_query_heads
+from llmprune.checkpoint import layer_shape
+from llmprune.compress.surgery import drop_layers, install_layers, prune_mlp_neurons, prune_query_heads
 from llmprune.params import parameter_breakdown
 from llmprune.testing import tiny_model
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmprune.compress.checkpoint import pruned_class
+from llmprune.checkpoint import pruned_class
 from llmprune.export import ExportConfig, export_onnx
 from llmprune.testing import tiny_config, tiny_tokenizer
 
@@ -75,7 +75,7 @@ def pruned_export(tmp_path_factory, tok):
 @pytest.fixture(scope="session")
 def pruned_checkpoint(tmp_path_factory, tok) -> Path:
     """A pruned tiny Gemma-3 checkpoint folder as `llmprune compress` writes it (modeling file, shapes)."""
-    from llmprune.compress.checkpoint import save_pruned
+    from llmprune.checkpoint import save_pruned
 
     out = tmp_path_factory.mktemp("pruned-ckpt") / "ckpt"
     save_pruned(pruned_tiny_model("gemma3_text"), tok, out, layer_map=LAYER_MAP)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import llmprune
-from llmprune.compress.checkpoint import record_shapes
+from llmprune.checkpoint import record_shapes
 from llmprune.compress.surgery import drop_layers, prune_mlp_neurons, prune_query_heads
 from llmprune.export import ExportConfig, GenaiCausalLM, OnnxCausalLM, export_onnx
 

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from llmprune.compress.checkpoint import REPORT_FILE
+from llmprune.checkpoint import REPORT_FILE
 from llmprune.errors import LLMPruneError
 from llmprune.fedrecover import (TARGET_MODULES, attach_lora, detach_lora, get_lora_arrays, lora_applied, merge_lora,
                                  module_shapes, set_lora_arrays)

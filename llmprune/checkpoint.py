@@ -16,10 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llmprune.arch import adapter_for
-from llmprune.errors import LLMPruneError
-
-from .surgery import layer_shape
+from .arch import adapter_for
+from .errors import LLMPruneError
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +34,20 @@ def modeling_source(model_or_class) -> str:
         if klass.__module__.startswith("transformers.models."):
             cls = klass
             break
-    template = resources.files("llmprune.compress").joinpath("modeling_template.py").read_text()
+    template = resources.files("llmprune").joinpath("modeling_template.py").read_text()
     line = f"from {cls.__module__} import {cls.__name__} as _Base  # LLMPRUNE_BASE_IMPORT"
     return template.replace("from transformers import PreTrainedModel as _Base  # LLMPRUNE_BASE_IMPORT", line)
+
+
+def layer_shape(layer: nn.Module) -> dict:
+    """The per-layer record stored in config.llmprune['layers']."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {
+        "intermediate_size": int(mlp.down_proj.in_features),
+        "num_attention_heads": int(attn.q_proj.out_features // attn.head_dim),
+        "mlp_out_bias": mlp.down_proj.bias is not None,
+        "attn_out_bias": attn.o_proj.bias is not None,
+    }
 
 
 def record_shapes(model: nn.Module, layer_map: list[int], source: str | None = None,
