@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmprune.errors import LLMPruneError
+from llmprune.options import option, positive_float, positive_int
 
 QUANTIZE_MODES = ("none", "int8", "int4")
 
@@ -38,35 +39,46 @@ DEFAULT_EVAL_TEXT = (
 class ExportConfig:
     """Options of one export.
 
-    quantize: 'none' (fp32 only), 'int8' (block-wise 8-bit weights: MatMul and embedding) or 'int4'
-    (block-wise 4-bit MatMulNBits for the decoder layers, with a zero point per block unless
-    `symmetric`, those matching `keep_8bit` at 8 bits; the vocabulary table — LM head, and the
-    embedding too when `quantize_embedding` — in `table_bits`), or both. The fp32 model is always
-    written at the top of the output folder (a standard optimum layout) and parity-checked; a
-    quantized model goes in a sub-folder named after the mode, itself a complete folder.
-    atol: the largest max |logit difference| an fp32 export may have against PyTorch (fails above).
-    """
+    The fp32 model is always written at the top of the output folder (a standard optimum layout)
+    and parity-checked; a quantized model goes in a sub-folder named after the mode, itself a
+    complete folder. Each field's help says what it does; `llmprune export` has one flag per field
+    the CLI exposes (llmprune.options)."""
 
-    quantize: str | tuple[str, ...] = "none"  # one mode, or several ("int8", "int4") written side by side
-    block_size: int = 32
-    quantize_embedding: bool = True
-    accuracy_level: int | None = 4  # MatMulNBits compute type: 4 = int8 activations (fast on CPU)
-    symmetric: bool = False  # int4 layer blocks: False = a zero point per block (measured better), True = none
-    keep_8bit: tuple[str, ...] = ("down_proj", "v_proj")  # int4 mode: MatMuls (node-name substrings) kept at 8 bits
-    table_bits: int = 8  # int4 mode: bits of the vocabulary table (LM head + tied embedding), 8 or 4
-    ort: bool = False
-    genai: bool = False
-    opset: int | None = None
-    atol: float = 1e-3
-    check_generation: bool = True  # fp32 greedy tokens must equal PyTorch's
-    parity_tokens: int = 32
-    prompts: tuple[str, ...] = DEFAULT_PROMPTS
-    parity_seq_len: int = 48  # tokens of the fixed logit-parity input
-    eval_windows: int = 4
-    eval_seq_len: int = 128
-    max_context: int | None = None  # genai_config context_length (default: the model's positions)
-    threads: int | None = None  # onnxruntime intra-op threads for the checks (default: all cores)
-    overwrite: bool = False
+    quantize: str | tuple[str, ...] = option(
+        "none", nargs="+", choices=QUANTIZE_MODES,
+        help="also write an int8 (block-wise 8-bit weights: MatMul and embedding) and/or int4 (block-wise 4-bit "
+             "MatMulNBits for the decoder layers; the vocabulary table in --table-bits) model, each in its sub-folder")
+    block_size: int = option(32, parse=positive_int, help="int8/int4 block size")
+    quantize_embedding: bool = option(
+        True, help="int8/int4: quantize the embedding lookup table too (--no-quantize-embedding keeps it in fp32; "
+                   "the LM head is quantized either way)")
+    accuracy_level: int | None = option(
+        4, choices=(0, 1, 2, 3, 4),
+        help="MatMulNBits compute type: 4 = int8 activations (fast), 0 = unset (fp32 on CPU; very slow for 8-bit weights)")
+    symmetric: bool = option(
+        False, help="int4: blocks without zero points (default: a zero point per block, measured more accurate)")
+    keep_8bit: tuple[str, ...] = option(
+        ("down_proj", "v_proj"), nargs="*", metavar="NAME",
+        help="int4: MatMuls whose node name contains one of these stay 8-bit (none: give no NAME)")
+    table_bits: int = option(
+        8, choices=(4, 8), help="int4: bits of the vocabulary table (LM head and tied embedding, stored once)")
+    ort: bool = option(False, help="also write model.ort (ONNX Runtime Mobile) beside each model.onnx")
+    genai: bool = option(False, help="also write genai_config.json for onnxruntime-genai")
+    opset: int | None = option(None, parse=positive_int, default_text="optimum's for the architecture",
+                               help="ONNX opset")
+    atol: float = option(1e-3, parse=positive_float,
+                         help="largest fp32 max |logit difference| against PyTorch (the export fails above it)")
+    check_generation: bool = option(True, cli=False, help="fp32 greedy tokens must equal PyTorch's")
+    parity_tokens: int = option(32, cli=False, help="tokens generated per prompt in the greedy parity check")
+    prompts: tuple[str, ...] = option(DEFAULT_PROMPTS, cli=False, help="prompts of the greedy parity check")
+    parity_seq_len: int = option(48, cli=False, help="tokens of the fixed logit-parity input")
+    eval_windows: int = option(4, parse=positive_int, help="evaluation windows for the quantized perplexity change")
+    eval_seq_len: int = option(128, parse=positive_int, help="tokens per evaluation window")
+    max_context: int | None = option(None, cli=False,
+                                     help="genai_config context_length (default: the model's positions)")
+    threads: int | None = option(None, cli=False,
+                                 help="onnxruntime intra-op threads for the checks (default: all cores)")
+    overwrite: bool = option(False, help="replace a non-empty --out")
 
     def __post_init__(self):
         modes = (self.quantize,) if isinstance(self.quantize, str) else tuple(self.quantize)
@@ -76,6 +88,8 @@ class ExportConfig:
         if "none" in modes and len(modes) > 1:
             raise LLMPruneError("quantization 'none' cannot be combined with other modes", "give none, or int8 and/or int4")
         self.quantize = modes[0] if len(modes) == 1 else modes
+        if self.accuracy_level == 0:  # 0 means "unset": onnxruntime's own default
+            self.accuracy_level = None
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise LLMPruneError(f"block size {self.block_size} is not a power of two >= 16", "use 32 (default), 64 or 128")
         self.keep_8bit = tuple(self.keep_8bit)

@@ -92,10 +92,43 @@ def dedupe_initializers(model_proto) -> dict:
 
     graph = model_proto.graph
     _fold_transposed_initializers(graph)  # optimum's own tie (a Transpose node) -> a plain copy, handled below
+    replace, transposed = _find_copies(graph)
+    if not replace and not transposed:
+        return {"removed": [], "bytes_saved": 0}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in replace:
+                node.input[i] = replace[name]
+    input_ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
+    removed = set(replace)
+    prefix: list = []
+    for copy, original in transposed.items():
+        # `copy` = original.T. Preferred: drop `original` if only axis-0 Gathers read it.
+        if _gather_through_transpose(graph, copy, original, input_ranks):
+            removed.add(original)
+        else:  # fall back: a Transpose node of the kept table yields the removed name
+            prefix.append(helper.make_node("Transpose", [original], [copy], name=f"llmprune_tied_{len(prefix)}", perm=[1, 0]))
+            removed.add(copy)
+    saved = sum(numpy_helper.to_array(i).nbytes for i in graph.initializer if i.name in removed)
+    keep = [i for i in graph.initializer if i.name not in removed]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    if prefix:
+        nodes = list(graph.node)
+        del graph.node[:]
+        graph.node.extend(prefix + nodes)
+    return {"removed": sorted(removed), "tied_transposed": dict(transposed), "duplicates": dict(replace), "bytes_saved": int(saved)}
+
+
+def _find_copies(graph) -> tuple[dict[str, str], dict[str, str]]:
+    """Large initializers equal to an earlier one (name -> kept name), and those equal to an
+    earlier one's transpose (name -> kept name)."""
+    from onnx import numpy_helper
+
     seen: dict[tuple, str] = {}
     arrays: dict[str, np.ndarray] = {}
     replace: dict[str, str] = {}
-    transposed: dict[str, str] = {}  # removed name -> kept name whose transpose it is
+    transposed: dict[str, str] = {}
     for init in graph.initializer:
         if int(np.prod(init.dims)) < _MIN_DEDUPE_ELEMENTS:
             continue
@@ -111,48 +144,34 @@ def dedupe_initializers(model_proto) -> dict:
                 continue
         seen[key] = init.name
         arrays[init.name] = arr
-    if not replace and not transposed:
-        return {"removed": [], "bytes_saved": 0}
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name in replace:
-                node.input[i] = replace[name]
-    input_ranks = {i.name: len(i.type.tensor_type.shape.dim) for i in graph.input}
-    removed = set(replace)
-    prefix: list = []
-    for copy, original in transposed.items():
-        # `copy` = original.T. Preferred: drop `original` if only axis-0 Gathers read it.
-        users = [n for n in graph.node if original in n.input]
-        gathers_ok = users and all(
-            n.op_type == "Gather" and list(n.input).index(original) == 0 and _attr(n, "axis", 0) == 0
-            and n.input[1] in input_ranks for n in users)
-        if gathers_ok:
-            for k, node in enumerate(users):
-                rank = input_ranks[node.input[1]]
-                out = node.output[0]
-                gathered = f"{out}_llmprune_hidden_first"
-                node.input[0] = copy
-                node.output[0] = gathered
-                for a in list(node.attribute):
-                    if a.name == "axis":
-                        node.attribute.remove(a)
-                node.attribute.append(helper.make_attribute("axis", 1))
-                transpose = helper.make_node("Transpose", [gathered], [out], name=f"llmprune_tied_lookup_{k}",
-                                             perm=list(range(1, rank + 1)) + [0])
-                graph.node.insert(list(graph.node).index(node) + 1, transpose)
-            removed.add(original)
-        else:  # fall back: a Transpose node of the kept table yields the removed name
-            prefix.append(helper.make_node("Transpose", [original], [copy], name=f"llmprune_tied_{len(prefix)}", perm=[1, 0]))
-            removed.add(copy)
-    saved = sum(numpy_helper.to_array(i).nbytes for i in graph.initializer if i.name in removed)
-    keep = [i for i in graph.initializer if i.name not in removed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    if prefix:
-        nodes = list(graph.node)
-        del graph.node[:]
-        graph.node.extend(prefix + nodes)
-    return {"removed": sorted(removed), "tied_transposed": dict(transposed), "duplicates": dict(replace), "bytes_saved": int(saved)}
+    return replace, transposed
+
+
+def _gather_through_transpose(graph, copy: str, original: str, input_ranks: dict[str, int]) -> bool:
+    """If only axis-0 Gathers of graph inputs read `original`, make them read `copy` (its
+    transpose) with axis 1 and transpose the small gathered result back; False otherwise."""
+    from onnx import helper
+
+    users = [n for n in graph.node if original in n.input]
+    gathers_ok = users and all(
+        n.op_type == "Gather" and list(n.input).index(original) == 0 and _attr(n, "axis", 0) == 0
+        and n.input[1] in input_ranks for n in users)
+    if not gathers_ok:
+        return False
+    for k, node in enumerate(users):
+        rank = input_ranks[node.input[1]]
+        out = node.output[0]
+        gathered = f"{out}_llmprune_hidden_first"
+        node.input[0] = copy
+        node.output[0] = gathered
+        for a in list(node.attribute):
+            if a.name == "axis":
+                node.attribute.remove(a)
+        node.attribute.append(helper.make_attribute("axis", 1))
+        transpose = helper.make_node("Transpose", [gathered], [out], name=f"llmprune_tied_lookup_{k}",
+                                     perm=list(range(1, rank + 1)) + [0])
+        graph.node.insert(list(graph.node).index(node) + 1, transpose)
+    return True
 
 
 def _fold_transposed_initializers(graph) -> int:

@@ -69,19 +69,9 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
     check_output_dir(out, config.overwrite)
     model.eval()
     start = time.perf_counter()
-    mc = model.config
-    report: dict = {
-        "model": {
-            "model_type": mc.model_type, "num_hidden_layers": mc.num_hidden_layers, "hidden_size": mc.hidden_size,
-            "num_key_value_heads": mc.num_key_value_heads, "vocab_size": mc.vocab_size,
-            "tie_word_embeddings": bool(getattr(mc, "tie_word_embeddings", False)),
-            "layer_types": list(getattr(mc, "layer_types", None) or []) or None,
-            "pruned_layers": ((getattr(mc, "llmprune", None) or {}).get("layers")),
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
-        "variants": {},
-    }
+    report: dict = {"model": _model_facts(model),
+                    "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
+                    "variants": {}}
     with atomic_output_dir(out, config.overwrite) as tmp:
         t = time.perf_counter()
         facts = export_fp32(model, tmp, config.opset)
@@ -91,86 +81,124 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
         report["dedupe"] = {k: facts[k] for k in ("raw_bytes", "bytes")} | {
             "removed": facts["dedupe"]["removed"], "bytes_saved": facts["dedupe"]["bytes_saved"]}
         report["opset"] = facts["opset"]
+        checks = _ParityInputs.build(model, tokenizer, eval_texts, config)
+        fp32 = OnnxCausalLM(tmp, threads=config.threads)
+        report["variants"]["fp32"] = _check_fp32(model, fp32, checks, config)
+        folders = {"fp32": tmp}
+        for mode in config.modes:
+            report["variants"][mode], folders[mode] = _write_quantized(model, mode, tmp, checks, config,
+                                                                       report["variants"]["fp32"]["perplexity"])
+        if config.genai:
+            if tokenizer is None:
+                raise LLMPruneError("--genai needs the tokenizer files", "export a checkpoint folder that has a tokenizer")
+            for folder in folders.values():
+                write_genai_config(folder, model.config, fp32.input_names, config.max_context,
+                                   getattr(model, "generation_config", None))
+        for name, folder in folders.items():
+            if config.ort:
+                report["variants"][name]["ort"] = _convert_and_check_ort(folder, fp32 if name == "fp32" else None,
+                                                                         checks.ids, config.threads)
+            report["variants"][name]["sizes"] = _sizes(folder)
+        fp32_bytes = report["variants"]["fp32"]["sizes"]["onnx_bytes"]
+        for variant in report["variants"].values():
+            variant["size_vs_fp32"] = variant["sizes"]["onnx_bytes"] / fp32_bytes
+        report["seconds"] = round(time.perf_counter() - start, 3)
+        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return ExportResult(Path(out), report)
 
-        threads = config.threads
-        fp32 = OnnxCausalLM(tmp, threads=threads)
+
+def _model_facts(model) -> dict:
+    mc = model.config
+    return {
+        "model_type": mc.model_type, "num_hidden_layers": mc.num_hidden_layers, "hidden_size": mc.hidden_size,
+        "num_key_value_heads": mc.num_key_value_heads, "vocab_size": mc.vocab_size,
+        "tie_word_embeddings": bool(getattr(mc, "tie_word_embeddings", False)),
+        "layer_types": list(getattr(mc, "layer_types", None) or []) or None,
+        "pruned_layers": ((getattr(mc, "llmprune", None) or {}).get("layers")),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+@dataclass
+class _ParityInputs:
+    """What every variant is checked on: a fixed id sequence for logits, prompts for greedy
+    generation, evaluation windows for perplexity, and the end-of-sequence id."""
+
+    ids: torch.Tensor
+    prompts: list[list[int]]
+    windows: torch.Tensor
+    eos: object
+
+    @classmethod
+    def build(cls, model, tokenizer, eval_texts, config: ExportConfig) -> "_ParityInputs":
+        mc = model.config
         bos = tokenizer.bos_token_id if tokenizer is not None else mc.bos_token_id
         ids = fixed_inputs(mc.vocab_size, config.parity_seq_len, bos)
         if tokenizer is not None:
             prompts = [prompt_ids(tokenizer, p) for p in config.prompts]
         else:
             prompts = [row.tolist() for row in fixed_inputs(mc.vocab_size, 8, bos, seed=99)] + [ids[0, :5].tolist()]
-        eos = _eos(model)
-        windows = _eval_windows(tokenizer, eval_texts, config, mc.vocab_size, bos)
+        return cls(ids, prompts, _eval_windows(tokenizer, eval_texts, config, mc.vocab_size, bos), _eos(model))
 
-        t = time.perf_counter()
-        logits = logit_parity(model, fp32, ids)
-        gen = generation_parity(model, fp32, prompts, config.parity_tokens, eos)
-        ppl = perplexities(model, fp32, windows)
-        report["variants"]["fp32"] = {"folder": ".", "logits": logits, "generation": gen, "perplexity": ppl,
-                                      "check_seconds": round(time.perf_counter() - t, 3)}
-        worst = max(logits["max_abs_logit_diff"], logits["max_abs_logit_diff_kv_cache"])
-        if not worst <= config.atol:
-            raise LLMPruneError(
-                f"fp32 ONNX logits differ from PyTorch by {worst:.3g} (tolerance {config.atol:g})",
-                "the export is wrong for this model; rerun with --debug, or raise --atol if the difference is expected")
-        # A difference is accepted only at a near tie: PyTorch's own margin between the two tokens
-        # within twice the logit tolerance (float rounding alone can flip such a choice).
-        bad = [r for r in gen["prompts"] if not r["equal"]
-               and not (r.get("tie_gap") is not None and abs(r["tie_gap"]) <= 2 * config.atol)]
-        gen["all_equal_or_near_tie"] = not bad
-        if config.check_generation and bad:
-            raise LLMPruneError(
-                f"fp32 ONNX greedy generation differs from PyTorch at token {bad[0]['first_difference']} of a prompt"
-                f" (PyTorch margin {bad[0].get('tie_gap')})",
-                "the KV-cache path of the export is wrong for this model; rerun with --debug")
 
-        folders = {"fp32": tmp}
-        for mode in config.modes:
-            qdir = tmp / mode
-            qdir.mkdir()
-            t = time.perf_counter()
-            info = quantize(mode, tmp / MODEL_FILE, qdir / MODEL_FILE, config)
-            q_seconds = time.perf_counter() - t
-            for p in tmp.iterdir():  # config, generation config, tokenizer files
-                if p.is_file() and (p.suffix in (".json", ".model", ".txt")) and p.name != REPORT_FILE:
-                    shutil.copy2(p, qdir / p.name)
-            qsession = OnnxCausalLM(qdir, threads=threads)
-            t = time.perf_counter()
-            report["variants"][mode] = {
-                "folder": mode, "quantization": info, "quantize_seconds": round(q_seconds, 3),
-                "logits": logit_parity(model, qsession, ids),
-                "generation": generation_parity(model, qsession, prompts, config.parity_tokens, eos),
-                "perplexity": perplexities(None, qsession, windows, reference_ppl=ppl["onnx"]),
-            }
-            report["variants"][mode]["check_seconds"] = round(time.perf_counter() - t, 3)
-            folders[mode] = qdir
-            del qsession
+def _check_fp32(model, fp32: OnnxCausalLM, checks: _ParityInputs, config: ExportConfig) -> dict:
+    """Logit, greedy-generation and perplexity parity of the fp32 export; a one-line error when
+    the logits differ beyond the tolerance or generation differs away from a near tie."""
+    t = time.perf_counter()
+    logits = logit_parity(model, fp32, checks.ids)
+    gen = generation_parity(model, fp32, checks.prompts, config.parity_tokens, checks.eos)
+    ppl = perplexities(model, fp32, checks.windows)
+    worst = max(logits["max_abs_logit_diff"], logits["max_abs_logit_diff_kv_cache"])
+    if not worst <= config.atol:
+        raise LLMPruneError(
+            f"fp32 ONNX logits differ from PyTorch by {worst:.3g} (tolerance {config.atol:g})",
+            "the export is wrong for this model; rerun with --debug, or raise --atol if the difference is expected")
+    # A difference is accepted only at a near tie: PyTorch's own margin between the two tokens
+    # within twice the logit tolerance (float rounding alone can flip such a choice).
+    bad = [r for r in gen["prompts"] if not r["equal"]
+           and not (r.get("tie_gap") is not None and abs(r["tie_gap"]) <= 2 * config.atol)]
+    gen["all_equal_or_near_tie"] = not bad
+    if config.check_generation and bad:
+        raise LLMPruneError(
+            f"fp32 ONNX greedy generation differs from PyTorch at token {bad[0]['first_difference']} of a prompt"
+            f" (PyTorch margin {bad[0].get('tie_gap')})",
+            "the KV-cache path of the export is wrong for this model; rerun with --debug")
+    return {"folder": ".", "logits": logits, "generation": gen, "perplexity": ppl,
+            "check_seconds": round(time.perf_counter() - t, 3)}
 
-        if config.genai:
-            if tokenizer is None:
-                raise LLMPruneError("--genai needs the tokenizer files", "export a checkpoint folder that has a tokenizer")
-            for folder in folders.values():
-                write_genai_config(folder, mc, fp32.input_names, config.max_context, getattr(model, "generation_config", None))
 
-        for name, folder in folders.items():
-            if config.ort:
-                t = time.perf_counter()
-                convert_to_ort(folder)
-                ort = OnnxCausalLM(folder, threads=threads, prefer_ort=True)
-                onnx_logits, _ = (fp32 if name == "fp32" else OnnxCausalLM(folder, threads=threads)).forward(ids.numpy())
-                ort_logits, _ = ort.forward(ids.numpy())
-                report["variants"][name]["ort"] = {
-                    "file": ort.path.name, "seconds": round(time.perf_counter() - t, 3),
-                    "max_abs_logit_diff_vs_onnx": float(abs(ort_logits - onnx_logits).max()),
-                }
-            report["variants"][name]["sizes"] = _sizes(folder)
-        fp32_bytes = report["variants"]["fp32"]["sizes"]["onnx_bytes"]
-        for name, variant in report["variants"].items():
-            variant["size_vs_fp32"] = variant["sizes"]["onnx_bytes"] / fp32_bytes
-        report["seconds"] = round(time.perf_counter() - start, 3)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
-    return ExportResult(Path(out), report)
+def _write_quantized(model, mode: str, tmp: Path, checks: _ParityInputs, config: ExportConfig,
+                     fp32_ppl: dict) -> tuple[dict, Path]:
+    """One quantized variant in its own complete sub-folder, checked against PyTorch."""
+    qdir = tmp / mode
+    qdir.mkdir()
+    t = time.perf_counter()
+    info = quantize(mode, tmp / MODEL_FILE, qdir / MODEL_FILE, config)
+    q_seconds = time.perf_counter() - t
+    for p in tmp.iterdir():  # config, generation config, tokenizer files
+        if p.is_file() and (p.suffix in (".json", ".model", ".txt")) and p.name != REPORT_FILE:
+            shutil.copy2(p, qdir / p.name)
+    qsession = OnnxCausalLM(qdir, threads=config.threads)
+    t = time.perf_counter()
+    variant = {
+        "folder": mode, "quantization": info, "quantize_seconds": round(q_seconds, 3),
+        "logits": logit_parity(model, qsession, checks.ids),
+        "generation": generation_parity(model, qsession, checks.prompts, config.parity_tokens, checks.eos),
+        "perplexity": perplexities(None, qsession, checks.windows, reference_ppl=fp32_ppl["onnx"]),
+    }
+    variant["check_seconds"] = round(time.perf_counter() - t, 3)
+    return variant, qdir
+
+
+def _convert_and_check_ort(folder: Path, session: OnnxCausalLM | None, ids: torch.Tensor, threads) -> dict:
+    """model.ort beside model.onnx, and its largest logit difference from the .onnx session."""
+    t = time.perf_counter()
+    convert_to_ort(folder)
+    ort = OnnxCausalLM(folder, threads=threads, prefer_ort=True)
+    onnx_logits, _ = (session or OnnxCausalLM(folder, threads=threads)).forward(ids.numpy())
+    ort_logits, _ = ort.forward(ids.numpy())
+    return {"file": ort.path.name, "seconds": round(time.perf_counter() - t, 3),
+            "max_abs_logit_diff_vs_onnx": float(abs(ort_logits - onnx_logits).max())}
 
 
 def export_checkpoint(spec, config: ExportConfig | None = None, out=None, eval_data: str | None = None) -> ExportResult:

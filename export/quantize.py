@@ -71,17 +71,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     if table_bits and head_name:
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name]
         proto = _nbits_pass(proto, table_bits, block_size, True, accuracy_level, "MatMul", others)
-    shared = 0
-    if embedding_bits and tables:
-        if table_bits == embedding_bits and head_weight is not None:
-            shared = share_tied_table(proto, {t: w for t, w in untied.items() if w == head_weight and t in tables},
-                                      block_size, embedding_bits)
-        left = {n.name for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in tables}
-        if left and embedding_bits == 4:
-            others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name not in left]
-            proto = _nbits_pass(proto, 4, block_size, symmetric, None, "Gather", others)
-        elif left:
-            quantize_gathers_int8(proto, left, block_size)
+    proto, shared = _quantize_embedding_tables(proto, tables, untied, head_weight, embedding_bits, table_bits,
+                                               block_size, symmetric)
     repacked = repack_int4_gathers(proto)
     save_model_proto(proto, dst)
     return {"mode": "int4", "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
@@ -89,6 +80,26 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
             "algorithm": algorithm, "wide": {"patterns": list(wide), "matmuls": len(wide_names)},
             "lm_head": head_name, "untied": len(untied), "tied_table_shared": shared,
             "embedding_repacked_uint8": repacked}
+
+
+def _quantize_embedding_tables(proto, tables, untied: dict, head_weight: str | None, embedding_bits: int,
+                               table_bits: int, block_size: int, symmetric: bool):
+    """The embedding Gathers at `embedding_bits`: a tied table reads the LM head's quantized
+    weight when both have the same width (stored once); the rest become 4-bit Gathers or int8
+    GatherBlockQuantized. Returns the model and how many Gathers now share the head's table."""
+    shared = 0
+    if not (embedding_bits and tables):
+        return proto, shared
+    if table_bits == embedding_bits and head_weight is not None:
+        shared = share_tied_table(proto, {t: w for t, w in untied.items() if w == head_weight and t in tables},
+                                  block_size, embedding_bits)
+    left = {n.name for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in tables}
+    if left and embedding_bits == 4:
+        others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name not in left]
+        proto = _nbits_pass(proto, 4, block_size, symmetric, None, "Gather", others)
+    elif left:
+        quantize_gathers_int8(proto, left, block_size)
+    return proto, shared
 
 
 def lm_head_matmul(proto):

@@ -27,15 +27,16 @@ _MISSING = dataclasses.MISSING
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None,
            choices: tuple | Callable[[], tuple] | None = None, cli: bool = True, metavar: str | None = None,
            parse: Callable[[str], Any] | None = None, default_factory: Callable[[], Any] | Any = _MISSING,
-           default_text: str | None = None) -> Any:
+           default_text: str | None = None, nargs: str | None = None) -> Any:
     """A dataclass field with its help text and how it appears on the command line.
 
     flag: the option string (default `--field-name`); choices: allowed values, or a function
     returning them (a registry's names, looked up when the parser is built); cli=False keeps the
     field out of the CLI; parse: the argparse type (default from the annotation); default_text:
-    how the default is shown in --help when the value itself says little (e.g. None)."""
+    how the default is shown in --help when the value itself says little (e.g. None); nargs:
+    argparse's, for a field that takes several values on one flag (`--quantize int8 int4`)."""
     metadata = {"help": help, "flag": flag, "choices": choices, "cli": cli, "metavar": metavar, "parse": parse,
-                "default_text": default_text}
+                "default_text": default_text, "nargs": nargs}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -53,6 +54,49 @@ def cli_fields(cls: type) -> list[dataclasses.Field]:
 
 def flag_of(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+# -- argparse types for `parse=` (a bad value becomes one line from the parser, exit code 2) --
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+
+
+def positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a non-negative number")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
 
 
 def _base_type(annotation) -> type:
@@ -83,7 +127,7 @@ def _shown_default(field: dataclasses.Field) -> str:
         return field.metadata["default_text"]
     value = _default_of(field)
     if isinstance(value, tuple):
-        return ",".join(map(str, value))
+        return (" " if field.metadata.get("nargs") else ",").join(map(str, value)) or "none"
     return str(value)
 
 
@@ -96,11 +140,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tu
         meta = field.metadata
         kind = _base_type(hints[field.name])
         choices = meta.get("choices")
-        kwargs: dict[str, Any] = {"dest": field.name, "default": None,
-                                  "help": f"{meta['help']} (default: {_shown_default(field)})"}
+        shown = "" if _default_of(field) is False else f" (default: {_shown_default(field)})"
+        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": meta["help"] + shown}
         if kind is bool:
             kwargs["action"] = "store_true" if _default_of(field) is False else argparse.BooleanOptionalAction
         else:
+            if meta.get("nargs"):
+                kwargs["nargs"] = meta["nargs"]
+                kind = str if kind is tuple else kind
             kwargs["type"] = meta.get("parse") or {tuple: _comma_list}.get(kind, kind)
             if choices is not None:
                 kwargs["choices"] = choices() if callable(choices) else choices
