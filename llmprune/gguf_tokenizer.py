@@ -113,7 +113,8 @@ def gguf_tokenizer(gguf_path: str | Path):
     path = Path(gguf_path)
     vocab = read_gguf_vocab(path)
     if vocab["model"] != "llama":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False,
+                                             model_input_names=["input_ids", "attention_mask"])
     tok = build_spm_tokenizer(vocab)
     name = lambda i: vocab["tokens"][i] if i is not None else None  # noqa: E731
     bos, eos = name(vocab["bos_id"]), name(vocab["eos_id"])
@@ -135,5 +136,6 @@ def gguf_tokenizer(gguf_path: str | Path):
         add_eos_token=vocab["add_eos"],
         clean_up_tokenization_spaces=False,
         padding_side="left",
+        model_input_names=["input_ids", "attention_mask"],  # decoders take no token_type_ids
     )
     return fast

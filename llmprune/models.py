@@ -115,9 +115,9 @@ def packaged_model_folder(name: str = DEFAULT_MODEL) -> Path:
 def _load_gguf_model(path: Path, dtype: torch.dtype):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     adapter_for(config)
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, trust_remote_code=False)
 
 
 def load_config(spec: str | os.PathLike | ModelSource | None):
@@ -128,7 +128,7 @@ def load_config(spec: str | os.PathLike | ModelSource | None):
     try:
         if source.kind == "gguf":
             path = Path(source.path)
-            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+            config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         else:
             config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
@@ -153,14 +153,21 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
             stock = AutoModelForCausalLM._model_mapping[type(config)]
             model = pruned_class(stock).from_pretrained(source.path, config=config, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=False)
     except (OSError, ValueError, RuntimeError) as exc:
         raise _load_error(source, exc) from exc
     return model.eval()
 
 
+# What the supported decoders take: a tokenizer that also returns token_type_ids breaks stock
+# `model.generate(**tokenizer(text, return_tensors="pt"))`. Passed at load time, it is saved into
+# every tokenizer_config.json llmprune writes.
+MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
+
+
 def load_tokenizer(spec: str | os.PathLike | ModelSource | None = None):
-    """The tokenizer of a spec; for GGUF files one that tokenizes exactly as llama.cpp does."""
+    """The tokenizer of a spec; for GGUF files one that tokenizes exactly as llama.cpp does.
+    Never runs code from the model folder (a tokenizer `auto_map` is ignored)."""
     from transformers import AutoTokenizer
 
     from .gguf_tokenizer import gguf_tokenizer
@@ -169,7 +176,8 @@ def load_tokenizer(spec: str | os.PathLike | ModelSource | None = None):
     try:
         if source.kind == "gguf":
             return gguf_tokenizer(source.path)
-        return AutoTokenizer.from_pretrained(source.path)
+        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False,
+                                             model_input_names=list(MODEL_INPUT_NAMES))
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc, what="tokenizer") from exc
 

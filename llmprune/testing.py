@@ -54,7 +54,8 @@ def tiny_tokenizer(vocab_size: int = 320, text: str = TINY_TEXT):
     )
     tok.train_from_iterator([text], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def tiny_checkpoint(folder: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:

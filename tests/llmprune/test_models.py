@@ -156,3 +156,62 @@ def test_public_api():
 
     for stage in ("cli", "compress", "export", "fedrecover"):  # the stage folders install inside the package
         assert importlib.import_module(f"llmprune.{stage}").__name__ == f"llmprune.{stage}"
+
+
+# ---------------------------------------------------------------- no code from a model folder
+
+
+def _plant_code(folder, marker) -> None:
+    """A tokenizer and model `auto_map` pointing at Python in the folder that would leave a marker."""
+    import json
+
+    code = f"open({str(marker)!r}, 'w').write('ran')\nfrom transformers import PreTrainedTokenizerFast as Evil\n"
+    (folder / "evil.py").write_text(code)
+    for name, key in (("tokenizer_config.json", "AutoTokenizer"), ("config.json", "AutoModelForCausalLM")):
+        data = json.loads((folder / name).read_text())
+        data["auto_map"] = {key: ["evil.Evil", None] if key == "AutoTokenizer" else "evil.Evil"}
+        if key == "AutoTokenizer":
+            data["tokenizer_class"] = "EvilTokenizer"  # no stock class of that name: only the folder's code has it
+        (folder / name).write_text(json.dumps(data))
+
+
+def test_code_in_a_model_folder_is_never_run(checkpoint, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    folder = tmp_path / "planted"
+    shutil.copytree(checkpoint("llama"), folder)
+    marker = tmp_path / "marker"
+    _plant_code(folder, marker)
+    import builtins
+
+    prompts = []
+    monkeypatch.setattr(builtins, "input", lambda *a: prompts.append(a) or "y")  # answering yes to "run it?"
+    monkeypatch.setattr(sys, "stdin", None)
+    with pytest.raises(LLMPruneError, match="could not load tokenizer"):
+        load_tokenizer(folder)
+    model = load_model(folder)
+    assert not marker.exists() and not prompts
+    assert model.config.model_type == "llama"
+
+
+def test_tokenizers_return_only_what_the_decoders_take(checkpoint, tmp_path):
+    """Stock generation rejects token_type_ids; a tokenizer saved by llmprune keeps that setting,
+    also for a folder whose tokenizer_config.json does not say it (the fast-tokenizer default)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "plain"
+    shutil.copytree(checkpoint("llama"), folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("model_input_names", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    model, tokenizer = load(folder)
+    inputs = tokenizer("the cat sat", return_tensors="pt")
+    assert set(inputs) == {"input_ids", "attention_mask"}
+    out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert out.shape[1] == inputs["input_ids"].shape[1] + 2
+    tokenizer.save_pretrained(tmp_path / "tok")
+    from transformers import AutoTokenizer
+
+    assert set(AutoTokenizer.from_pretrained(tmp_path / "tok")("x")) == {"input_ids", "attention_mask"}
