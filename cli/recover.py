@@ -4,37 +4,18 @@ round's adapter to OUT.rounds/ (for --resume)."""
 
 from __future__ import annotations
 
-from .common import emit_json, fraction, non_negative_float, positive_float, positive_int
+from .common import emit_json
 
 
 def add_parser(sub) -> None:
-    from llmprune.fedrecover.config import AGGREGATIONS
+    from llmprune.fedrecover.config import RecoverConfig
+    from llmprune.options import add_config_arguments
 
     p = sub.add_parser("recover", help="federated LoRA recovery of a pruned model (Flower simulation)", description=__doc__)
     p.add_argument("--model", required=True, help="checkpoint folder (from `llmprune compress`, or any HF model folder)")
     p.add_argument("--data", required=True, nargs="+", help="client data: files, folders or HF datasets; each is a domain")
     p.add_argument("--out", required=True, help="output folder: merged model + metrics.json")
-    p.add_argument("--clients", type=positive_int, default=4, help="simulated devices (4)")
-    p.add_argument("--rounds", type=positive_int, default=3, help="federated rounds (3)")
-    p.add_argument("--fleet", default=None, help="TOML/JSON file of devices with memory_mb (and speed): rank and depth per device")
-    p.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA | domain (iid)")
-    p.add_argument("--aggregation", choices=AGGREGATIONS, default="fedavg", help="fedavg (equal ranks), hetlora or flexlora")
-    p.add_argument("--fraction", type=fraction, default=1.0, help="share of clients sampled per round (1.0)")
-    p.add_argument("--min-clients", type=positive_int, default=None, help="replies needed to apply a round (half the sampled)")
-    p.add_argument("--local-steps", type=positive_int, default=10, help="optimizer steps per client per round (10)")
-    p.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank; with --fleet the largest rank (8)")
-    p.add_argument("--lora-alpha", type=positive_float, default=None, help="LoRA alpha (2 x rank)")
-    p.add_argument("--lr", type=positive_float, default=2e-4, help="client learning rate (2e-4)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="windows per step (4)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (256)")
-    p.add_argument("--max-windows", type=positive_int, default=None, help="at most this many windows per data source")
-    p.add_argument("--eval-data", default=None, help="server-side evaluation text (default: windows held out of --data)")
-    p.add_argument("--eval-windows", type=positive_int, default=4, help="evaluation windows (4)")
-    p.add_argument("--round-timeout", type=positive_float, default=600.0, help="straggler timeout per round, seconds (600)")
-    p.add_argument("--seed", type=int, default=0, help="seed for sampling, partitions, LoRA init and training (0)")
-    p.add_argument("--secagg", action="store_true", help="Flower SecAgg+: the server only sees the sum of uploads")
-    p.add_argument("--dp-clip", type=positive_float, default=None, help="central DP: clip each client's update to this L2 norm")
-    p.add_argument("--dp-noise", type=non_negative_float, default=0.0, help="central DP: noise multiplier z (0)")
+    add_config_arguments(p, RecoverConfig)   # --clients, --rounds, --aggregation ...: fields, defaults and help
     p.add_argument("--resume", action="store_true", help="continue the run whose rounds are in OUT.rounds/")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and earlier rounds")
     p.add_argument("--json", action="store_true", help="print metrics as JSON on stdout")
@@ -47,14 +28,9 @@ def run(args) -> int:
     import sys
 
     from llmprune.fedrecover import RecoverConfig, recover
+    from llmprune.options import config_from_args
 
-    config = RecoverConfig(
-        clients=args.clients, rounds=args.rounds, partition=args.partition, aggregation=args.aggregation,
-        fraction=args.fraction, min_clients=args.min_clients, local_steps=args.local_steps, lora_rank=args.lora_rank,
-        lora_alpha=args.lora_alpha, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-        max_windows=args.max_windows, eval_data=args.eval_data, eval_windows=args.eval_windows, fleet=args.fleet,
-        round_timeout=args.round_timeout, seed=args.seed, secagg=args.secagg, dp_clip=args.dp_clip,
-        dp_noise=args.dp_noise)
+    config = config_from_args(RecoverConfig, args)
     # stdout carries only the result: ray prints notes of its workers there during the run
     with contextlib.redirect_stdout(sys.stderr):
         result = recover(args.model, args.data, config, args.out, resume=args.resume, overwrite=args.overwrite,

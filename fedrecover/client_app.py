@@ -16,9 +16,8 @@ import os
 import time
 from functools import lru_cache
 
-import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -27,8 +26,9 @@ from flwr.app import MessageType
 from llmprune.errors import LLMPruneError
 from llmprune.memory import reset_peak_rss, window_peak_rss_mb
 
-from .config import RecoverConfig
+from .config import RecoverConfig, RunSettings, parse_run_config
 from .partition import ClientData
+from .records import from_record, to_record
 from .secagg import is_legacy_fit, secagg_train
 from .task import train_lora
 
@@ -58,13 +58,13 @@ def _cached_partitions(path: str) -> ClientData:
     return ClientData.load(path)
 
 
-def client_windows(cfg: RecoverConfig, context: Context) -> tuple[torch.Tensor, int]:
+def client_windows(cfg: RecoverConfig, settings: RunSettings, context: Context) -> tuple[torch.Tensor, int]:
     """This client's training windows and its partition id."""
     node = context.node_config
     pid = int(node.get("partition-id", 0))
     if node.get("data-path"):
-        return _own_windows(model_path(cfg, context), str(node["data-path"]), cfg.seq_len, cfg.max_windows), pid
-    cache = cfg.extra.get("data-cache")
+        return _own_windows(model_path(settings, context), str(node["data-path"]), cfg.seq_len, cfg.max_windows), pid
+    cache = settings.data_cache
     if not cache:
         raise LLMPruneError("this SuperNode has no data", "start it with --node-config \"data-path='FILE'\"")
     data = _cached_partitions(str(cache))
@@ -73,8 +73,8 @@ def client_windows(cfg: RecoverConfig, context: Context) -> tuple[torch.Tensor, 
     return data.client_windows(pid), pid
 
 
-def model_path(cfg: RecoverConfig, context: Context) -> str:
-    return str(context.node_config.get("model-path") or cfg.extra.get("model", ""))
+def model_path(settings: RunSettings, context: Context) -> str:
+    return str(context.node_config.get("model-path") or settings.model)
 
 
 def _inject_faults(spec: str, pid: int, server_round: int) -> None:
@@ -93,14 +93,6 @@ def _inject_faults(spec: str, pid: int, server_round: int) -> None:
             time.sleep(float(arg))
         if kind == "exit":
             os._exit(17)
-
-
-def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def to_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
 def _dp_clip_if_asked(msg: Message, context: Context, call_next):
@@ -124,25 +116,23 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
     """The ClientApp; `overrides` are run-config entries a simulation passes in directly."""
     app = ClientApp(mods=[_secagg_if_asked, _dp_clip_if_asked])
 
-    def config_of(context: Context) -> RecoverConfig:
-        return RecoverConfig.from_run_config({**dict(context.run_config), **(overrides or {})})
+    def config_of(context: Context) -> tuple[RecoverConfig, RunSettings]:
+        return parse_run_config({**dict(context.run_config), **(overrides or {})})
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
-        cfg = config_of(context)
-        windows, pid = client_windows(cfg, context)
+        windows, pid = client_windows(*config_of(context), context)
         metrics = MetricRecord({"partition-id": pid, "num-examples": int(windows.shape[0])})
         reply = RecordDict({"metrics": metrics})
         if context.node_config.get("device"):
-            from flwr.app import ConfigRecord
-
             reply["device"] = ConfigRecord({"name": str(context.node_config["device"])})
         return Message(reply, reply_to=msg)
 
-    def local_training(cfg: RecoverConfig, context: Context, arrays: dict, round_config) -> tuple[dict, dict]:
-        windows, pid = client_windows(cfg, context)
+    def local_training(cfg: RecoverConfig, settings: RunSettings, context: Context, arrays: dict,
+                       round_config) -> tuple[dict, dict]:
+        windows, pid = client_windows(cfg, settings, context)
         _inject_faults(cfg.inject_faults, pid, int(round_config["server-round"]))
-        model = _model(model_path(cfg, context))
+        model = _model(model_path(settings, context))
         reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
         start = time.perf_counter()
         trained, loss = train_lora(
@@ -156,10 +146,11 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = config_of(context)
+        cfg, settings = config_of(context)
         if is_legacy_fit(msg):  # a SecAgg+ round: the legacy fit protocol, masked by the mod
-            return secagg_train(msg, lambda arrays, config: local_training(cfg, context, arrays, config))
-        trained, metrics = local_training(cfg, context, from_record(msg.content["arrays"]), msg.content["config"])
+            return secagg_train(msg, lambda arrays, config: local_training(cfg, settings, context, arrays, config))
+        trained, metrics = local_training(cfg, settings, context, from_record(msg.content["arrays"]),
+                                          msg.content["config"])
         return Message(RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
     return app

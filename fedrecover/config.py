@@ -1,48 +1,62 @@
-"""RecoverConfig: every knob of federated LoRA recovery, validated once, and its mapping to the
-flat `[tool.flwr.app.config]` keys the Flower apps read (the same keys in simulation and on a
-real fleet)."""
+"""RecoverConfig: every knob of federated LoRA recovery, declared once (default + help, from which
+the CLI flags, the Flower app's run config and its pyproject.toml come), validated once; and
+RunSettings: where this run reads and writes (model, out, state-dir, ...), which travel in the
+same flat `[tool.flwr.app.config]` (the same keys in simulation and on a real fleet)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
+from llmprune.options import fraction, non_negative_float, positive_float, positive_int
 from llmprune.errors import LLMPruneError
+from llmprune.options import option
 
-AGGREGATIONS = ("fedavg", "hetlora", "flexlora")
+from .aggregations import AGGREGATIONS, get_aggregation
+from .aggregations.base import names_text, secagg_names
+
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["AGGREGATIONS", "TARGET_MODULES", "RecoverConfig", "RunSettings", "parse_run_config"]
 
 
 @dataclass
 class RecoverConfig:
     """Federated LoRA recovery of a pruned checkpoint (see docs/recover.md)."""
 
-    clients: int = 4                  # simulated SuperNodes (on a fleet: the nodes to wait for)
-    rounds: int = 3
-    partition: str = "iid"            # iid | dirichlet:ALPHA | domain
-    aggregation: str = "fedavg"       # fedavg | hetlora | flexlora
-    fraction: float = 1.0             # share of clients sampled per round
-    min_clients: int | None = None    # replies needed to apply a round (default: half the sampled, at least 1)
-    local_steps: int = 10             # optimizer steps per client per round (scaled by device speed)
-    lora_rank: int = 8                # rank without a fleet file; the largest rank with one
-    lora_alpha: float | None = None   # LoRA scale = alpha / lora_rank for every client (default alpha = 2 x rank)
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] = TARGET_MODULES
-    lr: float = 2e-4
-    batch_size: int = 4
-    seq_len: int = 256
-    max_windows: int | None = None    # per data source, before partitioning
-    eval_data: str | None = None      # default: windows held out of --data
-    eval_windows: int = 4
-    fleet: str | None = None          # JSON/TOML file of devices with memory budgets
-    round_timeout: float = 600.0      # straggler timeout (seconds) for one round's replies
-    node_timeout: float = 120.0       # how long the server waits for the SuperNodes to connect
-    seed: int = 0
-    secagg: bool = False
-    dp_clip: float | None = None
-    dp_noise: float = 0.0
-    inject_faults: str = ""           # testing: "crash:PID,delay:PID:SECONDS,exit:PID"
-    extra: dict = field(default_factory=dict)
+    clients: int = option(4, parse=positive_int, help="simulated devices (on a fleet: the SuperNodes the server waits "
+                                                     "for and plans devices for)")
+    rounds: int = option(3, parse=positive_int, help="federated rounds")
+    partition: str = option("iid", help="how the data is split across clients: iid | dirichlet:ALPHA | domain")
+    aggregation: str = option("fedavg", choices=lambda: tuple(AGGREGATIONS),
+                              help="server aggregation: fedavg (equal ranks), hetlora or flexlora (mixed ranks)")
+    fraction: float = option(1.0, parse=fraction, help="share of clients sampled per round")
+    min_clients: int | None = option(None, parse=positive_int, default_text="half the sampled, at least 1",
+                                     help="replies needed to apply a round")
+    local_steps: int = option(10, parse=positive_int, help="optimizer steps per client per round (scaled by device speed)")
+    lora_rank: int = option(8, parse=positive_int, help="LoRA rank; with a fleet file the largest rank")
+    lora_alpha: float | None = option(None, parse=positive_float, default_text="2 x lora-rank",
+                                      help="LoRA alpha: scale = alpha / lora-rank for every client")
+    lora_dropout: float = option(0.0, cli=False, help="LoRA dropout during client training")
+    target_modules: tuple[str, ...] = option(default_factory=lambda: TARGET_MODULES, cli=False,
+                                             help="linear layers that get LoRA (comma-separated)")
+    lr: float = option(2e-4, parse=positive_float, help="client learning rate")
+    batch_size: int = option(4, parse=positive_int, help="windows per optimizer step")
+    seq_len: int = option(256, parse=positive_int, help="tokens per window")
+    max_windows: int | None = option(None, parse=positive_int, default_text="all",
+                                     help="at most this many windows per data source, before partitioning")
+    eval_data: str | None = option(None, default_text="windows held out of the data; none on a fleet",
+                                   help="server-side evaluation text file")
+    eval_windows: int = option(4, parse=positive_int, help="evaluation windows")
+    fleet: str | None = option(None, default_text="none: every client trains lora-rank on all layers",
+                               help="TOML/JSON fleet file of devices with memory_mb (and speed): rank and depth per device")
+    round_timeout: float = option(600.0, parse=positive_float, help="straggler timeout per round, seconds")
+    node_timeout: float = option(120.0, cli=False, help="seconds the server waits for the SuperNodes to connect")
+    seed: int = option(0, help="seed for sampling, partitions, LoRA init and training")
+    secagg: bool = option(False, help="Flower SecAgg+: the server only sees the sum of the uploads")
+    dp_clip: float | None = option(None, parse=positive_float, default_text="no differential privacy",
+                                   help="central DP: clip each client's update to this L2 norm")
+    dp_noise: float = option(0.0, parse=non_negative_float, help="central DP: noise multiplier z")
+    inject_faults: str = option("", cli=False, help="testing only: crash:PID, delay:PID:SECONDS, exit:PID (@ROUND)")
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -70,25 +84,18 @@ class RecoverConfig:
         return max(1, math.ceil(sampled / 2))
 
     def validate(self) -> None:
-        def bad(what: str, fix: str) -> LLMPruneError:
-            return LLMPruneError(what, fix)
-
-        if self.clients < 1:
-            raise bad(f"--clients must be at least 1 (got {self.clients})", "pass --clients 2 or more")
-        if self.rounds < 1:
-            raise bad(f"--rounds must be at least 1 (got {self.rounds})", "pass a positive --rounds")
+        bad = LLMPruneError
+        for name, flag, fix in (("clients", "--clients", "pass --clients 2 or more"),
+                                ("rounds", "--rounds", "pass a positive --rounds"),
+                                ("local_steps", "--local-steps", "pass a positive --local-steps"),
+                                ("lora_rank", "--lora-rank", "pass e.g. --lora-rank 8")):
+            if getattr(self, name) < 1:
+                raise bad(f"{flag} must be at least 1 (got {getattr(self, name)})", fix)
         if not 0.0 < self.fraction <= 1.0:
             raise bad(f"--fraction must be in (0, 1] (got {self.fraction})", "pass e.g. --fraction 0.5")
-        if self.local_steps < 1:
-            raise bad(f"--local-steps must be at least 1 (got {self.local_steps})", "pass a positive --local-steps")
-        if self.lora_rank < 1:
-            raise bad(f"--lora-rank must be at least 1 (got {self.lora_rank})", "pass e.g. --lora-rank 8")
         if self.aggregation not in AGGREGATIONS:
             raise bad(f"unknown --aggregation '{self.aggregation}'", f"use one of {', '.join(AGGREGATIONS)}")
-        kind, alpha = self.partition_kind()
-        if kind not in ("iid", "dirichlet", "domain") or (kind == "dirichlet" and (alpha is None or alpha <= 0)) \
-                or (kind != "dirichlet" and self.partition != kind):
-            raise bad(f"unknown --partition '{self.partition}'", "use iid, domain or dirichlet:ALPHA with ALPHA > 0 (e.g. dirichlet:0.5)")
+        self._validate_partition()
         if self.batch_size < 1 or self.seq_len < 8:
             raise bad("--batch-size must be at least 1 and --seq-len at least 8", "pass e.g. --batch-size 4 --seq-len 256")
         if self.lr <= 0:
@@ -97,57 +104,132 @@ class RecoverConfig:
             raise bad(f"--min-clients must be at least 1 (got {self.min_clients})", "pass a positive --min-clients")
         if self.round_timeout <= 0:
             raise bad(f"--round-timeout must be positive (got {self.round_timeout})", "pass seconds, e.g. --round-timeout 600")
+        self._validate_privacy()
+
+    def _validate_partition(self) -> None:
+        kind, alpha = self.partition_kind()
+        if kind not in ("iid", "dirichlet", "domain") or (kind == "dirichlet" and (alpha is None or alpha <= 0)) \
+                or (kind != "dirichlet" and self.partition != kind):
+            raise LLMPruneError(f"unknown --partition '{self.partition}'",
+                                "use iid, domain or dirichlet:ALPHA with ALPHA > 0 (e.g. dirichlet:0.5)")
+
+    def _validate_privacy(self) -> None:
         if self.dp_clip is not None and self.dp_clip <= 0:
-            raise bad(f"--dp-clip must be positive (got {self.dp_clip})", "pass a clipping norm such as --dp-clip 1.0")
+            raise LLMPruneError(f"--dp-clip must be positive (got {self.dp_clip})", "pass a clipping norm such as --dp-clip 1.0")
         if self.dp_noise < 0 or (self.dp_noise > 0 and self.dp_clip is None):
-            raise bad("--dp-noise needs --dp-clip and must be non-negative", "pass --dp-clip C --dp-noise Z")
-        if self.secagg and self.aggregation == "flexlora":
-            raise bad("--secagg cannot be used with --aggregation flexlora",
-                      "secure aggregation only sums uploads; flexlora needs each client's B·A product: use fedavg or hetlora")
+            raise LLMPruneError("--dp-noise needs --dp-clip and must be non-negative", "pass --dp-clip C --dp-noise Z")
+        if self.secagg and not get_aggregation(self.aggregation).secagg:
+            raise LLMPruneError(f"--secagg cannot be used with --aggregation {self.aggregation}",
+                                f"secure aggregation only sums uploads, which cannot give {self.aggregation}'s average: "
+                                f"use {names_text(secagg_names())}")
         if self.secagg and self.dp_clip is not None:
-            raise bad("--secagg and --dp-clip together are not supported", "choose one of them")
+            raise LLMPruneError("--secagg and --dp-clip together are not supported", "choose one of them")
 
     # -- the Flower run config: flat, dash-separated keys of TOML scalar types -------------------
     def to_run_config(self) -> dict:
-        out = {}
-        for f in fields(self):
-            if f.name == "extra":
-                continue
-            value = getattr(self, f.name)
-            key = f.name.replace("_", "-")
-            if value is None:
-                value = ""
-            elif isinstance(value, tuple):
-                value = ",".join(value)
-            out[key] = value
-        out.update(self.extra)
-        return out
+        return _to_run_config(self)
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> RecoverConfig:
-        kwargs, extra = {}, {}
-        known = {f.name: f for f in fields(cls)}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in known or name == "extra":
-                extra[key] = value
-                continue
-            if value == "" and name in _OPTIONAL:
-                value = None
-            elif name == "target_modules" and isinstance(value, str):
-                value = tuple(v for v in value.split(",") if v)
-            elif name in _INTS and value is not None:
-                value = int(value)
-            elif name in _FLOATS and value is not None:
-                value = float(value)
-            kwargs[name] = value
-        return cls(**kwargs, extra=extra)
+        """The config of a run config; RunSettings' keys are skipped, any other key is refused."""
+        return parse_run_config(run_config)[0]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-_OPTIONAL = {"min_clients", "lora_alpha", "max_windows", "eval_data", "fleet", "dp_clip"}
-_INTS = {"clients", "rounds", "min_clients", "local_steps", "lora_rank", "batch_size", "seq_len", "max_windows",
-         "eval_windows", "seed"}
-_FLOATS = {"fraction", "lora_alpha", "lora_dropout", "lr", "round_timeout", "node_timeout", "dp_clip", "dp_noise"}
+@dataclass
+class RunSettings:
+    """Where a run reads and writes: run-config keys beside RecoverConfig's (the simulation's
+    `llmprune recover` fills them; on a fleet, `flwr run --run-config`)."""
+
+    model: str = option("", cli=False, help="checkpoint folder on the server (devices use it too unless node config "
+                                            "model-path)")
+    out: str = option("", cli=False, default_text="./recovered",
+                      help="folder the ServerApp writes: merged model + metrics.json")
+    state_dir: str = option("", cli=False, default_text="OUT.rounds", help="per-round checkpoints")
+    resume: bool = option(False, cli=False, help="continue after the last round saved in state-dir")
+    overwrite: bool = option(False, cli=False, help="replace an existing out folder")
+    data_cache: str = option("", cli=False, default_text="none",
+                             help="simulation only (llmprune recover writes it); fleet devices use node config data-path")
+
+    @property
+    def out_dir(self):
+        from pathlib import Path
+
+        return Path(self.out or "recovered")
+
+    @property
+    def state_path(self):
+        from pathlib import Path
+
+        return Path(self.state_dir or f"{self.out_dir}.rounds")
+
+    def to_run_config(self) -> dict:
+        return _to_run_config(self)
+
+
+def _to_run_config(obj) -> dict:
+    out = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            value = ""
+        elif isinstance(value, tuple):
+            value = ",".join(value)
+        out[f.name.replace("_", "-")] = value
+    return out
+
+
+def parse_run_config(run_config: dict) -> tuple[RecoverConfig, RunSettings]:
+    """The typed config and settings of a Flower run config, parsed once; a bad value or an
+    unknown key is a one-line error naming the key."""
+    parsed: dict[type, dict] = {RecoverConfig: {}, RunSettings: {}}
+    known = {f.name: (cls, f) for cls in parsed for f in fields(cls)}
+    for key, value in run_config.items():
+        name = key.replace("-", "_")
+        if name not in known:
+            raise LLMPruneError(f"unknown run-config key '{key}'",
+                                "see [tool.flwr.app.config] in llmprune/fedrecover/app/pyproject.toml for the keys")
+        cls, field_ = known[name]
+        parsed[cls][name] = _parse_value(key, value, _TYPES[name])
+    return RecoverConfig(**parsed[RecoverConfig]), RunSettings(**parsed[RunSettings])
+
+
+def _parse_value(key: str, value, kind: str):
+    if value == "" and kind.endswith("?"):
+        return None
+    kind = kind.rstrip("?")
+    try:
+        if kind == "bool":
+            if isinstance(value, bool) or str(value).lower() in ("true", "1", "false", "0", ""):
+                return value if isinstance(value, bool) else str(value).lower() in ("true", "1")
+            raise ValueError
+        if kind == "tuple":
+            return tuple(v for v in value.split(",") if v) if isinstance(value, str) else tuple(value)
+        if kind in ("int", "float") and isinstance(value, bool):
+            raise ValueError
+        if kind == "int":
+            return int(value) if not isinstance(value, float) or value.is_integer() else int("x")
+        return float(value) if kind == "float" else str(value)
+    except (TypeError, ValueError):
+        raise LLMPruneError(f"run-config key '{key}' has a bad value {value!r} (expected {kind})",
+                            f"pass {key}=<{kind}> in the run config") from None
+
+
+def _kinds() -> dict[str, str]:
+    """Each field's run-config value kind from its annotation: int, float, str, bool, tuple; '?'
+    when '' stands for None."""
+    import typing
+
+    out = {}
+    for cls in (RecoverConfig, RunSettings):
+        for name, hint in typing.get_type_hints(cls).items():
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            optional = type(None) in typing.get_args(hint)
+            base = typing.get_origin(hint) if typing.get_origin(hint) is tuple else (args[0] if optional else hint)
+            out[name] = base.__name__ + ("?" if optional else "")
+    return out
+
+
+_TYPES = _kinds()

@@ -16,22 +16,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import RecoverConfig
+from .config import RecoverConfig, RunSettings
 
 log = logging.getLogger(__name__)
 
 APP_DIR = Path(__file__).resolve().parent / "app"
-
-# Run-config keys the apps read beyond RecoverConfig's fields (see server_app.py / client_app.py).
-EXTRA_DEFAULTS: dict[str, str | bool] = {
-    "model": "",         # checkpoint folder on the server (and on the devices unless node config model-path)
-    "out": "",           # folder the ServerApp writes: merged model + metrics.json (default: ./recovered)
-    "state-dir": "",     # per-round checkpoints (default: OUT.rounds)
-    "resume": False,     # continue from state-dir
-    "overwrite": False,  # replace an existing out folder
-    "data-cache": "",    # simulation only: the partition file `llmprune recover` writes
-}
-
 
 def app_dir() -> Path:
     """The Flower app project folder (`flwr run APP_DIR SUPERLINK`)."""
@@ -41,7 +30,23 @@ def app_dir() -> Path:
 def run_config_defaults() -> dict:
     """Every run-config key the apps read, with its default: what `[tool.flwr.app.config]` in
     the app's pyproject.toml holds (a test checks they agree)."""
-    return {**RecoverConfig().to_run_config(), **EXTRA_DEFAULTS}
+    return {**RecoverConfig().to_run_config(), **RunSettings().to_run_config()}
+
+
+def app_config_toml() -> str:
+    """The `[tool.flwr.app.config]` table of the app's pyproject.toml, generated from the fields:
+    every key with its default and its help (and what '' stands for) as a comment."""
+    import dataclasses
+
+    lines = ["[tool.flwr.app.config]"]
+    for cls in (RecoverConfig, RunSettings):
+        values = cls().to_run_config()
+        for f in dataclasses.fields(cls):
+            key = f.name.replace("_", "-")
+            note = f.metadata.get("default_text")
+            comment = f.metadata["help"] + (f" ('' = {note})" if note and values[key] == "" else "")
+            lines.append(f"{key} = {_toml_value(values[key])}  # {comment}")
+    return "\n".join(lines) + "\n"
 
 
 def _toml_value(value) -> str:

@@ -122,10 +122,13 @@ def _head_dim(config) -> int:
 
 
 def check_ranks(aggregation: str, ranks: set[int]) -> None:
-    """fedavg averages A and B as they are, so every device must share one rank."""
-    if aggregation == "fedavg" and len(ranks) > 1:
-        raise LLMPruneError("the fleet gives devices different LoRA ranks; fedavg needs one rank",
-                            "use --aggregation hetlora or flexlora")
+    """Refuse different device ranks when the aggregation needs one rank (fedavg averages A and B
+    as they are)."""
+    from .aggregations.base import get_aggregation, mixed_rank_names, names_text
+
+    if len(ranks) > 1 and not get_aggregation(aggregation).mixed_ranks:
+        raise LLMPruneError(f"the fleet gives devices different LoRA ranks; {aggregation} needs one rank",
+                            f"use --aggregation {names_text(mixed_rank_names())}")
 
 
 def candidate_ranks(max_rank: int) -> list[int]:
@@ -175,3 +178,15 @@ def uniform_assignments(model: nn.Module, clients: int, rank: int, batch_size: i
     depth = len({int(m.split(".", 1)[0]) for m in module_shapes(model, target_modules)})
     mb, params = training_memory_mb(model, rank, depth, batch_size, seq_len, target_modules)
     return [Assignment(f"client-{i}", None, 1.0, rank, depth, round(mb, 1), params) for i in range(clients)]
+
+
+def plan_devices(model: nn.Module, cfg, count: int) -> list[Assignment]:
+    """The assignments of `count` clients (at least; every device of the fleet file when it lists
+    more): the fleet file's devices by their budgets, cycling when there are fewer, or without one
+    `cfg.lora_rank` on all layers for every client. The one planner: `llmprune recover` runs it on
+    the meta model before Flower starts, the ServerApp on the loaded model."""
+    if cfg.fleet:
+        plans = assign_devices(model, load_fleet(cfg.fleet), cfg.lora_rank, cfg.batch_size, cfg.seq_len,
+                               cfg.target_modules)
+        return [plans[i % len(plans)] for i in range(count)] if len(plans) < count else plans
+    return uniform_assignments(model, count, cfg.lora_rank, cfg.batch_size, cfg.seq_len, cfg.target_modules)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from llmprune.errors import LLMPruneError
 
-from .config import RecoverConfig
+from .config import RecoverConfig, RunSettings
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -55,10 +55,9 @@ def meta_model(model_dir: str):
 def check_fleet(model_dir: str, cfg: RecoverConfig) -> list[dict]:
     """Every device of the fleet file gets a rank and depth that fit, or the error says which
     device and what budget it needs, before Flower starts."""
-    from .fleet import assign_devices, check_ranks, load_fleet
+    from .fleet import check_ranks, plan_devices
 
-    plans = assign_devices(meta_model(model_dir), load_fleet(cfg.fleet), cfg.lora_rank, cfg.batch_size, cfg.seq_len,
-                           cfg.target_modules)
+    plans = plan_devices(meta_model(model_dir), cfg, cfg.clients)  # the ServerApp's planner, on the meta model
     check_ranks(cfg.aggregation, {p.rank for p in plans})
     return [p.to_dict() for p in plans]
 
@@ -82,9 +81,9 @@ def prepare_data(model_dir: str, data: list[str], cfg: RecoverConfig, path: Path
 
 
 def run_config(model_dir: str, cfg: RecoverConfig, out: Path, state: Path, *, resume: bool, overwrite: bool) -> dict:
-    return {**cfg.to_run_config(), "model": str(Path(model_dir).resolve()), "out": str(out.resolve()),
-            "state-dir": str(state.resolve()), "data-cache": str((state / PARTITIONS_FILE).resolve()),
-            "resume": resume, "overwrite": overwrite}
+    settings = RunSettings(model=str(Path(model_dir).resolve()), out=str(out.resolve()), state_dir=str(state.resolve()),
+                           resume=resume, overwrite=overwrite, data_cache=str((state / PARTITIONS_FILE).resolve()))
+    return {**cfg.to_run_config(), **settings.to_run_config()}
 
 
 def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig, out: str | os.PathLike, *,

@@ -107,7 +107,7 @@ def run_secagg_round(grid, context: Context, messages: list[Message], global_arr
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    from .client_app import from_record
+    from .records import from_record
 
     layout = upload_layout(global_arrays)
     views = {m.metadata.dst_node_id: from_record(m.content["arrays"]) for m in messages}

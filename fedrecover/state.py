@@ -33,10 +33,10 @@ class RoundState:
     initial_eval_perplexity: float | None = None
 
 
-def _identity(cfg: RecoverConfig) -> dict:
+def _identity(cfg: RecoverConfig, model: str) -> dict:
     d = cfg.to_dict()
     out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in MUST_MATCH}
-    out["model"] = str(cfg.extra.get("model", ""))
+    out["model"] = str(model)
     return out
 
 
@@ -47,17 +47,19 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def save_state(folder: Path, state: RoundState, cfg: RecoverConfig) -> None:
+def save_state(folder: Path, state: RoundState, cfg: RecoverConfig, *, model: str = "") -> None:
+    """Write the round's adapter and state.json; `model` (the checkpoint folder) is part of the
+    settings a resume must share."""
     from safetensors.numpy import save
 
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomic(folder / f"round-{state.round:03d}.safetensors", save(state.arrays))
     meta = {"round": state.round, "rounds": state.rounds, "initial_eval_perplexity": state.initial_eval_perplexity,
-            "settings": _identity(cfg)}
+            "settings": _identity(cfg, model)}
     _write_atomic(folder / STATE_FILE, json.dumps(meta, indent=2, default=str).encode())
 
 
-def load_state(folder: Path, cfg: RecoverConfig) -> RoundState:
+def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "") -> RoundState:
     from safetensors.numpy import load_file
 
     path = folder / STATE_FILE
@@ -68,7 +70,7 @@ def load_state(folder: Path, cfg: RecoverConfig) -> RoundState:
         arrays = load_file(str(folder / f"round-{int(meta['round']):03d}.safetensors"))
     except (OSError, ValueError, KeyError) as exc:
         raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({exc})", "delete the folder and start again") from None
-    mine = _identity(cfg)
+    mine = _identity(cfg, model)
     changed = [k for k, v in meta.get("settings", {}).items() if json.dumps(v) != json.dumps(mine.get(k))]
     if changed:
         raise LLMPruneError(f"cannot resume: settings differ from the saved run ({', '.join(changed)})",

@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 import llmprune
-from llmprune.fedrecover import RecoverConfig
+from llmprune.fedrecover import RecoverConfig, RunSettings, parse_run_config
 from llmprune.fedrecover.deploy import (
     app_dir,
     node_config,
@@ -313,9 +313,8 @@ def test_app_config_matches_recover_config():
                                  "clientapp": "llmprune.fedrecover.client_app:app"}
     assert app["config"] == run_config_defaults()
     assert project["project"]["version"] == llmprune.__version__
-    assert RecoverConfig.from_run_config(app["config"]).to_run_config() == \
-        {**RecoverConfig().to_run_config(), **{k: app["config"][k] for k in app["config"]
-                                               if k not in RecoverConfig().to_run_config()}}
+    cfg, settings = parse_run_config(app["config"])
+    assert cfg == RecoverConfig() and settings == RunSettings()
 
 
 def test_override_strings():

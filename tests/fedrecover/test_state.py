@@ -19,8 +19,11 @@ from llmprune.fedrecover.state import STATE_FILE, RoundState, load_state, save_s
 from .conftest import BASIC, SMALL, run_recover
 
 
+MODEL = "/models/pruned"
+
+
 def config(**overrides) -> RecoverConfig:
-    return RecoverConfig(**{**SMALL, "rounds": 3, **overrides}, extra={"model": "/models/pruned"})
+    return RecoverConfig(**{**SMALL, "rounds": 3, **overrides})
 
 
 def arrays(seed=0) -> dict[str, np.ndarray]:
@@ -31,16 +34,16 @@ def arrays(seed=0) -> dict[str, np.ndarray]:
 
 def test_state_round_trips(tmp_path):
     rows = [{"round": 1, "train_loss": 5.0}, {"round": 2, "train_loss": 4.5}]
-    save_state(tmp_path, RoundState(1, arrays(1), rows[:1], 300.0), config())
-    save_state(tmp_path, RoundState(2, arrays(2), rows, 300.0), config())
+    save_state(tmp_path, RoundState(1, arrays(1), rows[:1], 300.0), config(), model=MODEL)
+    save_state(tmp_path, RoundState(2, arrays(2), rows, 300.0), config(), model=MODEL)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round-001.safetensors", "round-002.safetensors", STATE_FILE]
-    state = load_state(tmp_path, config())
+    state = load_state(tmp_path, config(), model=MODEL)
     assert state.round == 2 and state.rounds == rows and state.initial_eval_perplexity == 300.0
     assert state.arrays.keys() == arrays().keys()
     assert all(np.array_equal(state.arrays[k], arrays(2)[k]) for k in state.arrays)
     assert all(np.array_equal(v, arrays(1)[k]) for k, v in load_file(str(tmp_path / "round-001.safetensors")).items())
     # more rounds may be asked for, and settings that do not change the result may differ
-    assert load_state(tmp_path, config(rounds=9, round_timeout=5.0, eval_windows=2)).round == 2
+    assert load_state(tmp_path, config(rounds=9, round_timeout=5.0, eval_windows=2), model=MODEL).round == 2
 
 
 @pytest.mark.parametrize("change, named", [
@@ -49,28 +52,27 @@ def test_state_round_trips(tmp_path):
     ({"target_modules": ("q_proj",)}, "target_modules"), ({"dp_clip": 1.0}, "dp_clip"),
 ])
 def test_resume_refuses_changed_settings(tmp_path, change, named):
-    save_state(tmp_path, RoundState(1, arrays(), [{"round": 1}]), config())
+    save_state(tmp_path, RoundState(1, arrays(), [{"round": 1}]), config(), model=MODEL)
     with pytest.raises(LLMPruneError) as err:
-        load_state(tmp_path, config(**change))
+        load_state(tmp_path, config(**change), model=MODEL)
     assert f"settings differ from the saved run ({named})" in str(err.value)
     assert "\n" not in str(err.value)
 
 
 def test_resume_refuses_another_model_fewer_rounds_and_a_missing_or_broken_state(tmp_path):
-    save_state(tmp_path, RoundState(2, arrays(), [{"round": 1}, {"round": 2}]), config())
-    other = RecoverConfig(**{**SMALL, "rounds": 3}, extra={"model": "/models/other"})
+    save_state(tmp_path, RoundState(2, arrays(), [{"round": 1}, {"round": 2}]), config(), model=MODEL)
     with pytest.raises(LLMPruneError, match=r"settings differ from the saved run \(model\)"):
-        load_state(tmp_path, other)
+        load_state(tmp_path, config(), model="/models/other")
     with pytest.raises(LLMPruneError, match="already did 2 rounds, more than --rounds 1"):
-        load_state(tmp_path, config(rounds=1))
+        load_state(tmp_path, config(rounds=1), model=MODEL)
     with pytest.raises(LLMPruneError, match="nothing to resume"):
-        load_state(tmp_path / "elsewhere", config())
+        load_state(tmp_path / "elsewhere", config(), model=MODEL)
     (tmp_path / "round-002.safetensors").unlink()
     with pytest.raises(LLMPruneError, match="unreadable"):
-        load_state(tmp_path, config())
+        load_state(tmp_path, config(), model=MODEL)
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(LLMPruneError, match="unreadable"):
-        load_state(tmp_path, config())
+        load_state(tmp_path, config(), model=MODEL)
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:

@@ -1,0 +1,224 @@
+"""The Flower strategy that owns a round: sample, ask the assignment policy who trains what,
+send each sampled client its slice of the global adapter (its rank, its layers), collect within
+the round timeout (plainly or through SecAgg+), aggregate with the registered aggregation,
+evaluate, checkpoint, and tell the policy how the round went."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
+
+from .aggregations import ClientUpdate, get_aggregation
+from .config import RecoverConfig
+from .fleet import Assignment
+from .lora import top_layer_modules
+from .policy import AssignmentPolicy
+from .records import from_record, payload_bytes, to_record
+from .state import RoundState
+
+log = logging.getLogger(__name__)
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass
+class RoundResult:
+    """What came back in one round: the new global adapter (None: unchanged) and the clients' metrics."""
+
+    arrays: Arrays | None
+    applied: bool
+    train_loss: float | None
+    client_metrics: list[dict]
+    bytes_up: int
+    bytes_up_per_client: int
+
+
+class LoraStrategy(Strategy):
+    """Heterogeneous LoRA rounds as a Flower strategy. `run_round` drives one round; its
+    configure/aggregate steps go through `self.outer`, which is Flower's DP wrapper around this
+    strategy when --dp-clip is set (so the wrapper clips, checks and adds noise), else itself."""
+
+    def __init__(self, cfg: RecoverConfig, policy: AssignmentPolicy, partitions: dict[int, int],
+                 shapes: dict[str, tuple[int, int]], init: Arrays, rank: int, *, transport: RoundTransport,
+                 evaluate: Callable[[Arrays], float | None] = lambda arrays: None,
+                 checkpoint: Callable[[RoundState], None] = lambda state: None) -> None:
+        self.cfg, self.policy, self.partitions = cfg, policy, partitions   # partitions: node id -> partition id
+        self.shapes, self.init, self.rank = shapes, init, rank
+        self.aggregation = get_aggregation(cfg.aggregation)
+        self.transport, self.evaluate_fn, self.checkpoint_fn = transport, evaluate, checkpoint
+        self.global_arrays: Arrays = dict(init)
+        self._modules: dict[int, list[str]] = {}
+        self.round_info: dict = {}
+        self.outer: Strategy = self
+        if cfg.dp_clip is not None:
+            sampled = max(1, round(cfg.fraction * len(partitions)))
+            self.outer = DifferentialPrivacyClientSideFixedClipping(self, cfg.dp_noise, cfg.dp_clip, sampled)
+        self.train_config = {"scale": cfg.scale, "batch-size": cfg.batch_size, "lr": cfg.lr,
+                             "uniform-weights": cfg.dp_clip is not None}
+
+    # -- one round -----------------------------------------------------------------------------
+    def run_round(self, server_round: int, grid: Grid, state: RoundState) -> dict:
+        """configure -> train (transport) -> aggregate -> evaluate -> save; returns the metrics row."""
+        t0 = time.perf_counter()
+        np.random.seed(np.random.default_rng([self.cfg.seed, server_round, 7]).integers(2**31))  # DP noise
+        messages = list(self.outer.configure_train(server_round, to_record(state.arrays), ConfigRecord(self.train_config),
+                                                   grid))
+        needed = self.cfg.min_replies(len(messages))
+        result = self.transport.exchange(self, server_round, messages, needed)
+        if result.arrays is not None:
+            state.arrays = result.arrays
+        if not result.applied:
+            log.warning("round %d: %d of %d clients returned, %d needed: the global adapter is unchanged",
+                        server_round, len(result.client_metrics), len(messages), needed)
+        ok_metrics = result.client_metrics
+        row = {"round": server_round, "clients_sampled": len(messages), "clients_returned": len(ok_metrics),
+               "applied": result.applied, "train_loss": result.train_loss,
+               "eval_perplexity": self.evaluate_fn(state.arrays),
+               "bytes_up": result.bytes_up, "bytes_down": self.round_info["bytes_down"],
+               "bytes_up_per_client_max": result.bytes_up_per_client,
+               "client_seconds": [round(float(m["seconds"]), 2) for m in ok_metrics],
+               "client_peak_rss_mb": [round(float(m["peak-rss-mb"]), 1) for m in ok_metrics],
+               "seconds": round(time.perf_counter() - t0, 2)}
+        state.rounds.append(row)
+        state.round = server_round
+        self.checkpoint_fn(state)
+        self.policy.observe(server_round, result)
+        log.info("round %d: %d/%d clients, train loss %s, eval ppl %s, %.1f s", server_round, len(ok_metrics),
+                 len(messages), result.train_loss, row["eval_perplexity"], row["seconds"])
+        return row
+
+    def sample(self, server_round: int) -> list[int]:
+        """Seeded by (seed, round) over partition ids, so a resumed run samples what the
+        uninterrupted one would have, whatever node ids this run's SuperNodes got."""
+        by_pid = sorted(self.partitions, key=lambda node: self.partitions[node])
+        k = max(1, round(self.cfg.fraction * len(by_pid)))
+        rng = np.random.default_rng([self.cfg.seed, server_round])
+        return [by_pid[i] for i in sorted(rng.choice(len(by_pid), size=k, replace=False))]
+
+    def modules_for(self, depth: int) -> list[str]:
+        """The modules of a client training LoRA on the top `depth` layers."""
+        if depth not in self._modules:
+            self._modules[depth] = top_layer_modules(self.shapes, depth)
+        return self._modules[depth]
+
+    # -- the Flower Strategy steps ---------------------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self.global_arrays = from_record(arrays)
+        sampled = self.sample(server_round)
+        plans: dict[int, Assignment] = self.policy.assign(server_round, sampled)
+        messages, down = [], 0
+        for node in sampled:
+            pid, plan = self.partitions[node], plans[node]
+            view = self.aggregation.client_view(self.global_arrays, self.modules_for(plan.depth), plan.rank, self.init)
+            record = to_record(view)
+            down += payload_bytes(record)
+            node_config = ConfigRecord(dict(config))
+            node_config["server-round"] = server_round
+            node_config["local-steps"] = max(1, round(self.cfg.local_steps * plan.speed))
+            node_config["seed"] = int(np.random.default_rng([self.cfg.seed, server_round, pid]).integers(2**31))
+            messages.append(Message(RecordDict({"arrays": record, "config": node_config}), dst_node_id=node,
+                                    message_type=MessageType.TRAIN))
+        self.round_info = {"sampled": len(messages), "bytes_down": down}
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates, losses, weights = [], [], []
+        for reply in replies:
+            if reply.has_error():
+                continue
+            metrics = reply.content["metrics"]
+            arrays = from_record(reply.content["arrays"])
+            updates.append(ClientUpdate(arrays, float(metrics["num-examples"]), str(metrics["partition-id"])))
+            losses.append(float(metrics["train-loss"]))
+            weights.append(float(metrics["num-examples"]))
+        if not updates:
+            return None, None
+        new = self.aggregation.aggregate(updates, self.global_arrays, self.rank)
+        loss = float(np.average(losses, weights=weights))
+        return to_record(new), MetricRecord({"train-loss": loss, "num-examples": int(sum(weights))})
+
+    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
+        return []  # evaluation is centralized, on the server's held-out windows
+
+    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        log.info("LoRA strategy: %s, %d clients, global rank %d", self.cfg.aggregation, len(self.partitions), self.rank)
+
+
+# -- how a round's messages travel -----------------------------------------------------------------
+class RoundTransport:
+    """Carries one round's train messages to the clients and turns what comes back into a RoundResult."""
+
+    def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
+        raise NotImplementedError
+
+
+class PlainTransport(RoundTransport):
+    """Send, wait up to the round timeout, aggregate what came back (through the strategy's
+    outer layer, e.g. the DP wrapper) if enough did."""
+
+    def __init__(self, grid: Grid, timeout: float) -> None:
+        self.grid, self.timeout = grid, timeout
+
+    def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
+        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        ok = [r for r in replies if not r.has_error()]
+        for r in replies:
+            if r.has_error():
+                reason = (r.error.reason or "").strip().splitlines()
+                log.warning("round %d: client on node %d failed: %s", server_round, r.metadata.src_node_id,
+                            reason[-1][:300] if reason else r.error.code)
+        if len(messages) > len(replies):
+            log.warning("round %d: %d client(s) did not answer within %.0f s", server_round,
+                        len(messages) - len(replies), self.timeout)
+        metrics = [dict(r.content["metrics"]) for r in ok]
+        sizes = [payload_bytes(r.content["arrays"]) for r in ok]
+        arrays, loss = None, None
+        if len(ok) >= needed:
+            # Flower's DP wrapper checks the replies itself (and refuses a round with failures).
+            new, agg_metrics = strategy.outer.aggregate_train(server_round, replies if strategy.outer is not strategy else ok)
+            if new is not None:
+                arrays = from_record(new)
+                loss = float(agg_metrics["train-loss"]) if agg_metrics else None
+        return RoundResult(arrays, arrays is not None, loss, metrics, sum(sizes), max(sizes, default=0))
+
+
+class SecAggTransport(RoundTransport):
+    """Flower's SecAgg+ (see secagg.py): the server learns only the weighted sum of the uploads,
+    so only aggregations registered with secagg=True can use it."""
+
+    def __init__(self, grid: Grid, context, aggregation: str, max_weight: float, timeout: float) -> None:
+        from llmprune.errors import LLMPruneError
+
+        from .aggregations.base import names_text, secagg_names
+
+        if not get_aggregation(aggregation).secagg:
+            raise LLMPruneError(f"--secagg cannot be used with --aggregation {aggregation}",
+                                f"secure aggregation only sums uploads: use {names_text(secagg_names())}")
+        self.grid, self.context, self.max_weight, self.timeout = grid, context, max_weight, timeout
+
+    def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
+        from llmprune.errors import LLMPruneError
+
+        from .secagg import run_secagg_round
+
+        if len(messages) < 2:
+            raise LLMPruneError("SecAgg+ needs at least 2 sampled clients per round", "raise --clients or --fraction")
+        new, metrics, up = run_secagg_round(self.grid, self.context, messages, strategy.global_arrays, strategy.rank,
+                                            needed, self.max_weight, self.timeout)
+        if new is not None and len(metrics) < needed:
+            new = None
+        loss = None
+        if metrics:
+            w = [float(m["num-examples"]) for m in metrics]
+            loss = float(np.average([float(m["train-loss"]) for m in metrics], weights=w))
+        per_client = up // max(len(metrics), 1)
+        return RoundResult(new, new is not None, loss if new is not None else None, metrics, up, per_client)
