@@ -1,70 +1,137 @@
 """llmprune.compress: COMP-style hybrid-granularity pruning (whole layers by block influence,
-then MLP neurons / query heads by a condition-aware selection, then least-squares tuning)."""
+then MLP neurons / query heads by a condition-aware selection, then least-squares tuning).
+
+Score once, cut many: `calibrate` measures everything a cut needs in one streamed pass;
+`prune` cuts that Calibration at a ratio (or a Plan); `compress` is the two calls."""
 
 from __future__ import annotations
 
-import logging
 import os
-import platform
 
 from torch import nn
 
 from llmprune.checkpoint import check_output_dir, save_pruned
-from .config import METHODS, CompressConfig
-from .pruner import CompressResult, compress_model
+from llmprune.errors import LLMPruneError
 
-log = logging.getLogger(__name__)
+from .budget import Plan
+from .calibrate import Calibration, run_calibration
+from .config import METHODS, SELF_CALIB_DEFAULTS, CompressConfig
+from .methods import PruningMethod, get_method, register_method
+from .plan import candidate_plans, cut_config, resolve_plan
+from .pruner import CompressResult, InMemorySource, compress_model, prune_with
 
-SELF_CALIB_DEFAULTS = {"calib_samples": 16, "calib_seq_len": 256}
+__all__ = [
+    "METHODS", "SELF_CALIB_DEFAULTS", "Calibration", "CompressConfig", "CompressResult", "Plan", "PruningMethod",
+    "calibrate", "candidate_plans", "compress", "compress_model", "get_method", "prune", "register_method",
+    "resolve_plan", "save_pruned",
+]
 
-__all__ = ["METHODS", "CompressConfig", "CompressResult", "compress", "compress_model", "save_pruned"]
-
-
-def _versions() -> dict:
-    import torch
-    import transformers
-
-    from llmprune import __version__
-
-    return {"llmprune": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+Model = nn.Module | str | os.PathLike | None
 
 
-def compress(model: nn.Module | str | os.PathLike | None = None, config: CompressConfig | None = None, *,
-             tokenizer=None, calib: str | os.PathLike | list[str] = "self", out: str | os.PathLike | None = None,
-             overwrite: bool = False) -> CompressResult:
-    """Prune a model (an nn.Module with its tokenizer, or any spec `llmprune.load` takes) by
-    `config.ratio` of its decoder parameters. `calib` is a data spec (see `llmprune.load_texts`),
-    `'self'` (text the model generates, for offline use) or a list of texts. With `out`, the pruned
-    checkpoint is written there (atomically) and the result's report says where."""
-    from llmprune.data import load_texts
+def _source(model: Model, cfg: CompressConfig, tokenizer=None, need_tokenizer: bool = True):
+    """The layer source of a model argument: streamed from safetensors with low_memory, else in
+    memory (a cut needs no tokenizer: the Calibration holds the token ids)."""
+    if cfg.low_memory:
+        if isinstance(model, nn.Module):
+            raise LLMPruneError("low_memory needs a model folder spec, not a loaded model",
+                                "pass the folder path, or drop low_memory")
+        from .lowmem import StreamedSource
+
+        return StreamedSource(model, cfg)
+    if isinstance(model, nn.Module):
+        if tokenizer is None and need_tokenizer:
+            raise ValueError("pass the model's tokenizer with a loaded model")
+        return InMemorySource(model, tokenizer)
     from llmprune.models import load, resolve_model_spec
 
-    config = config or CompressConfig()
+    resolve_model_spec(model)
+    loaded, tok = load(model)
+    return InMemorySource(loaded, tok, description=str(model))
+
+
+def _texts(calib, source, cfg: CompressConfig) -> list[str]:
+    from llmprune.data import load_texts
+
+    if isinstance(calib, list):
+        return calib
+    if source.streamed:
+        return load_texts(calib)
+    return load_texts(calib, model=source.model, tokenizer=source.tokenizer, seed=cfg.seed,
+                      self_tokens=(cfg.calib_samples + cfg.loss_windows) * cfg.calib_seq_len)
+
+
+def _refuse_self_when_streamed(calib, cfg: CompressConfig) -> None:
+    """Before anything is loaded: the streamed path has no whole model to generate text with."""
+    if cfg.low_memory and isinstance(calib, str) and calib == "self":
+        raise LLMPruneError("--low-memory cannot generate its own calibration text (that needs the whole model)",
+                            "pass --calib with a text file or dataset")
+
+
+def _describe(calib) -> str:
+    return str(calib) if isinstance(calib, (str, os.PathLike)) else "texts"
+
+
+def calibrate(model: Model, calib: str | os.PathLike | list[str] = "self", config: CompressConfig | None = None, *,
+              tokenizer=None, _source_obj=None) -> Calibration:
+    """Score once: one streamed calibration pass over `model` (a loaded nn.Module with its
+    `tokenizer`, or any spec `llmprune.load` takes; with config.low_memory a safetensors folder).
+    `calib`: texts, a data spec (see `llmprune.load_texts`) or 'self'. The calibration size defaults
+    to 16×256 for 'self' and 32×512 for data, as on the command line."""
+    cfg = (config or CompressConfig()).with_calibration_defaults(calib)
+    _refuse_self_when_streamed(calib, cfg)
+    source = _source_obj or _source(model, cfg, tokenizer)
+    calibration = run_calibration(source, _texts(calib, source, cfg), cfg)
+    calibration.calibration_data = _describe(calib)
+    return calibration
+
+
+def prune(model: Model, calibration: Calibration, plan_or_ratio: Plan | float | None = None, *,
+          config: CompressConfig | None = None, tokenizer=None, out: str | os.PathLike | None = None,
+          overwrite: bool = False, _source_obj=None) -> CompressResult:
+    """Cut many: prune `model` (in place when it is a loaded nn.Module — pass a copy to cut again)
+    by `plan_or_ratio` — a Plan, or a ratio resolved into plans from the calibration (layer_share
+    'auto' keeps the candidate with the lowest calibration loss); None: the config's ratio. The
+    Calibration is not changed, so it can be cut again. `config` (default: the calibration's)
+    sets fit, heads, method...; with `out` the checkpoint is written there, atomically."""
+    ratio = plan_or_ratio if isinstance(plan_or_ratio, (int, float)) else None
+    cfg = cut_config(calibration, ratio, config)
+    _check_cut(calibration, cfg)
     if out is not None:
         check_output_dir(out, overwrite)  # fail on a bad --out before any heavy work
-    spec = None
-    if config.low_memory:
-        if isinstance(model, nn.Module):
-            raise ValueError("low_memory needs a model folder spec, not a loaded model")
-        from .lowmem import compress_low_memory
+    source = _source_obj or _source(model, cfg, tokenizer, need_tokenizer=False)
+    plans = [plan_or_ratio] if isinstance(plan_or_ratio, Plan) else candidate_plans(calibration, cfg, source.can_search)
+    return prune_with(source, calibration, plans, cfg, out=out, overwrite=overwrite)
 
-        return compress_low_memory(model, config, calib=calib, out=out, overwrite=overwrite, versions=_versions())
-    if not isinstance(model, nn.Module):
-        spec = model
-        resolve_model_spec(spec)
-        model, tokenizer = load(spec)
-    if tokenizer is None:
-        raise ValueError("pass the model's tokenizer with a loaded model")
-    texts = calib if isinstance(calib, list) else load_texts(
-        calib, model=model, tokenizer=tokenizer, seed=config.seed,
-        self_tokens=(config.calib_samples + config.loss_windows) * config.calib_seq_len,
-    )
-    result = compress_model(model, tokenizer, texts, config)
-    result.report.update(model=str(spec) if spec is not None else type(model).__name__,
-                         calibration_data=str(calib) if isinstance(calib, (str, os.PathLike)) else "texts",
-                         seed=config.seed, versions=_versions())
+
+def _check_cut(calibration: Calibration, cfg: CompressConfig) -> None:
+    """Refuse a cut the calibration has not measured for, before any work."""
+    streamed = calibration.stats is None
+    if cfg.low_memory != streamed:
+        raise LLMPruneError("this calibration was made " + ("with" if streamed else "without") + " low_memory",
+                            "cut it with the same low_memory setting it was calibrated with")
+    if streamed:
+        return
+    if cfg.prune_heads and calibration.stats[0].attn is None:
+        raise LLMPruneError("this calibration has no attention statistics", "calibrate with prune_heads=True")
+    if cfg.pruning_method.needs_gradients and calibration.stats[0].grads is None:
+        raise LLMPruneError(f"--method {cfg.method} needs gradients this calibration has not measured",
+                            f"calibrate with method='{cfg.method}'")
+
+
+def compress(model: Model = None, config: CompressConfig | None = None, *, tokenizer=None,
+             calib: str | os.PathLike | list[str] = "self", out: str | os.PathLike | None = None,
+             overwrite: bool = False) -> CompressResult:
+    """Prune a model (an nn.Module with its tokenizer, or any spec `llmprune.load` takes) by
+    `config.ratio` of its decoder parameters: `calibrate` then `prune`. `calib` is a data spec (see
+    `llmprune.load_texts`), `'self'` (text the model generates, for offline use) or a list of texts.
+    With `out`, the pruned checkpoint is written there (atomically) and the result's report says where."""
+    cfg = (config or CompressConfig()).with_calibration_defaults(calib)
     if out is not None:
-        save_pruned(model, tokenizer, out, result.report, layer_map=result.report["layer_map"], overwrite=overwrite)
-        result.report["out"] = str(out)
-    return result
+        check_output_dir(out, overwrite)  # fail on a bad --out before any heavy work
+    if cfg.low_memory and out is None:
+        raise LLMPruneError("--low-memory writes the checkpoint as it goes", "pass --out")
+    _refuse_self_when_streamed(calib, cfg)
+    source = _source(model, cfg, tokenizer)  # shared by both calls: the model is loaded once
+    calibration = calibrate(model, calib, cfg, _source_obj=source)
+    return prune(model, calibration, config=cfg, out=out, overwrite=overwrite, _source_obj=source)

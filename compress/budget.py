@@ -5,27 +5,53 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from torch import nn
-
 from llmprune.errors import LLMPruneError
 
 
-def layer_params(layer: nn.Module) -> int:
-    return sum(p.numel() for p in layer.parameters())
+@dataclass(frozen=True)
+class LayerBudget:
+    """The sizes of one decoder layer that the budget needs (JSON-able, so a saved Calibration can
+    resolve plans without the model)."""
+
+    params: int
+    width: int  # MLP intermediate neurons (down_proj inputs)
+    hidden_out: int  # down_proj outputs
+    neuron_params: int  # parameters tied to one neuron
+    heads: int
+    kv_heads: int
+    head_params: int  # parameters tied to one query head
+    o_out: int  # o_proj outputs
+    mlp_out_bias: bool
+    attn_out_bias: bool
+
+    @classmethod
+    def of(cls, layer) -> "LayerBudget":
+        if isinstance(layer, cls):
+            return layer
+        mlp, attn = layer.mlp, layer.self_attn
+        hd = attn.head_dim
+        neuron = mlp.gate_proj.in_features + mlp.up_proj.in_features + mlp.down_proj.out_features
+        neuron += int(mlp.gate_proj.bias is not None) + int(mlp.up_proj.bias is not None)
+        head = hd * attn.q_proj.in_features + hd * int(attn.q_proj.bias is not None) + hd * attn.o_proj.out_features
+        return cls(params=sum(p.numel() for p in layer.parameters()), width=mlp.down_proj.in_features,
+                   hidden_out=mlp.down_proj.out_features, neuron_params=neuron,
+                   heads=attn.q_proj.out_features // hd, kv_heads=attn.k_proj.out_features // hd,
+                   head_params=head, o_out=attn.o_proj.out_features,
+                   mlp_out_bias=mlp.down_proj.bias is not None, attn_out_bias=attn.o_proj.bias is not None)
 
 
-def neuron_params(layer: nn.Module) -> int:
+def layer_params(layer) -> int:
+    return LayerBudget.of(layer).params
+
+
+def neuron_params(layer) -> int:
     """Parameters tied to one MLP intermediate neuron (gate row, up row, down column)."""
-    mlp = layer.mlp
-    n = mlp.gate_proj.in_features + mlp.up_proj.in_features + mlp.down_proj.out_features
-    return n + int(mlp.gate_proj.bias is not None) + int(mlp.up_proj.bias is not None)
+    return LayerBudget.of(layer).neuron_params
 
 
-def head_params(layer: nn.Module) -> int:
+def head_params(layer) -> int:
     """Parameters tied to one query head (q rows and o_proj columns)."""
-    attn = layer.self_attn
-    hd = attn.head_dim
-    return hd * attn.q_proj.in_features + hd * int(attn.q_proj.bias is not None) + hd * attn.o_proj.out_features
+    return LayerBudget.of(layer).head_params
 
 
 @dataclass
@@ -43,11 +69,10 @@ def choose_drop(block_influence: list[float], n_drop: int) -> list[int]:
     return sorted(order[:n_drop])
 
 
-def heads_to_keep(layer: nn.Module, head_ratio: float) -> int:
+def heads_to_keep(layer, head_ratio: float) -> int:
     """Query heads kept per layer: a multiple of the KV-head count (even groups), at least one per group."""
-    attn = layer.self_attn
-    kv = attn.k_proj.out_features // attn.head_dim
-    heads = attn.q_proj.out_features // attn.head_dim
+    b = LayerBudget.of(layer)
+    kv, heads = b.kv_heads, b.heads
     groups = heads // kv
     if groups <= 1:
         return heads
@@ -99,40 +124,39 @@ def error_allocation(widths: dict[int, int], remove: int, curves: dict[int, np.n
     return keep
 
 
-def make_plan(layers: list[nn.Module], block_influence: list[float], ratio: float, n_drop: int,
+def make_plan(layers: list, block_influence: list[float], ratio: float, n_drop: int,
               head_ratio: float | None = None, output_bias: bool = False,
               curves: dict[int, np.ndarray] | None = None, min_keep: float = 0.25) -> Plan:
     """A plan removing `ratio` of the decoder parameters: n_drop whole layers, then query heads
     (if head_ratio), then MLP neurons for the rest. `output_bias`: the least-squares fit adds a
-    bias to each pruned output projection, paid for from the budget."""
-    total = sum(layer_params(l) for l in layers)
+    bias to each pruned output projection, paid for from the budget. `layers`: modules or
+    LayerBudget records."""
+    layers = [LayerBudget.of(l) for l in layers]
+    total = sum(l.params for l in layers)
     target = ratio * total
     drop = choose_drop(block_influence, n_drop)
     kept_layers = [i for i in range(len(layers)) if i not in drop]
     if not kept_layers:
         raise LLMPruneError("this ratio would leave no decoder layer", "lower --ratio or --layer-share")
-    remaining = target - sum(layer_params(layers[i]) for i in drop)
+    remaining = target - sum(layers[i].params for i in drop)
     if remaining < 0:
         raise LLMPruneError(f"dropping {n_drop} layers removes more than --ratio {ratio}", "use a smaller --layer-share")
     plan = Plan(drop=drop)
     if head_ratio:
         for i in kept_layers:
-            attn = layers[i].self_attn
-            heads = attn.q_proj.out_features // attn.head_dim
             kept = heads_to_keep(layers[i], head_ratio)
-            if kept < heads:
+            if kept < layers[i].heads:
                 plan.keep_heads[i] = kept
-                remaining -= (heads - kept) * head_params(layers[i])
+                remaining -= (layers[i].heads - kept) * layers[i].head_params
         if remaining < 0:
             raise LLMPruneError("--head-ratio alone removes more than --ratio", "lower --head-ratio")
     if output_bias:
         for i in kept_layers:
-            mlp, attn = layers[i].mlp, layers[i].self_attn
-            remaining += mlp.down_proj.out_features * int(mlp.down_proj.bias is None)
+            remaining += layers[i].hidden_out * int(not layers[i].mlp_out_bias)
             if i in plan.keep_heads:
-                remaining += attn.o_proj.out_features * int(attn.o_proj.bias is None)
-    widths = {i: layers[i].mlp.down_proj.in_features for i in kept_layers}
-    per_neuron = neuron_params(layers[kept_layers[0]])
+                remaining += layers[i].o_out * int(not layers[i].attn_out_bias)
+    widths = {i: layers[i].width for i in kept_layers}
+    per_neuron = layers[kept_layers[0]].neuron_params
     remove = int(round(remaining / per_neuron))
     if curves is not None:
         plan.keep_neurons = error_allocation(widths, remove, curves, min_keep)
@@ -141,7 +165,7 @@ def make_plan(layers: list[nn.Module], block_influence: list[float], ratio: floa
     return plan
 
 
-def max_droppable(layers: list[nn.Module], ratio: float) -> int:
+def max_droppable(layers: list, ratio: float) -> int:
     """How many whole layers fit in the budget (never all, never layer 0)."""
     total = sum(layer_params(l) for l in layers)
     per_layer = layer_params(layers[-1])

@@ -131,6 +131,13 @@ class GramCollector:
         stats.gram, stats.sum, stats.count, stats._handle = x.T @ x, x.sum(0), x.shape[0], None
         return stats
 
+    @classmethod
+    def from_tensors(cls, gram: torch.Tensor, total: torch.Tensor, count: int) -> "GramCollector":
+        """Statistics restored from storage (no hook)."""
+        stats = cls.__new__(cls)
+        stats.gram, stats.sum, stats.count, stats._handle = gram, total, int(count), None
+        return stats
+
     def remove(self) -> None:
         if self._handle is not None:
             self._handle.remove()

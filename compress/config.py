@@ -1,111 +1,141 @@
-"""Configuration of the compress stage."""
+"""Configuration of the compress stage: every knob declared once, with its default and help text
+(`llmprune.options`); `llmprune compress` builds its flags from these fields. Method-dependent
+defaults come from the method registry (`compress/methods`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from llmprune.errors import LLMPruneError
+from llmprune.options import option
 
-METHODS = ("comp", "layer-only", "wanda-sp", "magnitude", "fluctuation", "random", "taylor")
+from .methods import METHODS, PruningMethod, get_method, method_names
+
 FIT_MODES = ("none", "scales", "refit")
 SELECTIONS = ("energy", "pivot")
 ALLOCATIONS = ("uniform", "error")
 
+# Calibration size when none is given: `calib='self'` generates its text with the model itself,
+# which is slow, so it defaults to less of it.
+SELF_CALIB_DEFAULTS = {"calib_samples": 16, "calib_seq_len": 256}
+DATA_CALIB_DEFAULTS = {"calib_samples": 32, "calib_seq_len": 512}
+
 
 @dataclass
 class CompressConfig:
-    """What to remove and how.
+    """What to remove and how (each field's help says what it means)."""
 
-    ratio: fraction of decoder-layer parameters removed (embeddings / LM head are not pruned).
-    method: 'comp' (block-influence layer removal + condition-aware neuron selection + least-
-        squares mask tuning) or a baseline: 'layer-only' (ShortGPT), 'wanda-sp', 'magnitude',
-        'fluctuation' (FLAP, with its bias compensation), 'random', 'taylor' (LLM-Pruner's
-        first-order gradient importance; needs gradients, the memory-hungry reference).
-    layer_share: fraction of the removed parameters taken as whole layers, or 'auto' (comp: try
-        every whole-layer count that fits the budget, keep the lowest calibration loss). None means
-        'auto' for comp, 1 for layer-only and 0 for the neuron baselines.
-    fit: how comp tunes each pruned output projection (down_proj, and o_proj when heads are
-        pruned) by ridge least squares on the calibration statistics: 'refit' solves for the whole
-        kept projection (the default: it measures best), 'scales' for one multiplier per kept
-        neuron (mask tuning), 'none' skips tuning. The baselines never tune.
-    prune_heads: also prune attention query heads (evenly within each KV group) when the model
-        has more than one query head per KV head; head_ratio is the fraction of query heads removed
-        per layer (default: ratio).
-    selection: comp's neuron order: 'energy' (output energy ‖x_j‖·‖W_j‖, the diagonal of the
-        weighted Gram; default: it measures best, out of domain too) or 'pivot' (greedy pivoted
-        Cholesky on the weighted Gram: large and well conditioned on the calibration data).
-    allocation: 'uniform' (every layer loses the same fraction of neurons) or 'error' (per-layer
-        counts chosen to minimise the summed relative refit error of the layers, from each layer's
-        pivoted-Cholesky error curve). None means 'error' for comp and 'uniform' for baselines.
-    intercept: comp also fits an output bias (the mean of what was removed); FLAP always does.
-    low_memory: load one decoder layer at a time from safetensors (needs a safetensors folder).
-    """
-
-    ratio: float = 0.2
-    method: str = "comp"
-    calib_samples: int = 32
-    calib_seq_len: int = 512
-    layer_share: float | str | None = None
-    fit: str = "refit"
-    selection: str = "energy"
-    prune_heads: bool = False
-    head_ratio: float | None = None
-    allocation: str | None = None
-    low_memory: bool = False
-    seed: int = 0
-    ridge: float = 1e-2
-    intercept: bool = False
-    min_keep: float = 0.25
-    loss_windows: int = 4
-    batch_size: int = 4
+    ratio: float = option(0.2, help="fraction of decoder-layer parameters to remove, in (0, 1) (embeddings and LM "
+                                    "head are not pruned)")
+    method: str = option("comp", choices=method_names,
+                         help="comp (block-influence layer removal + condition-aware neuron selection + "
+                              "least-squares tuning) or a baseline: layer-only (ShortGPT), wanda-sp, magnitude, "
+                              "fluctuation (FLAP), random, taylor (LLM-Pruner; needs gradients)")
+    calib_samples: int | None = option(None, default_text="16 with --calib self, else 32",
+                                       help="calibration windows N")
+    calib_seq_len: int | None = option(None, default_text="256 with --calib self, else 512",
+                                       help="tokens per calibration window L")
+    layer_share: float | str | None = option(None, default_text="auto for comp, 1 for layer-only, 0 for the other "
+                                                               "baselines",
+                                             help="'auto' (try every whole-layer count that fits the budget, keep "
+                                                  "the lowest calibration loss) or the fraction of the budget taken "
+                                                  "as whole layers")
+    fit: str = option("refit", choices=FIT_MODES,
+                      help="comp's least-squares tuning of each pruned output projection: refit (the whole kept "
+                           "projection; measures best), scales (one multiplier per kept neuron: mask tuning), none")
+    selection: str = option("energy", choices=SELECTIONS,
+                            help="comp's neuron order: energy (output energy ‖x_j‖·‖W_j‖; measures best) or pivot "
+                                 "(greedy pivoted Cholesky on the weighted Gram: large and well conditioned)")
+    prune_heads: bool = option(False, help="also prune attention query heads, evenly within each KV group (where a "
+                                           "KV head serves more than one query head)")
+    head_ratio: float | None = option(None, default_text="--ratio", help="fraction of query heads removed per layer")
+    allocation: str | None = option(None, choices=ALLOCATIONS, default_text="error for comp, else uniform",
+                                    help="neurons per layer: error (minimise the summed refit error of the layers, "
+                                         "from their error curves) or uniform (the same fraction everywhere)")
+    low_memory: bool = option(False, help="load one decoder layer at a time from safetensors (needs a local "
+                                          "safetensors folder and a --calib file)")
+    seed: int = option(0, help="seed")
+    ridge: float = option(1e-2, cli=False, help="ridge of the least-squares tuning, relative to the Gram's diagonal")
+    intercept: bool = option(False, help="comp: also fit an output bias (the mean of what was removed); FLAP always does")
+    min_keep: float = option(0.25, cli=False, help="error allocation: the least fraction of neurons a layer keeps")
+    loss_windows: int = option(4, cli=False, help="held-out windows the calibration loss is measured on")
+    batch_size: int = option(4, cli=False, help="calibration windows per forward call")
 
     def __post_init__(self) -> None:
         if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
             raise LLMPruneError(f"--ratio must be between 0 and 1, exclusive (got {self.ratio})", "pass e.g. --ratio 0.2")
-        if self.method not in METHODS:
-            raise LLMPruneError(f"unknown method '{self.method}'", f"choose one of: {', '.join(METHODS)}")
-        if self.selection not in SELECTIONS:
-            raise LLMPruneError(f"unknown selection '{self.selection}'", f"choose one of: {', '.join(SELECTIONS)}")
-        if self.fit not in FIT_MODES:
-            raise LLMPruneError(f"unknown fit '{self.fit}'", f"choose one of: {', '.join(FIT_MODES)}")
-        if self.allocation is not None and self.allocation not in ALLOCATIONS:
-            raise LLMPruneError(f"unknown allocation '{self.allocation}'", f"choose one of: {', '.join(ALLOCATIONS)}")
+        self._check_choices()
+        self._parse_layer_share()
+        if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
+            raise LLMPruneError(f"--head-ratio must be in [0, 1) (got {self.head_ratio})", "pass e.g. --head-ratio 0.25")
+        for name in ("calib_samples", "calib_seq_len", "loss_windows", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and int(value) < 1:
+                raise LLMPruneError(f"--{name.replace('_', '-')} must be at least 1", "pass a positive number")
+        if self.low_memory and not self.pruning_method.low_memory:
+            raise LLMPruneError(f"--method {self.method} has no --low-memory path (it needs the whole model in memory)",
+                                f"drop --low-memory, or choose one of: {', '.join(low_memory_methods())}")
+
+    def _check_choices(self) -> None:
+        get_method(self.method)  # raises the one-line error naming the choices
+        for flag, value, choices in (("selection", self.selection, SELECTIONS), ("fit", self.fit, FIT_MODES),
+                                     ("allocation", self.allocation, ALLOCATIONS)):
+            if value is not None and value not in choices:
+                raise LLMPruneError(f"unknown {flag} '{value}'", f"choose one of: {', '.join(choices)}")
+
+    def _parse_layer_share(self) -> None:
         share = self.layer_share
         if isinstance(share, str) and share != "auto":
             try:
                 share = float(share)
             except ValueError:
-                raise LLMPruneError(f"--layer-share must be 'auto' or a number in [0, 1] (got {share!r})", "pass --layer-share auto or e.g. 0.5") from None
+                raise LLMPruneError(f"--layer-share must be 'auto' or a number in [0, 1] (got {share!r})",
+                                    "pass --layer-share auto or e.g. 0.5") from None
             self.layer_share = share
         if isinstance(share, (int, float)) and not 0.0 <= float(share) <= 1.0:
             raise LLMPruneError(f"--layer-share must be in [0, 1] (got {share})", "pass --layer-share auto or e.g. 0.5")
-        if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
-            raise LLMPruneError(f"--head-ratio must be in [0, 1) (got {self.head_ratio})", "pass e.g. --head-ratio 0.25")
-        for name in ("calib_samples", "calib_seq_len", "loss_windows", "batch_size"):
-            if int(getattr(self, name)) < 1:
-                raise LLMPruneError(f"--{name.replace('_', '-')} must be at least 1", "pass a positive number")
+
+    def with_calibration_defaults(self, calib) -> "CompressConfig":
+        """The calibration size filled in for this calibration source: 16×256 for 'self' (text the
+        model generates), 32×512 for data; sizes given explicitly are kept."""
+        defaults = SELF_CALIB_DEFAULTS if isinstance(calib, str) and calib == "self" else DATA_CALIB_DEFAULTS
+        return dataclasses.replace(self, **{k: v if getattr(self, k) is None else getattr(self, k)
+                                            for k, v in defaults.items()})
+
+    @property
+    def pruning_method(self) -> PruningMethod:
+        return get_method(self.method)
 
     @property
     def effective_layer_share(self) -> float | str:
-        if self.layer_share is not None:
-            return self.layer_share
-        return {"comp": "auto", "layer-only": 1.0}.get(self.method, 0.0)
+        return self.layer_share if self.layer_share is not None else self.pruning_method.layer_share
 
     @property
     def fit_mode(self) -> str:
-        """Least-squares tuning of the output projections: only comp tunes."""
-        return self.fit if self.method == "comp" else "none"
+        """Least-squares tuning of the output projections, for the methods that tune."""
+        return self.fit if self.pruning_method.tunes else "none"
 
     @property
     def effective_allocation(self) -> str:
-        if self.allocation is not None:
-            return self.allocation
-        return "error" if self.method == "comp" else "uniform"
+        return self.allocation if self.allocation is not None else self.pruning_method.allocation
 
     @property
     def uses_intercept(self) -> bool:
-        """comp fits an output bias with its least squares; FLAP restores the removed mean."""
-        return (self.method == "comp" and self.intercept) or self.method == "fluctuation"
+        """comp fits an output bias when asked; FLAP always restores the removed mean."""
+        rule = self.pruning_method.intercept
+        return rule == "always" or (rule == "option" and self.intercept)
+
+    @property
+    def head_prune_ratio(self) -> float | None:
+        """Fraction of query heads removed per layer (None: heads are not pruned)."""
+        if not self.prune_heads:
+            return None
+        return self.head_ratio if self.head_ratio is not None else self.ratio
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def low_memory_methods() -> list[str]:
+    return [name for name, m in METHODS.items() if m.low_memory]

@@ -10,11 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import importance
 from .calibration import GramCollector
 from .config import CompressConfig
 from .mask_tuning import fit_output_projection
-from .selection import energy_order, pivot_order, refit_error_curve, top_k
+from .selection import condition_number, energy_order, pivot_order, refit_error_curve, top_k
 from .surgery import head_columns, prune_mlp_neurons, prune_query_heads
 
 
@@ -40,60 +39,15 @@ class LayerStats:
         return self._orders[selection]
 
 
-def neuron_ranking(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int) -> torch.Tensor | None:
-    """Scores (higher = keep) for score-based methods; None for comp (pivoted selection)."""
-    mlp = layer.mlp
-    gate, up, down = mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(), mlp.down_proj.weight.detach()
-    method = cfg.method
-    if method == "comp":
-        return None
-    if method in ("magnitude", "layer-only"):
-        return importance.magnitude_neurons(gate, up, down)
-    if method == "wanda-sp":
-        return importance.wanda_sp(stats.mlp, down)
-    if method == "fluctuation":
-        return importance.fluctuation(stats.mlp, down)
-    if method == "random":
-        return importance.random_scores(down.shape[1], cfg.seed, index)
-    if method == "taylor":
-        g = stats.grads
-        return importance.taylor_neurons(gate, up, down, g["gate_proj"], g["up_proj"], g["down_proj"])
-    raise ValueError(method)
-
-
 def select_kept_neurons(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int, keep: int) -> torch.Tensor:
+    """Indices (sorted) of the `keep` neurons the method ranks best."""
     width = layer.mlp.down_proj.in_features
     if keep >= width:
         return torch.arange(width)
-    scores = neuron_ranking(layer, stats, cfg, index)
-    if scores is None:
-        return stats.pivots(layer.mlp.down_proj.weight.detach(), cfg.selection)[0][:keep].sort().values
-    return top_k(scores, keep)
-
-
-def head_ranking(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int) -> torch.Tensor:
-    attn = layer.self_attn
-    hd = attn.head_dim
-    o = attn.o_proj.weight.detach()
-    q = attn.q_proj.weight.detach()
-    heads = q.shape[0] // hd
-    method = cfg.method
-    if method == "comp":
-        return importance.head_output_energy(stats.attn, o, hd)
-    if method in ("magnitude", "layer-only"):
-        return q.double().reshape(heads, -1).norm(dim=1) + o.double().T.reshape(heads, -1).norm(dim=1)
-    if method == "wanda-sp":
-        return importance.head_scores_from_columns(importance.wanda_sp(stats.attn, o), hd)
-    if method == "fluctuation":
-        return importance.head_scores_from_columns(importance.fluctuation(stats.attn, o), hd)
-    if method == "random":
-        return importance.random_scores(heads, cfg.seed + 7919, index)
-    if method == "taylor":
-        g = stats.grads
-        s = (q.double() * g["q_proj"].double()).reshape(heads, -1).sum(1)
-        s = s + (o.double() * g["o_proj"].double()).T.reshape(heads, -1).sum(1)
-        return s.abs()
-    raise ValueError(method)
+    method = cfg.pruning_method
+    if method.neuron_order is not None:
+        return method.neuron_order(layer, stats, cfg, index)[:keep].sort().values
+    return top_k(method.neuron_scores(layer, stats, cfg, index), keep)
 
 
 def select_kept_heads(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int, keep: int) -> torch.Tensor:
@@ -104,15 +58,16 @@ def select_kept_heads(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, 
     kv = attn.k_proj.out_features // hd
     groups = heads // kv
     per_group = keep // kv
-    scores = head_ranking(layer, stats, cfg, index).reshape(kv, groups)
+    scores = cfg.pruning_method.head_scores(layer, stats, cfg, index).reshape(kv, groups)
     chosen = [g * groups + top_k(scores[g], per_group) for g in range(kv)]
     return torch.cat(chosen).sort().values
 
 
 def prune_layer(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index: int,
                 keep_neurons: int | None, keep_heads: int | None, fit_mode: str | None = None,
-                release_stats: bool = False) -> dict:
-    """Prune one layer in place; returns its report row (kept counts, reconstruction errors).
+                release_stats: bool = False, kappa: bool = False) -> dict:
+    """Prune one layer in place; returns its report details (kept heads and neuron indices,
+    reconstruction errors, with `kappa` the condition number κ of the kept neurons' weighted Gram).
     `release_stats` frees the MLP Gram once fitted (the --low-memory path uses each layer once)."""
     fit_mode = cfg.fit_mode if fit_mode is None else fit_mode
     row: dict = {}
@@ -131,6 +86,8 @@ def prune_layer(layer: nn.Module, stats: LayerStats, cfg: CompressConfig, index:
         down = layer.mlp.down_proj
         fit = fit_output_projection(stats.mlp, down.weight.detach(), down.bias, kept,
                                     mode=fit_mode, ridge=cfg.ridge, intercept=cfg.uses_intercept)
+        if kappa:  # from the dense weights and the Gram, so before either is released
+            row["kappa_kept"] = condition_number(stats.mlp.gram, down.weight.detach(), kept)
         if release_stats:  # the caller is done with this layer's statistics: free them before surgery
             stats.mlp.gram = None
         prune_mlp_neurons(layer, kept, fit.weight, fit.bias)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 
 import torch
@@ -20,20 +19,20 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from llmprune.arch import adapter_for, base_model
-from llmprune.data import load_texts
-from llmprune.errors import LLMPruneError
-from llmprune.memory import peak_rss_mb
-from llmprune.models import load_config, load_tokenizer, resolve_model_spec
+from transformers import AutoModelForCausalLM
 
-from .budget import Plan, layer_params, make_plan
+from llmprune.arch import adapter_for, base_model
+from llmprune.checkpoint import (
+    MODELING_FILE, PRUNED_CLASS, REPORT_FILE, atomic_output_dir, layer_shape, model_class, modeling_source, pruned_spec,
+)
+from llmprune.errors import LLMPruneError
+from llmprune.models import load_config, load_tokenizer, resolve_model_spec
+from llmprune.params import parameter_breakdown
+
 from .calibration import block_influence, capture_inputs, collect_grams, run_layer
-from llmprune.checkpoint import MODELING_FILE, PRUNED_CLASS, REPORT_FILE, atomic_output_dir, modeling_source, pruned_class
-from llmprune.checkpoint import layer_shape
 from .config import CompressConfig
-from .layer import LayerStats, prune_layer
-from .safetensors_io import copy_tensors, read_header
-from .pruner import CompressResult, calibration_windows, use_error_allocation
+from .layer import LayerStats
+from .safetensors_io import copy_tensors
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +50,6 @@ class LazyCheckpoint:
                 self.files = {k: folder / "model.safetensors" for k in f.keys()}
         else:
             raise LLMPruneError(f"--low-memory needs safetensors weights in '{folder}'", "save the model with safe_serialization=True")
-
-    def total_params(self) -> int:
-        """Parameters stored in the checkpoint (a tied head is stored, and counted, once)."""
-        total = 0
-        for path in set(self.files.values()):
-            header, _ = read_header(path)
-            total += sum(int(torch.Size(v["shape"]).numel()) for k, v in header.items() if k != "__metadata__")
-        return total
 
     def names(self, prefix: str) -> list[str]:
         return [k for k in self.files if k.startswith(prefix)]
@@ -130,176 +121,170 @@ def _head_loss(hidden: torch.Tensor, ids: torch.Tensor, norm: nn.Module, ckpt: L
     return float((lse - target_logit).mean())
 
 
-def compress_low_memory(spec, cfg: CompressConfig, calib="self", out=None, overwrite: bool = False,
-                        versions: dict | None = None) -> CompressResult:
-    """Compress the safetensors checkpoint `spec` into `out`, one decoder layer in memory at a time."""
-    from transformers import AutoModelForCausalLM
+class StreamedSource:
+    """A safetensors folder, one decoder layer in memory at a time: the model is built on the meta
+    device, each layer is materialised when the stream reaches it and released after. The
+    calibration pass measures block influence (and the error curves) only; a cut re-collects each
+    layer's Grams as it prunes it (two passes, but never all layers' statistics at once)."""
 
-    start = time.perf_counter()
-    if out is None:
-        raise LLMPruneError("--low-memory writes the checkpoint as it goes", "pass --out")
-    source = resolve_model_spec(spec)
-    if source.kind != "folder":
-        raise LLMPruneError(f"--low-memory needs a local safetensors folder, not a {source.kind} spec", "convert the model to a folder first (llmprune.load + save_pretrained)")
-    if isinstance(calib, str) and calib == "self":
-        raise LLMPruneError("--low-memory cannot generate its own calibration text (that needs the whole model)", "pass --calib with a text file or dataset")
-    folder = Path(source.path)
-    config = load_config(source)
-    tokenizer = load_tokenizer(source)
-    ckpt = LazyCheckpoint(folder)
-    texts = calib if isinstance(calib, list) else load_texts(calib)
-    calib_ids, held_out, held_out_ok = calibration_windows(tokenizer, texts, cfg)
-    torch.manual_seed(cfg.seed)
+    streamed = True
+    can_search = False  # each candidate would be a full pruned pass: layer_share 'auto' drops no layer
+    model = None
 
-    out_dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
-    if isinstance(out_dtype, str):
-        out_dtype = getattr(torch, out_dtype)
-    config._attn_implementation = "sdpa"
-    stock = AutoModelForCausalLM._model_mapping[type(config)]
-    cls = pruned_class(stock) if getattr(config, "llmprune", None) else stock
-    with torch.device("meta"):
-        model = cls(config)
-    model.eval()
-    adapter = adapter_for(model)
-    base = base_model(model)
-    layers = adapter.decoder_layers(model)
-    prefix = _prefix_of(model, base)
-    n_layers = len(layers)
+    def __init__(self, spec, cfg: CompressConfig):
+        source = resolve_model_spec(spec)
+        if source.kind != "folder":
+            raise LLMPruneError(f"--low-memory needs a local safetensors folder, not a {source.kind} spec",
+                                "convert the model to a folder first (llmprune.load + save_pretrained)")
+        self.folder, self.description, self.cfg = Path(source.path), str(spec), cfg
+        self.config = load_config(source)
+        self.tokenizer = load_tokenizer(source)
+        self.ckpt = LazyCheckpoint(self.folder)
+        self.config._attn_implementation = "sdpa"
+        self.stock = AutoModelForCausalLM._model_mapping[type(self.config)]
+        with torch.device("meta"):
+            self.meta = model_class(self.config)(self.config)
+        self.meta.eval()
+        self.params_before = parameter_breakdown(self.meta)  # from shapes: nothing is read
+        self.base = base_model(self.meta)
+        self.layers = adapter_for(self.meta).decoder_layers(self.meta)
+        self.prefix = _prefix_of(self.meta, self.base)
+        self.layer_map = (getattr(self.config, "llmprune", None) or {}).get("layer_map") or list(range(len(self.layers)))
+        self._stream = None
+        softcap = getattr(self.config, "final_logit_softcapping", None)
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        head = self.prefix + "embed_tokens.weight" if tied else "lm_head.weight"
+        self.head_loss = lambda hidden, ids: _head_loss(hidden, ids, self.base.norm, self.ckpt, head, softcap)
 
-    # Only the embedding rows the calibration windows use are read (ids remapped onto them).
-    all_ids = torch.cat([calib_ids, held_out])
-    vocab, remapped = torch.unique(all_ids, return_inverse=True)
-    embed = base.get_input_embeddings()
-    embed.to_empty(device="cpu")
-    embed.weight = nn.Parameter(ckpt.rows(prefix + "embed_tokens.weight", vocab).float(), requires_grad=False)
-    for name, child in base.named_children():
-        if name not in ("layers", "embed_tokens"):
-            _materialise(child, ckpt, f"{prefix}{name}.", torch.float32)
-    _reset_buffers(base, config)
-    stream = capture_inputs(model, remapped, cfg.batch_size)
-    n_calib = calib_ids.shape[0]
-    hidden0 = stream.hidden
-    embed.weight = nn.Parameter(torch.empty(0, 0), requires_grad=False)
+    def stream(self, calib: torch.Tensor, held_out: torch.Tensor):
+        """The embedded windows and every layer's call arguments (computed once per window set):
+        only the embedding rows the windows use are read (ids remapped onto them)."""
+        if self._stream is None or not torch.equal(self._stream[0], calib):
+            all_ids = torch.cat([calib, held_out])
+            vocab, remapped = torch.unique(all_ids, return_inverse=True)
+            embed = self.base.get_input_embeddings()
+            embed.to_empty(device="cpu")
+            embed.weight = nn.Parameter(self.ckpt.rows(self.prefix + "embed_tokens.weight", vocab).float(), requires_grad=False)
+            for name, child in self.base.named_children():
+                if name not in ("layers", "embed_tokens"):
+                    _materialise(child, self.ckpt, f"{self.prefix}{name}.", torch.float32)
+            _reset_buffers(self.base, self.config)
+            captured = capture_inputs(self.meta, remapped, self.cfg.batch_size)
+            embed.weight = nn.Parameter(torch.empty(0, 0), requires_grad=False)
+            self._stream = (calib, captured)
+        return self._stream[1]
 
-    def load_layer(i: int) -> nn.Module:
-        layer = layers[i]
-        _materialise(layer, ckpt, f"{prefix}layers.{i}.", torch.float32)
-        return layer
+    def load_layer(self, i: int) -> nn.Module:
+        _materialise(self.layers[i], self.ckpt, f"{self.prefix}layers.{i}.", torch.float32)
+        return self.layers[i]
 
-    def release(i: int) -> None:
-        layers[i].to("meta")
+    def release(self, i: int) -> None:
+        self.layers[i].to("meta")
 
-    # Pass 1: block influence (and error curves), dense held-out hidden states.
-    influence, curves = [], {}
-    hidden, held = hidden0[:n_calib], hidden0[n_calib:]
-    want_curves = use_error_allocation(cfg, calib_ids.numel(), layers)
-    for i in tqdm(range(n_layers), desc="pass 1: block influence", unit="layer", leave=False):
-        layer = load_layer(i)
-        targets = {"mlp": layer.mlp.down_proj} if want_curves else {}
-        with collect_grams(targets) as grams:
-            out_hidden = run_layer(layer, hidden, stream.layer_kwargs[i], cfg.batch_size)
-        influence.append(block_influence(hidden, out_hidden))
-        held = run_layer(layer, held, stream.layer_kwargs[i], cfg.batch_size)
-        hidden = out_hidden
-        down = layer.mlp.down_proj.weight.detach().clone()
-        release(i)  # the error curve needs only down_proj: free the layer first
-        if want_curves:
-            curves[i] = LayerStats(mlp=grams["mlp"]).pivots(down, cfg.selection)[1]
-        del grams, down
-    head_name = prefix + "embed_tokens.weight" if getattr(config, "tie_word_embeddings", False) else "lm_head.weight"
-    softcap = getattr(config, "final_logit_softcapping", None)
-    held_ids = held_out
-    dense_loss = _head_loss(held, held_ids, base.norm, ckpt, head_name, softcap)
-
-    share = cfg.effective_layer_share
-    if share == "auto":
-        log.info("--low-memory: the auto split would need a full pruned pass per candidate; dropping no whole "
-                 "layers (pass --layer-share F to drop some)")
-        share = 0.0
-    total = sum(layer_params(l) for l in layers)
-    n_drop = int(min(n_layers - 1, (float(share) * cfg.ratio * total) // layer_params(layers[-1])))
-    head_ratio = (cfg.head_ratio if cfg.head_ratio is not None else cfg.ratio) if cfg.prune_heads else None
-    plan: Plan = make_plan(list(layers), influence, cfg.ratio, n_drop, head_ratio, output_bias=cfg.uses_intercept,
-                           curves=curves or None, min_keep=cfg.min_keep)
-    kept = [i for i in range(n_layers) if i not in plan.drop]
-    layer_map_in = (getattr(config, "llmprune", None) or {}).get("layer_map") or list(range(n_layers))
-
-    # Pass 2: prune each kept layer from its dense inputs; write it; stream the pruned held-out text.
-    rows, shapes, weight_map, total_size = [], [], {}, 0
-    params_after_layers = 0
-    with atomic_output_dir(out, overwrite) as tmp:
-        hidden, held_p = hidden0[:n_calib], hidden0[n_calib:]
-        for i in tqdm(range(n_layers), desc="pass 2: prune", unit="layer"):
-            layer = load_layer(i)
-            row = {"original_index": layer_map_in[i], "block_influence": influence[i], "dropped": i in plan.drop,
-                   "neurons_before": layer.mlp.down_proj.in_features,
-                   "heads_before": layer.self_attn.q_proj.out_features // layer.self_attn.head_dim}
-            if i in plan.drop:
-                hidden = run_layer(layer, hidden, stream.layer_kwargs[i], cfg.batch_size)
-                release(i)
-                rows.append(row)
-                continue
-            targets = {"mlp": layer.mlp.down_proj}
-            if i in plan.keep_heads:
-                targets["attn"] = layer.self_attn.o_proj
+    def calibrate(self, calib: torch.Tensor, held_out: torch.Tensor, cfg: CompressConfig, want_curves: bool) -> dict:
+        """Pass 1: block influence (and error curves), the dense held-out loss."""
+        stream = self.stream(calib, held_out)
+        n_calib = calib.shape[0]
+        hidden, held = stream.hidden[:n_calib], stream.hidden[n_calib:]
+        influence, curves = [], {}
+        for i in tqdm(range(len(self.layers)), desc="pass 1: block influence", unit="layer", leave=False):
+            layer = self.load_layer(i)
+            targets = {"mlp": layer.mlp.down_proj} if want_curves else {}
             with collect_grams(targets) as grams:
                 out_hidden = run_layer(layer, hidden, stream.layer_kwargs[i], cfg.batch_size)
-            stats = LayerStats(mlp=grams["mlp"], attn=grams.get("attn"))
-            detail = prune_layer(layer, stats, cfg, i, plan.keep_neurons.get(i), plan.keep_heads.get(i), release_stats=True)
-            detail.pop("kept_neuron_indices", None)
-            new_idx = kept.index(i)
-            layer.layer_idx = new_idx
-            held_p = run_layer(layer, held_p, stream.layer_kwargs[i], cfg.batch_size)
-            shapes.append(layer_shape(layer))
-            row.update(neurons_after=layer.mlp.down_proj.in_features,
-                       heads_after=layer.self_attn.q_proj.out_features // layer.self_attn.head_dim, **detail)
-            rows.append(row)
-            shard = f"model-layer-{new_idx:05d}.safetensors"
-            tensors = {f"{prefix}layers.{new_idx}.{k}": v.detach().to(out_dtype).contiguous() for k, v in layer.state_dict().items()}
-            save_file(tensors, tmp / shard, metadata={"format": "pt"})
-            for k, v in tensors.items():
-                weight_map[k] = shard
-                total_size += v.numel() * v.element_size()
-            params_after_layers += sum(p.numel() for p in layer.parameters())
+            influence.append(block_influence(hidden, out_hidden))
+            held = run_layer(layer, held, stream.layer_kwargs[i], cfg.batch_size)
             hidden = out_hidden
-            del layer, stats, grams, tensors, detail
-            release(i)
-        # Everything outside the decoder layers is streamed over byte for byte.
-        rest = {k: ckpt.files[k] for k in ckpt.files if not k.startswith(f"{prefix}layers.")}
-        total_size += copy_tensors(rest, tmp / "model-rest.safetensors")
-        weight_map.update({k: "model-rest.safetensors" for k in rest})
-        (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total_size}, "weight_map": weight_map}, indent=1))
-        pruned_loss = _head_loss(held_p, held_ids, base.norm, ckpt, head_name, softcap)
-        # No before-tuning loss here: it would need an untuned copy of every layer in memory.
-        untuned_loss = None
-        before_total = ckpt.total_params()
-        before_layers = total
-        report = {
-            "method": cfg.method, "config": cfg.to_dict(), "low_memory": True,
-            "ratio_requested": cfg.ratio,
-            "ratio_achieved": 1.0 - params_after_layers / before_layers,
-            "params_before": {"decoder_layers": before_layers},
-            "params_after": {"decoder_layers": params_after_layers},
-            "layers_dropped": [layer_map_in[i] for i in plan.drop],
-            "split_candidates": [{"layers_dropped": [layer_map_in[i] for i in plan.drop], "calibration_loss": pruned_loss}],
-            "calibration": {"windows": n_calib, "seq_len": cfg.calib_seq_len, "loss_windows": int(held_out.shape[0]),
-                            "loss_held_out": held_out_ok},
-            "calibration_loss": {"dense": dense_loss, "pruned_before_tuning": untuned_loss, "pruned": pruned_loss},
-            "layers": rows, "layer_map": [layer_map_in[i] for i in kept],
-            "model": str(spec), "calibration_data": str(calib) if not isinstance(calib, list) else "texts",
-            "seed": cfg.seed, "versions": versions or {},
-        }
-        _write_config(config, stock, kept, shapes, report["layer_map"], tmp, folder)
-        removed_layers = before_layers - params_after_layers
-        report["params_before"]["total"] = before_total
-        report["params_after"]["total"] = before_total - removed_layers
-        report["total_reduction"] = removed_layers / before_total
-        tokenizer.save_pretrained(tmp)
-        report["peak_rss_mb"] = peak_rss_mb()
-        report["seconds"] = time.perf_counter() - start
-        report["out"] = str(out)
-        (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
-    return CompressResult(model=None, report=report)
+            down = layer.mlp.down_proj.weight.detach().clone()
+            self.release(i)  # the error curve needs only down_proj: free the layer first
+            if want_curves:
+                curves[i] = LayerStats(mlp=grams["mlp"]).pivots(down, cfg.selection)[1]
+            del grams, down
+        return {"influence": influence, "stats": None, "curves": curves or None,
+                "dense_loss": self.head_loss(held, held_out)}
+
+    def output(self, out, overwrite: bool):
+        if out is None:
+            raise LLMPruneError("--low-memory writes the checkpoint as it goes", "pass --out")
+        return atomic_output_dir(out, overwrite)
+
+    def open_pass(self, calibration, sink: Path) -> "_ShardPass":
+        return _ShardPass(self, calibration, sink)
+
+    def untuned_loss(self, calibration, plan, cfg) -> None:
+        return None  # it would need an untuned copy of every layer in memory
+
+    def commit(self, calibration, plan, layer_pass: "_ShardPass", details: dict, sink: Path) -> dict:
+        """Copy what is outside the decoder layers, write config.json; the parameters after, from a
+        meta model of the pruned config."""
+        rest = {k: self.ckpt.files[k] for k in self.ckpt.files if not k.startswith(f"{self.prefix}layers.")}
+        layer_pass.total_size += copy_tensors(rest, sink / "model-rest.safetensors")
+        layer_pass.weight_map.update({k: "model-rest.safetensors" for k in rest})
+        index = {"metadata": {"total_size": layer_pass.total_size}, "weight_map": layer_pass.weight_map}
+        (sink / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+        kept = [i for i in range(calibration.n_layers) if i not in plan.drop]
+        _write_config(self.config, self.stock, kept, layer_pass.shapes, [self.layer_map[i] for i in kept], sink, self.folder)
+        with torch.device("meta"):
+            pruned = model_class(self.config)(self.config)
+        return parameter_breakdown(pruned)
+
+    def write(self, report: dict, sink: Path, out, overwrite: bool, calibration, plan) -> None:
+        self.tokenizer.save_pretrained(sink)
+        (sink / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+
+
+class _ShardPass:
+    """One cut streamed from disk: each kept layer is pruned from its dense inputs (its Grams
+    collected as it runs), the held-out windows flow through the pruned layers, and the layer is
+    written to its own shard and released."""
+
+    releases_stats = True  # each layer's statistics are used once
+
+    def __init__(self, source: StreamedSource, calibration, sink: Path):
+        self.source, self.calibration, self.sink = source, calibration, sink
+        stream = source.stream(calibration.calib_ids, calibration.held_out_ids)
+        n_calib = calibration.calib_ids.shape[0]
+        self.kwargs = stream.layer_kwargs
+        self.hidden, self.held = stream.hidden[:n_calib], stream.hidden[n_calib:]
+        self.shapes, self.weight_map, self.total_size = [], {}, 0
+        self.out_dtype = _output_dtype(source.config)
+
+    def skip(self, i: int) -> None:
+        layer = self.source.load_layer(i)
+        self.hidden = run_layer(layer, self.hidden, self.kwargs[i], self.source.cfg.batch_size)
+        self.source.release(i)
+
+    def open(self, i: int, heads: bool) -> tuple[nn.Module, LayerStats]:
+        layer = self.source.load_layer(i)
+        targets = {"mlp": layer.mlp.down_proj}
+        if heads:
+            targets["attn"] = layer.self_attn.o_proj
+        with collect_grams(targets) as grams:
+            out_hidden = run_layer(layer, self.hidden, self.kwargs[i], self.source.cfg.batch_size)
+        self.hidden = out_hidden  # the next layer is pruned from dense inputs too
+        return layer, LayerStats(mlp=grams["mlp"], attn=grams.get("attn"))
+
+    def close(self, i: int, new_index: int, layer: nn.Module) -> None:
+        layer.layer_idx = new_index
+        self.held = run_layer(layer, self.held, self.kwargs[i], self.source.cfg.batch_size)
+        self.shapes.append(layer_shape(layer))
+        shard = f"model-layer-{new_index:05d}.safetensors"
+        prefix = f"{self.source.prefix}layers.{new_index}."
+        tensors = {prefix + k: v.detach().to(self.out_dtype).contiguous() for k, v in layer.state_dict().items()}
+        save_file(tensors, self.sink / shard, metadata={"format": "pt"})
+        for k, v in tensors.items():
+            self.weight_map[k] = shard
+            self.total_size += v.numel() * v.element_size()
+        del tensors
+        self.source.release(i)
+
+    def loss(self) -> float:
+        return self.source.head_loss(self.held, self.calibration.held_out_ids)
+
+
+def _output_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def _write_config(config, stock_cls, kept: list[int], shapes: list[dict], layer_map: list[int], tmp: Path, source: Path) -> None:
@@ -310,11 +295,7 @@ def _write_config(config, stock_cls, kept: list[int], shapes: list[dict], layer_
     config.num_hidden_layers = len(kept)
     if types:
         config.layer_types = [types[i] for i in kept]
-    config.llmprune = {
-        "format_version": 1, "layers": shapes, "layer_map": layer_map,
-        "original_num_hidden_layers": previous.get("original_num_hidden_layers") or n_input_layers,
-        "source": previous.get("source", str(source)),
-    }
+    config.llmprune = pruned_spec(shapes, layer_map, previous, str(source), n_input_layers)
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{PRUNED_CLASS}"}
     config.architectures = [stock_cls.__name__]
     config.save_pretrained(tmp)

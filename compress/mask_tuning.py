@@ -40,6 +40,47 @@ def _energy(gram: torch.Tensor, w: torch.Tensor) -> float:
     return float(((w @ gram) * w).sum())
 
 
+def _solve_scales(gram: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """One multiplier per kept column; the ridge pulls each scale towards 1 (plain pruning), not 0."""
+    rows = gram.index_select(0, keep)  # G[S, :]
+    ws = w[:, keep]
+    rhs = (rows * (ws.T @ w)).sum(1)
+    m_mat = rows[:, keep] * (ws.T @ ws)
+    reg = ridge * m_mat.diagonal().mean().clamp_min(1e-30)
+    m_mat.diagonal().add_(reg)
+    m = torch.linalg.solve(m_mat, rhs + reg)
+    return ws * m
+
+
+def _solve_refit(gram: torch.Tensor, w: torch.Tensor, keep: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The whole kept projection. The ridge pulls V towards the plainly pruned W_S, not towards 0:
+    directions the calibration data does not cover (fewer tokens than inputs) keep their weights."""
+    rows = gram.index_select(0, keep)
+    rhs = rows @ w.T
+    g_ss = rows[:, keep]
+    del rows
+    reg = ridge * g_ss.diagonal().mean().clamp_min(1e-30)
+    rhs += reg * w[:, keep].T
+    g_ss.diagonal().add_(reg)
+    return torch.linalg.solve(g_ss, rhs).T
+
+
+def _relative_errors(gram: torch.Tensor, w: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> tuple[float, float]:
+    """Relative output error of plain pruning and of the fit V, from the Gram."""
+    ref = max(_energy(gram, w), 1e-30)
+    plain = w.clone()
+    plain[:, keep] = 0.0  # W minus its plainly pruned version: only the removed columns
+    err_plain = _energy(gram, plain)
+    del plain
+    full_v = torch.zeros_like(w)
+    full_v[:, keep] = v
+    full_v.neg_().add_(w)  # W − V over all inputs
+    return err_plain / ref, _energy(gram, full_v) / ref
+
+
+_SOLVERS = {"none": lambda gram, w, keep, ridge: w[:, keep], "scales": _solve_scales, "refit": _solve_refit}
+
+
 def fit_output_projection(
     stats: GramCollector,
     weight: torch.Tensor,
@@ -51,36 +92,11 @@ def fit_output_projection(
 ) -> FitResult:
     """Least-squares tuning of an output projection restricted to input columns `keep`.
     `mode` is 'none' (plain pruning, plus the intercept when asked), 'scales' or 'refit'."""
+    if mode not in _SOLVERS:
+        raise ValueError(f"unknown fit mode {mode!r}")
     gram, mu = _stats(stats, intercept)
     w = weight.to(gram.dtype)
-    if mode == "none":
-        v = w[:, keep]
-    elif mode == "scales":
-        rows = gram.index_select(0, keep)  # G[S, :]
-        ws = w[:, keep]
-        rhs = (rows * (ws.T @ w)).sum(1)
-        m_mat = rows[:, keep] * (ws.T @ ws)
-        reg = ridge * m_mat.diagonal().mean().clamp_min(1e-30)
-        m_mat.diagonal().add_(reg)
-        # The ridge pulls each scale towards 1 (plain pruning), not towards 0.
-        m = torch.linalg.solve(m_mat, rhs + reg)
-        v = ws * m
-    elif mode == "refit":
-        rows = gram.index_select(0, keep)
-        rhs = rows @ w.T
-        g_ss = rows[:, keep]
-        del rows
-        reg = ridge * g_ss.diagonal().mean().clamp_min(1e-30)
-        # The ridge pulls V towards the plainly pruned W_S, not towards 0: directions the
-        # calibration data does not cover (fewer tokens than inputs) keep their original weights.
-        rhs += reg * w[:, keep].T
-        g_ss.diagonal().add_(reg)
-        v = torch.linalg.solve(g_ss, rhs).T
-        del g_ss, rhs
-    else:
-        raise ValueError(f"unknown fit mode {mode!r}")
-    full_v = torch.zeros_like(w)
-    full_v[:, keep] = v
+    v = _SOLVERS[mode](gram, w, keep, ridge)
     base = w.new_zeros(w.shape[0]) if bias is None else bias.to(w.dtype)
     new_bias = None
     if intercept:
@@ -88,16 +104,7 @@ def fit_output_projection(
         new_bias = base + w @ mu - v @ mu[keep]
     elif bias is not None:
         new_bias = base
-    ref = max(_energy(gram, w), 1e-30)
-    plain = w.clone()
-    plain[:, keep] = 0.0  # W minus its plainly pruned version: only the removed columns
-    err_plain = _energy(gram, plain)
-    full_v.neg_().add_(w)  # W − V over all inputs
-    err_fit = _energy(gram, full_v)
+    error_before, error_after = _relative_errors(gram, w, v, keep)
     dtype = weight.dtype
-    return FitResult(
-        weight=v.to(dtype),
-        bias=None if new_bias is None else new_bias.to(dtype),
-        error_before=err_plain / ref,
-        error_after=err_fit / ref,
-    )
+    return FitResult(weight=v.to(dtype), bias=None if new_bias is None else new_bias.to(dtype),
+                     error_before=error_before, error_after=error_after)

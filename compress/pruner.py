@@ -1,13 +1,17 @@
-"""The compress pipeline on an in-memory model: calibrate (streamed), score layers, choose the
-split between whole layers and neurons, prune every layer, tune, report."""
+"""The compress pipeline, one for every layer source: calibrate (score once), resolve the ratio
+into plans, prune every kept layer of a plan (cut), report.
+
+A *layer source* says where a layer's weights come from and where the pruned layer goes: the
+in-memory source copies layers of a loaded model and installs the best candidate's layers; the
+streamed source (`lowmem.py`, `--low-memory`) reads each layer from safetensors and writes it to
+its own shard. Everything else — plans, the per-layer loop, rows, report — is here, once."""
 
 from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -15,16 +19,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.arch import adapter_for, base_model
-from llmprune.data import cut_windows, tokenize_stream
-from llmprune.errors import LLMPruneError
+from llmprune.checkpoint import save_pruned
 from llmprune.evaluate import window_nll
-from llmprune.memory import peak_rss_mb
 from llmprune.params import parameter_breakdown
 
-from .budget import Plan, layer_params, make_plan, max_droppable
+from .budget import Plan
+from .calibrate import Calibration, calibration_windows, run_calibration, use_error_allocation  # noqa: F401 (re-export)
 from .calibration import block_influence, capture_inputs, collect_grams, run_layer
 from .config import CompressConfig
 from .layer import LayerStats, prune_layer
+from .plan import candidate_plans, cut_config
+from .report import build_report, shape_after
 from .selection import condition_number
 from .surgery import install_layers
 
@@ -33,29 +38,60 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class CompressResult:
-    model: nn.Module
+    model: nn.Module | None  # None for --low-memory (the checkpoint is on disk)
     report: dict = field(default_factory=dict)
 
 
-def calibration_windows(tokenizer, texts: list[str], cfg: CompressConfig) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """N calibration windows and the held-out windows the calibration loss is measured on
-    (the next ones in the text; the first calibration windows when the text is too short)."""
-    stream = tokenize_stream(tokenizer, texts)
-    need = cfg.calib_samples * cfg.calib_seq_len
-    if stream.numel() < need:
-        raise LLMPruneError(
-            f"too little calibration text: {stream.numel()} tokens for {cfg.calib_samples}×{cfg.calib_seq_len}",
-            "give more text, or lower --calib-samples / --calib-seq-len",
-        )
-    total = cfg.calib_samples + cfg.loss_windows
-    windows = cut_windows(stream[: total * cfg.calib_seq_len], cfg.calib_seq_len, None, tokenizer.bos_token_id)
-    calib = windows[: cfg.calib_samples]
-    held_out = windows[cfg.calib_samples :]
-    if held_out.shape[0] < cfg.loss_windows:
-        log.warning("calibration text has no room for held-out loss windows; measuring loss on calibration windows")
-        return calib, calib[: cfg.loss_windows], False
-    return calib, held_out, True
+# --- the shared per-layer loop -------------------------------------------------------------------
 
+def prune_stack(layer_pass, calibration: Calibration, plan: Plan, cfg: CompressConfig, fit_mode: str | None = None,
+                kappa: bool = False) -> dict[int, dict]:
+    """Prune every kept layer of `plan` in order; `layer_pass` (from a layer source) hands out each
+    layer with its statistics and takes the pruned layer back. Returns the report details by layer."""
+    n = calibration.n_layers
+    kept = [i for i in range(n) if i not in plan.drop]
+    details = {}
+    for i in tqdm(range(n), desc="prune", unit="layer", leave=False):
+        if i in plan.drop:
+            layer_pass.skip(i)
+            continue
+        layer, stats = layer_pass.open(i, heads=i in plan.keep_heads)
+        row = prune_layer(layer, stats, cfg, i, plan.keep_neurons.get(i), plan.keep_heads.get(i), fit_mode,
+                          release_stats=layer_pass.releases_stats, kappa=kappa)
+        details[i] = {**shape_after(layer), **row}
+        layer_pass.close(i, kept.index(i), layer)
+    return details
+
+
+def prune_with(source, calibration: Calibration, plans: list[Plan], cfg: CompressConfig, out=None,
+               overwrite: bool = False, **extra) -> CompressResult:
+    """Cut `calibration` with each candidate plan on `source`, keep the lowest calibration loss,
+    write it (with `out`) and report."""
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    with source.output(out, overwrite) as sink:
+        candidates, best = [], None
+        for plan in plans:
+            layer_pass = source.open_pass(calibration, sink)
+            details = prune_stack(layer_pass, calibration, plan, cfg, kappa=source.streamed)
+            loss = layer_pass.loss()
+            log.info("split: %d layers dropped %s -> calibration loss %.4f", len(plan.drop), plan.drop, loss)
+            candidates.append((plan, loss))
+            if best is None or loss < best[3]:  # only the best candidate's layers are kept in memory
+                best = (plan, layer_pass, details, loss)
+            del layer_pass
+        plan, layer_pass, details, loss = best
+        untuned = source.untuned_loss(calibration, plan, cfg) if cfg.fit_mode != "none" else None
+        params_after = source.commit(calibration, plan, layer_pass, details, sink)
+        report = build_report(cfg, calibration, plan, details, candidates, untuned, loss, source.params_before,
+                              params_after, start, model=source.description, **extra)
+        if out is not None:
+            report["out"] = str(out)
+        source.write(report, sink, out, overwrite, calibration, plan)
+    return CompressResult(model=source.model, report=report)
+
+
+# --- the in-memory layer source ------------------------------------------------------------------
 
 def lm_loss(model: nn.Module, windows: torch.Tensor) -> float:
     """Mean next-token NLL on windows (BOS-prefixed)."""
@@ -109,20 +145,6 @@ def streamed_statistics(model: nn.Module, calib: torch.Tensor, cfg: CompressConf
     return influence, stats
 
 
-def build_pruned_layers(model: nn.Module, plan: Plan, stats: list[LayerStats], cfg: CompressConfig,
-                        fit_mode: str | None = None) -> tuple[list[nn.Module], list[int], dict[int, dict]]:
-    """Pruned copies of the kept layers (the model itself is untouched)."""
-    layers = adapter_for(model).decoder_layers(model)
-    kept = [i for i in range(len(layers)) if i not in plan.drop]
-    memo = {id(model.config): model.config}
-    new_layers, rows = [], {}
-    for i in kept:
-        layer = copy.deepcopy(layers[i], memo=dict(memo))
-        rows[i] = prune_layer(layer, stats[i], cfg, i, plan.keep_neurons.get(i), plan.keep_heads.get(i), fit_mode)
-        new_layers.append(layer)
-    return new_layers, kept, rows
-
-
 @contextmanager
 def swapped_layers(model: nn.Module, new_layers: list[nn.Module]):
     """Run the model with another decoder stack for the duration of the block."""
@@ -135,127 +157,89 @@ def swapped_layers(model: nn.Module, new_layers: list[nn.Module]):
         base.layers = original
 
 
-# The error curves come from a Gram estimated on the calibration tokens; with fewer than about
-# four tokens per neuron it is too rank-deficient to say how much each layer can lose (measured on
-# Gemma-3-270M with 8×128 tokens: the curves call half of every layer free), so the default
-# allocation falls back to uniform there.
-MIN_TOKENS_PER_NEURON = 4
+class InMemorySource:
+    """Layers of a loaded model: each cut prunes copies, the best candidate's are installed."""
+
+    streamed = False
+    can_search = True  # candidates are cheap to try: copies in memory
+
+    def __init__(self, model: nn.Module, tokenizer, description: str | None = None):
+        model.eval()
+        self.model, self.tokenizer = model, tokenizer
+        self.layers = list(adapter_for(model).decoder_layers(model))
+        self.layer_map = list((getattr(model.config, "llmprune", None) or {}).get("layer_map", range(len(self.layers))))
+        self.description = description or type(model).__name__
+        self.params_before = parameter_breakdown(model)
+
+    def calibrate(self, calib: torch.Tensor, held_out: torch.Tensor, cfg: CompressConfig, want_curves: bool) -> dict:
+        dense_loss = lm_loss(self.model, held_out)
+        log.info("dense calibration loss %.4f", dense_loss)
+        grads = taylor_gradients(self.model, calib) if cfg.pruning_method.needs_gradients else None
+        influence, stats = streamed_statistics(self.model, calib, cfg)
+        for i, s in enumerate(stats):
+            s.grads = grads[i] if grads is not None else None
+        curves = None
+        if want_curves:
+            curves = {i: s.pivots(self.layers[i].mlp.down_proj.weight.detach(), cfg.selection)[1]
+                      for i, s in enumerate(stats)}
+        return {"influence": influence, "stats": stats, "curves": curves, "dense_loss": dense_loss}
+
+    def output(self, out, overwrite: bool):
+        return nullcontext()  # written after the cut, by save_pruned
+
+    def open_pass(self, calibration: Calibration, sink=None, fit_mode: str | None = None) -> "_CopyPass":
+        return _CopyPass(self, calibration)
+
+    def untuned_loss(self, calibration: Calibration, plan: Plan, cfg: CompressConfig) -> float:
+        """The best plan without least-squares tuning, for the report."""
+        plain = self.open_pass(calibration)
+        prune_stack(plain, calibration, plan, cfg, fit_mode="none")
+        return plain.loss()
+
+    def commit(self, calibration: Calibration, plan: Plan, layer_pass: "_CopyPass", details: dict, sink) -> dict:
+        for i, row in details.items():  # κ once, for the chosen plan only (an eigen-decomposition per layer)
+            if "kept_neuron_indices" in row:
+                row["kappa_kept"] = condition_number(calibration.stats[i].mlp.gram,
+                                                     self.layers[i].mlp.down_proj.weight.detach(),
+                                                     row["kept_neuron_indices"])
+        install_layers(self.model, layer_pass.new_layers, layer_pass.kept)
+        return parameter_breakdown(self.model)
+
+    def write(self, report: dict, sink, out, overwrite: bool, calibration: Calibration, plan: Plan) -> None:
+        if out is not None:
+            save_pruned(self.model, self.tokenizer, out, report, layer_map=report["layer_map"], overwrite=overwrite)
 
 
-def use_error_allocation(cfg: CompressConfig, calib_tokens: int, layers) -> bool:
-    if cfg.effective_allocation != "error":
-        return False
-    widest = max(l.mlp.down_proj.in_features for l in layers)
-    if cfg.allocation is None and calib_tokens < MIN_TOKENS_PER_NEURON * widest:
-        log.info("allocation: uniform (%d calibration tokens < %d per neuron × %d neurons; "
-                 "pass --allocation error to force it)", calib_tokens, MIN_TOKENS_PER_NEURON, widest)
-        return False
-    return True
+class _CopyPass:
+    """One cut of an in-memory model: deep copies of its layers, statistics from the Calibration."""
 
+    releases_stats = False  # the Calibration is cut again: keep its statistics
 
-def candidate_drops(model: nn.Module, cfg: CompressConfig) -> list[int]:
-    layers = adapter_for(model).decoder_layers(model)
-    share = cfg.effective_layer_share
-    most = max_droppable(list(layers), cfg.ratio)
-    if share == "auto":
-        return list(range(0, most + 1))
-    per_layer = layer_params(layers[-1])
-    total = sum(layer_params(l) for l in layers)
-    n = int(math.floor(float(share) * cfg.ratio * total / per_layer + 1e-9))
-    return [min(n, most)]
+    def __init__(self, source: InMemorySource, calibration: Calibration):
+        if calibration.stats is None:
+            raise ValueError("a streamed (--low-memory) calibration has no statistics to cut in memory")
+        self.source, self.calibration = source, calibration
+        self.new_layers, self.kept = [], []
+
+    def skip(self, i: int) -> None:
+        pass
+
+    def open(self, i: int, heads: bool) -> tuple[nn.Module, LayerStats]:
+        config = self.source.model.config
+        return copy.deepcopy(self.source.layers[i], memo={id(config): config}), self.calibration.stats[i]
+
+    def close(self, i: int, new_index: int, layer: nn.Module) -> None:
+        self.new_layers.append(layer)
+        self.kept.append(i)
+
+    def loss(self) -> float:
+        with swapped_layers(self.source.model, self.new_layers):
+            return lm_loss(self.source.model, self.calibration.held_out_ids)
 
 
 def compress_model(model: nn.Module, tokenizer, texts: list[str], cfg: CompressConfig) -> CompressResult:
     """Prune `model` in place by cfg.ratio of its decoder parameters; returns it with a report."""
-    start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    adapter = adapter_for(model)
-    model.eval()
-    layers = list(adapter.decoder_layers(model))
-    before = parameter_breakdown(model)
-    calib, held_out, held_out_ok = calibration_windows(tokenizer, texts, cfg)
-    dense_loss = lm_loss(model, held_out)
-    log.info("dense calibration loss %.4f", dense_loss)
-    grads = taylor_gradients(model, calib) if cfg.method == "taylor" else None
-    influence, stats = streamed_statistics(model, calib, cfg)
-    if grads is not None:
-        for i, s in enumerate(stats):
-            s.grads = grads[i]
-    head_ratio = (cfg.head_ratio if cfg.head_ratio is not None else cfg.ratio) if cfg.prune_heads else None
-
-    curves = None
-    if use_error_allocation(cfg, calib.numel(), layers):
-        curves = {i: s.pivots(layers[i].mlp.down_proj.weight.detach(), cfg.selection)[1] for i, s in enumerate(stats)}
-    candidates, best, last_error = [], None, None
-    for n_drop in candidate_drops(model, cfg):
-        try:
-            plan = make_plan(layers, influence, cfg.ratio, n_drop, head_ratio, output_bias=cfg.uses_intercept,
-                             curves=curves, min_keep=cfg.min_keep)
-        except LLMPruneError as exc:
-            last_error = exc
-            log.info("split with %d dropped layers skipped: %s", n_drop, exc)
-            continue
-        new_layers, kept, rows = build_pruned_layers(model, plan, stats, cfg)
-        with swapped_layers(model, new_layers):
-            loss = lm_loss(model, held_out)
-        log.info("split: %d layers dropped %s -> calibration loss %.4f", n_drop, plan.drop, loss)
-        candidates.append({"n_drop": n_drop, "plan": plan, "loss": loss})
-        if best is None or loss < best["loss"]:  # only the best candidate's layers are kept in memory
-            best = {**candidates[-1], "layers": new_layers, "kept": kept, "rows": rows}
-        del new_layers
-    if best is None:  # no split fits the budget
-        raise last_error
-    untuned_loss = None
-    if cfg.fit_mode != "none":
-        plain, _, _ = build_pruned_layers(model, best["plan"], stats, cfg, fit_mode="none")
-        with swapped_layers(model, plain):
-            untuned_loss = lm_loss(model, held_out)
-        del plain
-
-    layer_map = list(getattr(model.config, "llmprune", {}).get("layer_map", range(len(layers))))
-    layer_rows = _layer_report(layers, best, influence, stats, layer_map, cfg)
-    install_layers(model, best["layers"], best["kept"])
-    after = parameter_breakdown(model)
-    report = {
-        "method": cfg.method,
-        "config": cfg.to_dict(),
-        "ratio_requested": cfg.ratio,
-        "ratio_achieved": 1.0 - after["decoder_layers"] / before["decoder_layers"],
-        "total_reduction": 1.0 - after["total"] / before["total"],
-        "params_before": before,
-        "params_after": after,
-        "layers_dropped": [layer_map[i] for i in best["plan"].drop],
-        "split_candidates": [
-            {"layers_dropped": [layer_map[i] for i in c["plan"].drop], "calibration_loss": c["loss"]} for c in candidates
-        ],
-        "calibration": {
-            "windows": int(calib.shape[0]), "seq_len": cfg.calib_seq_len,
-            "loss_windows": int(held_out.shape[0]), "loss_held_out": held_out_ok,
-        },
-        "calibration_loss": {"dense": dense_loss, "pruned_before_tuning": untuned_loss, "pruned": best["loss"]},
-        "layers": layer_rows,
-        "layer_map": [layer_map[i] for i in best["kept"]],
-        "peak_rss_mb": peak_rss_mb(),
-        "seconds": time.perf_counter() - start,
-    }
-    return CompressResult(model=model, report=report)
-
-
-def _layer_report(layers, best, influence, stats, layer_map, cfg) -> list[dict]:
-    rows = []
-    for i, layer in enumerate(layers):
-        width = layer.mlp.down_proj.in_features
-        heads = layer.self_attn.q_proj.out_features // layer.self_attn.head_dim
-        row = {"original_index": layer_map[i], "block_influence": influence[i], "dropped": i in best["plan"].drop,
-               "neurons_before": width, "heads_before": heads}
-        if i in best["rows"]:
-            r = best["rows"][i]
-            new = best["layers"][best["kept"].index(i)]
-            row["neurons_after"] = new.mlp.down_proj.in_features
-            row["heads_after"] = new.self_attn.q_proj.out_features // new.self_attn.head_dim
-            kept = r.pop("kept_neuron_indices", None)
-            if kept is not None:
-                row["kappa_kept"] = condition_number(stats[i].mlp.gram, layer.mlp.down_proj.weight.detach(), kept)
-            row.update({k: v for k, v in r.items()})
-        rows.append(row)
-    return rows
+    source = InMemorySource(model, tokenizer)
+    calibration = run_calibration(source, texts, cfg)
+    cfg = cut_config(calibration, None, cfg)
+    return prune_with(source, calibration, candidate_plans(calibration, cfg), cfg)

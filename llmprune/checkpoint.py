@@ -50,22 +50,32 @@ def layer_shape(layer: nn.Module) -> dict:
     }
 
 
+def pruned_spec(shapes: list[dict], layer_map: list[int], previous: dict | None = None, source: str | None = None,
+                original_num_layers: int | None = None) -> dict:
+    """config.llmprune from per-layer shapes (`layer_shape` records): the streamed --low-memory
+    writer has shapes, not a model. `previous`: the config.llmprune of a model pruned before (it
+    keeps its original layer count and source)."""
+    previous = previous or {}
+    spec = {
+        "format_version": FORMAT_VERSION,
+        "layers": list(shapes),
+        "layer_map": list(layer_map),
+        "original_num_hidden_layers": previous.get("original_num_hidden_layers") or original_num_layers,
+        "source": previous.get("source", source),
+    }
+    if spec["original_num_hidden_layers"] is None:
+        spec["original_num_hidden_layers"] = max(layer_map) + 1 if layer_map else len(shapes)
+    return spec
+
+
 def record_shapes(model: nn.Module, layer_map: list[int], source: str | None = None,
                   original_num_layers: int | None = None) -> dict:
     """config.llmprune: per-layer shapes and the original index of each kept layer.
     `original_num_layers`: the layer count of the model before this pruning (a model pruned
     before keeps the count recorded then)."""
     layers = adapter_for(model).decoder_layers(model)
-    previous = getattr(model.config, "llmprune", None) or {}
-    spec = {
-        "format_version": FORMAT_VERSION,
-        "layers": [layer_shape(l) for l in layers],
-        "layer_map": list(layer_map),
-        "original_num_hidden_layers": previous.get("original_num_hidden_layers") or original_num_layers,
-        "source": previous.get("source", source),
-    }
-    if spec["original_num_hidden_layers"] is None:
-        spec["original_num_hidden_layers"] = max(layer_map) + 1 if layer_map else len(layers)
+    spec = pruned_spec([layer_shape(l) for l in layers], layer_map, getattr(model.config, "llmprune", None), source,
+                       original_num_layers)
     model.config.llmprune = spec
     return spec
 

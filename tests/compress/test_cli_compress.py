@@ -111,3 +111,53 @@ def test_ratio_outside_zero_one_exits_2(llmprune_cli, tiny_ckpt, calib_file, tmp
                           cwd=tmp_path)
     assert_one_line_error(result, "--ratio must be between 0 and 1")
     assert not out.exists()
+
+
+# --- one source of defaults ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,calib,kwargs", [
+    ([], "self", {}),
+    ([], "data.txt", {}),
+    (["--calib-samples", "8"], "self", {"calib_samples": 8}),
+    (["--method", "wanda-sp", "--prune-heads", "--layer-share", "0.5", "--refit"], "data.txt",
+     {"method": "wanda-sp", "prune_heads": True, "layer_share": 0.5, "fit": "refit"}),
+    (["--allocation", "uniform", "--fit", "scales", "--head-ratio", "0.25", "--seed", "3", "--intercept"], "self",
+     {"allocation": "uniform", "fit": "scales", "head_ratio": 0.25, "seed": 3, "intercept": True}),
+])
+def test_the_cli_and_the_api_resolve_the_same_config(argv, calib, kwargs):
+    from llmprune.cli.compress import build_config
+    from llmprune.cli.main import build_parser
+    from llmprune.compress import CompressConfig
+
+    args = build_parser().parse_args(["compress", "--ratio", "0.3", "--out", "x", "--calib", calib, *argv])
+    from_cli = build_config(args)
+    from_api = CompressConfig(ratio=0.3, **kwargs).with_calibration_defaults(calib)
+    assert from_cli == from_api
+    expected = (16, 256) if calib == "self" else (32, 512)
+    assert (from_api.calib_samples, from_api.calib_seq_len) == (kwargs.get("calib_samples", expected[0]), expected[1])
+
+
+def test_the_api_samples_what_the_cli_samples_for_self(monkeypatch, tok):
+    """compress(..., calib='self') asks for 16×256 (+ loss windows) of generated text, as the CLI does."""
+    import llmprune.data
+    from llmprune.compress import CompressConfig, compress
+    from llmprune.testing import tiny_model
+
+    asked = {}
+
+    def fake_load_texts(spec, model=None, tokenizer=None, seed=0, self_tokens=None):
+        asked["self_tokens"] = self_tokens
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(llmprune.data, "load_texts", fake_load_texts)
+    with pytest.raises(RuntimeError, match="stop here"):
+        compress(tiny_model("llama"), CompressConfig(ratio=0.2), tokenizer=tok, calib="self")
+    assert asked["self_tokens"] == (16 + 4) * 256
+
+
+def test_taylor_with_low_memory_is_refused_before_any_work(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+    out = tmp_path / "out"
+    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                          "--method", "taylor", "--low-memory", cwd=tmp_path)
+    assert_one_line_error(result, "--method taylor has no --low-memory path", "drop --low-memory")
+    assert not out.exists() and leftovers(out) == []

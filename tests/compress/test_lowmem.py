@@ -32,6 +32,13 @@ def test_low_memory_equals_in_memory(arch, text, tmp_path):
     assert b["low_memory"] and a["layers_dropped"] == b["layers_dropped"] != []
     assert abs(a["ratio_achieved"] - b["ratio_achieved"]) < 1e-12
     assert b["calibration_loss"]["pruned"] == pytest.approx(a["calibration_loss"]["pruned"], rel=1e-5)
+    # One report builder: the same fields, κ and per-part parameter counts included.
+    assert set(a) == set(b) and a["params_before"] == b["params_before"] and a["params_after"] == b["params_after"]
+    assert [set(r) for r in a["layers"]] == [set(r) for r in b["layers"]]
+    for ra, rb in zip(a["layers"], b["layers"]):
+        assert ra.get("kept_neuron_indices") == rb.get("kept_neuron_indices")
+        if "kappa_kept" in ra:
+            assert rb["kappa_kept"] == pytest.approx(ra["kappa_kept"], rel=1e-9)
     ma, mb = llmprune.load_model(tmp_path / "a"), llmprune.load_model(tmp_path / "b")
     sa, sb = ma.state_dict(), mb.state_dict()
     assert sa.keys() == sb.keys()
@@ -47,4 +54,11 @@ def test_low_memory_needs_a_calibration_file(tmp_path):
     src = tiny_checkpoint(tmp_path / "src", "llama")
     with pytest.raises(LLMPruneError, match="calib"):
         compress(str(src), CompressConfig(ratio=0.2, low_memory=True), calib="self", out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_low_memory_refuses_taylor_before_reading_anything(tmp_path):
+    with pytest.raises(LLMPruneError, match="no --low-memory path"):
+        compress(str(tmp_path / "does-not-exist"), CompressConfig(ratio=0.2, method="taylor", low_memory=True),
+                 calib=["text"], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
