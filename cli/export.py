@@ -24,6 +24,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from llmprune.export import ExportConfig, export_checkpoint
     from llmprune.options import config_from_args
+    from llmprune.paths import printable
 
     config = config_from_args(ExportConfig, args)
     result = export_checkpoint(args.model, config, args.out, eval_data=args.eval_data)
@@ -40,5 +41,5 @@ def run(args) -> int:
         print(f"{name:5s} {size:9.1f} MiB ({v['size_vs_fp32']:.0%} of fp32) | max |logit diff| {v['logits']['max_abs_logit_diff']:.2g}"
               f" | greedy {gen['tokens']} tokens equal to PyTorch on {equal}/{len(gen['prompts'])} prompts | {ppl_text}"
               + (f" | {v['ort']['file']}" if "ort" in v else ""))
-    print(f"{report['seconds']:.0f} s -> {result.path}")
+    print(f"{report['seconds']:.0f} s -> {printable(result.path)}")
     return 0

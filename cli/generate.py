@@ -58,41 +58,87 @@ def _torch_tokens(args, model, ids):
             out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
 
 
+def context_limit(onnx_folder) -> int | None:
+    """The positions an export folder's model takes (config.json's max_position_embeddings)."""
+    import json
+    from pathlib import Path
+
+    try:
+        value = json.loads((Path(onnx_folder) / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_context(prompt_tokens: int, max_new_tokens: int, limit: int | None, what: str = "the model") -> None:
+    """Refuse a prompt plus --max-new-tokens beyond the model's context, before generating (ONNX
+    Runtime would fail with an allocation error, PyTorch with garbage or an index error)."""
+    from llmprune.errors import LLMPruneError
+
+    if limit is None or prompt_tokens + max_new_tokens <= limit:
+        return
+    if prompt_tokens >= limit:
+        raise LLMPruneError(
+            f"the prompt is {prompt_tokens} tokens, {what}'s context is {limit} tokens",
+            f"shorten the prompt to at most {limit - 1} tokens")
+    raise LLMPruneError(
+        f"--max-new-tokens {max_new_tokens} with a prompt of {prompt_tokens} tokens passes {what}'s context of {limit} tokens",
+        f"pass --max-new-tokens {limit - prompt_tokens} or less (or shorten the prompt)")
+
+
+def _onnx_stream(args):
+    """(tokenizer, token iterator) of an ONNX export, after the context check."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from llmprune.errors import LLMPruneError
+    from llmprune.export.parity import prompt_ids
+    from llmprune.export.runtime import model_file
+    from llmprune.models import MODEL_INPUT_NAMES
+
+    model_file(args.onnx, args.ort_format)  # a clear error before loading the tokenizer
+    try:  # never code from the folder (a tokenizer auto_map is ignored)
+        tokenizer = AutoTokenizer.from_pretrained(str(Path(args.onnx)), trust_remote_code=False,
+                                                  model_input_names=list(MODEL_INPUT_NAMES))
+    except (OSError, ValueError) as exc:
+        raise LLMPruneError(f"no tokenizer in '{args.onnx}'", "export a checkpoint that has tokenizer files") from exc
+    if args.genai:
+        from llmprune.export.genai import GenaiCausalLM
+
+        lm = GenaiCausalLM(args.onnx)
+        ids = lm.encode(args.prompt)  # BOS first: onnxruntime-genai's tokenizer leaves it out
+        limits = [n for n in (context_limit(args.onnx), lm.context_length) if n]
+        check_context(len(ids), args.max_new_tokens, min(limits) if limits else None, "the export")
+        return tokenizer, lm.stream(ids, args.max_new_tokens)
+    ids = prompt_ids(tokenizer, args.prompt)
+    check_context(len(ids), args.max_new_tokens, context_limit(args.onnx), "the export")
+    return tokenizer, _onnx_tokens(args, tokenizer, ids)
+
+
+def _torch_stream(args):
+    """(tokenizer, token iterator) of a PyTorch model; the weights load only after the checks."""
+    from llmprune.export.parity import prompt_ids
+    from llmprune.models import load_config, load_model, load_tokenizer, resolve_model_spec
+
+    source = resolve_model_spec(args.model)
+    config = load_config(source)
+    tokenizer = load_tokenizer(source)
+    ids = prompt_ids(tokenizer, args.prompt)
+    check_context(len(ids), args.max_new_tokens, getattr(config, "max_position_embeddings", None))
+    return tokenizer, _torch_tokens(args, load_model(source), ids)
+
+
 def run(args) -> int:
     from llmprune.errors import LLMPruneError
     from llmprune.export import text_stream
-    from llmprune.export.parity import prompt_ids
+    from llmprune.paths import printable
 
     if args.genai and not args.onnx:
         raise LLMPruneError("--genai runs an ONNX export", "pass --onnx DIR (a folder exported with --genai)")
     if args.genai and args.ort_format:
         raise LLMPruneError("--genai runs model.onnx, not model.ort", "drop --ort-format")
-    if args.onnx:
-        from pathlib import Path
-
-        from llmprune.export.runtime import model_file
-        from transformers import AutoTokenizer
-
-        model_file(args.onnx, args.ort_format)  # a clear error before loading the tokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(Path(args.onnx)))
-        except (OSError, ValueError) as exc:
-            raise LLMPruneError(f"no tokenizer in '{args.onnx}'", "export a checkpoint that has tokenizer files") from exc
-        if args.genai:
-            from llmprune.export.genai import GenaiCausalLM
-
-            lm = GenaiCausalLM(args.onnx)
-            ids = lm.encode(args.prompt)  # BOS first: onnxruntime-genai's tokenizer leaves it out
-            tokens = lm.stream(ids, args.max_new_tokens)
-        else:
-            ids = prompt_ids(tokenizer, args.prompt)
-            tokens = _onnx_tokens(args, tokenizer, ids)
-    else:
-        from llmprune.models import load
-
-        model, tokenizer = load(args.model)
-        ids = prompt_ids(tokenizer, args.prompt)
-        tokens = _torch_tokens(args, model, ids)
+    tokenizer, tokens = _onnx_stream(args) if args.onnx else _torch_stream(args)
     count = 0
     start = time.perf_counter()
 
@@ -102,7 +148,7 @@ def run(args) -> int:
             count += 1
             yield t
 
-    sys.stdout.write(args.prompt)
+    sys.stdout.write(printable(args.prompt))
     sys.stdout.flush()
     for piece in text_stream(tokenizer, counted()):
         sys.stdout.write(piece)

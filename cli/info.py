@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from llmprune import load_model, model_info
+    from llmprune.paths import printable
 
     info = model_info(load_model(args.model, dtype=torch_dtype(args.dtype)))
     info["model"] = args.model or "gemma-3-270m"
@@ -21,7 +22,7 @@ def run(args) -> int:
         emit_json(info)
         return 0
     p = info["parameters"]
-    print(f"{info['model']}: {info['architecture']} ({info['class']}), {info['num_layers']} layers, hidden {info['hidden_size']}, vocab {info['vocab_size']}, {info['dtype']}")
+    print(f"{printable(info['model'])}: {info['architecture']} ({info['class']}), {info['num_layers']} layers, hidden {info['hidden_size']}, vocab {info['vocab_size']}, {info['dtype']}")
     print(f"parameters {p['total']:,}: embeddings {p['embeddings']:,} | attention {p['attention']:,} | MLP {p['mlp']:,}"
           f" | norms {p['norms']:,} | LM head {p['lm_head']:,}{' (tied to embeddings)' if p['tied_embeddings'] else ''}")
     print(f"{'layer':>5} {'type':<18} {'heads':>5} {'kv':>3} {'head_dim':>8} {'mlp':>6} {'params':>11}")

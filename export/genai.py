@@ -93,6 +93,10 @@ def convert_to_ort(folder: Path) -> list[Path]:
         with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
             convert_onnx_models_to_ort(src, output_dir=folder, optimization_styles=[OptimizationStyle.Fixed])
     except Exception as exc:  # noqa: BLE001
+        from llmprune.paths import find_write_error
+
+        if find_write_error(exc) is not None:
+            raise  # disk full / read-only: export_onnx names the output folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LLMPruneError(f".ort conversion of {src} failed ({first[:200]})", "rerun with --debug") from exc
     finally:

@@ -46,23 +46,78 @@ def as_stock_class(model):
         model.__class__ = original
 
 
+# Opsets the exporter takes for these decoders: scaled_dot_product_attention needs 14; the top is
+# the newest torch.onnx writes.
+MIN_OPSET = 14
+
+
+def max_opset() -> int:
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+    except ImportError:  # a torch without the private constant: the newest measured here
+        return 23
+    return int(ONNX_MAX_OPSET)
+
+
+def check_opset(opset: int | None) -> None:
+    """An --opset the exporter can write for these decoders, checked before any work."""
+    if opset is None:
+        return
+    top = max_opset()
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
+        raise LLMPruneError(f"--opset {opset} is not supported for these models (from {MIN_OPSET} to {top})",
+                            f"pass --opset between {MIN_OPSET} and {top}, or leave it out for optimum's default (18)")
+
+
+@contextmanager
+def stdout_to_log():
+    """Sends what C++ code prints on file descriptor 1 during the block (torch.onnx dumps a whole
+    IR graph there when an export fails) to the debug log instead of the user's stdout."""
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield
+        finally:
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read(100_000).decode("utf-8", "replace")
+            if text.strip():
+                log.debug("exporter output on stdout (first 100 kB):\n%s", text)
+
+
 def raw_export(model, out: Path, opset: int | None = None) -> None:
     """optimum-onnx's export of `model` into `out` (model.onnx, config.json, generation config)."""
     from optimum.exporters.onnx import onnx_export_from_model
 
+    from llmprune.paths import find_write_error
+
     adapter_for(model)
+    check_opset(opset)
     if next(model.parameters()).dtype != torch.float32:
         raise LLMPruneError(f"the model is {next(model.parameters()).dtype}, not float32", "load it with dtype=torch.float32 for export")
     model.eval()
     saved_name = model.config._name_or_path
     model.config._name_or_path = ""  # keeps optimum from copying files of the source folder
     try:
-        with as_stock_class(model), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        with as_stock_class(model), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
+                stdout_to_log():
             warnings.simplefilter("ignore")
             onnx_export_from_model(model, out, task=TASK, opset=opset, do_validation=False)
     except LLMPruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - optimum/torch raise many types; one clear line for the user
+        if find_write_error(exc) is not None:
+            raise  # disk full / read-only: the caller names the output folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LLMPruneError(
             f"the ONNX exporter could not take this {model.config.model_type} model ({type(exc).__name__}: {first[:200]})",

@@ -17,10 +17,11 @@ from llmprune.arch import adapter_for
 from llmprune.checkpoint import atomic_output_dir, check_output_dir
 from llmprune.data import cut_windows, tokenize_stream
 from llmprune.errors import LLMPruneError
+from llmprune.paths import check_writable_output, find_write_error, write_error
 
 from .config import DEFAULT_EVAL_TEXT, ExportConfig
 from .genai import convert_to_ort, write_genai_config
-from .onnx import MODEL_FILE, export_fp32, folder_size
+from .onnx import MODEL_FILE, check_opset, export_fp32, folder_size
 from .parity import fixed_inputs, generation_parity, logit_parity, perplexities, prompt_ids
 from .quantize import quantize
 from .runtime import OnnxCausalLM
@@ -66,13 +67,27 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
     if out is None:
         raise LLMPruneError("no output folder given", "pass out=... (--out)")
     adapter_for(model)
-    check_output_dir(out, config.overwrite)
+    check_output_dir(out, config.overwrite, marker=REPORT_FILE)
+    check_writable_output(out)
+    check_opset(config.opset)
     model.eval()
+    try:
+        return _export(model, config, out, tokenizer, eval_texts)
+    except LLMPruneError:
+        raise
+    except Exception as exc:  # disk full, read-only...: one line; the temporary folder is already gone
+        cause = find_write_error(exc)
+        if cause is None:
+            raise
+        raise write_error(out, cause) from exc
+
+
+def _export(model, config: ExportConfig, out, tokenizer, eval_texts) -> ExportResult:
     start = time.perf_counter()
     report: dict = {"model": _model_facts(model),
                     "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
                     "variants": {}}
-    with atomic_output_dir(out, config.overwrite) as tmp:
+    with atomic_output_dir(out, config.overwrite, marker=REPORT_FILE) as tmp:
         t = time.perf_counter()
         facts = export_fp32(model, tmp, config.opset)
         if tokenizer is not None:
@@ -209,7 +224,9 @@ def export_checkpoint(spec, config: ExportConfig | None = None, out=None, eval_d
     config = config or ExportConfig()
     if out is None:
         raise LLMPruneError("no output folder given", "pass --out")
-    check_output_dir(out, config.overwrite)  # fail before the (slow) load
+    check_output_dir(out, config.overwrite, marker=REPORT_FILE)  # fail before the (slow) load
+    check_writable_output(out)
+    check_opset(config.opset)
     model, tokenizer = load(spec, dtype=torch.float32)
     texts = load_texts(eval_data) if eval_data else None
     return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from llmprune.errors import LLMPruneError
+from llmprune.paths import check_utf8_path, special_file_kind
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
@@ -20,7 +21,11 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 def model_file(path: str | os.PathLike, prefer_ort: bool = False) -> Path:
     """The model file of an export folder (model.onnx, or model.ort when preferred and present)."""
+    check_utf8_path(path, "ONNX path")
     path = Path(path)
+    kind = special_file_kind(path)
+    if kind:
+        raise LLMPruneError(f"ONNX path '{path}' is {kind}, not a folder", "pass a folder written by `llmprune export`")
     if path.is_file():
         return path
     if not path.is_dir():

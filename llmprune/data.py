@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .errors import LLMPruneError
+from .paths import printable, special_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ def load_texts(
             raise LLMPruneError("data 'self' needs the model and its tokenizer", "pass model= and tokenizer=")
         return [self_generated_text(model, tokenizer, self_tokens, seed)]
     path = Path(spec).expanduser()
+    kind = special_file_kind(path)
+    if kind:
+        raise LLMPruneError(f"data path '{printable(spec)}' is {kind}, not a text file or folder",
+                            "point --data at a .txt/.json/.jsonl file or a folder of them")
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
         if not files:

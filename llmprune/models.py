@@ -10,13 +10,14 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .arch import adapter_for
 from .errors import LLMPruneError
+from .paths import check_utf8_path, printable, special_file_kind
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,17 @@ class ModelSource:
 
     kind: str
     path: str
+    # The packaged model's name when `path` is its converted cache folder (not part of equality:
+    # the same folder is the same source).
+    packaged: str | None = field(default=None, compare=False)
+
+    @property
+    def fix(self) -> str:
+        """What to tell the user when the files at `path` are broken."""
+        if self.packaged:
+            return (f"delete the cache folder '{printable(self.path)}' so that llmprune converts the packaged model"
+                    " again on the next run")
+        return "the checkpoint may be incomplete, corrupt or edited; re-create or re-download it"
 
 
 def cache_dir() -> Path:
@@ -49,8 +61,13 @@ def resolve_model_spec(spec: str | os.PathLike | None) -> ModelSource:
     """Decide what a model spec names, without loading weights."""
     spec = DEFAULT_MODEL if spec is None else str(spec)
     if spec in PACKAGED_MODELS:
-        return ModelSource("folder", str(packaged_model_folder(spec)))
+        return ModelSource("folder", str(packaged_model_folder(spec)), packaged=spec)
+    check_utf8_path(spec, "model path")
     path = Path(spec).expanduser()
+    kind = special_file_kind(path)
+    if kind:
+        raise LLMPruneError(f"model path '{spec}' is {kind}, not a file or folder",
+                            "pass a Hugging Face model folder or a .gguf file")
     if path.is_file():
         if path.suffix == ".gguf":
             return ModelSource("gguf", str(path))
@@ -87,29 +104,50 @@ def packaged_model_folder(name: str = DEFAULT_MODEL) -> Path:
     target = cache_dir() / "models" / name
     if (target / "config.json").is_file() and (target / "tokenizer.json").is_file():
         return target
+    tmp = _cache_workdir(target)  # a clear error for an unusable cache before the slow part
     try:
-        module = __import__(module_name)
-    except ImportError as exc:
-        raise LLMPruneError(
-            f"the packaged model '{name}' is not installed", f"pip install {requirement}"
-        ) from exc
-    gguf_path = Path(module.assemble())
-    log.info("converting packaged model %s from %s (once)", name, gguf_path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        model = _load_gguf_model(gguf_path, dtype=torch.float32)
-        model.save_pretrained(tmp, safe_serialization=True)
-        load_tokenizer(ModelSource("gguf", str(gguf_path))).save_pretrained(tmp)
-        del model
         try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not another process winning the race
-                raise
+            module = __import__(module_name)
+        except ImportError as exc:
+            raise LLMPruneError(
+                f"the packaged model '{name}' is not installed", f"pip install {requirement}"
+            ) from exc
+        gguf_path = Path(module.assemble())
+        log.info("converting packaged model %s from %s (once)", name, gguf_path)
+        try:
+            model = _load_gguf_model(gguf_path, dtype=torch.float32)
+            model.save_pretrained(tmp, safe_serialization=True)
+            load_tokenizer(ModelSource("gguf", str(gguf_path))).save_pretrained(tmp)
+            del model
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not (target / "config.json").is_file():  # not another process winning the race
+                    raise
+        except OSError as exc:
+            raise LLMPruneError(
+                f"could not write the converted model into the cache '{printable(target.parent)}' ({exc.strerror or exc})",
+                "free disk space (about 1.2 GB) or set LLMPRUNE_CACHE_DIR to a writable folder",
+            ) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _cache_workdir(target: Path) -> Path:
+    """A fresh temporary folder beside `target` in the cache, or one line on why the cache
+    (LLMPRUNE_CACHE_DIR) cannot be written: a file, read-only, a special file system."""
+    root = cache_dir()
+    fix = "set LLMPRUNE_CACHE_DIR to a writable folder (or unset it to use ~/.cache/llmprune)"
+    check_utf8_path(root, "the model cache LLMPRUNE_CACHE_DIR")
+    kind = "a file" if root.is_file() else special_file_kind(root)
+    if kind:
+        raise LLMPruneError(f"the model cache '{printable(root)}' is {kind}, not a folder", fix)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    except OSError as exc:
+        raise LLMPruneError(f"cannot write the model cache '{printable(root)}' ({exc.strerror or exc})", fix) from exc
 
 
 def _load_gguf_model(path: Path, dtype: torch.dtype):
@@ -124,39 +162,68 @@ def load_config(spec: str | os.PathLike | ModelSource | None):
     """The transformers config of a spec (no weights), checked against the supported architectures."""
     from transformers import AutoConfig
 
+    from .integrity import check_config_values, read_config_json
+
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
+    if source.kind == "folder":
+        # A JSON object with sensible sizes, before transformers reads it (and divides by them).
+        check_config_values(read_config_json(source.path, source.fix), source.path, source.fix)
     try:
         if source.kind == "gguf":
             path = Path(source.path)
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         else:
             config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         raise _load_error(source, exc) from exc
     adapter_for(config)
+    check_config_values(config, source.path, source.fix)
     return config
 
 
 def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
-    """Load a causal LM from a folder, .gguf file, hub id or packaged name, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
+    """Load a causal LM from a folder, .gguf file, hub id or packaged name, in eval mode. A folder's
+    weights must match its config (see `_load_checked`)."""
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
     config = load_config(source)
     try:
         if source.kind == "gguf":
             model = _load_gguf_model(Path(source.path), dtype)
-        elif getattr(config, "llmprune", None):
-            # A pruned checkpoint: the stock class resized from the recorded per-layer shapes.
-            from llmprune.checkpoint import pruned_class
-
-            stock = AutoModelForCausalLM._model_mapping[type(config)]
-            model = pruned_class(stock).from_pretrained(source.path, config=config, dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dtype, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError) as exc:
+            model = _load_checked(source, config, dtype)
+    except LLMPruneError:
+        raise
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, IndexError) as exc:
+        raise _load_error(source, exc) from exc
+    except Exception as exc:  # safetensors' own SafetensorError, for damage the header check cannot see
+        if type(exc).__name__ != "SafetensorError":
+            raise
         raise _load_error(source, exc) from exc
     return model.eval()
+
+
+def _load_checked(source: ModelSource, config, dtype: torch.dtype):
+    """from_pretrained of a folder, refusing weights that do not match the config: a truncated
+    safetensors file, a tensor of another shape, a tensor missing (which transformers would leave
+    randomly initialised, with a warning the CLI silences) or one the model has no place for."""
+    from transformers import AutoModelForCausalLM
+
+    from .integrity import check_loading_info, check_shapes, checkpoint_tensors
+
+    if getattr(config, "llmprune", None):
+        # A pruned checkpoint: the stock class resized from the recorded per-layer shapes.
+        from llmprune.checkpoint import pruned_class
+
+        klass = pruned_class(AutoModelForCausalLM._model_mapping[type(config)])
+    else:
+        klass = AutoModelForCausalLM._model_mapping[type(config)]
+    stored = checkpoint_tensors(source.path, source.fix)
+    if stored is not None:
+        check_shapes(klass, config, stored, source.path, source.fix)
+    model, info = klass.from_pretrained(source.path, config=config, dtype=dtype, trust_remote_code=False,
+                                        output_loading_info=True)
+    check_loading_info(info, source.path, source.fix)
+    return model
 
 
 # What the supported decoders take: a tokenizer that also returns token_type_ids breaks stock
@@ -196,7 +263,4 @@ def _load_error(source: ModelSource, exc: Exception, what: str = "model") -> LLM
             f" ({first_line})",
             "check the path, or the hub id and your network; or pass a local folder / .gguf file",
         )
-    return LLMPruneError(
-        f"could not load {what} from '{source.path}' ({first_line})",
-        "the files may be corrupt or incomplete; re-create or re-download the checkpoint",
-    )
+    return LLMPruneError(f"could not load {what} from '{printable(source.path)}' ({first_line[:300]})", source.fix)

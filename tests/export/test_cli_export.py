@@ -125,3 +125,46 @@ def test_bad_quantize_flag(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "int3" in err[0]
+
+
+@pytest.mark.parametrize("opset", ["3", "13", "99"])
+def test_unsupported_opset_is_refused_before_loading(pruned_checkpoint, tmp_path, capsys, monkeypatch, opset):
+    """Not "the exporter could not take this model" (with 200 KB of graph on stdout) after the
+    load: the range is checked first."""
+    import llmprune.models
+
+    monkeypatch.setattr(llmprune.models, "load", lambda *a, **k: pytest.fail("loaded before checking --opset"))
+    out = tmp_path / "onnx"
+    result = _main(capsys, "export", "--model", pruned_checkpoint, "--out", out, "--opset", opset)
+    assert_one_line_error(result, f"--opset {opset} is not supported", "pass --opset between 14 and")
+    assert not out.exists()
+
+
+def test_exporter_output_on_fd1_is_kept_off_stdout(capfd):
+    """torch.onnx prints a whole IR graph from C++ on fd 1 when an export fails."""
+    import os
+
+    from llmprune.export.onnx import stdout_to_log
+
+    with stdout_to_log():
+        os.write(1, b"Torch IR graph at exception: graph(...)\n")
+    print("after")
+    assert capfd.readouterr().out == "after\n"
+
+
+def _genai(extra):
+    if "--genai" in extra:
+        pytest.importorskip("onnxruntime_genai")
+
+
+@pytest.mark.parametrize("extra", [[], ["--ort-format"], ["--genai"]], ids=["onnx", "ort", "genai"])
+@pytest.mark.parametrize(("prompt", "new", "fragments"), [
+    (PROMPT, "100000", ["--max-new-tokens 100000 with a prompt of", "the export's context of 256 tokens", "or less"]),
+    ("fox " * 30000, "4", ["the prompt is", "the export's context is 256 tokens", "shorten the prompt to at most 255"]),
+], ids=["max-new-tokens", "long-prompt"])
+def test_generate_onnx_beyond_the_context(cli_export, tmp_path, capsys, extra, prompt, new, fragments):
+    """Before: onnxruntime's allocation failure as "unexpected Fail" after minutes."""
+    _genai(extra)
+    _, out = cli_export
+    result = _main(capsys, "generate", "--onnx", out / "int4", "--prompt", prompt, "--max-new-tokens", new, *extra)
+    assert_one_line_error(result, *fragments)
