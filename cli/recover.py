@@ -32,7 +32,7 @@ def run(args) -> int:
 
     config = config_from_args(RecoverConfig, args)
     # stdout carries only the result: ray prints notes of its workers there during the run
-    with contextlib.redirect_stdout(sys.stderr):
+    with contextlib.redirect_stdout(sys.stderr), _one_interrupt():
         result = recover(args.model, args.data, config, args.out, resume=args.resume, overwrite=args.overwrite,
                          verbose=args.debug)
     metrics = result.metrics
@@ -50,3 +50,47 @@ def run(args) -> int:
         f"per-client upload {max(r['bytes_up_per_client_max'] for r in rows) / 1e6:.2f} MB/round "
         f"({100 * max(r['bytes_up_per_client_max'] for r in rows) / metrics['model_bytes']:.2f}% of the model)\n")
     return 0
+
+
+def _one_interrupt():
+    """Ctrl-C ends the run promptly: the first SIGINT interrupts recover() (which shuts Ray down
+    and cleans up), later ones are ignored; then the message, the simulation's leftover child
+    processes are killed, and the process exits 130 at once — Flower's non-daemon threads would
+    otherwise keep the interpreter alive."""
+    import contextlib
+    import signal
+    import threading
+
+    @contextlib.contextmanager
+    def guard():
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def first(signum, frame):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # a second Ctrl-C: no traceback
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGINT, first)
+        try:
+            yield
+        except KeyboardInterrupt as exc:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            _exit_interrupted(exc)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    return guard()
+
+
+def _exit_interrupted(exc: BaseException) -> None:
+    import os
+    import sys
+
+    from llmprune.fedrecover.pipeline import RecoverInterrupted, kill_children
+
+    message = str(exc) if isinstance(exc, RecoverInterrupted) and str(exc) else "interrupted — nothing was written"
+    kill_children()
+    sys.__stderr__.write(f"\nllmprune recover: {message}\n")   # on its own line, after a progress bar
+    sys.__stderr__.flush()
+    os._exit(130)

@@ -6,6 +6,7 @@ same flat `[tool.flwr.app.config]` (the same keys in simulation and on a real fl
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass, fields
 
 from llmprune.options import fraction, non_negative_float, positive_float, positive_int
@@ -14,6 +15,22 @@ from llmprune.options import option
 
 from .aggregations import AGGREGATIONS, get_aggregation
 from .aggregations.base import names_text, secagg_names
+
+FLEET_ROUND_TIMEOUT = 600.0   # seconds: a real fleet's default straggler timeout (simulation: none)
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type of --seed: a whole number, 0 or more (numpy seeds cannot be negative)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 __all__ = ["AGGREGATIONS", "TARGET_MODULES", "RecoverConfig", "RunSettings", "parse_run_config"]
@@ -49,9 +66,12 @@ class RecoverConfig:
     eval_windows: int = option(4, parse=positive_int, help="evaluation windows")
     fleet: str | None = option(None, default_text="none: every client trains lora-rank on all layers",
                                help="TOML/JSON fleet file of devices with memory_mb (and speed): rank and depth per device")
-    round_timeout: float = option(600.0, parse=positive_float, help="straggler timeout per round, seconds")
+    round_timeout: float | None = option(None, parse=positive_float,
+                                         default_text=f"none in simulation (every sampled client is waited for); "
+                                                      f"{FLEET_ROUND_TIMEOUT:.0f} on a fleet",
+                                         help="straggler timeout per round, seconds: replies later than this are left out")
     node_timeout: float = option(120.0, cli=False, help="seconds the server waits for the SuperNodes to connect")
-    seed: int = option(0, help="seed for sampling, partitions, LoRA init and training")
+    seed: int = option(0, parse=non_negative_int, help="seed for sampling, partitions, LoRA init and training (0 or more)")
     secagg: bool = option(False, help="Flower SecAgg+: the server only sees the sum of the uploads")
     dp_clip: float | None = option(None, parse=positive_float, default_text="no differential privacy",
                                    help="central DP: clip each client's update to this L2 norm")
@@ -83,6 +103,14 @@ class RecoverConfig:
             return min(self.min_clients, sampled)
         return max(1, math.ceil(sampled / 2))
 
+    def round_deadline(self, simulation: bool) -> float | None:
+        """Seconds a round waits for replies: --round-timeout when given; else none in simulation
+        (a busy machine makes clients slow, not lost: their work is waited for) and
+        FLEET_ROUND_TIMEOUT on a fleet (a device that vanished must not stall the run)."""
+        if self.round_timeout is not None:
+            return self.round_timeout
+        return None if simulation else FLEET_ROUND_TIMEOUT
+
     def validate(self) -> None:
         bad = LLMPruneError
         for name, flag, fix in (("clients", "--clients", "pass --clients 2 or more"),
@@ -102,7 +130,9 @@ class RecoverConfig:
             raise bad(f"--lr must be positive (got {self.lr})", "pass e.g. --lr 2e-4")
         if self.min_clients is not None and self.min_clients < 1:
             raise bad(f"--min-clients must be at least 1 (got {self.min_clients})", "pass a positive --min-clients")
-        if self.round_timeout <= 0:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise bad(f"--seed must be a whole number, 0 or more (got {self.seed})", "pass e.g. --seed 0")
+        if self.round_timeout is not None and self.round_timeout <= 0:
             raise bad(f"--round-timeout must be positive (got {self.round_timeout})", "pass seconds, e.g. --round-timeout 600")
         self._validate_privacy()
 

@@ -28,6 +28,7 @@ from .lora import module_shapes, top_layer_modules
 RUNTIME_OVERHEAD_MB = 500.0      # Python, torch, transformers, peft, flwr: ~430 MB measured, plus slack
 LOSS_CHUNK = 64                  # positions whose full-vocabulary logits exist at once
 ADAM_BYTES_PER_PARAM = 16        # fp32 weight + grad + two Adam moments
+DEVICE_KEYS = ("name", "memory_mb", "speed", "count", "rank", "depth")
 
 
 @dataclass
@@ -74,6 +75,18 @@ def load_fleet(path: str | Path) -> list[Device]:
         if not isinstance(row, dict) or "memory_mb" not in row:
             raise LLMPruneError(f"fleet file '{path}': device {i + 1} has no memory_mb", "give every device a memory_mb")
         name = str(row.get("name", f"device-{i + 1}"))
+        unknown = [k for k in row if k not in DEVICE_KEYS]
+        if unknown:
+            raise LLMPruneError(f"fleet file '{path}': device '{name}' has unknown key '{unknown[0]}'",
+                                f"the keys of a device are {', '.join(DEVICE_KEYS)}")
+        fixed = {}
+        for key in ("rank", "depth"):
+            value = row.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise LLMPruneError(f"fleet file '{path}': device '{name}' has {key} = {value!r}",
+                                    f"give {key} as a whole number of at least 1, or leave it out to let the "
+                                    "memory estimate choose")
+            fixed[key] = value
         try:
             memory, speed, count = float(row["memory_mb"]), float(row.get("speed", 1.0)), int(row.get("count", 1))
         except (TypeError, ValueError):
@@ -83,8 +96,7 @@ def load_fleet(path: str | Path) -> list[Device]:
             raise LLMPruneError(f"fleet file '{path}': device '{name}' needs memory_mb > 0, speed > 0, count >= 1",
                                 "fix the device entry")
         for k in range(count):
-            devices.append(Device(name if count == 1 else f"{name}-{k + 1}", memory, speed,
-                                  row.get("rank"), row.get("depth")))
+            devices.append(Device(name if count == 1 else f"{name}-{k + 1}", memory, speed, fixed["rank"], fixed["depth"]))
     return devices
 
 

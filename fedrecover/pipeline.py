@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from llmprune.errors import LLMPruneError
 
 from .config import RecoverConfig, RunSettings
+from .strategy import STOP
 
 log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
@@ -90,25 +95,84 @@ def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig
             resume: bool = False, overwrite: bool = False, verbose: bool = False) -> RecoverResult:
     """Run the federated recovery in simulation; writes the merged checkpoint and metrics.json
     to `out` (atomically, at the end) and per-round checkpoints to `out`.rounds/."""
-    from flwr.simulation import run_simulation
-
     from llmprune.checkpoint import check_output_dir
-
-    from .client_app import build_client_app
-    from .server_app import build_server_app
 
     model_dir, out = str(model_dir), Path(out)
     _check_checkpoint(model_dir)
     if not data:
         raise LLMPruneError("no --data given", "pass one or more text files, folders or HF dataset names")
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, marker="pruning_report.json")
     if config.fleet:
         check_fleet(model_dir, config)
     state = state_dir_for(out)
     if not resume and (state / "state.json").exists() and not overwrite:
         raise LLMPruneError(f"'{state}' holds rounds of an earlier run", "pass --resume to continue it, or --overwrite to start over")
-    data_stats = prepare_data(model_dir, data, config, state / PARTITIONS_FILE)
-    overrides = run_config(model_dir, config, out, state, resume=resume, overwrite=overwrite)
+    if resume:
+        check_resumable(state, config, model_dir)
+    before = _snapshot(out, state)
+    try:
+        data_stats = prepare_data(model_dir, data, config, state / PARTITIONS_FILE)
+        overrides = run_config(model_dir, config, out, state, resume=resume, overwrite=overwrite)
+        _run_simulation(model_dir, config, overrides, verbose)
+    except KeyboardInterrupt:
+        raise RecoverInterrupted(interrupted(out, state, before, resume)) from None
+    except BaseException:
+        _remove_new(out, state, before, keep_rounds=True)
+        raise
+    finally:
+        STOP.clear()
+    metrics_path = out / METRICS_FILE
+    if not metrics_path.is_file():
+        raise LLMPruneError("the federated run ended without writing a model", "run again with --debug to see Flower's log")
+    metrics = json.loads(metrics_path.read_text())
+    metrics["data"] = data_stats
+    return RecoverResult(out, metrics)
+
+
+class RecoverInterrupted(KeyboardInterrupt):
+    """Ctrl-C during recover(): Ray is shut down, and the message says what was kept."""
+
+
+def check_resumable(state: Path, cfg: RecoverConfig, model_dir: str) -> None:
+    """--resume: the saved state must be readable and match, before any data or Flower work."""
+    from .lora import module_shapes, top_layer_modules
+    from .fleet import plan_devices
+    from .state import load_state
+
+    model = meta_model(model_dir)
+    plans = plan_devices(model, cfg, cfg.clients)[:cfg.clients]   # client i gets device i, as in the simulation
+    shapes = module_shapes(model, cfg.target_modules)
+    trained = {m for p in plans for m in top_layer_modules(shapes, p.depth)}
+    expected = {f"{m}.{part}": np.empty((shapes[m][0], 1) if part == "B" else (1, shapes[m][1]), np.float32)
+                for m in trained for part in ("A", "B")}
+    load_state(state, cfg, model=str(Path(model_dir).resolve()), expected=expected)
+
+
+def simulation_env() -> dict[str, str]:
+    """The environment Ray's processes get: ClientApp actors at normal priority (Ray's default
+    nice 15 starves them on a busy machine), and token authentication on every Ray service
+    (Ray 2.55 binds its gRPC ports on all interfaces; the random token exists only in this
+    process's environment and its children's). A user's own RAY_AUTH_MODE is kept."""
+    env = {"RAY_worker_niceness": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    if "RAY_AUTH_MODE" not in os.environ or os.environ.get("RAY_AUTH_TOKEN") == _ray_token():
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=_ray_token())
+    return env
+
+
+@functools.lru_cache(maxsize=1)
+def _ray_token() -> str:
+    """One random token per process: Ray's driver caches the token it first read."""
+    import secrets
+
+    return secrets.token_hex(32)
+
+
+def _run_simulation(model_dir: str, config: RecoverConfig, overrides: dict, verbose: bool) -> None:
+    from flwr.simulation import run_simulation
+
+    from .client_app import build_client_app
+    from .server_app import build_server_app
+
     cpus = os.cpu_count() or 1
     # A client process that dies (a device vanishing) is restarted by ray, and a job handed to it while it
     # restarts is retried once: Flower puts the dead actor back in its pool, which failed other clients too.
@@ -116,15 +180,122 @@ def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig
                "init_args": {"num_cpus": cpus, "include_dashboard": False,
                              "logging_level": "info" if verbose else "error", "log_to_driver": verbose}}
     _quiet_flower(verbose)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    run_simulation(build_server_app(overrides), build_client_app(overrides), num_supernodes=config.clients,
-                   backend_config=backend, verbose_logging=verbose)
-    metrics_path = out / METRICS_FILE
-    if not metrics_path.is_file():
-        raise LLMPruneError("the federated run ended without writing a model", "run again with --debug to see Flower's log")
-    metrics = json.loads(metrics_path.read_text())
-    metrics["data"] = data_stats
-    return RecoverResult(out, metrics)
+    saved = {k: os.environ.get(k) for k in simulation_env()}
+    os.environ.update(simulation_env())
+    try:
+        run_simulation(build_server_app(overrides, simulation=True), build_client_app(overrides),
+                       num_supernodes=config.clients, backend_config=backend, verbose_logging=verbose)
+    except KeyboardInterrupt:
+        STOP.set()              # the ServerApp thread stops waiting for replies
+        shutdown_ray()
+        raise
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def shutdown_ray() -> None:
+    """Stop Ray (its GCS, raylet and ClientApp workers) if this process started it."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # noqa: BLE001 - best effort while interrupted
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively, from /proc (Linux; elsewhere none)."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def kill_children(grace: float = 3.0) -> None:
+    """Terminate this process's remaining child processes (Ray's GCS, raylet, workers), then kill
+    what is left after `grace` seconds."""
+    import signal
+    import time
+
+    pids = _descendants(os.getpid())
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                while os.waitpid(-1, os.WNOHANG)[0]:
+                    pass
+            pids = [p for p in pids if os.path.exists(f"/proc/{p}") and not _zombie(p)]
+            if not pids:
+                return
+            time.sleep(0.1)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _snapshot(out: Path, state: Path) -> dict:
+    return {"state_existed": state.exists(),
+            "state_mtime": (state / "state.json").stat().st_mtime if (state / "state.json").exists() else None,
+            "temps": {p.name for p in out.parent.glob(f".{out.name}.*")} if out.parent.is_dir() else set()}
+
+
+def _remove_new(out: Path, state: Path, before: dict, *, keep_rounds: bool) -> None:
+    """Remove what this run created and must not leave: half-written output folders, and the
+    rounds folder unless it holds a finished round (`keep_rounds`) or existed before."""
+    import shutil
+
+    if out.parent.is_dir():
+        for p in out.parent.glob(f".{out.name}.*"):
+            if p.name not in before["temps"]:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    if not before["state_existed"] and state.exists() and not (keep_rounds and (state / "state.json").exists()):
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def interrupted(out: Path, state: Path, before: dict, resume: bool) -> str:
+    """Clean up after Ctrl-C and say, truthfully, what is left."""
+    _remove_new(out, state, before, keep_rounds=True)
+    path = state / "state.json"
+    mine = path.exists() and (resume or before["state_mtime"] is None or path.stat().st_mtime != before["state_mtime"])
+    if mine:
+        try:
+            done = int(json.loads(path.read_text())["round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            done = None
+        if done:
+            return (f"interrupted after round {done} — {state}/ keeps the finished rounds; "
+                    "rerun the same command with --resume to continue")
+    if before["state_existed"]:
+        return f"interrupted before a round finished — {state}/ is kept as it was; no model was written"
+    return "interrupted before a round finished — nothing was written"
 
 
 def _quiet_flower(verbose: bool) -> None:

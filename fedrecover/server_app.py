@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -22,11 +23,15 @@ from .config import RecoverConfig, RunSettings, parse_run_config
 from .lora import module_shapes, modules_of
 from .policy import FleetPlan, FleetPolicy, plan_fleet
 from .state import RoundState, load_state, save_state
-from .strategy import LoraStrategy, PlainTransport, RoundResult, SecAggTransport
+from .strategy import STOP, LoraStrategy, PlainTransport, RoundResult, RunStopped, SecAggTransport, send_and_receive
 
-__all__ = ["FleetPlan", "LoraStrategy", "RoundResult", "build_server_app", "discover", "plan_fleet", "run_server",
-           "write_recovered"]
+__all__ = ["FleetPlan", "LoraStrategy", "RoundResult", "SERVER_ROOT_ENV", "build_server_app", "discover", "plan_fleet",
+           "run_server", "server_paths", "write_recovered"]
 log = logging.getLogger(__name__)
+# On a fleet the run config comes from whoever can reach the Control API: the server reads and
+# writes only inside this folder, which the operator sets on the server machine.
+SERVER_ROOT_ENV = "LLMPRUNE_SERVER_ROOT"
+SERVER_PATH_KEYS = ("model", "out", "state_dir", "fleet", "eval_data")
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -38,15 +43,18 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         if time.monotonic() > deadline:
             raise LLMPruneError(f"only {len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s",
                                 "start more flower-supernode processes, or lower --clients")
+        if STOP.is_set():
+            raise RunStopped("interrupted")
         time.sleep(0.5)
 
 
-def discover(grid: Grid, nodes: list[int], timeout: float) -> dict[int, dict]:
-    """Ask every node which client it is (partition id, example count, device name)."""
+def discover(grid: Grid, nodes: list[int], timeout: float | None) -> dict[int, dict]:
+    """Ask every node which client it is (partition id, example count, device name); timeout
+    None waits for every answer (simulation)."""
     messages = [Message(RecordDict({"config": ConfigRecord({"what": "identity"})}), dst_node_id=n,
                         message_type=MessageType.QUERY) for n in nodes]
     found = {}
-    for reply in grid.send_and_receive(messages, timeout=timeout):
+    for reply in send_and_receive(grid, messages, timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d failed to identify itself: %s", node, reply.error.reason.splitlines()[-1][:200])
@@ -87,7 +95,7 @@ def start_state(cfg: RecoverConfig, settings: RunSettings, init: dict[str, np.nd
     """The saved state to continue with --resume, else round 0 at the seeded initial adapter."""
     if not settings.resume:
         return RoundState(round=0, arrays=init, rounds=[], initial_eval_perplexity=evaluate_fn(init))
-    state = load_state(settings.state_path, cfg, model=settings.model)
+    state = load_state(settings.state_path, cfg, model=settings.model, expected=init)
     log.info("resuming after round %d from %s", state.round, settings.state_path)
     # safetensors gives the names sorted: back to the run's order, in which DP noise is drawn
     state.arrays = {**{k: state.arrays[k] for k in init if k in state.arrays}, **state.arrays}
@@ -95,41 +103,83 @@ def start_state(cfg: RecoverConfig, settings: RunSettings, init: dict[str, np.nd
 
 
 def build_strategy(cfg: RecoverConfig, settings: RunSettings, plan: FleetPlan, found: dict[int, dict], model,
-                   evaluate_fn, grid: Grid, context: Context) -> LoraStrategy:
+                   evaluate_fn, grid: Grid, context: Context, *, simulation: bool = False) -> LoraStrategy:
+    timeout = cfg.round_deadline(simulation)
     if cfg.secagg:
         max_weight = float(max(info["num-examples"] for info in found.values()) + 1)
-        transport = SecAggTransport(grid, context, cfg.aggregation, max_weight, cfg.round_timeout)
+        transport = SecAggTransport(grid, context, cfg.aggregation, max_weight, timeout)
     else:
-        transport = PlainTransport(grid, cfg.round_timeout)
+        transport = PlainTransport(grid, timeout)
     return LoraStrategy(cfg, FleetPolicy(plan), plan.partitions, module_shapes(model, cfg.target_modules), plan.init,
                         plan.rank, transport=transport, evaluate=evaluate_fn,
                         checkpoint=lambda state: save_state(settings.state_path, state, cfg, model=settings.model))
 
 
-def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> None:
-    """The whole federated run (the ServerApp's main)."""
+def server_paths(cfg: RecoverConfig, settings: RunSettings, root: str | None) -> tuple[RecoverConfig, RunSettings]:
+    """On a fleet, the server-side paths of a run config (model, out, state-dir, fleet, eval-data)
+    resolved inside the operator's root (LLMPRUNE_SERVER_ROOT; relative paths are relative to it);
+    anything outside it, a data-cache, or an overwrite of a folder that is not an earlier output
+    is refused with one line."""
+    from dataclasses import replace
+
+    if not root:
+        raise LLMPruneError(f"this server has no {SERVER_ROOT_ENV}: a run config may not choose server paths",
+                            f"set {SERVER_ROOT_ENV}=/srv/llmprune (the folder runs may read and write) in the "
+                            "environment of flower-superlink, and restart it")
+    base = Path(root).resolve()
+    if not base.is_dir():
+        raise LLMPruneError(f"{SERVER_ROOT_ENV} '{root}' is not a folder", f"create it or point {SERVER_ROOT_ENV} at one")
+    if settings.data_cache:
+        raise LLMPruneError("run-config key 'data-cache' is for the simulation only", "leave data-cache empty on a fleet")
+
+    def inside(key: str, value: str) -> str:
+        path = (base / value).resolve()        # an absolute value stays absolute; symlinks and .. are resolved
+        if not path.is_relative_to(base):
+            raise LLMPruneError(f"run-config key '{key.replace('_', '-')}' = '{value}' is outside the server root "
+                                f"'{base}'", f"use a path inside {SERVER_ROOT_ENV} ('{base}'), e.g. a relative one")
+        return str(path)
+
+    settings = replace(settings, model=inside("model", settings.model or "."), out=inside("out", settings.out or "recovered"),
+                       state_dir=inside("state_dir", settings.state_dir) if settings.state_dir else "")
+    cfg = replace(cfg, fleet=inside("fleet", cfg.fleet) if cfg.fleet else None,
+                  eval_data=inside("eval_data", cfg.eval_data) if cfg.eval_data else None)
+    out = settings.out_dir
+    if settings.overwrite and out.exists() and any(out.iterdir()) and not (out / "metrics.json").is_file():
+        raise LLMPruneError(f"overwrite=true would replace '{out}', which is not an output of llmprune recover",
+                            "choose another out, or remove that folder on the server yourself")
+    return cfg, settings
+
+
+def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, simulation: bool = False) -> None:
+    """The whole federated run (the ServerApp's main). `simulation` (set by `llmprune recover`,
+    never by a run config): the local user's paths are taken as given, and rounds wait for every
+    sampled client unless --round-timeout is given."""
     import llmprune
     from llmprune.memory import peak_rss_mb
     from tqdm import tqdm
 
     cfg, settings = parse_run_config({**dict(context.run_config), **(overrides or {})})
+    if not simulation:
+        cfg, settings = server_paths(cfg, settings, os.environ.get(SERVER_ROOT_ENV))
     model, tokenizer = llmprune.load(settings.model)
     model.eval()
     started = time.perf_counter()
 
     nodes = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     # a client's first answer waits for its process to start and load data: the connect timeout,
-    # not the (possibly short) round timeout
-    found = discover(grid, nodes, max(cfg.node_timeout, cfg.round_timeout))
+    # not the (possibly short) round timeout; in simulation, for every client
+    deadline = cfg.round_deadline(simulation)
+    found = discover(grid, nodes, None if deadline is None else max(cfg.node_timeout, deadline))
     plan = plan_fleet(model, cfg, found)
     windows = eval_windows(cfg, settings, tokenizer)
     model_bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
     evaluate_fn = lambda arrays: evaluate(model, arrays, cfg.scale, windows)  # noqa: E731
     state = start_state(cfg, settings, plan.init, evaluate_fn)
-    strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context)
+    strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context, simulation=simulation)
     for server_round in tqdm(range(state.round + 1, cfg.rounds + 1), desc="rounds", unit="round",
                              initial=state.round, total=cfg.rounds):
         strategy.run_round(server_round, grid, state)
+    check_some_round_applied(state.rounds, cfg.round_deadline(simulation), settings.state_path)
 
     metrics = {
         "rounds": state.rounds, "devices": plan.devices,
@@ -142,6 +192,18 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None) -> N
     write_recovered(model, tokenizer, state.arrays, cfg.scale, settings.out_dir, metrics, settings.model,
                     overwrite=settings.overwrite)
     context.state["metrics"] = ConfigRecord({"json": json.dumps(metrics, default=str)})
+
+
+def check_some_round_applied(rows: list[dict], timeout: float | None, state_path: Path) -> None:
+    """A run in which no round changed the adapter would write the input model as "recovered":
+    refuse with one line (the per-round warnings above say what failed)."""
+    if any(row["applied"] for row in rows):
+        return
+    got = ", ".join(f"{row['clients_returned']}/{row['clients_sampled']}" for row in rows)
+    waited = "" if timeout is None else f" within the {timeout:.0f} s round timeout"
+    raise LLMPruneError(f"no round was applied (clients returned{waited} per round: {got}), so no recovered model "
+                        "was written", "see the warnings above for why clients failed; on a fleet raise round-timeout "
+                        f"or lower min-clients; the rounds are in '{state_path}' (start over with --overwrite)")
 
 
 def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: dict, source: str, overwrite: bool) -> None:
@@ -160,12 +222,12 @@ def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: 
                 extra_files={"metrics.json": json.dumps(metrics, indent=2, default=str)})
 
 
-def build_server_app(overrides: dict | None = None) -> ServerApp:
+def build_server_app(overrides: dict | None = None, *, simulation: bool = False) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, overrides)
+        run_server(grid, context, overrides, simulation=simulation)
 
     return app
 

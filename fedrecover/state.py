@@ -59,17 +59,21 @@ def save_state(folder: Path, state: RoundState, cfg: RecoverConfig, *, model: st
     _write_atomic(folder / STATE_FILE, json.dumps(meta, indent=2, default=str).encode())
 
 
-def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "") -> RoundState:
-    from safetensors.numpy import load_file
-
+def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: dict[str, np.ndarray] | None = None) -> RoundState:
+    """The saved state to resume from. Anything malformed (state.json not an object of the
+    expected fields, a truncated round file, tensors that are not this run's adapter: `expected`,
+    the initial adapter, gives the names and the non-rank dimensions) is a one-line error, never an unexpected exception."""
     path = folder / STATE_FILE
     if not path.is_file():
         raise LLMPruneError(f"nothing to resume: no {STATE_FILE} in '{folder}'", "run without --resume to start")
+    fix = "start over with --overwrite (the saved rounds are replaced), or pass another --out"
     try:
         meta = json.loads(path.read_text())
-        arrays = load_file(str(folder / f"round-{int(meta['round']):03d}.safetensors"))
-    except (OSError, ValueError, KeyError) as exc:
-        raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({exc})", "delete the folder and start again") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({STATE_FILE}: {exc})", fix) from None
+    problem = _bad_meta(meta)
+    if problem:
+        raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({STATE_FILE} {problem})", fix)
     mine = _identity(cfg, model)
     changed = [k for k, v in meta.get("settings", {}).items() if json.dumps(v) != json.dumps(mine.get(k))]
     if changed:
@@ -78,4 +82,42 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "") -> RoundSta
     if meta["round"] > cfg.rounds:
         raise LLMPruneError(f"the saved run already did {meta['round']} rounds, more than --rounds {cfg.rounds}",
                             "pass a larger --rounds")
-    return RoundState(int(meta["round"]), dict(arrays), list(meta["rounds"]), meta.get("initial_eval_perplexity"))
+    arrays = _load_round(folder, meta["round"], expected, fix)
+    return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"))
+
+
+def _bad_meta(meta) -> str | None:
+    """What is wrong with a parsed state.json, or None."""
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    for key, kind in (("round", int), ("rounds", list), ("settings", dict)):
+        if key not in meta:
+            return f"has no '{key}'"
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            return f"has a bad '{key}' ({type(meta[key]).__name__}, expected {kind.__name__})"
+    if meta["round"] < 1 or len(meta["rounds"]) != meta["round"] or not all(isinstance(r, dict) for r in meta["rounds"]):
+        return f"does not hold {meta['round']} round rows"
+    ppl = meta.get("initial_eval_perplexity")
+    if ppl is not None and (isinstance(ppl, bool) or not isinstance(ppl, (int, float))):
+        return "has a bad 'initial_eval_perplexity'"
+    return None
+
+
+def _load_round(folder: Path, round_: int, expected: dict[str, np.ndarray] | None, fix: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    name = f"round-{round_:03d}.safetensors"
+    try:
+        arrays = dict(load_file(str(folder / name)))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for truncated files
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LLMPruneError(f"round checkpoint '{folder / name}' is unreadable ({reason})", fix) from None
+    bad = [k for k, v in arrays.items() if v.ndim != 2 or v.dtype != np.float32 or not k.endswith((".A", ".B"))]
+    if expected is not None:
+        bad += sorted(set(arrays) ^ set(expected))
+        bad += [k for k in set(arrays) & set(expected) if arrays[k].ndim == 2 and
+                (arrays[k].shape[1] != expected[k].shape[1] if k.endswith(".A") else arrays[k].shape[0] != expected[k].shape[0])]
+    if bad:
+        raise LLMPruneError(f"round checkpoint '{folder / name}' does not hold this run's LoRA adapter "
+                            f"({len(bad)} unexpected or missing tensors, e.g. '{bad[0]}')", fix)
+    return arrays

@@ -6,6 +6,7 @@ evaluate, checkpoint, and tell the policy how the round went."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,6 +26,31 @@ from .state import RoundState
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
+# Set when the run is interrupted (Ctrl-C in `llmprune recover`): the ServerApp's waits end at once.
+STOP = threading.Event()
+PULL_INTERVAL = 0.1
+
+
+class RunStopped(Exception):
+    """The ServerApp stops because STOP was set (the simulation was interrupted)."""
+
+
+def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
+    """Flower's Grid.send_and_receive, but `timeout=None` waits for every reply (a simulation on a
+    busy machine: slow is not lost) and an interruption (STOP) ends the wait at once."""
+    pending = set(grid.push_messages(messages))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        if STOP.is_set():
+            raise RunStopped("interrupted")
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(r.metadata.reply_to_message_id for r in got)
+        if not pending or (deadline is not None and time.monotonic() >= deadline):
+            break
+        time.sleep(PULL_INTERVAL)
+    return replies
 
 
 @dataclass
@@ -162,14 +188,14 @@ class RoundTransport:
 
 
 class PlainTransport(RoundTransport):
-    """Send, wait up to the round timeout, aggregate what came back (through the strategy's
-    outer layer, e.g. the DP wrapper) if enough did."""
+    """Send, wait up to the round timeout (None: for every reply), aggregate what came back
+    (through the strategy's outer layer, e.g. the DP wrapper) if enough did."""
 
-    def __init__(self, grid: Grid, timeout: float) -> None:
+    def __init__(self, grid: Grid, timeout: float | None) -> None:
         self.grid, self.timeout = grid, timeout
 
     def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
-        replies = list(self.grid.send_and_receive(messages, timeout=self.timeout))
+        replies = send_and_receive(self.grid, messages, self.timeout)
         ok = [r for r in replies if not r.has_error()]
         for r in replies:
             if r.has_error():
@@ -195,7 +221,7 @@ class SecAggTransport(RoundTransport):
     """Flower's SecAgg+ (see secagg.py): the server learns only the weighted sum of the uploads,
     so only aggregations registered with secagg=True can use it."""
 
-    def __init__(self, grid: Grid, context, aggregation: str, max_weight: float, timeout: float) -> None:
+    def __init__(self, grid: Grid, context, aggregation: str, max_weight: float, timeout: float | None) -> None:
         from llmprune.errors import LLMPruneError
 
         from .aggregations.base import names_text, secagg_names

@@ -136,3 +136,161 @@ def test_bad_flags_are_one_line_usage_errors(capfd, checkpoint, data_file, tmp_p
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], captured.err
     assert nothing_written(out)
+
+
+# ---------------------------------------------------------------- hostile input: each a one line, exit 2, before any work
+
+
+def _saved_state(folder, model):
+    """A valid round-1 state of the SMALL settings, as `llmprune recover` would have saved it."""
+    import numpy as np
+
+    from llmprune.fedrecover import RecoverConfig
+    from llmprune.fedrecover.pipeline import meta_model
+    from llmprune.fedrecover.lora import init_arrays, module_shapes
+    from llmprune.fedrecover.state import RoundState, save_state
+
+    cfg = RecoverConfig(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2, lora_rank=2)
+    shapes = module_shapes(meta_model(str(model)), cfg.target_modules)
+    arrays = {k: np.asarray(v) for k, v in init_arrays(shapes, list(shapes), 2, 0).items()}
+    save_state(folder, RoundState(1, arrays, [{"round": 1, "applied": True}]), cfg, model=str(model.resolve()))
+
+
+def _edit_state(change):
+    def edit(folder):
+        path = folder / "state.json"
+        path.write_text(json.dumps(change(json.loads(path.read_text()))))
+    return edit
+
+
+def _truncate(folder):
+    path = folder / "round-001.safetensors"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _foreign(folder):
+    from safetensors.numpy import load_file, save_file
+
+    path = folder / "round-001.safetensors"
+    save_file({f"x.{k}": v for k, v in load_file(str(path)).items()}, str(path))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_edit_state(lambda meta: [meta]), "state.json holds a JSON list, not an object"),
+    (_edit_state(lambda meta: {k: v for k, v in meta.items() if k != "rounds"}), "state.json has no 'rounds'"),
+    (_truncate, "round-001.safetensors' is unreadable"),
+    (_foreign, "does not hold this run's LoRA adapter"),
+])
+def test_resume_from_a_broken_state(capfd, checkpoint, data_file, tmp_path, damage, message):
+    model, out = checkpoint("llama"), tmp_path / "out"
+    state = tmp_path / "out.rounds"
+    _saved_state(state, model)
+    damage(state)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in state.iterdir())
+    assert_one_line_error(*run_main(capfd, "--model", model, "--data", data_file, "--out", out, *SMALL[:2],
+                                    "--rounds", "2", *SMALL[4:], "--resume"), message, "--overwrite")
+    assert not out.exists() and sorted((p.name, p.stat().st_mtime_ns) for p in state.iterdir()) == before
+
+
+@pytest.mark.parametrize("device, message", [
+    ('rank = -4', "device 'phone' has rank = -4"),
+    ('rank = "big"', "device 'phone' has rank = 'big'"),
+    ('depth = -4', "device 'phone' has depth = -4"),
+    ('depth = "big"', "device 'phone' has depth = 'big'"),
+    ('sped = 0.5', "device 'phone' has unknown key 'sped' — the keys of a device are name, memory_mb, speed"),
+])
+def test_bad_fleet_entries(capfd, checkpoint, data_file, tmp_path, device, message):
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(f'[[device]]\nname = "phone"\nmemory_mb = 8000\n{device}\n')
+    out = tmp_path / "out"
+    assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
+                                    "--fleet", fleet, "--aggregation", "hetlora"), message)
+    assert nothing_written(out)
+
+
+@pytest.mark.parametrize("flag, value, message", [("--seed", "-1", "-1 must be 0 or more"),
+                                                  ("--seed", "1.5", "'1.5' is not a whole number"),
+                                                  ("--round-timeout", "0", "must be positive")])
+def test_bad_seed_and_timeout_are_usage_errors(capfd, checkpoint, data_file, tmp_path, flag, value, message):
+    test_bad_flags_are_one_line_usage_errors(capfd, checkpoint, data_file, tmp_path, flag, value, message)
+
+
+# ---------------------------------------------------------------- Ctrl-C: prompt exit 130, one true line, no processes left
+
+
+def _group_members(pgid: int) -> list[int]:
+    import os
+
+    members = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry))
+    return members
+
+
+def _nice_and_auth(pid: int) -> tuple[int, bool, str]:
+    stat = open(f"/proc/{pid}/stat").read()
+    fields = stat.rsplit(")", 1)[1].split()
+    env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    return int(fields[16]), b"RAY_AUTH_MODE=token" in env, stat.split("(", 1)[1].rsplit(")", 1)[0]
+
+
+def test_ctrl_c_ends_the_run_promptly_and_says_what_is_kept(checkpoint, data_file, tmp_path):
+    """A real `llmprune recover` in its own process group: SIGINT (twice, like an impatient user)
+    once round 1 is saved; while it runs, every process of the run is at normal priority and Ray's
+    services demand a token."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from ..conftest import llmprune_command
+
+    out = tmp_path / "out"
+    state = tmp_path / "out.rounds" / "state.json"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_AUTH_MODE", None)
+    proc = subprocess.Popen(llmprune_command() + ["-q", "recover", "--model", str(checkpoint("llama")), "--data",
+                                                  str(data_file), "--out", str(out), *SMALL[:2], "--rounds", "500",
+                                                  *SMALL[4:]],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pgid = proc.pid
+    try:
+        deadline = time.monotonic() + 600          # start-up on a busy machine: generous, not a measurement
+        while not state.exists():
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.5)
+        members = [p for p in _group_members(pgid) if p != proc.pid]
+        assert members, "no ray processes in the run's process group"
+        seen = {}
+        for pid in members:
+            try:
+                seen[pid] = _nice_and_auth(pid)
+            except OSError:
+                pass
+        assert seen and all(nice == 0 for nice, _, _ in seen.values()), seen
+        services = [(auth, comm) for _, auth, comm in seen.values() if comm in ("gcs_server", "raylet")]
+        assert services and all(auth for auth, _ in services), seen      # Ray's services demand the token
+        os.killpg(pgid, signal.SIGINT)
+        time.sleep(0.5)
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGINT)             # the impatient second Ctrl-C
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(pgid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("llmprune recover: interrupted after round "), err[-3000:]
+    assert f"{out}.rounds/ keeps the finished rounds" in last and "--resume" in last
+    assert state.exists() and not out.exists()
+    time.sleep(1)
+    assert _group_members(pgid) == [], "processes of the run are left"

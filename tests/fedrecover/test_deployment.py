@@ -34,6 +34,7 @@ from llmprune.fedrecover.deploy import (
     run_config_overrides,
     superlink_connection_toml,
 )
+from llmprune.fedrecover.server_app import SERVER_ROOT_ENV
 from llmprune.testing import TINY_TEXT, tiny_checkpoint
 
 BIN = Path(sys.executable).parent
@@ -64,7 +65,9 @@ class Fleet:
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"),
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                     "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
+                    "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0", "PYTHONUNBUFFERED": "1",
+                    # the operator's rule: a run's server-side paths must lie inside this folder
+                    SERVER_ROOT_ENV: str(root)}
 
     def mark(self, event: str) -> None:
         with open(self.logs / "timeline.log", "a") as f:
@@ -184,6 +187,7 @@ def make_certificates(fleet: Fleet) -> Path:
 
 def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> dict:
     root = fleet.root
+    model = Path(shutil.copytree(model, root / "pruned"))   # inside the server root
     for name in ("device0", "device1", "heldout"):
         (root / f"{name}.txt").write_text(TINY_TEXT * 3)
     out = root / "recovered"

@@ -54,6 +54,15 @@ def test_json_fleet(tmp_path, layout):
     ("text.json", '[{"name": "a", "memory_mb": "lots"}]', "device 'a' has a non-numeric memory_mb"),
     ("neg.json", '[{"name": "a", "memory_mb": 100, "count": 0}]', "device 'a' needs memory_mb > 0"),
     ("slow.json", '[{"name": "a", "memory_mb": 100, "speed": -1}]', "device 'a' needs memory_mb > 0, speed > 0"),
+    # a misspelt key is refused, naming it and the known keys, not silently ignored
+    ("typo.toml", '[[device]]\nname = "a"\nmemory_mb = 100\nsped = 0.5\n',
+     "device 'a' has unknown key 'sped' — the keys of a device are name, memory_mb, speed, count, rank, depth"),
+    ("rank-neg.toml", '[[device]]\nname = "a"\nmemory_mb = 100\nrank = -4\n', "device 'a' has rank = -4"),
+    ("rank-str.toml", '[[device]]\nname = "a"\nmemory_mb = 100\nrank = "big"\n', "device 'a' has rank = 'big'"),
+    ("rank-float.json", '[{"name": "a", "memory_mb": 100, "rank": 2.5}]', "device 'a' has rank = 2.5"),
+    ("depth-neg.toml", '[[device]]\nname = "a"\nmemory_mb = 100\ndepth = -4\n', "device 'a' has depth = -4"),
+    ("depth-str.toml", '[[device]]\nname = "a"\nmemory_mb = 100\ndepth = "big"\n', "device 'a' has depth = 'big'"),
+    ("depth-bool.json", '[{"name": "a", "memory_mb": 100, "depth": true}]', "device 'a' has depth = True"),
 ])
 def test_bad_fleet_files_give_one_line_errors(tmp_path, name, text, message):
     path = tmp_path / name

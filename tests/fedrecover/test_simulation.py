@@ -130,17 +130,18 @@ def test_eval_perplexity_is_the_global_adapter_on_the_held_out_windows(basic_run
 # ---------------------------------------------------------------- hetlora, mixed fleet, a crash and a straggler
 
 
-TIMEOUT = 15.0      # above a client's cold start (imports, model load) on a busy machine
+DELAY = 3.0         # the tablet's injected delay: a slow client, not a lost one
 
 
 @pytest.fixture(scope="module")
 def hetlora_run(pruned_ckpt, text_file, second_domain, tmp_path_factory):
     """4 devices of ranks 4/2/1/4 and depths 3/2/1/2, one domain per client; the laptop crashes
-    and the tablet answers 3 s after the round timeout."""
+    and the tablet is slow. No round timeout (the simulation's default): the test does not depend
+    on how fast a busy machine is."""
     out = tmp_path_factory.mktemp("hetlora") / "recovered"
     return run_recover(pruned_ckpt, [text_file, second_domain], out, clients=4, aggregation="hetlora",
-                       partition="domain", fleet=str(fleet_file(tmp_path_factory, FLEET)), round_timeout=TIMEOUT,
-                       inject_faults=f"crash:0,delay:3:{TIMEOUT + 3}")
+                       partition="domain", fleet=str(fleet_file(tmp_path_factory, FLEET)),
+                       inject_faults=f"crash:0,delay:3:{DELAY}")
 
 
 def test_fleet_devices_get_their_ranks_and_depths(hetlora_run, text_file, second_domain):
@@ -152,13 +153,13 @@ def test_fleet_devices_get_their_ranks_and_depths(hetlora_run, text_file, second
     assert domains == [[str(text_file)], [str(second_domain)], [str(text_file)], [str(second_domain)]]
 
 
-def test_a_crashing_client_and_a_straggler_do_not_stop_the_round(hetlora_run, shapes):
+def test_a_crashing_client_does_not_stop_the_round_and_a_slow_one_is_waited_for(hetlora_run, shapes):
     (row,) = hetlora_run.metrics["rounds"]
-    assert (row["clients_sampled"], row["clients_returned"], row["applied"]) == (4, 2, True)
+    assert (row["clients_sampled"], row["clients_returned"], row["applied"]) == (4, 3, True)
     assert row["bytes_down"] == sum(adapter_bytes(shapes, d["rank"], d["depth"]) for d in FLEET)
-    # the laptop crashed and the tablet was too late: only the phone and the watch count
-    assert row["bytes_up"] == adapter_bytes(shapes, 2, 2) + adapter_bytes(shapes, 1, 1)
-    assert TIMEOUT <= row["seconds"] < TIMEOUT + 3
+    # the laptop crashed; the phone, the watch and the slow tablet count
+    assert row["bytes_up"] == sum(adapter_bytes(shapes, d["rank"], d["depth"]) for d in FLEET[1:])
+    assert row["seconds"] >= DELAY
 
 
 def test_hetlora_averages_each_layer_over_the_clients_that_hold_it(hetlora_run, shapes):
@@ -172,11 +173,25 @@ def test_hetlora_averages_each_layer_over_the_clients_that_hold_it(hetlora_run, 
         if layer == 0:   # only the crashed laptop holds layer 0: unchanged
             np.testing.assert_array_equal(a, init[f"{name}.A"])
             np.testing.assert_array_equal(b, init[f"{name}.B"])
-        else:            # held by the phone (rank 2) and the watch (rank 1), not the late tablet: zero-padded above rank 2
-            assert not a[2:].any() and not b[:, 2:].any()
-            assert b[:, :2].any()
-        if layer == 1:   # the phone alone: its rank-2 adapter, not shrunk by the watch's weight
-            assert a[1].any()
+        else:            # held by the phone (rank 2), the tablet (rank 4) and on layer 2 the watch (rank 1)
+            assert b[:, :2].any() and b[:, 2:].any()   # rows above rank 2: the tablet's alone
+            assert a[2:].any()
+
+
+def test_a_run_in_which_no_round_was_applied_writes_no_model(pruned_ckpt, text_file, tmp_path):
+    """Every client crashes in every round: the adapter never changes, so no "recovered" model
+    (the input model) is written; one line says so, and the rounds stay for inspection."""
+    from llmprune.errors import LLMPruneError
+
+    out = tmp_path / "recovered"
+    with pytest.raises(LLMPruneError) as err:
+        run_recover(pruned_ckpt, [text_file], out, inject_faults="crash:0,crash:1")
+    line = str(err.value)
+    assert "no round was applied (clients returned per round: 0/2), so no recovered model was written" in line
+    assert "\n" not in line and " — " in line
+    assert not out.exists() and not list(tmp_path.glob(".recovered.*"))
+    rows = json.loads((state_dir_for(out) / "state.json").read_text())["rounds"]
+    assert [(r["clients_returned"], r["applied"]) for r in rows] == [(0, False)]
 
 
 def test_merged_model_of_a_hetlora_run(hetlora_run, pruned_ckpt):
