@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     # Every other knob: flags generated from CompressConfig's fields (their help and defaults live there).
     add_config_arguments(p, CompressConfig, exclude=("ratio",))
     p.add_argument("--refit", dest="fit", action="store_const", const="refit", help="same as --fit refit")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier compress/recover output in --out (one with "
+                   "pruning_report.json; any other non-empty folder is refused)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     p.set_defaults(run=run)
 

@@ -22,8 +22,8 @@ from .pruner import CompressResult, InMemorySource, compress_model, prune_with
 
 __all__ = [
     "METHODS", "SELF_CALIB_DEFAULTS", "Calibration", "CompressConfig", "CompressResult", "Plan", "PruningMethod",
-    "calibrate", "candidate_plans", "compress", "compress_model", "get_method", "prune", "register_method",
-    "resolve_plan", "save_pruned",
+    "calibrate", "candidate_plans", "check_positions", "compress", "compress_model", "get_method", "prune",
+    "register_method", "resolve_plan", "save_pruned",
 ]
 
 Model = nn.Module | str | os.PathLike | None
@@ -38,16 +38,42 @@ def _source(model: Model, cfg: CompressConfig, tokenizer=None, need_tokenizer: b
                                 "pass the folder path, or drop low_memory")
         from .lowmem import StreamedSource
 
-        return StreamedSource(model, cfg)
+        source = StreamedSource(model, cfg)  # reads the config and tokenizer only
+        if need_tokenizer:
+            check_positions(cfg, source.config, source.tokenizer)
+        return source
     if isinstance(model, nn.Module):
         if tokenizer is None and need_tokenizer:
             raise ValueError("pass the model's tokenizer with a loaded model")
+        if need_tokenizer:
+            check_positions(cfg, model.config, tokenizer)
         return InMemorySource(model, tokenizer)
-    from llmprune.models import load, resolve_model_spec
+    from llmprune.models import load_model, load_tokenizer, resolve_model_spec
 
-    resolve_model_spec(model)
-    loaded, tok = load(model)
+    spec = resolve_model_spec(model)
+    loaded, tok = load_model(spec), load_tokenizer(spec)  # a broken checkpoint is named first
+    if need_tokenizer:
+        check_positions(cfg, loaded.config, tok)  # before calibration
     return InMemorySource(loaded, tok, description=str(model))
+
+
+def check_positions(cfg: CompressConfig, config, tokenizer) -> None:
+    """Refuse calibration windows longer than the model's positions (max_position_embeddings):
+    the model would run them, silently, past what it was trained on. A window holds
+    calib_seq_len tokens plus the BOS token when the tokenizer has one."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1 or cfg.calib_seq_len is None:
+        return
+    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None else 0
+    largest = limit - bos
+    if cfg.calib_seq_len > largest:
+        extra = " plus its BOS token" if bos else ""
+        if largest < 1:
+            raise LLMPruneError(f"the model has only {limit} positions (max_position_embeddings), too few for a"
+                                " calibration window", "use a model with a longer context")
+        raise LLMPruneError(
+            f"--calib-seq-len {cfg.calib_seq_len} is longer than the model's {limit} positions (max_position_embeddings;"
+            f" each window holds calib_seq_len tokens{extra})", f"pass --calib-seq-len {largest} or less")
 
 
 def _texts(calib, source, cfg: CompressConfig) -> list[str]:

@@ -19,11 +19,10 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from transformers import AutoModelForCausalLM
-
 from llmprune.arch import adapter_for, base_model
 from llmprune.checkpoint import (
-    MODELING_FILE, PRUNED_CLASS, REPORT_FILE, atomic_output_dir, layer_shape, model_class, modeling_source, pruned_spec,
+    MODELING_FILE, REPORT_FILE, atomic_output_dir, check_modeling_file, is_pruned_config, layer_shape, model_class,
+    modeling_source, our_auto_map, pruned_spec, scrub_foreign_code, stock_class,
 )
 from llmprune.errors import LLMPruneError
 from llmprune.models import load_config, load_tokenizer, resolve_model_spec
@@ -141,7 +140,9 @@ class StreamedSource:
         self.tokenizer = load_tokenizer(source)
         self.ckpt = LazyCheckpoint(self.folder)
         self.config._attn_implementation = "sdpa"
-        self.stock = AutoModelForCausalLM._model_mapping[type(self.config)]
+        self.stock = stock_class(self.config)
+        if is_pruned_config(self.config):
+            check_modeling_file(self.folder, self.stock)  # a tampered modeling file: refused as llmprune.load does
         with torch.device("meta"):
             self.meta = model_class(self.config)(self.config)
         self.meta.eval()
@@ -206,7 +207,7 @@ class StreamedSource:
     def output(self, out, overwrite: bool):
         if out is None:
             raise LLMPruneError("--low-memory writes the checkpoint as it goes", "pass --out")
-        return atomic_output_dir(out, overwrite)
+        return atomic_output_dir(out, overwrite, REPORT_FILE)
 
     def open_pass(self, calibration, sink: Path) -> "_ShardPass":
         return _ShardPass(self, calibration, sink)
@@ -231,6 +232,7 @@ class StreamedSource:
     def write(self, report: dict, sink: Path, out, overwrite: bool, calibration, plan) -> None:
         self.tokenizer.save_pretrained(sink)
         (sink / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        scrub_foreign_code(sink)  # no foreign code or auto_map (the tokenizer config keeps the source's)
 
 
 class _ShardPass:
@@ -296,7 +298,7 @@ def _write_config(config, stock_cls, kept: list[int], shapes: list[dict], layer_
     if types:
         config.layer_types = [types[i] for i in kept]
     config.llmprune = pruned_spec(shapes, layer_map, previous, str(source), n_input_layers)
-    config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{PRUNED_CLASS}"}
+    config.auto_map = our_auto_map()
     config.architectures = [stock_cls.__name__]
     config.save_pretrained(tmp)
     (tmp / MODELING_FILE).write_text(modeling_source(stock_cls))

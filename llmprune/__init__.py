@@ -4,6 +4,7 @@ Stages live in sub-packages: `llmprune.compress`, `llmprune.fedrecover`, `llmpru
 this root package holds the shared model and data plumbing re-exported here."""
 
 from .arch import SUPPORTED_ARCHITECTURES, ArchAdapter, adapter_for
+from .checkpoint import register_pruned_classes
 from .data import load_texts, token_windows
 from .errors import LLMPruneError
 from .evaluate import PerplexityResult, perplexity
@@ -28,6 +29,7 @@ __all__ = [
     "model_info",
     "parameter_breakdown",
     "perplexity",
+    "register_pruned_classes",
     "resolve_model_spec",
     "token_windows",
 ]

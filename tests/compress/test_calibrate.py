@@ -87,3 +87,26 @@ def test_a_cut_the_calibration_did_not_measure_is_refused(tok, calib_texts, smal
         prune(dense, calibration, config=small_config(ratio=0.2, prune_heads=True))
     with pytest.raises(LLMPruneError, match="gradients"):
         prune(dense, calibration, config=small_config(ratio=0.2, method="taylor"))
+
+
+@pytest.mark.parametrize("seq_len,bos,error", [
+    (255, 1, None),
+    (256, 1, "pass --calib-seq-len 255 or less"),
+    (5000, 1, "--calib-seq-len 5000 is longer than the model's 256 positions"),
+    (256, None, None),                       # no BOS token: the window is calib_seq_len tokens
+    (257, None, "pass --calib-seq-len 256 or less"),
+])
+def test_calibration_windows_must_fit_the_models_positions(seq_len, bos, error):
+    from types import SimpleNamespace
+
+    from llmprune.compress import CompressConfig, check_positions
+    from llmprune.errors import LLMPruneError
+
+    cfg = CompressConfig(ratio=0.2, calib_seq_len=seq_len)
+    config, tok = SimpleNamespace(max_position_embeddings=256), SimpleNamespace(bos_token_id=bos)
+    if error is None:
+        check_positions(cfg, config, tok)
+    else:
+        with pytest.raises(LLMPruneError, match=error.replace("(", r"\(")):
+            check_positions(cfg, config, tok)
+    check_positions(cfg, SimpleNamespace(), tok)  # a config without the field: nothing to check

@@ -143,10 +143,10 @@ def test_check_output_dir(tmp_path):
     check_output_dir(empty, overwrite=False)
     full = tmp_path / "full"
     full.mkdir()
-    (full / "x").write_text("x")
+    (full / REPORT_FILE).write_text("{}")
     with pytest.raises(LLMPruneError, match="not empty"):
         check_output_dir(full, overwrite=False)
-    check_output_dir(full, overwrite=True)
+    check_output_dir(full, overwrite=True)  # an earlier output: replaceable
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(LLMPruneError, match="not a folder"):
@@ -169,11 +169,12 @@ def test_atomic_output_dir_replaces_only_on_success(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old").write_text("old")
+    (out / REPORT_FILE).write_text("{}")  # an earlier output
     with pytest.raises(RuntimeError):
         with atomic_output_dir(out, overwrite=True) as tmp:
             (tmp / "new").write_text("new")
             raise RuntimeError
-    assert sorted(os.listdir(out)) == ["old"]
+    assert sorted(os.listdir(out)) == ["old", REPORT_FILE]
     with atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "new").write_text("new")
     assert sorted(os.listdir(out)) == ["new"]

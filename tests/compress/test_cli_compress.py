@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,10 +94,11 @@ def test_failing_run_with_overwrite_keeps_the_old_folder(llmprune_cli, tiny_ckpt
     out = tmp_path / "old"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / "pruning_report.json").write_text("{}")  # an earlier compress output: --overwrite may replace it
     result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.8", "--method", "wanda-sp", "--out", out,
                           "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32", "--overwrite", cwd=tmp_path)
     assert_one_line_error(result, "no MLP neuron", progress=True)
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "pruning_report.json"]
     assert leftovers(out) == []
 
 
@@ -151,7 +156,7 @@ def test_the_api_samples_what_the_cli_samples_for_self(monkeypatch, tok):
 
     monkeypatch.setattr(llmprune.data, "load_texts", fake_load_texts)
     with pytest.raises(RuntimeError, match="stop here"):
-        compress(tiny_model("llama"), CompressConfig(ratio=0.2), tokenizer=tok, calib="self")
+        compress(tiny_model("llama", max_position_embeddings=512), CompressConfig(ratio=0.2), tokenizer=tok, calib="self")
     assert asked["self_tokens"] == (16 + 4) * 256
 
 
@@ -161,3 +166,150 @@ def test_taylor_with_low_memory_is_refused_before_any_work(llmprune_cli, tiny_ck
                           "--method", "taylor", "--low-memory", cwd=tmp_path)
     assert_one_line_error(result, "--method taylor has no --low-memory path", "drop --low-memory")
     assert not out.exists() and leftovers(out) == []
+
+
+# --- hostile inputs: refused in one line, before any work, leaving nothing -----------------------------
+
+def _bad_out(tmp_path, case):
+    """(the --out to pass, extra flags) for a case of the table below."""
+    if case == "empty":
+        return "", []
+    if case == "proc":
+        return "/proc/llmprune-out", []
+    if case == "under-file":
+        (tmp_path / "afile").write_text("x")
+        return tmp_path / "afile" / "out", []
+    out = tmp_path / "out"
+    if case == "git":
+        (out / ".git").mkdir(parents=True)
+        (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        (out / "notes.txt").write_text("mine")
+        return out, ["--overwrite"]
+    if case == "export-output":
+        out.mkdir()
+        (out / "export_report.json").write_text("{}")
+        (out / "model.onnx").write_text("x")
+        return out, ["--overwrite"]
+    if case == "seq-len":
+        return out, ["--calib-seq-len", "5000"]
+    if case == "seq-len-edge":
+        return out, ["--calib-seq-len", "256"]  # 256 positions: 255 tokens + BOS is the most
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("case,low_memory,fragments", [
+    ("empty", False, ["--out is empty", "pass the folder"]),
+    ("proc", False, ["--out '/proc/llmprune-out' cannot be written", "choose a writable folder"]),
+    ("under-file", False, ["which is a file, not a folder", "not under a file"]),
+    ("git", False, ["is not an earlier output of this command (it has no pruning_report.json)", "will not delete it"]),
+    ("git", True, ["is not an earlier output of this command (it has no pruning_report.json)", "will not delete it"]),
+    ("export-output", False, ["it has no pruning_report.json"]),
+    ("seq-len", False, ["--calib-seq-len 5000 is longer than the model's 256 positions", "pass --calib-seq-len 255 or less"]),
+    ("seq-len", True, ["--calib-seq-len 5000 is longer than the model's 256 positions", "pass --calib-seq-len 255 or less"]),
+    ("seq-len-edge", False, ["--calib-seq-len 256 is longer", "pass --calib-seq-len 255 or less"]),
+])
+def test_hostile_inputs_are_refused_before_any_work(llmprune_cli, tiny_ckpt, calib_file, tmp_path, case, fragments,
+                                                    low_memory):
+    out, flags = _bad_out(tmp_path, case)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    argv = ["compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+            "--calib-samples", "4", *(["--calib-seq-len", "32"] if "--calib-seq-len" not in flags else []), *flags]
+    result = llmprune_cli(*argv, *(["--low-memory"] if low_memory else []), cwd=tmp_path)
+    assert_one_line_error(result, *fragments)  # one line: no progress log, so no work was done
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or deleted
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 300 KiB tmpfs (the tiny checkpoint needs about 700 KiB); skipped where mount is not allowed."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(mnt)], capture_output=True)
+    except OSError:
+        done = None
+    if done is None or done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(llmprune_cli, tiny_ckpt, calib_file, small_disk,
+                                                                tmp_path, low_memory):
+    out = small_disk / "pruned"
+    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                          "--calib-samples", "4", "--calib-seq-len", "32", *(["--low-memory"] if low_memory else []),
+                          cwd=tmp_path)
+    assert_one_line_error(result, f"no space left on the device while writing --out '{out}'", "nothing was written",
+                          "free disk space", progress=True)
+    assert list(small_disk.iterdir()) == []
+
+
+def test_a_read_only_out_is_refused_before_any_work(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=100k", "tmpfs", str(ro)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", ro / "pruned",
+                              "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+        assert_one_line_error(result, "cannot be written", "Read-only file system", "choose a writable folder")
+    finally:
+        subprocess.run(["umount", str(ro)], check=False)
+
+
+KILLED_WRITER = """
+import sys, time
+from llmprune.checkpoint import atomic_output_dir
+with atomic_output_dir(sys.argv[1]) as tmp:
+    (tmp / "model.safetensors").write_bytes(bytes(100_000))
+    print(tmp, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_compress_removes_what_a_killed_run_left(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+    """A run killed with SIGKILL (no cleanup possible) leaves '.NAME.tmp-PID-*'; the next run of
+    the same --out removes it."""
+    out = tmp_path / "pruned"
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, str(out)], stdout=subprocess.PIPE, text=True)
+    left = Path(proc.stdout.readline().strip())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert left.is_dir() and leftovers(out) == [left.name]
+    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                          "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert leftovers(out) == [] and (out / "pruning_report.json").is_file()
+
+
+def test_compress_overwrites_its_own_earlier_output(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+    out = tmp_path / "pruned"
+    for ratio in ("0.2", "0.3"):
+        result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", ratio, "--out", out, "--calib",
+                              calib_file, "--calib-samples", "4", "--calib-seq-len", "32", "--overwrite", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert json.loads((out / "pruning_report.json").read_text())["ratio_requested"] == float(ratio)
+    assert leftovers(out) == []
+
+
+def test_a_tampered_modeling_file_is_refused(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+    import shutil
+
+    src = tmp_path / "pruned"
+    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", src, "--calib", calib_file,
+                          "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    tampered = shutil.copytree(src, tmp_path / "tampered")
+    with (tampered / "modeling_llmprune.py").open("a") as f:
+        f.write("\nimport os\n")
+    for flags in ([], ["--low-memory"]):
+        result = llmprune_cli("compress", "--model", tampered, "--ratio", "0.2", "--out", tmp_path / "again", "--calib",
+                              calib_file, "--calib-samples", "4", "--calib-seq-len", "32", *flags, cwd=tmp_path)
+        assert_one_line_error(result, "modeling_llmprune.py' is not the modeling file llmprune writes",
+                              "never load this folder with trust_remote_code=True")
+        assert not (tmp_path / "again").exists()
