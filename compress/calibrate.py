@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +54,7 @@ class Calibration:
     stats: list[LayerStats] | None = None  # None: streamed (--low-memory), re-collected per layer
     curves: dict[int, np.ndarray] | None = None  # per-layer refit-error curves ('error' allocation)
     calibration_data: str = "texts"
+    seconds: float = 0.0  # wall time of the calibration pass (a cut's report adds its own)
 
     @property
     def n_layers(self) -> int:
@@ -75,7 +77,7 @@ class Calibration:
             tensors[f"curves.{i}"] = torch.from_numpy(np.ascontiguousarray(curve))
         meta = {"format_version": 1, "config": self.config.to_dict(), "layers": [asdict(b) for b in self.layers],
                 "influence": self.influence, "held_out_ok": self.held_out_ok, "dense_loss": self.dense_loss,
-                "layer_map": self.layer_map, "calibration_data": self.calibration_data,
+                "layer_map": self.layer_map, "calibration_data": self.calibration_data, "seconds": self.seconds,
                 "has_stats": self.stats is not None, "counts": counts,
                 "curves": None if self.curves is None else sorted(self.curves)}
         save_file(tensors, folder / CALIBRATION_TENSORS)
@@ -96,7 +98,8 @@ class Calibration:
         return cls(config=CompressConfig(**meta["config"]), layers=[LayerBudget(**b) for b in meta["layers"]],
                    influence=meta["influence"], calib_ids=t["calib_ids"], held_out_ids=t["held_out_ids"],
                    held_out_ok=meta["held_out_ok"], dense_loss=meta["dense_loss"], layer_map=meta["layer_map"],
-                   stats=stats, curves=curves, calibration_data=meta["calibration_data"])
+                   stats=stats, curves=curves, calibration_data=meta["calibration_data"],
+                   seconds=float(meta.get("seconds", 0.0)))
 
 
 def _stats_from(tensors: dict, counts: dict, i: int) -> LayerStats:
@@ -145,10 +148,11 @@ def use_error_allocation(cfg: CompressConfig, calib_tokens: int, widths: list[in
 def run_calibration(source, texts: list[str], cfg: CompressConfig) -> Calibration:
     """The calibration pass over a layer source (in memory or streamed): windows, then the
     source's streamed statistics."""
+    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     calib, held_out, held_out_ok = calibration_windows(source.tokenizer, texts, cfg)
     budgets = [LayerBudget.of(l) for l in source.layers]
     want_curves = use_error_allocation(cfg, calib.numel(), [b.width for b in budgets])
     measured = source.calibrate(calib, held_out, cfg, want_curves)
     return Calibration(config=cfg, layers=budgets, calib_ids=calib, held_out_ids=held_out, held_out_ok=held_out_ok,
-                       layer_map=source.layer_map, **measured)
+                       layer_map=source.layer_map, seconds=time.perf_counter() - start, **measured)

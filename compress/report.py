@@ -67,7 +67,10 @@ def build_report(cfg: CompressConfig, calibration: Calibration, plan: Plan, deta
     }
     report.update(extra)
     report["peak_rss_mb"] = peak_rss_mb()
-    report["seconds"] = time.perf_counter() - start
+    # seconds: the whole compress (calibration + this cut), as before the split into two calls
+    report["prune_seconds"] = time.perf_counter() - start
+    report["calibration_seconds"] = calibration.seconds
+    report["seconds"] = calibration.seconds + report["prune_seconds"]
     return report
 
 

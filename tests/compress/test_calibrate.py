@@ -78,6 +78,14 @@ def test_save_and_load_round_trip(tok, calib_texts, small_config, compare_state_
     b = prune(copy.deepcopy(dense), loaded, 0.25)
     assert compare_state_dicts(a.model.state_dict(), b.model.state_dict()) == []
     assert a.report["layers"] == b.report["layers"]
+    assert loaded.seconds == calibration.seconds > 0
+
+
+def test_the_report_times_calibration_and_cut(tok, calib_texts, small_config):
+    """`seconds` is the whole compress, as before calibrate/prune were split; each part is reported."""
+    report = compress(tiny_model("llama"), small_config(ratio=0.2), tokenizer=tok, calib=calib_texts).report
+    assert report["calibration_seconds"] > 0 and report["prune_seconds"] > 0
+    assert report["seconds"] == pytest.approx(report["calibration_seconds"] + report["prune_seconds"])
 
 
 def test_a_cut_the_calibration_did_not_measure_is_refused(tok, calib_texts, small_config):
