@@ -9,27 +9,13 @@ import math
 import numbers
 from dataclasses import asdict, dataclass, fields
 
-from llmprune.options import fraction, non_negative_float, positive_float, positive_int
 from llmprune.errors import LLMPruneError
-from llmprune.options import option
+from llmprune.options import fraction, non_negative_float, non_negative_int, option, positive_float, positive_int
 
 from .aggregations import AGGREGATIONS, get_aggregation
 from .aggregations.base import names_text, secagg_names
 
 FLEET_ROUND_TIMEOUT = 600.0   # seconds: a real fleet's default straggler timeout (simulation: none)
-
-
-def non_negative_int(text: str) -> int:
-    """argparse type of --seed: a whole number, 0 or more (numpy seeds cannot be negative)."""
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
 
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

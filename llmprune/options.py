@@ -57,14 +57,23 @@ def flag_of(field: dataclasses.Field) -> str:
 
 
 # -- argparse types for `parse=` (a bad value becomes one line from the parser, exit code 2) --
-def positive_int(text: str) -> int:
+def _int(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be {'at least 1' if least == 1 else f'{least} or more'}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """A whole number, 0 or more (seeds: numpy's cannot be negative)."""
+    return _int(text, 0)
 
 
 def _float(text: str) -> float:
