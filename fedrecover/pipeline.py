@@ -35,13 +35,16 @@ def state_dir_for(out: str | os.PathLike) -> Path:
 
 
 def _check_checkpoint(model_dir: str) -> None:
-    import llmprune
+    """A checkpoint folder whose config and weights agree, checked without reading the weights:
+    the clients load it in other processes, where a broken checkpoint would surface only as a
+    failed round."""
+    from llmprune.models import check_checkpoint, resolve_model_spec
 
-    path = Path(model_dir)
-    if not path.is_dir() or not (path / "config.json").is_file():
+    source = resolve_model_spec(model_dir)  # a device, a FIFO, a name that is not UTF-8: one line each
+    if source.kind != "folder" or not Path(model_dir).is_dir():
         raise LLMPruneError(f"'{model_dir}' is not a checkpoint folder (no config.json)",
                             "pass a folder written by `llmprune compress` (or any HF model folder)")
-    llmprune.adapter_for(llmprune.load_config(model_dir))
+    check_checkpoint(source)
 
 
 def meta_model(model_dir: str):

@@ -183,3 +183,18 @@ def check_loading_info(info: dict, where: str, fix: str = RECREATE) -> None:
     if mismatched:
         parts.append(f"{len(mismatched)} tensor(s) of another shape ({_names(mismatched)})")
     raise LLMPruneError(f"the weights in '{printable(where)}' do not match its config.json: {'; '.join(parts)}", fix)
+
+
+def check_tensor_names(model_class, config, stored: dict[str, tuple[int, ...]], where: str, fix: str = RECREATE) -> None:
+    """The weights hold every tensor the config's model needs (a tied head may be absent) and none
+    it has no place for — the same verdict as a load's loading info, without loading."""
+    import torch
+
+    with torch.device("meta"):
+        model = model_class(config)
+    expected = set(model.state_dict())
+    tied = set(getattr(model, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - stored.keys() - tied)
+    unexpected = sorted(k for k in stored.keys() - expected if not k.endswith(_IGNORED_UNEXPECTED))
+    check_loading_info({"missing_keys": missing, "unexpected_keys": unexpected}, where, fix)
+

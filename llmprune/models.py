@@ -226,6 +226,30 @@ def _load_checked(source: ModelSource, config, dtype: torch.dtype):
     return model
 
 
+def check_checkpoint(spec: str | os.PathLike | ModelSource) -> None:
+    """Everything `load_model` checks about a folder, without reading its weights: config values,
+    whole safetensors files, tensor names and shapes against the config, and (pruned) an untouched
+    modeling file. For commands that hand the folder to other processes (recover's clients)."""
+    from transformers import AutoModelForCausalLM
+
+    from .integrity import check_shapes, check_tensor_names, checkpoint_tensors
+
+    source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
+    config = load_config(source)
+    if source.kind != "folder":
+        return
+    klass = AutoModelForCausalLM._model_mapping[type(config)]
+    if getattr(config, "llmprune", None):
+        from llmprune.checkpoint import check_modeling_file, pruned_class
+
+        check_modeling_file(source.path, klass)
+        klass = pruned_class(klass)
+    stored = checkpoint_tensors(source.path, source.fix)
+    if stored is not None:
+        check_shapes(klass, config, stored, source.path, source.fix)
+        check_tensor_names(klass, config, stored, source.path, source.fix)
+
+
 # What the supported decoders take: a tokenizer that also returns token_type_ids breaks stock
 # `model.generate(**tokenizer(text, return_tensors="pt"))`. Passed at load time, it is saved into
 # every tokenizer_config.json llmprune writes.

@@ -123,10 +123,13 @@ def command(name: str, model, data: Path, out: Path) -> list:
         "generate": ["generate", "--model", model, "--prompt", "The quick", "--max-new-tokens", "4"],
         "export": ["export", "--model", model, "--out", out, "--eval-windows", "1", "--eval-seq-len", "16"],
         "compress": ["compress", "--model", model, "--ratio", "0.2", "--out", out, "--calib", data],
+        "recover": ["recover", "--model", model, "--data", data, "--out", out, "--clients", "1", "--rounds", "1"],
     }[name]
 
 
 LOADING_COMMANDS = ("eval", "info", "generate", "export", "compress")
+# recover takes a checkpoint folder only (no packaged names), checked before Flower starts
+FOLDER_COMMANDS = (*LOADING_COMMANDS, "recover")
 
 
 def assert_nothing_written(out: Path):
@@ -134,7 +137,7 @@ def assert_nothing_written(out: Path):
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")] == []
 
 
-@pytest.mark.parametrize("cmd", LOADING_COMMANDS)
+@pytest.mark.parametrize("cmd", FOLDER_COMMANDS)
 @pytest.mark.parametrize("broken", sorted(BROKEN))
 def test_broken_checkpoint(broken_checkpoint, data_file, tmp_path, capsys, cmd, broken):
     out = tmp_path / "out"
@@ -158,7 +161,7 @@ def broken_pruned_checkpoint(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("cmd", LOADING_COMMANDS)
+@pytest.mark.parametrize("cmd", FOLDER_COMMANDS)
 def test_pruned_checkpoint_missing_a_tensor(broken_pruned_checkpoint, data_file, tmp_path, capsys, cmd):
     out = tmp_path / "out"
     result = run_main(capsys, *command(cmd, broken_pruned_checkpoint, data_file, out))
@@ -204,7 +207,7 @@ MODEL_PATHS = {
 }
 
 
-@pytest.mark.parametrize("cmd", LOADING_COMMANDS)
+@pytest.mark.parametrize("cmd", FOLDER_COMMANDS)
 @pytest.mark.parametrize("kind", sorted(MODEL_PATHS))
 def test_model_path_that_cannot_be_a_model(good_checkpoint, data_file, tmp_path, capsys, cmd, kind):
     model = MODEL_PATHS[kind][0](good_checkpoint, tmp_path)
