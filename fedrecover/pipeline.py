@@ -40,10 +40,16 @@ def _check_checkpoint(model_dir: str) -> None:
     failed round."""
     from llmprune.models import check_checkpoint, resolve_model_spec
 
+    def not_a_checkpoint() -> LLMPruneError:
+        return LLMPruneError(f"'{model_dir}' is not a checkpoint folder (no config.json)",
+                             "pass a folder written by `llmprune compress` (or any HF model folder)")
+
+    path = Path(model_dir)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise not_a_checkpoint()
     source = resolve_model_spec(model_dir)  # a device, a FIFO, a name that is not UTF-8: one line each
-    if source.kind != "folder" or not Path(model_dir).is_dir():
-        raise LLMPruneError(f"'{model_dir}' is not a checkpoint folder (no config.json)",
-                            "pass a folder written by `llmprune compress` (or any HF model folder)")
+    if source.kind != "folder" or not path.is_dir():
+        raise not_a_checkpoint()
     check_checkpoint(source)
 
 
