@@ -283,10 +283,7 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: dic
     # The report has one row per layer of the model before pruning (dropped ones included).
     rows = (report or {}).get("layers")
     record_shapes(model, layer_map, original_num_layers=len(rows) if isinstance(rows, list) else None)
-    model.config.auto_map = our_auto_map()
-    for key in ("custom_pipelines",):
-        if hasattr(model.config, key):
-            delattr(model.config, key)
+    model.config.auto_map = our_auto_map()  # scrub_foreign_code below removes any other code reference
     with atomic_output_dir(out, overwrite, REPORT_FILE) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:

@@ -202,24 +202,28 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch
     return model.eval()
 
 
+def _checked_class(source: ModelSource, config):
+    """The class that builds `config` (pruned checkpoints: resized from the installed package), after
+    checking the folder's safetensors against it without reading the weights: whole files, and
+    shapes that match. Returns the class and the stored {name: shape} (None: no safetensors)."""
+    from llmprune.checkpoint import model_class
+
+    from .integrity import check_shapes, checkpoint_tensors
+
+    klass = model_class(config)
+    stored = checkpoint_tensors(source.path, source.fix)
+    if stored is not None:
+        check_shapes(klass, config, stored, source.path, source.fix)
+    return klass, stored
+
+
 def _load_checked(source: ModelSource, config, dtype: torch.dtype):
     """from_pretrained of a folder, refusing weights that do not match the config: a truncated
     safetensors file, a tensor of another shape, a tensor missing (which transformers would leave
     randomly initialised, with a warning the CLI silences) or one the model has no place for."""
-    from transformers import AutoModelForCausalLM
+    from .integrity import check_loading_info
 
-    from .integrity import check_loading_info, check_shapes, checkpoint_tensors
-
-    if getattr(config, "llmprune", None):
-        # A pruned checkpoint: the stock class resized from the recorded per-layer shapes.
-        from llmprune.checkpoint import pruned_class
-
-        klass = pruned_class(AutoModelForCausalLM._model_mapping[type(config)])
-    else:
-        klass = AutoModelForCausalLM._model_mapping[type(config)]
-    stored = checkpoint_tensors(source.path, source.fix)
-    if stored is not None:
-        check_shapes(klass, config, stored, source.path, source.fix)
+    klass, _ = _checked_class(source, config)
     model, info = klass.from_pretrained(source.path, config=config, dtype=dtype, trust_remote_code=False,
                                         output_loading_info=True)
     check_loading_info(info, source.path, source.fix)
@@ -230,23 +234,18 @@ def check_checkpoint(spec: str | os.PathLike | ModelSource) -> None:
     """Everything `load_model` checks about a folder, without reading its weights: config values,
     whole safetensors files, tensor names and shapes against the config, and (pruned) an untouched
     modeling file. For commands that hand the folder to other processes (recover's clients)."""
-    from transformers import AutoModelForCausalLM
+    from llmprune.checkpoint import check_modeling_file, is_pruned_config, stock_class
 
-    from .integrity import check_shapes, check_tensor_names, checkpoint_tensors
+    from .integrity import check_tensor_names
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
     config = load_config(source)
     if source.kind != "folder":
         return
-    klass = AutoModelForCausalLM._model_mapping[type(config)]
-    if getattr(config, "llmprune", None):
-        from llmprune.checkpoint import check_modeling_file, pruned_class
-
-        check_modeling_file(source.path, klass)
-        klass = pruned_class(klass)
-    stored = checkpoint_tensors(source.path, source.fix)
+    if is_pruned_config(config):
+        check_modeling_file(source.path, stock_class(config))
+    klass, stored = _checked_class(source, config)
     if stored is not None:
-        check_shapes(klass, config, stored, source.path, source.fix)
         check_tensor_names(klass, config, stored, source.path, source.fix)
 
 

@@ -52,6 +52,22 @@ class PruningMethod:
             raise ValueError(f"method {self.name!r}: intercept must be 'never', 'option' or 'always'")
 
 
+def column_scorers(score: Callable) -> tuple[LayerScore, LayerScore]:
+    """Neuron and head scorers of a method that scores the input columns of an output projection
+    (`score(stats, weight)`, Wanda style): neurons are down_proj's columns, a head sums its o_proj
+    columns."""
+    from ..importance import head_scores_from_columns
+
+    def neuron_scores(layer, stats, cfg, index: int) -> torch.Tensor:
+        return score(stats.mlp, layer.mlp.down_proj.weight.detach())
+
+    def head_scores(layer, stats, cfg, index: int) -> torch.Tensor:
+        attn = layer.self_attn
+        return head_scores_from_columns(score(stats.attn, attn.o_proj.weight.detach()), attn.head_dim)
+
+    return neuron_scores, head_scores
+
+
 METHODS: dict[str, PruningMethod] = {}
 
 
