@@ -34,16 +34,19 @@ def run(args) -> int:
     check_seq_len(model.config, args.seq_len)
     texts = load_texts(args.data, model=model, tokenizer=tokenizer, seed=args.seed)
     windows = token_windows(tokenizer, texts, args.seq_len, args.max_windows)
-    result = perplexity(model, windows, batch_size=args.batch_size).to_dict()
+    result = perplexity(model, windows, batch_size=args.batch_size, tokenizer=tokenizer).to_dict()
     result.update(model=args.model or "gemma-3-270m", data=args.data, seq_len=args.seq_len)
     if args.tasks:
         result["tasks"] = zero_shot.run(model, tokenizer, [t for t in args.tasks.split(",") if t])
     if args.json:
         emit_json(result)
     else:
+        text = "" if result["bits_per_byte"] is None else f" | {result['bits_per_byte']:.4f} bits/byte"
+        if result["word_perplexity"] is not None:
+            text += f" | word perplexity {result['word_perplexity']:.2f}"
         print(
             f"perplexity {result['perplexity']:.3f} on {result['tokens']} tokens ({result['windows']} windows"
-            f" × {args.seq_len}) | {result['tokens_per_s']:.1f} tokens/s | {result['seconds']:.1f} s"
+            f" × {args.seq_len}){text} | {result['tokens_per_s']:.1f} tokens/s | {result['seconds']:.1f} s"
             f" | peak RSS {result['peak_rss_mb']:.0f} MiB"
         )
         for task, score in result.get("tasks", {}).items():
