@@ -51,12 +51,26 @@ def run(args) -> int:
     if args.json:
         emit_json(report)
         return 0
+    print_summary(report, args.out)
+    return 0
+
+
+def print_summary(report: dict, out) -> None:
     before, after = report["params_before"], report["params_after"]
-    loss = report["calibration_loss"]
     print(f"{report['method']}: removed {report['ratio_achieved']:.1%} of decoder parameters "
           f"({before['decoder_layers']:,} -> {after['decoder_layers']:,}); total {before['total']:,} -> {after['total']:,} "
           f"(-{report['total_reduction']:.1%})")
-    print(f"layers dropped: {report['layers_dropped'] or 'none'} | calibration loss dense {loss['dense']:.4f} -> pruned {loss['pruned']:.4f}"
-          + (f" (before tuning {loss['pruned_before_tuning']:.4f})" if loss.get("pruned_before_tuning") is not None else ""))
-    print(f"{report['seconds']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {args.out}")
-    return 0
+    vocab = report.get("vocabulary")
+    if vocab:
+        growth = vocab["tokens_per_byte_after"] / vocab["tokens_per_byte_before"] - 1
+        print(f"vocabulary: {vocab['kept']:,} of {vocab['before']:,} ids kept, covering {vocab['coverage']:.2%} of the "
+              f"ranking text's tokens ({growth:+.1%} tokens on it), {vocab['seconds']:.1f} s")
+    loss = report.get("calibration_loss")
+    if loss:
+        print(f"layers dropped: {report['layers_dropped'] or 'none'} | calibration loss dense {loss['dense']:.4f} -> "
+              f"pruned {loss['pruned']:.4f}" + (f" (before tuning {loss['pruned_before_tuning']:.4f})"
+                                                if loss.get("pruned_before_tuning") is not None else ""))
+    shares = (report.get("budget") or {}).get("removed")
+    if shares and report["budget"].get("of") == "total":
+        print("budget: " + ", ".join(f"{name} {part['share']:.0%}" for name, part in shares.items()))
+    print(f"{report['seconds']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {out}")

@@ -6,6 +6,7 @@ Score once, cut many: `calibrate` measures everything a cut needs in one streame
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from torch import nn
@@ -159,5 +160,42 @@ def compress(model: Model = None, config: CompressConfig | None = None, *, token
         raise LLMPruneError("--low-memory writes the checkpoint as it goes", "pass --out")
     _refuse_self_when_streamed(calib, cfg)
     source = _source(model, cfg, tokenizer)  # shared by both calls: the model is loaded once
+    if cfg.prunes_vocabulary:
+        return _compress_with_vocabulary(source, calib, cfg, out, overwrite)
     calibration = calibrate(model, calib, cfg, _source_obj=source)
     return prune(model, calibration, config=cfg, out=out, overwrite=overwrite, _source_obj=source)
+
+
+def _compress_with_vocabulary(source, calib, cfg: CompressConfig, out, overwrite: bool) -> CompressResult:
+    """The decoder cut (if the budget leaves one), then the vocabulary rows and the tokenizer; the
+    checkpoint is written once, at the end."""
+    import time
+
+    from llmprune.data import load_texts
+    from llmprune.params import layer_shapes
+
+    from . import vocab_step
+
+    start = time.perf_counter()
+    model, tokenizer = source.model, source.tokenizer
+    calib_texts = _texts(calib, source, cfg)
+    texts = load_texts(cfg.vocab_data) if cfg.vocab_data is not None else calib_texts
+    plan = vocab_step.plan_vocabulary(model, tokenizer, texts, cfg)
+    shapes, layer_map = layer_shapes(model), vocab_step.vocabulary_only_report(model, cfg, None)["layer_map"]
+    if plan.decoder_ratio > 0:
+        decoder_cfg = dataclasses.replace(cfg, ratio=plan.decoder_ratio, of="decoder", vocab=None, vocab_data=None)
+        calibration = calibrate(model, calib_texts, decoder_cfg, _source_obj=source)
+        calibration.calibration_data = _describe(calib)
+        report = prune(model, calibration, config=decoder_cfg, _source_obj=source).report
+        report["config"], report["ratio_requested"] = cfg.to_dict(), cfg.ratio
+    else:
+        report = vocab_step.vocabulary_only_report(model, cfg, source.description)
+    vocab_start = time.perf_counter()
+    new_tokenizer, vocab_json = vocab_step.cut_vocabulary(model, tokenizer, plan.selection, source.description)
+    vocab_step.finish_report(report, model, plan, vocab_json, texts, (tokenizer, new_tokenizer), shapes, layer_map,
+                             time.perf_counter() - vocab_start)
+    report["seconds"] = time.perf_counter() - start
+    if out is not None:
+        report["out"] = str(out)
+        vocab_step.save_with_vocabulary(model, new_tokenizer, out, report, vocab_json, overwrite)
+    return CompressResult(model=model, report=report, tokenizer=new_tokenizer)

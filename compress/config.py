@@ -20,14 +20,41 @@ ALLOCATIONS = ("uniform", "error")
 # which is slow, so it defaults to less of it.
 SELF_CALIB_DEFAULTS = {"calib_samples": 16, "calib_seq_len": 256}
 DATA_CALIB_DEFAULTS = {"calib_samples": 32, "calib_seq_len": 512}
+BUDGET_SCOPES = ("decoder", "total")
+
+
+def vocab_size(text: str) -> int | float:
+    """--vocab: a whole number is a token count K, anything else a coverage fraction ("1" keeps
+    one id; "1.0" keeps every id the data uses)."""
+    import argparse
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a token count nor a fraction") from None
 
 
 @dataclass
 class CompressConfig:
     """What to remove and how (each field's help says what it means)."""
 
-    ratio: float = option(0.2, help="fraction of decoder-layer parameters to remove, in (0, 1) (embeddings and LM "
-                                    "head are not pruned)")
+    ratio: float = option(0.2, help="fraction of parameters to remove, in (0, 1): of the decoder layers (embeddings "
+                                    "and LM head are only pruned by --vocab), or of the whole model with --of total; "
+                                    "0 with --vocab prunes the vocabulary only")
+    of: str = option("decoder", choices=BUDGET_SCOPES,
+                     help="what --ratio is a fraction of: decoder (the decoder layers' parameters) or total (the whole "
+                          "model: the budget is split between vocabulary rows, whole layers and neurons, the "
+                          "vocabulary rows the data never uses going first)")
+    vocab: int | float | None = option(None, parse=vocab_size, metavar="K|FRACTION",
+                                       help="also prune the vocabulary: keep K token ids (a whole number), or the "
+                                            "fewest covering FRACTION (0 < F <= 1, e.g. 0.999) of the tokens of "
+                                            "--vocab-data; special, byte-fallback and building-block tokens are always kept")
+    vocab_data: str | None = option(None, default_text="the calibration text",
+                                    help="text whose token frequencies rank the vocabulary (file, folder or dataset)")
     method: str = option("comp", choices=method_names,
                          help="comp (block-influence layer removal + condition-aware neuron selection + "
                               "least-squares tuning) or a baseline: layer-only (ShortGPT), wanda-sp, magnitude, "
@@ -63,8 +90,7 @@ class CompressConfig:
     batch_size: int = option(4, cli=False, help="calibration windows per forward call")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.ratio, (int, float)) or not 0.0 < float(self.ratio) < 1.0:
-            raise LLMPruneError(f"--ratio must be between 0 and 1, exclusive (got {self.ratio})", "pass e.g. --ratio 0.2")
+        self._check_budget()
         self._check_choices()
         self._parse_layer_share()
         if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
@@ -76,6 +102,30 @@ class CompressConfig:
         if self.low_memory and not self.pruning_method.low_memory:
             raise LLMPruneError(f"--method {self.method} has no --low-memory path (it needs the whole model in memory)",
                                 f"drop --low-memory, or choose one of: {', '.join(low_memory_methods())}")
+
+    def _check_budget(self) -> None:
+        vocab_only = self.vocab is not None and self.of == "decoder" and self.ratio == 0
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
+                0.0 < float(self.ratio) < 1.0 or vocab_only):
+            raise LLMPruneError(f"--ratio must be between 0 and 1, exclusive (got {self.ratio}; 0 only with --vocab)",
+                                "pass e.g. --ratio 0.2")
+        if self.of not in BUDGET_SCOPES:
+            raise LLMPruneError(f"unknown --of '{self.of}'", f"choose one of: {', '.join(BUDGET_SCOPES)}")
+        if self.vocab is not None and (isinstance(self.vocab, bool) or not isinstance(self.vocab, (int, float))):
+            raise LLMPruneError(f"--vocab must be a token count or a fraction in (0, 1] (got {self.vocab!r})",
+                                "pass e.g. --vocab 32000 or --vocab 0.999")
+        if isinstance(self.vocab, int) and self.vocab < 1 or isinstance(self.vocab, float) and not 0 < self.vocab <= 1:
+            raise LLMPruneError(f"--vocab {self.vocab} is neither a token count (1 or more) nor a fraction in (0, 1]",
+                                "pass e.g. --vocab 32000 or --vocab 0.999")
+        if self.low_memory and (self.vocab is not None or self.of == "total"):
+            raise LLMPruneError("--vocab and --of total have no --low-memory path", "drop --low-memory")
+        if self.vocab_data is not None and self.vocab is None and self.of == "decoder":
+            raise LLMPruneError("--vocab-data ranks the vocabulary, but no --vocab was given",
+                                "pass --vocab K or --vocab FRACTION, or drop --vocab-data")
+
+    @property
+    def prunes_vocabulary(self) -> bool:
+        return self.vocab is not None or self.of == "total"
 
     def _check_choices(self) -> None:
         get_method(self.method)  # raises the one-line error naming the choices

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 class CompressResult:
     model: nn.Module | None  # None for --low-memory (the checkpoint is on disk)
     report: dict = field(default_factory=dict)
+    tokenizer: object = None  # set when the vocabulary was pruned: the rebuilt tokenizer goes with the model
 
 
 # --- the shared per-layer loop -------------------------------------------------------------------

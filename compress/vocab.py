@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LLMPruneError
+from llmprune.integrity import check_tokenizer_fits  # noqa: F401 - moved to the root package; re-exported
 
 VOCAB_FILE = "vocabulary.json"
 MIN_DATA_TOKENS = 1000
@@ -459,18 +460,6 @@ def rebuild_tokenizer(tokenizer, kept_ids):
                                    **_carried_kwargs(tokenizer, pieces))
 
 
-def check_tokenizer_fits(tokenizer, config) -> None:
-    """Refuse a tokenizer that can emit ids the embedding has no row for (a model with *more* rows
-    than the tokenizer has ids, as stock Qwen checkpoints, is fine)."""
-    ids = tokenizer.backend_tokenizer.get_vocab(with_added_tokens=True).values()
-    n = max(ids) + 1 if ids else 0
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    rows = int(text.vocab_size)
-    if n > rows:
-        raise LLMPruneError(f"the tokenizer has {n} ids but the embedding only {rows} rows",
-                            "use the checkpoint's own tokenizer, or re-create the checkpoint with llmprune compress")
-
-
 # ---------------------------------------------------------------------------- the model
 
 
@@ -526,10 +515,10 @@ def slice_vocabulary(model: nn.Module, kept_ids) -> None:
 # ---------------------------------------------------------------------------- vocabulary.json
 
 
-def save_vocabulary_map(folder: str | Path, selection: VocabularySelection, extra: dict | None = None) -> Path:
-    """Write vocabulary.json: the original id of every new id (new id = index in kept_ids) and how
-    the selection was made, so outputs can be mapped back and the cut repeated."""
-    data = {
+def vocabulary_map(selection: VocabularySelection, extra: dict | None = None) -> dict:
+    """The content of vocabulary.json: the original id of every new id (new id = index in
+    kept_ids) and how the selection was made, so outputs can be mapped back and the cut repeated."""
+    return {
         "original_vocab_size": int(selection.original_size),
         "kept_ids": [int(i) for i in selection.kept_ids],
         "forced": int(selection.forced),
@@ -540,8 +529,12 @@ def save_vocabulary_map(folder: str | Path, selection: VocabularySelection, extr
         else int(selection.size_requested),
         **(extra or {}),
     }
+
+
+def save_vocabulary_map(folder: str | Path, selection: VocabularySelection, extra: dict | None = None) -> Path:
+    """Write vocabulary.json (see `vocabulary_map`) into `folder`."""
     path = Path(folder) / VOCAB_FILE
-    path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(vocabulary_map(selection, extra), indent=1) + "\n", encoding="utf-8")
     return path
 
 

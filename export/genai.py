@@ -32,8 +32,12 @@ def genai_config(config, session_inputs: set[str], filename: str = "model.onnx",
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     context = int(context_length or getattr(config, "max_position_embeddings", 2048))
     gen = generation_config
-    eos = _token_id(getattr(gen, "eos_token_id", None) if gen is not None else None) or _token_id(config.eos_token_id)
+    eos = _token_id(getattr(gen, "eos_token_id", None) if gen is not None else None)
+    if eos is None or eos == []:  # (an id of 0 is an id: `or` would skip it)
+        eos = _token_id(config.eos_token_id)
     pad = _token_id(getattr(config, "pad_token_id", None))
+    if pad is None and eos is not None:
+        pad = eos if isinstance(eos, int) else eos[0]
     inputs = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
     if "position_ids" in session_inputs:
         inputs["position_ids"] = "position_ids"
@@ -54,7 +58,7 @@ def genai_config(config, session_inputs: set[str], filename: str = "model.onnx",
                 "num_key_value_heads": int(config.num_key_value_heads),
             },
             "eos_token_id": eos,
-            "pad_token_id": pad if pad is not None else (eos if isinstance(eos, int) else eos[0]),
+            "pad_token_id": pad,
             "type": model_type,
             "vocab_size": int(config.vocab_size),
         },

@@ -97,13 +97,17 @@ def generation_parity(model, session: OnnxCausalLM, prompts: list[list[int]], ma
 
 
 def perplexities(model, session: OnnxCausalLM, windows: torch.Tensor, reference_onnx: OnnxCausalLM | None = None,
-                 reference_ppl: float | None = None) -> dict:
+                 reference_ppl: float | None = None, tokenizer=None) -> dict:
     """Perplexity of the windows under PyTorch and ONNX Runtime, and its change against a
-    reference ONNX model (the fp32 one), run here or measured already (`reference_ppl`)."""
+    reference ONNX model (the fp32 one), run here or measured already (`reference_ppl`). Given
+    the tokenizer that cut the windows from text, also bits per byte of that text (None for
+    windows of random ids, which cover no text)."""
     result = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1] - 1)}
     if model is not None:
-        result["torch"] = torch_perplexity(model, windows, progress=False).perplexity
-    result["onnx"] = session.perplexity(windows.numpy())
+        ref = torch_perplexity(model, windows, progress=False, tokenizer=tokenizer)
+        result["torch"], result["torch_bits_per_byte"] = ref.perplexity, ref.bits_per_byte
+    scores = session.text_scores(windows.numpy(), tokenizer)
+    result["onnx"], result["bits_per_byte"], result["bytes"] = scores["perplexity"], scores["bits_per_byte"], scores["bytes"]
     if reference_onnx is not None or reference_ppl is not None:
         result["onnx_fp32"] = reference_ppl if reference_ppl is not None else reference_onnx.perplexity(windows.numpy())
         result["change"] = result["onnx"] / result["onnx_fp32"] - 1.0

@@ -137,12 +137,14 @@ def _model_facts(model) -> dict:
 @dataclass
 class _ParityInputs:
     """What every variant is checked on: a fixed id sequence for logits, prompts for greedy
-    generation, evaluation windows for perplexity, and the end-of-sequence id."""
+    generation, evaluation windows for perplexity, and the end-of-sequence id. `tokenizer` cut
+    the windows from text (None: random ids), for bits per byte."""
 
     ids: torch.Tensor
     prompts: list[list[int]]
     windows: torch.Tensor
     eos: object
+    tokenizer: object = None
 
     @classmethod
     def build(cls, model, tokenizer, eval_texts, config: ExportConfig) -> "_ParityInputs":
@@ -153,7 +155,8 @@ class _ParityInputs:
             prompts = [prompt_ids(tokenizer, p) for p in config.prompts]
         else:
             prompts = [row.tolist() for row in fixed_inputs(mc.vocab_size, 8, bos, seed=99)] + [ids[0, :5].tolist()]
-        return cls(ids, prompts, _eval_windows(tokenizer, eval_texts, config, mc.vocab_size, bos), _eos(model))
+        return cls(ids, prompts, _eval_windows(tokenizer, eval_texts, config, mc.vocab_size, bos), _eos(model),
+                   tokenizer)
 
 
 def _check_fp32(model, fp32: OnnxCausalLM, checks: _ParityInputs, config: ExportConfig) -> dict:
@@ -162,7 +165,7 @@ def _check_fp32(model, fp32: OnnxCausalLM, checks: _ParityInputs, config: Export
     t = time.perf_counter()
     logits = logit_parity(model, fp32, checks.ids)
     gen = generation_parity(model, fp32, checks.prompts, config.parity_tokens, checks.eos)
-    ppl = perplexities(model, fp32, checks.windows)
+    ppl = perplexities(model, fp32, checks.windows, tokenizer=checks.tokenizer)
     worst = max(logits["max_abs_logit_diff"], logits["max_abs_logit_diff_kv_cache"])
     if not worst <= config.atol:
         raise LLMPruneError(
@@ -199,7 +202,8 @@ def _write_quantized(model, mode: str, tmp: Path, checks: _ParityInputs, config:
         "folder": mode, "quantization": info, "quantize_seconds": round(q_seconds, 3),
         "logits": logit_parity(model, qsession, checks.ids),
         "generation": generation_parity(model, qsession, checks.prompts, config.parity_tokens, checks.eos),
-        "perplexity": perplexities(None, qsession, checks.windows, reference_ppl=fp32_ppl["onnx"]),
+        "perplexity": perplexities(None, qsession, checks.windows, reference_ppl=fp32_ppl["onnx"],
+                                   tokenizer=checks.tokenizer),
     }
     variant["check_seconds"] = round(time.perf_counter() - t, 3)
     return variant, qdir

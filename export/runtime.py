@@ -139,6 +139,23 @@ class OnnxCausalLM:
         total, count = self.nll(windows)
         return math.exp(total / max(count, 1))
 
+    def text_scores(self, windows, tokenizer=None) -> dict:
+        """Perplexity of the windows and, given the tokenizer that cut them from text, bits per
+        byte of the text their predicted tokens cover (summed NLL / ln 2 / UTF-8 bytes, as
+        `llmprune eval` reports it; comparable across vocabularies). None without a tokenizer
+        (windows of random ids cover no text)."""
+        total, count = self.nll(windows)
+        n_bytes = None
+        if tokenizer is not None:
+            import torch
+
+            from llmprune.evaluate import text_measures
+
+            n_bytes, _ = text_measures(tokenizer, torch.as_tensor(np.asarray(windows, np.int64)))
+        mean = total / max(count, 1)
+        return {"perplexity": math.exp(mean) if mean < 700 else float("inf"),  # exp overflows past ~709
+                "bits_per_byte": total / math.log(2) / n_bytes if n_bytes else None, "bytes": n_bytes}
+
 
 def text_stream(tokenizer, token_ids: Iterator[int], skip_special_tokens: bool = True) -> Iterator[str]:
     """Text pieces as tokens arrive (decodes the whole continuation each time, yields what is new;

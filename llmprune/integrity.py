@@ -198,3 +198,24 @@ def check_tensor_names(model_class, config, stored: dict[str, tuple[int, ...]], 
     unexpected = sorted(k for k in stored.keys() - expected if not k.endswith(_IGNORED_UNEXPECTED))
     check_loading_info({"missing_keys": missing, "unexpected_keys": unexpected}, where, fix)
 
+
+
+def tokenizer_id_count(tokenizer) -> int:
+    """How many ids a tokenizer can emit: its highest id (vocabulary or added token) + 1."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.get_vocab(with_added_tokens=True) if backend is not None else tokenizer.get_vocab()
+    return max(vocab.values()) + 1 if vocab else 0
+
+
+def check_tokenizer_fits(tokenizer, config, where: str | None = None,
+                         fix: str = "use the checkpoint's own tokenizer, or re-create the checkpoint with llmprune compress"
+                         ) -> None:
+    """Refuse a tokenizer that can emit ids the embedding has no row for: the model would fail
+    deep inside torch (an index error) on the first such token. A model with *more* rows than
+    the tokenizer has ids (stock Qwen checkpoints pad their tables) is fine."""
+    n = tokenizer_id_count(tokenizer)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows = int(text.vocab_size)
+    if n > rows:
+        place = f", in '{printable(where)}'" if where is not None else ""
+        raise LLMPruneError(f"the tokenizer has {n} ids but the embedding only {rows} rows{place}", fix)

@@ -233,7 +233,8 @@ def _load_checked(source: ModelSource, config, dtype: torch.dtype):
 def check_checkpoint(spec: str | os.PathLike | ModelSource) -> None:
     """Everything `load_model` checks about a folder, without reading its weights: config values,
     whole safetensors files, tensor names and shapes against the config, and (pruned) an untouched
-    modeling file. For commands that hand the folder to other processes (recover's clients)."""
+    modeling file, and a tokenizer (when there is one) that fits the embedding. For commands that
+    hand the folder to other processes (recover's clients)."""
     from llmprune.checkpoint import check_modeling_file, is_pruned_config, stock_class
 
     from .integrity import check_tensor_names
@@ -247,6 +248,8 @@ def check_checkpoint(spec: str | os.PathLike | ModelSource) -> None:
     klass, stored = _checked_class(source, config)
     if stored is not None:
         check_tensor_names(klass, config, stored, source.path, source.fix)
+    if has_tokenizer_files(source.path):
+        load_tokenizer(source)  # refuses a tokenizer with more ids than the embedding has rows
 
 
 # What the supported decoders take: a tokenizer that also returns token_type_ids breaks stock
@@ -255,21 +258,35 @@ def check_checkpoint(spec: str | os.PathLike | ModelSource) -> None:
 MODEL_INPUT_NAMES = ["input_ids", "attention_mask"]
 
 
+# Files any one of which makes a folder's tokenizer loadable by AutoTokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def has_tokenizer_files(folder: str | os.PathLike) -> bool:
+    """Whether a model folder holds a tokenizer (a weights-only folder does not)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(spec: str | os.PathLike | ModelSource | None = None):
     """The tokenizer of a spec; for GGUF files one that tokenizes exactly as llama.cpp does.
-    Never runs code from the model folder (a tokenizer `auto_map` is ignored)."""
+    Never runs code from the model folder (a tokenizer `auto_map` is ignored). A tokenizer that
+    can emit ids the embedding has no row for (config.json's vocab_size) is refused, in one line,
+    before any long work; every command that loads a checkpoint loads its tokenizer here."""
     from transformers import AutoTokenizer
 
     from .gguf_tokenizer import gguf_tokenizer
+    from .integrity import check_tokenizer_fits
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
     try:
-        if source.kind == "gguf":
+        if source.kind == "gguf":  # one file: tokenizer and embedding agree by construction
             return gguf_tokenizer(source.path)
-        return AutoTokenizer.from_pretrained(source.path, trust_remote_code=False,
-                                             model_input_names=list(MODEL_INPUT_NAMES))
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=False,
+                                                  model_input_names=list(MODEL_INPUT_NAMES))
     except (OSError, ValueError) as exc:
         raise _load_error(source, exc, what="tokenizer") from exc
+    check_tokenizer_fits(tokenizer, load_config(source), source.path, source.fix)
+    return tokenizer
 
 
 def load(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):

@@ -72,6 +72,17 @@ def _edit_tensors(drop=(), add=None, reshape=None):
     return edit
 
 
+def _shrink_vocabulary(rows: int):
+    """config.json's vocab_size and the embedding / LM head cut to `rows`, the tokenizer kept whole."""
+    def edit(folder: Path):
+        _edit_config(vocab_size=rows)(folder)
+        tensors = load_file(folder / "model.safetensors")
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = tensors[name][:rows].contiguous()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return edit
+
+
 # class -> (how the copy of a good tiny checkpoint is broken, fragments of the error line)
 BROKEN = {
     "config-string-size": (_edit_config(hidden_size="sixty-four"), ["hidden_size = 'sixty-four'", "not a positive whole number"]),
@@ -85,6 +96,8 @@ BROKEN = {
                                                                "model.layers.4."]),
     "weights-extra-tensor": (_edit_tensors(add={"model.extra.weight": torch.zeros(4)}), ["no place for", "model.extra.weight"]),
     "weights-wrong-shape": (_edit_tensors(reshape={DOWN: (64, 100)}), ["other shapes", f"{DOWN} is [64, 100] in the weights"]),
+    "tokenizer-more-ids-than-embedding-rows": (_shrink_vocabulary(200), ["the tokenizer has 320 ids but the embedding"
+                                                                         " only 200 rows"]),
 }
 
 
@@ -145,6 +158,17 @@ def test_broken_checkpoint(broken_checkpoint, data_file, tmp_path, capsys, cmd, 
     assert_one_line_error(result, *BROKEN[broken][1])
     assert "re-create or re-download" in result.stderr
     assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("cmd", ("eval", "info", "generate"))
+def test_more_embedding_rows_than_tokenizer_ids_is_fine(tmp_path, data_file, capsys, cmd):
+    """Stock Qwen checkpoints pad their tables beyond the tokenizer's ids: not a broken checkpoint."""
+    from llmprune.models import check_checkpoint
+
+    folder = tiny_checkpoint(tmp_path / "padded", "qwen2", vocab_size=384)
+    check_checkpoint(folder)  # recover's check
+    result = run_main(capsys, *command(cmd, folder, data_file, tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.fixture(scope="module")
