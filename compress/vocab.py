@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from llmprune.errors import LLMPruneError
+from llmprune.evaluate import byte_level_decoder
 from llmprune.integrity import check_tokenizer_fits  # noqa: F401 - moved to the root package; re-exported
 
 VOCAB_FILE = "vocabulary.json"
@@ -295,13 +296,35 @@ def _check_size(size, vocab_ids: int) -> None:
                             "pass a fraction such as 0.99, or a token count such as 32000")
 
 
-def _order(index: _Index, counts: np.ndarray) -> np.ndarray:
-    """Candidate ids, most useful first: by count in the data, then by merge rank (an earlier merge
-    was more frequent in the tokenizer's training), then by id; placeholders come last."""
+def _piece_text(piece: str | None, kind: str) -> str | None:
+    """The text a piece stands for: SentencePiece's space mark as a space, byte-level BPE's byte
+    characters decoded (a piece holding part of a character decodes to less)."""
+    if piece is None:
+        return None
+    if kind == BYTE_LEVEL_BPE:
+        decoder = byte_level_decoder()
+        return bytes(decoder[ch] for ch in piece if ch in decoder).decode("utf-8", errors="ignore")
+    return piece.replace(SPM_SPACE, " ")
+
+
+def _in_alphabet(index: _Index, texts: list[str]) -> np.ndarray:
+    """Per id: whether every character its piece stands for occurs in the texts."""
+    alphabet = set("".join(texts)) | {" "}
+    texts_of = (_piece_text(p, index.kind) for p in index.pieces)
+    return np.array([t is not None and all(ch in alphabet for ch in t) for t in texts_of], dtype=bool)
+
+
+def _order(index: _Index, counts: np.ndarray, in_alphabet: np.ndarray | None = None) -> np.ndarray:
+    """Candidate ids, most useful first: by count in the data; among ids of equal count (the
+    unseen ones above all), pieces written in the data's alphabet first — a multilingual
+    vocabulary's merge ranks put other scripts' pieces early, and the data's script is the best
+    guess for unseen text — then by merge rank (an earlier merge was more frequent in the
+    tokenizer's training), then by id; placeholders come last."""
     present = np.array([p is not None for p in index.pieces], dtype=bool)
     present[index.placeholders] = False
     ids = np.flatnonzero(present)
-    ordered = ids[np.lexsort((ids, index.rank[ids], -counts[ids]))]
+    foreign = ~in_alphabet[ids] if in_alphabet is not None else np.zeros(len(ids), dtype=bool)
+    ordered = ids[np.lexsort((ids, index.rank[ids], foreign, -counts[ids]))]
     return np.concatenate([ordered, index.placeholders])
 
 
@@ -332,7 +355,7 @@ def select_vocabulary(tokenizer, texts: list[str], size: int | float) -> Vocabul
     if total < MIN_DATA_TOKENS:
         raise LLMPruneError(f"the vocabulary data has only {total} tokens, too few to rank tokens"
                             f" (at least {MIN_DATA_TOKENS})", "pass more --vocab-data text")
-    order = _order(index, counts)
+    order = _order(index, counts, _in_alphabet(index, texts))
     if isinstance(size, numbers.Integral):
         kept = _close(index, index.forced)
         if len(kept) > size:

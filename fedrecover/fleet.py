@@ -87,8 +87,12 @@ def load_fleet(path: str | Path) -> list[Device]:
                                     f"give {key} as a whole number of at least 1, or leave it out to let the "
                                     "memory estimate choose")
             fixed[key] = value
+        count = row.get("count", 1)
+        if isinstance(count, bool) or isinstance(count, float) or (isinstance(count, str) and not count.strip().isdigit()):
+            raise LLMPruneError(f"fleet file '{path}': device '{name}' has count = {count!r}",
+                                "give count as a whole number of at least 1")
         try:
-            memory, speed, count = float(row["memory_mb"]), float(row.get("speed", 1.0)), int(row.get("count", 1))
+            memory, speed, count = float(row["memory_mb"]), float(row.get("speed", 1.0)), int(count)
         except (TypeError, ValueError):
             raise LLMPruneError(f"fleet file '{path}': device '{name}' has a non-numeric memory_mb, speed or count",
                                 "use numbers") from None

@@ -153,7 +153,7 @@ def _byte_length_table(spec: dict) -> np.ndarray | None:
     if not isinstance(vocab, dict) or not kinds & {"ByteLevel", "Metaspace"}:
         return None
     if "ByteLevel" in kinds:
-        spm, byte_of = False, _unicode_to_byte()
+        spm, byte_of = False, byte_level_decoder()
         # As the ByteLevel decoder: one byte per mapped character, else the piece's own UTF-8.
         length = lambda p: len(p) if all(c in byte_of for c in p) else len(p.encode())  # noqa: E731
     else:
@@ -169,7 +169,7 @@ def _byte_length_table(spec: dict) -> np.ndarray | None:
     return table
 
 
-def _unicode_to_byte() -> dict[str, int]:
+def byte_level_decoder() -> dict[str, int]:
     """The inverse of GPT-2's bytes_to_unicode: the character byte-level BPE writes for each byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars, extra = {}, 0

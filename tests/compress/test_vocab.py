@@ -274,6 +274,17 @@ def test_zero_counts_are_ranked_by_merge_rank(bytelevel):
     assert np.all(np.diff(ranks) >= 0)
 
 
+def test_unseen_pieces_in_the_data_alphabet_come_before_other_scripts(orig):
+    index = V._build_index(tokenizer_json(orig))
+    texts = ["a b c d e f g h i j k l m n o p q r s t u v w x y z " * 10]
+    in_alphabet = V._in_alphabet(index, texts)
+    order = V._order(index, np.zeros(index.size, dtype=np.int64), in_alphabet)
+    flags = in_alphabet[order[: len(order) - len(index.placeholders)]]
+    assert flags.any() and not flags.all()
+    first_foreign = int(np.argmin(flags))
+    assert flags[:first_foreign].all() and not flags[first_foreign:].any()  # every in-alphabet id first
+
+
 def test_token_counts_match_the_encoding(orig):
     counts = token_counts(orig, [DATA, TRAIN])
     assert counts.dtype == np.int64 and len(counts) == len(orig)

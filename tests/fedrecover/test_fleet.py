@@ -53,6 +53,8 @@ def test_json_fleet(tmp_path, layout):
     ("nomem.toml", '[[device]]\nname = "a"\n', "device 1 has no memory_mb"),
     ("text.json", '[{"name": "a", "memory_mb": "lots"}]', "device 'a' has a non-numeric memory_mb"),
     ("neg.json", '[{"name": "a", "memory_mb": 100, "count": 0}]', "device 'a' needs memory_mb > 0"),
+    ("half.json", '[{"name": "a", "memory_mb": 100, "count": 1.5}]', "device 'a' has count = 1.5"),
+    ("halftoml.toml", '[[device]]\nname = "a"\nmemory_mb = 100\ncount = 2.0\n', "device 'a' has count = 2.0"),
     ("slow.json", '[{"name": "a", "memory_mb": 100, "speed": -1}]', "device 'a' needs memory_mb > 0, speed > 0"),
     # a misspelt key is refused, naming it and the known keys, not silently ignored
     ("typo.toml", '[[device]]\nname = "a"\nmemory_mb = 100\nsped = 0.5\n',
