@@ -178,3 +178,122 @@ def render_export(results: dict, docs: Path) -> None:
                     if row.get("load_avg_before") and row.get("load_avg_after") else "—")
             lines.append(f"| {key} | {row['wall_seconds']:.0f} | {_fmt(rss, '.0f')} | {load} |")
     _replace_section(docs / "benchmarks.md", "export", "\n".join(lines))
+
+
+_DEPLOY_TEXTS = (("wikitext2", "WikiText-2"), ("pydocs", "Python docs"), ("python_source", "Python source"))
+
+
+def render_deploy(results: dict, docs: Path) -> None:
+    """The deploy section of docs/benchmarks.md (bench/deploy.py) and docs/img/deploy.png."""
+    import statistics
+
+    setup, steps, summary = results.get("setup", {}), results.get("steps", {}), results.get("summary", {})
+    rows, targets = summary.get("rows", {}), summary.get("targets", {})
+    m, mib = setup.get("measure", {}), 2**20
+    sizes = setup.get("vocab_sizes", {})
+    loads = [s["load_avg_before"][0] for k, s in steps.items() if k.startswith("measure:") and s.get("load_avg_before")]
+    src = setup.get("python_source", {})
+    base = [r["rss_after_imports_mb"] for r in rows.values() if r.get("rss_after_imports_mb")]
+    lines = [f"## deploy: vocabulary pruning vs quantizing the dense model ({setup.get('model')}, ONNX Runtime CPU)", "",
+             f"Six artifacts — dense, decoder-0.2 (`--ratio 0.2`), vocab-16k/32k/64k (`--ratio 0 --vocab "
+             f"{'/'.join(str(sizes.get(k, k)) for k in ('16k', '32k', '64k'))}`) and vocab-32k+decoder-0.2 — compressed "
+             f"with calibration {setup.get('calib')} and the vocabulary ranked on WikiText-2 valid + Python docs "
+             f"(howto, faq, library, reference; not tutorial), each exported with `llmprune export {setup.get('export')}` "
+             f"and measured in a fresh process on ONNX Runtime with {m.get('threads')} intra-op threads "
+             f"({setup.get('cpu_count')}-core machine; 1-minute load average "
+             f"{_fmt(min(loads) if loads else None, '.1f')}–{_fmt(max(loads) if loads else None, '.1f')} before the measurements). "
+             f"Prefill: one {m.get('prefill_tokens')}-token prompt (median of {m.get('prefill_runs')}); decode: greedy "
+             f"{m.get('decode_tokens')} new tokens after a {m.get('decode_prompt')}-token prompt with the KV cache (median of "
+             f"{m.get('decode_runs')}), in tokens/s and UTF-8 bytes of the decoded text/s — the fair speed across tokenizers. "
+             f"Bits per byte: {setup.get('eval')}, of WikiText-2 test, Python docs (tutorial.txt) and Python source "
+             f"(the stdlib argparse.py of Python {src.get('python')}, sha256 {str(src.get('sha256'))[:12]}…, out of domain); "
+             "file MiB counts every file the runtime needs (ONNX graph and weights, tokenizer, config); peak RSS is the "
+             "measuring process's after tokenizer and model load, prefill and decode (before the evaluation texts are tokenized and scored), in brackets "
+             f"above the {_fmt(statistics.median(base) if base else None, '.0f')} MiB its imports (Python, numpy, torch, "
+             "transformers, onnxruntime) take in every row.", "",
+             "| artifact | precision | file MiB | size vs dense | bpb WikiText-2 | bpb Python docs | bpb Python source | "
+             "decode tok/s | decode bytes/s | prefill tok/s | peak RSS MiB (above imports) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, r in rows.items():
+        if r.get("error"):
+            lines.append(f"| {r['artifact']} | {r['precision']} | failed: {r['error'][:80]} | | | | | | | | |")
+            continue
+        cells = []
+        for text, _ in _DEPLOY_TEXTS:
+            bpb, change = r["bits_per_byte"].get(text), r["bpb_change_vs_dense"].get(text)
+            cells.append(_fmt(bpb, ".3f") + ("" if r["artifact"] == "dense" or change is None else f" ({change:+.1%})"))
+        size = "—" if r["artifact"] == "dense" else _fmt(r.get("size_vs_dense"), ".0%")
+        lines.append(f"| {r['artifact']} | {r['precision']} | {_fmt(r['file_bytes'] / mib if r.get('file_bytes') else None, '.1f')} | "
+                     f"{size} | {' | '.join(cells)} | {_fmt(r.get('decode_tokens_per_s'), '.1f')} | "
+                     f"{_fmt(r.get('decode_bytes_per_s'), '.0f')} | {_fmt(r.get('prefill_tokens_per_s'), '.0f')} | "
+                     f"{_fmt(r.get('peak_rss_mb'), '.0f')} ({_fmt(r.get('peak_rss_over_imports_mb'), '.0f')}) |")
+    if targets:
+        names = list(targets)
+        what = {"file_ratio": "int4 files vs dense int4", "decode_bytes_per_s_ratio": "decode bytes/s vs dense int4",
+                "bpb_change_wikitext2": "bits/byte change vs dense int4, WikiText-2",
+                "bpb_change_pydocs": "bits/byte change vs dense int4, Python docs",
+                "bpb_change_python_source": "bits/byte change vs dense int4, Python source (out of domain)"}
+        lines += ["", "Targets of the issue, vocabulary-only int4 against dense int4 (computed, not asserted):", "",
+                  f"| target | goal | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
+        for k, label in what.items():
+            goal = targets[names[0]].get(k, {}).get("target") or "shown"
+            cells = []
+            for name in names:
+                t = targets[name].get(k, {})
+                x = t.get("value")
+                shown = "—" if x is None else (f"{x:+.1%}" if k.startswith("bpb") else f"{x:.2f}×" if "bytes_per_s" in k else f"{x:.2f}")
+                verdict = "" if t.get("met") is None else (" ✅ met" if t["met"] else " ❌ not met")
+                cells.append(shown + verdict)
+            lines.append(f"| {label} | {goal} | {' | '.join(cells)} |")
+    img = _plot_deploy(rows, docs / "img" / "deploy.png")
+    if img:
+        lines += ["", f"![bits per byte on WikiText-2 against file size and decode bytes/s](img/{img.name})"]
+    else:
+        lines += ["", "(No plot: matplotlib is not installed.)"]
+    _replace_section(docs / "benchmarks.md", "deploy", "\n".join(lines))
+
+
+def _plot_deploy(rows: dict, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    points = [r for r in rows.values() if not r.get("error") and r["bits_per_byte"].get("wikitext2") is not None]
+    if not points:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    artifacts = list(dict.fromkeys(r["artifact"] for r in points))
+    colors = {a: plt.get_cmap("tab10")(i) for i, a in enumerate(artifacts)}
+    markers = {"fp32": "o", "int8": "s", "int4": "^"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for ax, (field, xlabel) in zip(axes, (("file_bytes", "file MiB (log)"), ("decode_bytes_per_s", "decode bytes of text / s"))):
+        for r in points:
+            x = r.get(field)
+            if x is None:
+                continue
+            x = x / 2**20 if field == "file_bytes" else x
+            y = r["bits_per_byte"]["wikitext2"]
+            star = r["artifact"] == "dense" and r["precision"] == "int4"
+            ax.scatter([x], [y], color=colors[r["artifact"]], marker="*" if star else markers.get(r["precision"], "o"),
+                       s=260 if star else 40, edgecolors="black" if star else "none", zorder=3 if star else 2,
+                       label=f"{r['artifact']} {r['precision']}")
+            ax.annotate(f"{r['artifact']} {r['precision']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5,
+                        fontweight="bold" if star else "normal")
+        if field == "file_bytes":
+            from matplotlib.ticker import FuncFormatter
+
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("bits per byte, WikiText-2 test (lower is better)")
+        ax.grid(alpha=0.3)
+    axes[0].set_title("quality vs size (★ = dense int4)")
+    axes[1].set_title("quality vs decode speed (★ = dense int4)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
