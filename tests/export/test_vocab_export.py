@@ -114,12 +114,12 @@ def test_info_of_a_whole_vocabulary(checkpoint, capsys):
 
 @pytest.fixture(scope="module")
 def trimmed_export(trimmed, tmp_path_factory):
-    """`llmprune export --quantize int8 int4 --genai --json` of the trimmed tied Gemma-3 (in process)."""
+    """`llmprune export --quantize int8 int4 --genai --ort` of the trimmed tied Gemma-3 (in process)."""
     from llmprune.cli.main import main
 
     out = tmp_path_factory.mktemp("trimmed-export") / "onnx"
     code = main(["export", "--model", str(trimmed("gemma3_text")), "--out", str(out), "--quantize", "int8", "int4",
-                 "--genai", "--eval-windows", "2", "--eval-seq-len", "32"])
+                 "--genai", "--ort", "--eval-windows", "2", "--eval-seq-len", "32"])
     return code, out
 
 
@@ -139,6 +139,7 @@ def test_export_of_a_trimmed_checkpoint(trimmed_export):
         assert (genai["pad_token_id"], genai["bos_token_id"], genai["eos_token_id"]) == (KEPT - 3, KEPT - 2, KEPT - 1)
         assert json.loads((folder / "config.json").read_text())["vocab_size"] == KEPT
         assert not (folder / "vocabulary.json").exists()  # the export speaks the pruned ids only
+        assert (folder / "model.ort").is_file()  # ONNX Runtime Mobile
 
 
 def _generate(capsys, *args) -> str:
