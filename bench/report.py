@@ -54,13 +54,21 @@ def render_compress(results: dict, docs: Path) -> None:
     _replace_section(docs / "benchmarks.md", "compress", "\n".join(lines))
 
 
-def _plot_compress(runs: dict, path: Path) -> Path | None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def _plot_compress(runs: dict, path: Path) -> Path | None:
+    plt = _pyplot()
+    if plt is None:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -256,12 +264,8 @@ def render_deploy(results: dict, docs: Path) -> None:
 
 
 def _plot_deploy(rows: dict, path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return None
     points = [r for r in rows.values() if not r.get("error") and r["bits_per_byte"].get("wikitext2") is not None]
     if not points:

@@ -181,7 +181,7 @@ def _compress_with_vocabulary(source, calib, cfg: CompressConfig, out, overwrite
     calib_texts = _texts(calib, source, cfg)
     texts = load_texts(cfg.vocab_data) if cfg.vocab_data is not None else calib_texts
     plan = vocab_step.plan_vocabulary(model, tokenizer, texts, cfg)
-    shapes, layer_map = layer_shapes(model), vocab_step.vocabulary_only_report(model, cfg, None)["layer_map"]
+    shapes, layer_map = layer_shapes(model), vocab_step.current_layer_map(model)
     if plan.decoder_ratio > 0:
         decoder_cfg = dataclasses.replace(cfg, ratio=plan.decoder_ratio, of="decoder", vocab=None, vocab_data=None)
         calibration = calibrate(model, calib_texts, decoder_cfg, _source_obj=source)

@@ -112,14 +112,19 @@ def tokens_per_byte(tokenizer, texts: list[str]) -> float:
     return sum(len(e.ids) for e in encodings) / max(n_bytes, 1)
 
 
+def current_layer_map(model) -> list[int]:
+    """The original index of each of the model's decoder layers (a pruned checkpoint records it)."""
+    recorded = (getattr(model.config, "llmprune", None) or {}).get("layer_map")
+    return list(recorded) if recorded else list(range(len(layer_shapes(model))))
+
+
 def vocabulary_only_report(model, cfg: CompressConfig, description: str | None) -> dict:
     """The report's frame when the decoder is not pruned (the vocabulary step fills it in)."""
-    n = len(layer_shapes(model))
-    layer_map = (getattr(model.config, "llmprune", None) or {}).get("layer_map") or list(range(n))
+    layer_map = current_layer_map(model)
     params = parameter_breakdown(model)
     return {"method": "vocab", "config": cfg.to_dict(), "low_memory": False, "ratio_requested": cfg.ratio,
             "ratio_achieved": 0.0, "params_before": params, "params_after": params, "layers_dropped": [],
-            "layer_map": list(layer_map), "calibration_loss": None, "seed": cfg.seed, "versions": versions(),
+            "layer_map": layer_map, "calibration_loss": None, "seed": cfg.seed, "versions": versions(),
             "model": description, "seconds": 0.0}
 
 
