@@ -96,8 +96,9 @@ def centralized_lora(args, pruned: Path, data: list[str], out: Path, steps: int)
             "peak_rss_mb": round(peak_rss_mb(), 1)}
 
 
-def round_curve(pruned: Path, rounds_dir: Path, scale: float, args) -> list[dict]:
-    """Perplexity of the global adapter after each round (from OUT.rounds/), on both test sets."""
+def round_curve(pruned: Path, rounds_dir: Path, scale: float, args, with_initial: bool = False) -> list[dict]:
+    """Perplexity of the global adapter after each round (from OUT.rounds/), on both test sets
+    (`with_initial`: round 0, the model without an adapter, first)."""
     import llmprune
     from llmprune.fedrecover.lora import lora_applied
     from safetensors.numpy import load_file
@@ -106,6 +107,9 @@ def round_curve(pruned: Path, rounds_dir: Path, scale: float, args) -> list[dict
     windows = {name: llmprune.token_windows(tok, llmprune.load_texts(str(SHARED / rel)), 512, args.eval_windows)
                for name, rel in EVAL.items()}
     curve = []
+    if with_initial:
+        curve.append({"round": 0, **{name: round(llmprune.perplexity(model, w, progress=False).perplexity, 3)
+                                     for name, w in windows.items()}})
     for path in sorted(rounds_dir.glob("round-*.safetensors")):
         arrays = load_file(str(path))
         row = {"round": int(path.stem.split("-")[1])}

@@ -49,6 +49,13 @@ def run(args) -> int:
         f"{metrics['initial_eval_perplexity']} -> {metrics['final_eval_perplexity']}; "
         f"per-client upload {max(r['bytes_up_per_client_max'] for r in rows) / 1e6:.2f} MB/round "
         f"({100 * max(r['bytes_up_per_client_max'] for r in rows) / metrics['model_bytes']:.2f}% of the model)\n")
+    for row in metrics.get("refused", []):
+        sys.stdout.write(f"left out: {row['reason']}\n")
+    peaks = [c for r in rows for c in r.get("clients", []) if c.get("memory_mb")]
+    if peaks:
+        over = sorted({c["device"] for c in peaks if c["peak_rss_mb"] > c["memory_mb"]})
+        sys.stdout.write(f"device peaks: {min(c['peak_rss_mb'] for c in peaks):.0f}-{max(c['peak_rss_mb'] for c in peaks):.0f}"
+                         f" MB measured; {'over budget: ' + ', '.join(over) if over else 'every device within its budget'}\n")
     return 0
 
 

@@ -25,6 +25,7 @@ from llmprune.checkpoint import (
     modeling_source, our_auto_map, pruned_spec, scrub_foreign_code, stock_class,
 )
 from llmprune.errors import LLMPruneError
+from llmprune.meta_init import prefix_of as _prefix_of, reset_buffers as _reset_buffers
 from llmprune.models import load_config, load_tokenizer, resolve_model_spec
 from llmprune.params import parameter_breakdown
 
@@ -72,26 +73,6 @@ def _materialise(module: nn.Module, ckpt: LazyCheckpoint, prefix: str, dtype: to
         tensor = ckpt.get(prefix + name).to(dtype)
         with torch.no_grad():
             param.data = tensor
-
-
-def _reset_buffers(module: nn.Module, config) -> None:
-    """Recompute the non-persistent buffers that to_empty leaves uninitialised: rotary inverse
-    frequencies, and Gemma's embedding scale (√hidden_size)."""
-    for child in module.modules():
-        if hasattr(child, "inv_freq") and hasattr(child, "rope_init_fn"):
-            inv_freq, scaling = child.rope_init_fn(child.config, torch.device("cpu"))
-            child.inv_freq = inv_freq
-            child.original_inv_freq = inv_freq
-            child.attention_scaling = scaling
-        if isinstance(getattr(child, "embed_scale", None), torch.Tensor):
-            child.embed_scale = torch.tensor(config.hidden_size**0.5)
-
-
-def _prefix_of(model: nn.Module, target: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is target:
-            return f"{name}." if name else ""
-    raise ValueError("module not found")
 
 
 def _head_loss(hidden: torch.Tensor, ids: torch.Tensor, norm: nn.Module, ckpt: LazyCheckpoint, head_name: str,

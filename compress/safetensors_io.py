@@ -8,15 +8,9 @@ import json
 import struct
 from pathlib import Path
 
+from llmprune.meta_init import read_header
+
 CHUNK = 16 * 1024 * 1024
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header, offset of the data section)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return header, 8 + length
 
 
 def copy_tensors(sources: dict[str, Path], dst: Path) -> int:

@@ -24,7 +24,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.app import MessageType
 
 from llmprune.errors import LLMPruneError
-from llmprune.memory import reset_peak_rss, window_peak_rss_mb
+from llmprune.memory import current_rss_mb, reset_peak_rss, window_peak_rss_mb
 
 from .config import RecoverConfig, RunSettings, parse_run_config
 from .partition import ClientData
@@ -36,13 +36,57 @@ log = logging.getLogger(__name__)
 KEY_CLIPPING_NORM = "clipping_norm"
 
 
+# RSS of this process before it first loaded a model: what the model-dependent part of a peak is
+# measured from (Python, torch, transformers, peft, flwr and the client's data are below it).
+_RSS_BEFORE_MODEL: list[float] = []
+
+
 @lru_cache(maxsize=2)
 def _model(path: str):
     import llmprune
 
+    if not _RSS_BEFORE_MODEL:
+        _RSS_BEFORE_MODEL.append(current_rss_mb())
     model = llmprune.load_model(path)
     model.eval()
     return model
+
+
+def rss_before_model() -> float:
+    """The process's RSS before its first model load. (A module-level function: the ClientApp's
+    closures reach module state through it, not through a global that cloudpickle would copy.)"""
+    return _RSS_BEFORE_MODEL[0] if _RSS_BEFORE_MODEL else 0.0
+
+
+def lean_training(path: str, arrays: dict, windows: torch.Tensor, round_config, dropout: float) -> tuple[dict, float, dict]:
+    """A lean client's round: load only the submodel the server cut for this round (held layers
+    and blocks, base weights in client-dtype, the vocabulary table as asked), train LoRA on it
+    with the vocabulary-sliced loss, free it. The peak counts the load; the model-dependent part
+    is the peak minus the RSS just before the load."""
+    import gc
+
+    from .client_model import chunked_vocab_loss, free_model, load_submodel, trim_heap
+    from .fleet import vocab_chunk
+    from .submodels import Submodel
+
+    submodel = Submodel.from_json(str(round_config["submodel"]))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[str(round_config["client-dtype"])]
+    batch_size = int(round_config["batch-size"])
+    gc.collect()
+    trim_heap()             # what the last round freed goes back to the OS before the baseline is read
+    before = current_rss_mb()
+    reset_peak_rss()
+    model = load_submodel(path, submodel, dtype=dtype, embedding=str(round_config["client-embedding"]))
+    chunk = vocab_chunk(batch_size * (windows.shape[1] - 1), model.config.hidden_size)
+    trained, loss = train_lora(
+        model, submodel.to_local(arrays), windows, scale=float(round_config["scale"]),
+        steps=int(round_config["local-steps"]), batch_size=batch_size, lr=float(round_config["lr"]),
+        seed=int(round_config["seed"]), dropout=dropout,
+        loss_fn=lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk))
+    peak = window_peak_rss_mb()
+    free_model(model)
+    del model
+    return submodel.to_global(trained), loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before}
 
 
 @lru_cache(maxsize=4)
@@ -132,16 +176,21 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
                        round_config) -> tuple[dict, dict]:
         windows, pid = client_windows(cfg, settings, context)
         _inject_faults(cfg.inject_faults, pid, int(round_config["server-round"]))
-        model = _model(model_path(settings, context))
-        reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
         start = time.perf_counter()
-        trained, loss = train_lora(
-            model, arrays, windows, scale=float(round_config["scale"]), steps=int(round_config["local-steps"]),
-            batch_size=int(round_config["batch-size"]), lr=float(round_config["lr"]),
-            seed=int(round_config["seed"]), dropout=cfg.lora_dropout)
+        if "submodel" in round_config:
+            trained, loss, memory = lean_training(model_path(settings, context), arrays, windows, round_config,
+                                                  cfg.lora_dropout)
+        else:
+            model = _model(model_path(settings, context))
+            reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
+            trained, loss = train_lora(
+                model, arrays, windows, scale=float(round_config["scale"]), steps=int(round_config["local-steps"]),
+                batch_size=int(round_config["batch-size"]), lr=float(round_config["lr"]),
+                seed=int(round_config["seed"]), dropout=cfg.lora_dropout)
+            peak = window_peak_rss_mb()
+            memory = {"peak-rss-mb": peak, "model-rss-mb": peak - rss_before_model()}
         metrics = {"num-examples": int(windows.shape[0]) if not round_config.get("uniform-weights") else 1,
-                   "train-loss": loss, "partition-id": pid, "seconds": time.perf_counter() - start,
-                   "peak-rss-mb": window_peak_rss_mb()}
+                   "train-loss": loss, "partition-id": pid, "seconds": time.perf_counter() - start, **memory}
         return trained, metrics
 
     @app.train()

@@ -52,6 +52,16 @@ class RecoverConfig:
     eval_windows: int = option(4, parse=positive_int, help="evaluation windows")
     fleet: str | None = option(None, default_text="none: every client trains lora-rank on all layers",
                                help="TOML/JSON fleet file of devices with memory_mb (and speed): rank and depth per device")
+    submodels: bool = option(False, help="FedPruner: every device trains a submodel of the layers whose training fits "
+                                         "its memory_mb, re-drawn each round (needs --fleet)")
+    submodel_granularity: str = option("layer", choices=("layer", "sublayer"),
+                                       help="what a submodel drops: whole layers, or attention and MLP blocks apart")
+    client_dtype: str = option("float32", choices=("float32", "bfloat16"),
+                               help="frozen base weights on the devices (bfloat16 halves them; LoRA stays float32)")
+    client_embedding: str = option("same", choices=("same", "int8"),
+                                   help="the vocabulary table on the devices: as the layers, or int8 rows with a scale each")
+    skip_unfit: bool = option(False, help="leave out devices that nothing fits (listed in metrics.json 'refused') "
+                                          "instead of stopping")
     round_timeout: float | None = option(None, parse=positive_float,
                                          default_text=f"none in simulation (every sampled client is waited for); "
                                                       f"{FLEET_ROUND_TIMEOUT:.0f} on a fleet",
@@ -121,6 +131,21 @@ class RecoverConfig:
         if self.round_timeout is not None and self.round_timeout <= 0:
             raise bad(f"--round-timeout must be positive (got {self.round_timeout})", "pass seconds, e.g. --round-timeout 600")
         self._validate_privacy()
+        if self.submodels and not self.fleet:
+            raise bad("--submodels needs --fleet", "pass a fleet file of devices with memory_mb (see docs/recover.md)")
+        if self.submodel_granularity not in ("layer", "sublayer"):
+            raise bad(f"unknown --submodel-granularity '{self.submodel_granularity}'", "use layer or sublayer")
+        if self.submodel_granularity == "sublayer" and not self.submodels:
+            raise bad("--submodel-granularity sublayer needs --submodels", "add --submodels")
+        for name, allowed in (("client_dtype", ("float32", "bfloat16")), ("client_embedding", ("same", "int8"))):
+            if getattr(self, name) not in allowed:
+                raise bad(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'", f"use {' or '.join(allowed)}")
+
+    @property
+    def lean_clients(self) -> bool:
+        """Devices load their weights with the lean loader (client_model.py): only what they
+        hold, in client_dtype, the vocabulary table as asked, the loss a vocabulary slice at a time."""
+        return self.submodels or self.client_dtype != "float32" or self.client_embedding != "same"
 
     def _validate_partition(self) -> None:
         kind, alpha = self.partition_kind()

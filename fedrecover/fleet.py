@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -51,9 +51,14 @@ class Assignment:
     depth: int
     estimate_mb: float
     lora_params: int
+    units: int | None = None          # submodels: how many units (layers or blocks) the device holds
+    submodel: object | None = None    # this round's Submodel (the policy draws it)
+    refused: str = ""                 # why the device is left out (--skip-unfit), else ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out["submodel"] = self.submodel.to_dict() if self.submodel is not None else None
+        return out
 
 
 def load_fleet(path: str | Path) -> list[Device]:
@@ -156,9 +161,10 @@ def candidate_ranks(max_rank: int) -> list[int]:
 
 
 def assign_devices(model: nn.Module, devices: list[Device], max_rank: int, batch_size: int, seq_len: int,
-                   target_modules: tuple[str, ...]) -> list[Assignment]:
+                   target_modules: tuple[str, ...], skip_unfit: bool = False) -> list[Assignment]:
     """For each device the (rank, depth) with the most LoRA parameters whose estimate fits its
-    budget (ties: the deeper one). A device nothing fits on is an error naming the budget needed."""
+    budget (ties: the deeper one). A device nothing fits on is an error naming the budget needed
+    (with `skip_unfit`: an Assignment marked refused)."""
     num_layers = len({int(m.split(".", 1)[0]) for m in module_shapes(model, target_modules)})
     cache: dict[tuple[int, int], tuple[float, int]] = {}
 
@@ -167,6 +173,14 @@ def assign_devices(model: nn.Module, devices: list[Device], max_rank: int, batch
             cache[(rank, depth)] = training_memory_mb(model, rank, depth, batch_size, seq_len, target_modules)
         return cache[(rank, depth)]
 
+    return _assign_rank_depth(devices, max_rank, num_layers, estimate, skip_unfit)
+
+
+def _assign_rank_depth(devices: list[Device], max_rank: int, num_layers: int, estimate, skip_unfit: bool
+                       ) -> list[Assignment]:
+    """Per device the (rank, depth) with the most LoRA parameters whose `estimate(rank, depth)`
+    -> (MB, LoRA parameters) fits its budget (ties: the deeper one); one nothing fits is an error
+    naming the budget needed, or with `skip_unfit` an Assignment marked refused."""
     out = []
     for dev in devices:
         ranks = [dev.rank] if dev.rank else candidate_ranks(max_rank)
@@ -179,10 +193,8 @@ def assign_devices(model: nn.Module, devices: list[Device], max_rank: int, batch
                     best = (rank, depth, mb, params)
         if best is None:
             need = math.ceil(min(estimate(r, d)[0] for r in ranks for d in depths))  # rounded up: that budget fits
-            raise LLMPruneError(
-                f"device '{dev.name}' has {dev.memory_mb:.0f} MB but the smallest LoRA setup "
-                f"(rank {min(ranks)}, {min(depths)} layer) needs about {need} MB",
-                f"raise its memory_mb to at least {need}, or lower --batch-size/--seq-len")
+            out.append(_unfit(dev, need, f"the smallest LoRA setup (rank {min(ranks)}, {min(depths)} layer)", skip_unfit))
+            continue
         rank, depth, mb, params = best
         out.append(Assignment(dev.name, dev.memory_mb, dev.speed, rank, depth, round(mb, 1), params))
     return out
@@ -202,7 +214,154 @@ def plan_devices(model: nn.Module, cfg, count: int) -> list[Assignment]:
     `cfg.lora_rank` on all layers for every client. The one planner: `llmprune recover` runs it on
     the meta model before Flower starts, the ServerApp on the loaded model."""
     if cfg.fleet:
-        plans = assign_devices(model, load_fleet(cfg.fleet), cfg.lora_rank, cfg.batch_size, cfg.seq_len,
-                               cfg.target_modules)
+        devices = load_fleet(cfg.fleet)
+        if cfg.submodels:
+            plans = assign_submodels(unit_costs(model, cfg), devices, cfg.lora_rank, cfg.skip_unfit)
+        elif cfg.lean_clients:
+            plans = assign_lean_devices(unit_costs(model, cfg), devices, cfg.lora_rank, cfg.skip_unfit)
+        else:
+            plans = assign_devices(model, devices, cfg.lora_rank, cfg.batch_size, cfg.seq_len, cfg.target_modules,
+                                   cfg.skip_unfit)
+        if all(p.refused for p in plans):
+            raise LLMPruneError(f"no device of the fleet fits ({plans[0].refused})",
+                                "raise the devices' memory_mb, or lower --batch-size/--seq-len")
         return [plans[i % len(plans)] for i in range(count)] if len(plans) < count else plans
     return uniform_assignments(model, count, cfg.lora_rank, cfg.batch_size, cfg.seq_len, cfg.target_modules)
+
+
+# -- lean clients: only held blocks, base weights in client_dtype, the loss a vocabulary slice at a time ---
+# Fitted to measured peaks of lean Gemma-3-270M clients (bench/submodels.py; docs/recover.md):
+LEAN_ACT_BYTES = 4.0             # bytes per activation float kept for backward (LoRA paths compute in fp32)
+LEAN_LOGIT_ELEMENTS = 2**22      # logits that exist at once in the vocabulary-sliced loss (16 MB in fp32)
+LEAN_LOSS_BUFFERS = 4            # logits, softmax, its gradient and the dequantized head rows, per slice
+LEAN_OVERHEAD_MB = 130.0         # allocator and load transients: measured peaks exceed the sum above by 103-132 MB
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+
+
+def vocab_chunk(positions: int, hidden: int) -> int:
+    """Vocabulary rows per slice of the lean loss: at most LEAN_LOGIT_ELEMENTS logits, and as many
+    elements of dequantized head rows, at once."""
+    return max(256, LEAN_LOGIT_ELEMENTS // max(1, positions, hidden))
+
+
+@dataclass
+class UnitCosts:
+    """Per-unit memory of a lean client (bytes), from the model's shapes: the units are layers
+    (granularity layer) or attention and MLP blocks (sublayer: unit 2i, 2i+1)."""
+
+    granularity: str
+    weights: list[float]          # frozen weights of the unit at client dtype
+    activations: list[float]      # activations kept for backward per training step
+    lora_per_rank: list[int]      # LoRA parameters of the unit's modules per unit of rank
+    fixed: float                  # embedding / head / final norm, always loaded
+    loss: float                   # the vocabulary-sliced loss buffers
+    layer_of: list[int] = field(default_factory=list)
+
+
+def unit_costs(model: nn.Module, cfg) -> UnitCosts:
+    """What each unit costs a lean client; `model` may be on the meta device."""
+    from llmprune.arch import adapter_for
+
+    config, adapter = model.config, adapter_for(model)
+    dtype_bytes = DTYPE_BYTES[cfg.client_dtype]
+    hidden, tokens = config.hidden_size, cfg.batch_size * (cfg.seq_len + 1)
+    shapes = module_shapes(model, cfg.target_modules)
+    weights, acts, lora, layer_of = [], [], [], []
+    for i, layer in enumerate(adapter.decoder_layers(model)):
+        attn_params = sum(p.numel() for p in adapter.attention(layer).parameters())
+        mlp_params = sum(p.numel() for p in adapter.mlp(layer).parameters())
+        norm_params = sum(p.numel() for p in layer.parameters()) - attn_params - mlp_params
+        mlp_width = adapter.mlp_projections(layer)["down_proj"].in_features
+        heads = adapter.attention_projections(layer)["q_proj"].out_features // _head_dim(config)
+        attn_act = LEAN_ACT_BYTES * tokens * (12 * hidden + 2 * heads * (cfg.seq_len + 1))
+        mlp_act = LEAN_ACT_BYTES * tokens * (12 * hidden + 6 * mlp_width)
+        lora_attn = sum(a + b for m, (a, b) in shapes.items() if m.startswith(f"{i}.self_attn."))
+        lora_mlp = sum(a + b for m, (a, b) in shapes.items() if m.startswith(f"{i}.mlp."))
+        parts = [(attn_params + norm_params / 2, attn_act, lora_attn), (mlp_params + norm_params / 2, mlp_act, lora_mlp)]
+        if cfg.submodel_granularity == "layer":
+            parts = [tuple(sum(x) for x in zip(*parts))]
+        for w, a, l in parts:
+            weights.append(w * dtype_bytes)
+            acts.append(a)
+            lora.append(int(l))
+            layer_of.append(i)
+    vocab = config.vocab_size
+    table = vocab * hidden * (1 if cfg.client_embedding == "int8" else dtype_bytes) + (vocab * 4 if cfg.client_embedding == "int8" else 0)
+    tied = getattr(config, "tie_word_embeddings", True)
+    fixed = table + (0 if tied else vocab * hidden * dtype_bytes) + hidden * 4
+    loss = 4.0 * LEAN_LOGIT_ELEMENTS * LEAN_LOSS_BUFFERS + 4.0 * tokens * hidden * 3
+    return UnitCosts(cfg.submodel_granularity, weights, acts, lora, fixed, loss, layer_of)
+
+
+def lean_memory_mb(costs: UnitCosts, units: list[int], lora_units: list[int], rank: int) -> tuple[float, int]:
+    """Estimated peak MB of a lean client holding `units` with LoRA of `rank` on `lora_units`
+    (backward runs from the lowest LoRA unit up, so only those units keep activations), and its
+    LoRA parameter count."""
+    lowest = min(lora_units) if lora_units else len(costs.weights)
+    lora_params = rank * sum(costs.lora_per_rank[u] for u in lora_units)
+    total = (costs.fixed + costs.loss + sum(costs.weights[u] for u in units)
+             + sum(costs.activations[u] for u in units if u >= lowest) + lora_params * ADAM_BYTES_PER_PARAM)
+    return total / 2**20 + RUNTIME_OVERHEAD_MB + LEAN_OVERHEAD_MB, lora_params
+
+
+def largest_units(costs: UnitCosts, count: int, rank: int) -> list[int]:
+    """The `count` costliest units at `rank`: a submodel of `count` units costs at most this."""
+    cost = [costs.weights[u] + costs.activations[u] + rank * costs.lora_per_rank[u] * ADAM_BYTES_PER_PARAM
+            for u in range(len(costs.weights))]
+    return sorted(sorted(range(len(cost)), key=lambda u: (-cost[u], u))[:count])
+
+
+def submodel_memory_mb(costs: UnitCosts, count: int, rank: int) -> tuple[float, int]:
+    """The bound a device budget is held to: `count` units, LoRA on all of them, the costliest."""
+    units = largest_units(costs, count, rank)
+    return lean_memory_mb(costs, units, units, rank)
+
+
+def assign_submodels(costs: UnitCosts, devices: list[Device], max_rank: int, skip_unfit: bool,
+                     correction: dict[str, float] | None = None) -> list[Assignment]:
+    """For each device the most units, then the highest rank, whose bound (times the device's
+    measured/estimated `correction`) fits its budget. One that nothing fits is an error naming
+    the budget that would fit, or with `skip_unfit` an Assignment marked refused."""
+    n_units = len(costs.weights)
+    out = []
+    for dev in devices:
+        factor = (correction or {}).get(dev.name, 1.0)
+        ranks = [dev.rank] if dev.rank else candidate_ranks(max_rank)
+        best = None
+        for count in range(n_units, 0, -1):
+            for rank in ranks:
+                mb, params = submodel_memory_mb(costs, count, rank)
+                if mb * factor <= dev.memory_mb:
+                    best = (count, rank, mb, params)
+                    break
+            if best:
+                break
+        if best is None:
+            need = math.ceil(submodel_memory_mb(costs, 1, min(ranks))[0] * factor)
+            what = f"the smallest submodel (1 {'layer' if costs.granularity == 'layer' else 'block'}, rank {min(ranks)})"
+            out.append(_unfit(dev, need, what, skip_unfit))
+            continue
+        count, rank, mb, params = best
+        out.append(Assignment(dev.name, dev.memory_mb, dev.speed, rank, n_units, round(mb * factor, 1), params, units=count))
+    return out
+
+
+def _unfit(dev: Device, need: int, what: str, skip_unfit: bool) -> Assignment:
+    reason = f"device '{dev.name}' has {dev.memory_mb:.0f} MB but {what} needs about {need} MB"
+    if not skip_unfit:
+        raise LLMPruneError(reason, f"raise its memory_mb to at least {need}, lower --batch-size/--seq-len, "
+                                    "or pass --skip-unfit to leave it out")
+    return Assignment(dev.name, dev.memory_mb, dev.speed, 0, 0, float(need), 0, refused=f"{reason}; {need} MB would fit")
+
+
+def assign_lean_devices(costs: UnitCosts, devices: list[Device], max_rank: int, skip_unfit: bool) -> list[Assignment]:
+    """Lean clients holding the whole model: per device the (rank, depth) with the most LoRA
+    parameters whose estimate fits (as assign_devices, with the lean memory model)."""
+    n_layers = len(set(costs.layer_of))
+    every_unit = list(range(len(costs.weights)))
+
+    def estimate(rank: int, depth: int) -> tuple[float, int]:
+        lora_units = [u for u, layer in enumerate(costs.layer_of) if layer >= n_layers - depth]
+        return lean_memory_mb(costs, every_unit, lora_units, rank)
+
+    return _assign_rank_depth(devices, max_rank, n_layers, estimate, skip_unfit)

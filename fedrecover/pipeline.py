@@ -71,9 +71,31 @@ def check_fleet(model_dir: str, cfg: RecoverConfig) -> list[dict]:
     device and what budget it needs, before Flower starts."""
     from .fleet import check_ranks, plan_devices
 
-    plans = plan_devices(meta_model(model_dir), cfg, cfg.clients)  # the ServerApp's planner, on the meta model
-    check_ranks(cfg.aggregation, {p.rank for p in plans})
+    model = meta_model(model_dir)
+    plans = plan_devices(model, cfg, cfg.clients)  # the ServerApp's planner, on the meta model
+    check_ranks(cfg.aggregation, {p.rank for p in plans if not p.refused})
+    if cfg.submodel_granularity == "sublayer":
+        check_sublayer_skip_on_random(model)
     return [p.to_dict() for p in plans]
+
+
+def check_sublayer_skip_on_random(meta) -> None:
+    """Whether this architecture lets attention and MLP blocks be skipped (the residual passes
+    through), probed on one decoder layer with random weights: no checkpoint weights are read."""
+    import copy
+
+    import torch
+
+    from llmprune.arch import adapter_for
+
+    from .client_model import check_sublayer_skip
+
+    layer = copy.deepcopy(adapter_for(meta).decoder_layers(meta)[0]).to_empty(device="cpu")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0.0, 0.05)
+    check_sublayer_skip(layer)
 
 
 def prepare_data(model_dir: str, data: list[str], cfg: RecoverConfig, path: Path) -> dict:
@@ -151,7 +173,10 @@ def check_resumable(state: Path, cfg: RecoverConfig, model_dir: str) -> None:
     model = meta_model(model_dir)
     plans = plan_devices(model, cfg, cfg.clients)[:cfg.clients]   # client i gets device i, as in the simulation
     shapes = module_shapes(model, cfg.target_modules)
-    trained = {m for p in plans for m in top_layer_modules(shapes, p.depth)}
+    if cfg.submodels:
+        trained = set(shapes)
+    else:
+        trained = {m for p in plans if not p.refused for m in top_layer_modules(shapes, p.depth)}
     expected = {f"{m}.{part}": np.empty((shapes[m][0], 1) if part == "B" else (1, shapes[m][1]), np.float32)
                 for m in trained for part in ("A", "B")}
     load_state(state, cfg, model=str(Path(model_dir).resolve()), expected=expected)

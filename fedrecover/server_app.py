@@ -102,15 +102,24 @@ def start_state(cfg: RecoverConfig, settings: RunSettings, init: dict[str, np.nd
     return state
 
 
+def build_policy(model, cfg: RecoverConfig, plan: FleetPlan, windows):
+    """Who trains what each round: the fleet plan as it is, or (--submodels) a per-round submodel cut."""
+    if cfg.submodels:
+        from .policy import build_submodel_policy
+
+        return build_submodel_policy(model, cfg, plan, windows)
+    return FleetPolicy(plan)
+
+
 def build_strategy(cfg: RecoverConfig, settings: RunSettings, plan: FleetPlan, found: dict[int, dict], model,
-                   evaluate_fn, grid: Grid, context: Context, *, simulation: bool = False) -> LoraStrategy:
+                   evaluate_fn, grid: Grid, context: Context, *, simulation: bool = False, policy=None) -> LoraStrategy:
     timeout = cfg.round_deadline(simulation)
     if cfg.secagg:
         max_weight = float(max(info["num-examples"] for info in found.values()) + 1)
         transport = SecAggTransport(grid, context, cfg.aggregation, max_weight, timeout)
     else:
         transport = PlainTransport(grid, timeout)
-    return LoraStrategy(cfg, FleetPolicy(plan), plan.partitions, module_shapes(model, cfg.target_modules), plan.init,
+    return LoraStrategy(cfg, policy or FleetPolicy(plan), plan.partitions, module_shapes(model, cfg.target_modules), plan.init,
                         plan.rank, transport=transport, evaluate=evaluate_fn,
                         checkpoint=lambda state: save_state(settings.state_path, state, cfg, model=settings.model))
 
@@ -175,14 +184,18 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
     model_bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
     evaluate_fn = lambda arrays: evaluate(model, arrays, cfg.scale, windows)  # noqa: E731
     state = start_state(cfg, settings, plan.init, evaluate_fn)
-    strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context, simulation=simulation)
+    policy = build_policy(model, cfg, plan, windows)
+    policy.load_state_dict(state.policy or {})
+    strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context, simulation=simulation,
+                              policy=policy)
     for server_round in tqdm(range(state.round + 1, cfg.rounds + 1), desc="rounds", unit="round",
                              initial=state.round, total=cfg.rounds):
         strategy.run_round(server_round, grid, state)
     check_some_round_applied(state.rounds, cfg.round_deadline(simulation), settings.state_path)
 
     metrics = {
-        "rounds": state.rounds, "devices": plan.devices,
+        "rounds": state.rounds, "devices": plan.devices, "refused": plan.refused,
+        "submodels": getattr(policy, "profile", None),
         "initial_eval_perplexity": state.initial_eval_perplexity,
         "final_eval_perplexity": state.rounds[-1]["eval_perplexity"] if state.rounds else state.initial_eval_perplexity,
         "model_bytes": model_bytes, "adapter_bytes": int(sum(a.nbytes for a in state.arrays.values())),

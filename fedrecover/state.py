@@ -22,7 +22,8 @@ from .config import RecoverConfig
 STATE_FILE = "state.json"
 # Settings a resumed run must share with the run it continues (rounds may grow).
 MUST_MATCH = ("clients", "partition", "aggregation", "fraction", "local_steps", "lora_rank", "lora_alpha", "lr",
-              "batch_size", "seq_len", "seed", "fleet", "target_modules", "dp_clip", "dp_noise", "max_windows")
+              "batch_size", "seq_len", "seed", "fleet", "target_modules", "dp_clip", "dp_noise", "max_windows",
+              "submodels", "submodel_granularity", "client_dtype", "client_embedding", "skip_unfit")
 
 
 @dataclass
@@ -31,6 +32,7 @@ class RoundState:
     arrays: dict[str, np.ndarray]
     rounds: list[dict]
     initial_eval_perplexity: float | None = None
+    policy: dict | None = None          # the assignment policy's state after `round` (resume continues it)
 
 
 def _identity(cfg: RecoverConfig, model: str) -> dict:
@@ -55,7 +57,7 @@ def save_state(folder: Path, state: RoundState, cfg: RecoverConfig, *, model: st
     folder.mkdir(parents=True, exist_ok=True)
     _write_atomic(folder / f"round-{state.round:03d}.safetensors", save(state.arrays))
     meta = {"round": state.round, "rounds": state.rounds, "initial_eval_perplexity": state.initial_eval_perplexity,
-            "settings": _identity(cfg, model)}
+            "policy": state.policy or {}, "settings": _identity(cfg, model)}
     _write_atomic(folder / STATE_FILE, json.dumps(meta, indent=2, default=str).encode())
 
 
@@ -75,7 +77,9 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: d
     if problem:
         raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({STATE_FILE} {problem})", fix)
     mine = _identity(cfg, model)
-    changed = [k for k, v in meta.get("settings", {}).items() if json.dumps(v) != json.dumps(mine.get(k))]
+    saved = meta.get("settings", {})
+    defaults = _identity(RecoverConfig(), model)   # a key saved by an older version had its default then
+    changed = [k for k in {**saved, **mine} if json.dumps(saved.get(k, defaults.get(k))) != json.dumps(mine.get(k))]
     if changed:
         raise LLMPruneError(f"cannot resume: settings differ from the saved run ({', '.join(changed)})",
                             "resume with the same settings (only --rounds may grow), or start a new --out")
@@ -83,7 +87,10 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: d
         raise LLMPruneError(f"the saved run already did {meta['round']} rounds, more than --rounds {cfg.rounds}",
                             "pass a larger --rounds")
     arrays = _load_round(folder, meta["round"], expected, fix)
-    return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"))
+    policy = meta.get("policy") or {}
+    if not isinstance(policy, dict):
+        raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({STATE_FILE} has a bad 'policy')", fix)
+    return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"), policy)
 
 
 def _bad_meta(meta) -> str | None:

@@ -80,7 +80,9 @@ class LoraStrategy(Strategy):
         self.transport, self.evaluate_fn, self.checkpoint_fn = transport, evaluate, checkpoint
         self.global_arrays: Arrays = dict(init)
         self._modules: dict[int, list[str]] = {}
+        self.num_layers = len({int(m.split(".", 1)[0]) for m in shapes})
         self.round_info: dict = {}
+        self.round_plans: dict[int, Assignment] = {}
         self.outer: Strategy = self
         if cfg.dp_clip is not None:
             sampled = max(1, round(cfg.fraction * len(partitions)))
@@ -110,13 +112,32 @@ class LoraStrategy(Strategy):
                "bytes_up_per_client_max": result.bytes_up_per_client,
                "client_seconds": [round(float(m["seconds"]), 2) for m in ok_metrics],
                "client_peak_rss_mb": [round(float(m["peak-rss-mb"]), 1) for m in ok_metrics],
+               "clients": [self.client_row(m) for m in sorted(ok_metrics, key=lambda m: int(m["partition-id"]))],
                "seconds": round(time.perf_counter() - t0, 2)}
+        self.policy.observe(server_round, result)   # before the checkpoint: its state is part of the round's
         state.rounds.append(row)
         state.round = server_round
+        state.policy = self.policy.state_dict() if hasattr(self.policy, "state_dict") else {}
         self.checkpoint_fn(state)
-        self.policy.observe(server_round, result)
         log.info("round %d: %d/%d clients, train loss %s, eval ppl %s, %.1f s", server_round, len(ok_metrics),
                  len(messages), result.train_loss, row["eval_perplexity"], row["seconds"])
+        return row
+
+    def client_row(self, metrics: dict) -> dict:
+        """One device's line of the round in metrics.json: what it trained, what it was expected to
+        need and what it measured, its time and its traffic."""
+        pid = int(metrics["partition-id"])
+        plan = self.round_plans.get(pid)
+        row = {"partition-id": pid, "device": plan.device if plan else None,
+               "memory_mb": plan.memory_mb if plan else None, "rank": plan.rank if plan else None,
+               "depth": plan.depth if plan else None, "units": plan.units if plan else None,
+               "submodel": plan.submodel.to_dict() if plan is not None and plan.submodel is not None else None,
+               "estimate_mb": plan.estimate_mb if plan else None,
+               "peak_rss_mb": round(float(metrics["peak-rss-mb"]), 1),
+               "model_rss_mb": round(float(metrics["model-rss-mb"]), 1) if "model-rss-mb" in metrics else None,
+               "train_loss": round(float(metrics["train-loss"]), 4), "seconds": round(float(metrics["seconds"]), 2),
+               "bytes_down": self.round_info.get("bytes_down_by_pid", {}).get(pid),
+               "bytes_up": int(metrics["bytes-up"]) if "bytes-up" in metrics else None}
         return row
 
     def sample(self, server_round: int) -> list[int]:
@@ -138,19 +159,29 @@ class LoraStrategy(Strategy):
         self.global_arrays = from_record(arrays)
         sampled = self.sample(server_round)
         plans: dict[int, Assignment] = self.policy.assign(server_round, sampled)
-        messages, down = [], 0
+        messages, down, down_by_pid = [], 0, {}
+        self.round_plans = {self.partitions[node]: plans[node] for node in sampled}
         for node in sampled:
             pid, plan = self.partitions[node], plans[node]
-            view = self.aggregation.client_view(self.global_arrays, self.modules_for(plan.depth), plan.rank, self.init)
+            modules = plan.submodel.modules(self.shapes) if plan.submodel is not None else self.modules_for(plan.depth)
+            view = self.aggregation.client_view(self.global_arrays, modules, plan.rank, self.init)
             record = to_record(view)
-            down += payload_bytes(record)
+            down_by_pid[pid] = payload_bytes(record)
+            down += down_by_pid[pid]
             node_config = ConfigRecord(dict(config))
+            if self.cfg.lean_clients:   # what the device loads: its submodel (or all layers), in the lean dtypes
+                from .submodels import Submodel
+
+                held = plan.submodel if plan.submodel is not None else Submodel.full(self.num_layers)
+                node_config["submodel"] = held.to_json()
+                node_config["client-dtype"] = self.cfg.client_dtype
+                node_config["client-embedding"] = self.cfg.client_embedding
             node_config["server-round"] = server_round
             node_config["local-steps"] = max(1, round(self.cfg.local_steps * plan.speed))
             node_config["seed"] = int(np.random.default_rng([self.cfg.seed, server_round, pid]).integers(2**31))
             messages.append(Message(RecordDict({"arrays": record, "config": node_config}), dst_node_id=node,
                                     message_type=MessageType.TRAIN))
-        self.round_info = {"sampled": len(messages), "bytes_down": down}
+        self.round_info = {"sampled": len(messages), "bytes_down": down, "bytes_down_by_pid": down_by_pid}
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -205,8 +236,8 @@ class PlainTransport(RoundTransport):
         if len(messages) > len(replies):
             log.warning("round %d: %d client(s) did not answer within %.0f s", server_round,
                         len(messages) - len(replies), self.timeout)
-        metrics = [dict(r.content["metrics"]) for r in ok]
         sizes = [payload_bytes(r.content["arrays"]) for r in ok]
+        metrics = [{**dict(r.content["metrics"]), "bytes-up": size} for r, size in zip(ok, sizes)]
         arrays, loss = None, None
         if len(ok) >= needed:
             # Flower's DP wrapper checks the replies itself (and refuses a round with failures).
@@ -247,4 +278,5 @@ class SecAggTransport(RoundTransport):
             w = [float(m["num-examples"]) for m in metrics]
             loss = float(np.average([float(m["train-loss"]) for m in metrics], weights=w))
         per_client = up // max(len(metrics), 1)
+        metrics = [{**m, "bytes-up": per_client} for m in metrics]
         return RoundResult(new, new is not None, loss if new is not None else None, metrics, up, per_client)

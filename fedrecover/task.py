@@ -49,10 +49,11 @@ def batch_order(num_windows: int, steps: int, batch_size: int, seed: int) -> lis
 
 
 def train_lora(model, arrays: dict[str, np.ndarray], windows: torch.Tensor, *, scale: float, steps: int,
-               batch_size: int, lr: float, seed: int, dropout: float = 0.0, max_grad_norm: float = 1.0
-               ) -> tuple[dict[str, np.ndarray], float]:
+               batch_size: int, lr: float, seed: int, dropout: float = 0.0, max_grad_norm: float = 1.0,
+               loss_fn=chunked_lm_loss) -> tuple[dict[str, np.ndarray], float]:
     """`steps` AdamW steps of peft LoRA (started from `arrays`) on `windows`; returns the trained
-    adapter and the mean training loss. The base model is left as it was."""
+    adapter and the mean training loss. The base model is left as it was. `loss_fn(model, ids)`:
+    the training loss (lean clients slice the vocabulary instead of the positions)."""
     torch.manual_seed(seed)
     peft_model = attach_lora(model, arrays, scale, dropout)
     peft_model.train()
@@ -61,7 +62,7 @@ def train_lora(model, arrays: dict[str, np.ndarray], windows: torch.Tensor, *, s
     losses = []
     try:
         for idx in batch_order(windows.shape[0], steps, batch_size, seed):
-            loss = chunked_lm_loss(peft_model.get_base_model(), windows[torch.from_numpy(idx)])
+            loss = loss_fn(peft_model.get_base_model(), windows[torch.from_numpy(idx)])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()

@@ -105,6 +105,20 @@ def test_impossible_fleet_budget(capfd, checkpoint, data_file, tmp_path):
     assert nothing_written(out)
 
 
+def test_a_budget_no_submodel_fits_and_submodels_without_a_fleet(capfd, checkpoint, data_file, tmp_path):
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[device]]\nname = "phone"\nmemory_mb = 8000\n\n[[device]]\nname = "old-watch"\nmemory_mb = 12\n')
+    out = tmp_path / "out"
+    code, stdout, err = run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
+                                 "--fleet", fleet, "--aggregation", "hetlora", "--submodels")
+    assert_one_line_error(code, stdout, err, "device 'old-watch' has 12 MB but the smallest submodel (1 layer, rank 1)",
+                          "raise its memory_mb to at least")
+    assert nothing_written(out)
+    assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
+                                    "--submodels"), "--submodels needs --fleet", "pass a fleet file")
+    assert nothing_written(out)
+
+
 @pytest.mark.parametrize("partition", ["dirichlet:abc", "dirichlet:0", "shards", "iid:3"])
 def test_bad_partition(capfd, checkpoint, data_file, tmp_path, partition):
     out = tmp_path / "out"

@@ -84,6 +84,13 @@ def test_metrics_json_has_what_the_issue_lists(basic_run):
         assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0
         assert math.isfinite(row["eval_perplexity"]) and row["eval_perplexity"] > 1
         assert row["seconds"] > 0 and len(row["client_seconds"]) == 2
+        # per device: what it trained, its measured peak and the part of it the model added
+        assert len(row["clients"]) == 2 and [c["partition-id"] for c in row["clients"]] == \
+            sorted(c["partition-id"] for c in row["clients"])
+        for c in row["clients"]:
+            assert c["rank"] == 4 and c["depth"] == 3 and c["submodel"] is None and c["bytes_up"] > 0
+            assert 0 < c["model_rss_mb"] < c["peak_rss_mb"] and c["estimate_mb"] > 0
+    assert metrics["refused"] == [] and metrics["submodels"] is None
     assert [d["partition-id"] for d in metrics["devices"]] == [0, 1, 2]
     for d in metrics["devices"]:
         assert {"device", "rank", "depth", "estimate_mb", "lora_params", "examples", "modules"} <= set(d)
