@@ -11,8 +11,10 @@ from .fleet import Assignment, Device, assign_devices, load_fleet, training_memo
 from .lora import attach_lora, detach_lora, get_lora_arrays, lora_applied, merge_lora, module_shapes, set_lora_arrays
 from .partition import ClientData, build_client_data, partition_indices
 from .pipeline import METRICS_FILE, RecoverResult, recover, state_dir_for
-from .policy import AssignmentPolicy, FleetPlan, FleetPolicy, plan_fleet
+from .policy import AssignmentPolicy, FleetPlan, FleetPolicy, SubmodelPolicy, plan_fleet
+from .submodels import Submodel
 from .task import chunked_lm_loss, train_lora
+from .client_model import chunked_vocab_loss, load_submodel
 
 __all__ = [
     "AGGREGATIONS", "METRICS_FILE", "TARGET_MODULES", "Aggregation", "Assignment", "AssignmentPolicy", "ClientData",
@@ -21,5 +23,6 @@ __all__ = [
     "register",
     "chunked_lm_loss", "client_view", "detach_lora", "fedavg", "flexlora", "get_lora_arrays", "hetlora",
     "load_fleet", "lora_applied", "lowrank_svd", "merge_lora", "module_shapes", "pad_rank", "partition_indices",
-    "recover", "set_lora_arrays", "state_dir_for", "train_lora", "training_memory_mb",
+    "recover", "set_lora_arrays", "state_dir_for", "train_lora", "training_memory_mb", "Submodel", "SubmodelPolicy",
+    "load_submodel", "chunked_vocab_loss",
 ]

@@ -185,7 +185,8 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
     evaluate_fn = lambda arrays: evaluate(model, arrays, cfg.scale, windows)  # noqa: E731
     state = start_state(cfg, settings, plan.init, evaluate_fn)
     policy = build_policy(model, cfg, plan, windows)
-    policy.load_state_dict(state.policy or {})
+    if hasattr(policy, "load_state_dict"):   # a policy with state continues where the saved run left it
+        policy.load_state_dict(state.policy or {})
     strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context, simulation=simulation,
                               policy=policy)
     for server_round in tqdm(range(state.round + 1, cfg.rounds + 1), desc="rounds", unit="round",
