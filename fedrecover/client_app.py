@@ -58,6 +58,13 @@ def rss_before_model() -> float:
     return _RSS_BEFORE_MODEL[0] if _RSS_BEFORE_MODEL else 0.0
 
 
+def train_options(round_config, dropout: float) -> dict:
+    """train_lora's keyword arguments from a round's config (both client kinds share them)."""
+    return {"scale": float(round_config["scale"]), "steps": int(round_config["local-steps"]),
+            "batch_size": int(round_config["batch-size"]), "lr": float(round_config["lr"]),
+            "seed": int(round_config["seed"]), "dropout": dropout}
+
+
 def lean_training(path: str, arrays: dict, windows: torch.Tensor, round_config, dropout: float) -> tuple[dict, float, dict]:
     """A lean client's round: load only the submodel the server cut for this round (held layers
     and blocks, base weights in client-dtype, the vocabulary table as asked), train LoRA on it
@@ -71,18 +78,15 @@ def lean_training(path: str, arrays: dict, windows: torch.Tensor, round_config, 
 
     submodel = Submodel.from_json(str(round_config["submodel"]))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[str(round_config["client-dtype"])]
-    batch_size = int(round_config["batch-size"])
+    options = train_options(round_config, dropout)
     gc.collect()
     trim_heap()             # what the last round freed goes back to the OS before the baseline is read
     before = current_rss_mb()
     reset_peak_rss()
     model = load_submodel(path, submodel, dtype=dtype, embedding=str(round_config["client-embedding"]))
-    chunk = vocab_chunk(batch_size * (windows.shape[1] - 1), model.config.hidden_size)
-    trained, loss = train_lora(
-        model, submodel.to_local(arrays), windows, scale=float(round_config["scale"]),
-        steps=int(round_config["local-steps"]), batch_size=batch_size, lr=float(round_config["lr"]),
-        seed=int(round_config["seed"]), dropout=dropout,
-        loss_fn=lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk))
+    chunk = vocab_chunk(options["batch_size"] * (windows.shape[1] - 1), model.config.hidden_size)
+    trained, loss = train_lora(model, submodel.to_local(arrays), windows, **options,
+                               loss_fn=lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk))
     peak = window_peak_rss_mb()
     free_model(model)
     del model
@@ -183,10 +187,7 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         else:
             model = _model(model_path(settings, context))
             reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
-            trained, loss = train_lora(
-                model, arrays, windows, scale=float(round_config["scale"]), steps=int(round_config["local-steps"]),
-                batch_size=int(round_config["batch-size"]), lr=float(round_config["lr"]),
-                seed=int(round_config["seed"]), dropout=cfg.lora_dropout)
+            trained, loss = train_lora(model, arrays, windows, **train_options(round_config, cfg.lora_dropout))
             peak = window_peak_rss_mb()
             memory = {"peak-rss-mb": peak, "model-rss-mb": peak - rss_before_model()}
         metrics = {"num-examples": int(windows.shape[0]) if not round_config.get("uniform-weights") else 1,

@@ -127,12 +127,9 @@ class LoraStrategy(Strategy):
         """One device's line of the round in metrics.json: what it trained, what it was expected to
         need and what it measured, its time and its traffic."""
         pid = int(metrics["partition-id"])
-        plan = self.round_plans.get(pid)
-        row = {"partition-id": pid, "device": plan.device if plan else None,
-               "memory_mb": plan.memory_mb if plan else None, "rank": plan.rank if plan else None,
-               "depth": plan.depth if plan else None, "units": plan.units if plan else None,
-               "submodel": plan.submodel.to_dict() if plan is not None and plan.submodel is not None else None,
-               "estimate_mb": plan.estimate_mb if plan else None,
+        plan = self.round_plans[pid].to_dict() if pid in self.round_plans else {}
+        row = {"partition-id": pid, **{k: plan.get(k) for k in ("device", "memory_mb", "rank", "depth", "units",
+                                                                 "submodel", "estimate_mb")},
                "peak_rss_mb": round(float(metrics["peak-rss-mb"]), 1),
                "model_rss_mb": round(float(metrics["model-rss-mb"]), 1) if "model-rss-mb" in metrics else None,
                "train_loss": round(float(metrics["train-loss"]), 4), "seconds": round(float(metrics["seconds"]), 2),
