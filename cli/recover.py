@@ -56,7 +56,22 @@ def run(args) -> int:
         over = sorted({c["device"] for c in peaks if c["peak_rss_mb"] > c["memory_mb"]})
         sys.stdout.write(f"device peaks: {min(c['peak_rss_mb'] for c in peaks):.0f}-{max(c['peak_rss_mb'] for c in peaks):.0f}"
                          f" MB measured; {'over budget: ' + ', '.join(over) if over else 'every device within its budget'}\n")
+    _write_adaptive_summary(metrics)
     return 0
+
+
+def _write_adaptive_summary(metrics: dict) -> None:
+    """Failed device rounds (the bandit learns from them) and prune-tune's steps, when there were any."""
+    import collections
+    import sys
+
+    failed = collections.Counter(f["failed"] for r in metrics["rounds"] for f in r.get("failures", []))
+    if failed:
+        sys.stdout.write(f"failed device rounds: {', '.join(f'{n} {why}' for why, n in sorted(failed.items()))}\n")
+    steps = (metrics.get("prune_tune") or {}).get("steps") or []
+    if steps:
+        sys.stdout.write(f"prune-tune: {len(steps)} step(s), decoder ratio {metrics['prune_tune']['start_ratio']:.4f} -> "
+                         f"{steps[-1]['ratio_achieved']:.4f} (target {steps[-1]['ratio_target']:.4f})\n")
 
 
 def _one_interrupt():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llmprune.arch import adapter_for, base_model
+from llmprune.arch import adapter_for, base_model, install_layers  # noqa: F401 - install_layers: compress's name too
 
 
 def _sub_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -82,18 +82,3 @@ def prune_query_heads(layer: nn.Module, keep_heads: torch.Tensor, o_weight: torc
 def head_columns(head_indices: torch.Tensor, head_dim: int) -> torch.Tensor:
     """o_proj input columns of the given heads."""
     return (head_indices[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)
-
-
-def install_layers(model: nn.Module, new_layers: list[nn.Module], kept: list[int]) -> None:
-    """Replace the decoder stack by `new_layers` (the layers of current indices `kept`), updating
-    num_hidden_layers, layer_types and every layer_idx."""
-    adapter = adapter_for(model)
-    config = model.config
-    types = adapter.layer_types(config)
-    base_model(model).layers = nn.ModuleList(new_layers)
-    config.num_hidden_layers = len(new_layers)
-    if types:
-        config.layer_types = [types[i] for i in kept]
-    for new_idx, layer in enumerate(new_layers):
-        layer.layer_idx = new_idx
-        adapter.attention(layer).layer_idx = new_idx

@@ -15,6 +15,10 @@ from .policy import AssignmentPolicy, FleetPlan, FleetPolicy, SubmodelPolicy, pl
 from .submodels import Submodel
 from .task import chunked_lm_loss, train_lora
 from .client_model import chunked_vocab_loss, load_submodel
+from .adaptive import BanditPolicy, StagePolicy
+from .bandit import Arm, DeviceBandit, arm_grid, round_rewards
+from .devft import Stage, expand_lora, fuse_model, load_stage_model
+from .prune_tune import PruneStep, prune_step
 
 __all__ = [
     "AGGREGATIONS", "METRICS_FILE", "TARGET_MODULES", "Aggregation", "Assignment", "AssignmentPolicy", "ClientData",
@@ -24,5 +28,6 @@ __all__ = [
     "chunked_lm_loss", "client_view", "detach_lora", "fedavg", "flexlora", "get_lora_arrays", "hetlora",
     "load_fleet", "lora_applied", "lowrank_svd", "merge_lora", "module_shapes", "pad_rank", "partition_indices",
     "recover", "set_lora_arrays", "state_dir_for", "train_lora", "training_memory_mb", "Submodel", "SubmodelPolicy",
-    "load_submodel", "chunked_vocab_loss",
+    "load_submodel", "chunked_vocab_loss", "Arm", "BanditPolicy", "DeviceBandit", "PruneStep", "Stage", "StagePolicy",
+    "arm_grid", "expand_lora", "fuse_model", "load_stage_model", "prune_step", "round_rewards",
 ]

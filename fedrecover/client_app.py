@@ -65,7 +65,44 @@ def train_options(round_config, dropout: float) -> dict:
             "seed": int(round_config["seed"]), "dropout": dropout}
 
 
-def lean_training(path: str, arrays: dict, windows: torch.Tensor, round_config, dropout: float) -> tuple[dict, float, dict]:
+# What an emulated device's process needs besides the model (Python, torch, transformers, peft,
+# flwr): a fresh ray worker's RSS before its first load, measured 395 MB (bench/submodels.py).
+EMULATED_RUNTIME_MB = 400.0
+
+
+class DeviceEmulation:
+    """Simulation only (--emulate-speed): what makes a simulated client behave like its fleet
+    entry's device. A device of speed s < 1 sleeps (1/s - 1) x each step's time, as a slower
+    processor would take; a device with oom_mb (its true memory, never told to the server) fails
+    with MemoryError once its model's measured memory plus the runtime's passes it, as the OS
+    would kill it (the worker's own history is left out: a device runs one client)."""
+
+    def __init__(self, speed: float = 1.0, oom_mb: float | None = None, baseline_mb: float = 0.0) -> None:
+        self.speed, self.oom_mb, self.baseline_mb = speed, oom_mb, baseline_mb
+
+    @classmethod
+    def of(cls, cfg: RecoverConfig, pid: int, device: str | None, simulation: bool) -> DeviceEmulation:
+        """This client's device as its fleet entry describes it; a real device (not a simulation)
+        is what it is: nothing is emulated."""
+        if not (cfg.emulate_speed and cfg.fleet and simulation):
+            return cls()
+        from .fleet import load_fleet
+
+        devices = load_fleet(cfg.fleet)
+        dev = next((d for d in devices if d.name == device), None) or devices[pid % len(devices)]
+        return cls(dev.speed, dev.oom_mb)
+
+    def after_step(self, step: int, seconds: float) -> None:
+        used = window_peak_rss_mb() - self.baseline_mb + EMULATED_RUNTIME_MB
+        if self.oom_mb is not None and used > self.oom_mb:
+            raise MemoryError(f"out of memory: training needed {used:.0f} MB at step {step + 1}, "
+                              f"the device has {self.oom_mb:.0f} MB")
+        if self.speed < 1.0:
+            time.sleep(seconds * (1.0 / self.speed - 1.0))
+
+
+def lean_training(path: str, arrays: dict, windows: torch.Tensor, round_config, dropout: float,
+                  emulation: DeviceEmulation | None = None) -> tuple[dict, float, dict]:
     """A lean client's round: load only the submodel the server cut for this round (held layers
     and blocks, base weights in client-dtype, the vocabulary table as asked), train LoRA on it
     with the vocabulary-sliced loss, free it. The peak counts the load; the model-dependent part
@@ -83,14 +120,26 @@ def lean_training(path: str, arrays: dict, windows: torch.Tensor, round_config, 
     trim_heap()             # what the last round freed goes back to the OS before the baseline is read
     before = current_rss_mb()
     reset_peak_rss()
-    model = load_submodel(path, submodel, dtype=dtype, embedding=str(round_config["client-embedding"]))
+    embedding = str(round_config["client-embedding"])
+    if "stage" in round_config:   # DevFT: the stage's fused layers, one per group
+        from .devft import Stage, load_stage_model
+
+        model = load_stage_model(path, Stage.from_json(str(round_config["stage"])), dtype=dtype, embedding=embedding)
+    else:
+        model = load_submodel(path, submodel, dtype=dtype, embedding=embedding)
     chunk = vocab_chunk(options["batch_size"] * (windows.shape[1] - 1), model.config.hidden_size)
-    trained, loss = train_lora(model, submodel.to_local(arrays), windows, **options,
-                               loss_fn=lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk))
-    peak = window_peak_rss_mb()
-    free_model(model)
-    del model
-    return submodel.to_global(trained), loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before}
+    emulation = emulation or DeviceEmulation()
+    emulation.baseline_mb = before
+    gain: dict = {}
+    try:
+        trained, loss = train_lora(model, submodel.to_local(arrays), windows, **options, on_step=emulation.after_step,
+                                   gain=gain, loss_fn=lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk))
+    finally:
+        peak = window_peak_rss_mb()
+        free_model(model)
+        del model
+    return submodel.to_global(trained), loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before,
+                                               "loss-first": gain["loss_first"], "loss-last": gain["loss_last"]}
 
 
 @lru_cache(maxsize=4)
@@ -121,7 +170,15 @@ def client_windows(cfg: RecoverConfig, settings: RunSettings, context: Context) 
     return data.client_windows(pid), pid
 
 
-def model_path(settings: RunSettings, context: Context) -> str:
+def model_path(settings: RunSettings, context: Context, round_config=None) -> str:
+    """The checkpoint this client trains on: the round's (prune-tune re-prunes the global model
+    between rounds; simulation only: on a fleet a server never names files on a device), else
+    node config model-path, else the run config's model."""
+    if round_config is not None and "model-path" in round_config:
+        if not settings.data_cache:
+            raise LLMPruneError("the server sent a model path, which only a simulation may do",
+                                "run prune-tune (--target-ratio) with llmprune recover")
+        return str(round_config["model-path"])
     return str(context.node_config.get("model-path") or settings.model)
 
 
@@ -181,15 +238,20 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         windows, pid = client_windows(cfg, settings, context)
         _inject_faults(cfg.inject_faults, pid, int(round_config["server-round"]))
         start = time.perf_counter()
+        emulation = DeviceEmulation.of(cfg, pid, context.node_config.get("device"), simulation=bool(settings.data_cache))
+        path = model_path(settings, context, round_config)
         if "submodel" in round_config:
-            trained, loss, memory = lean_training(model_path(settings, context), arrays, windows, round_config,
-                                                  cfg.lora_dropout)
+            trained, loss, memory = lean_training(path, arrays, windows, round_config, cfg.lora_dropout, emulation)
         else:
-            model = _model(model_path(settings, context))
+            model = _model(path)
             reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
-            trained, loss = train_lora(model, arrays, windows, **train_options(round_config, cfg.lora_dropout))
+            emulation.baseline_mb = rss_before_model()
+            gain: dict = {}
+            trained, loss = train_lora(model, arrays, windows, **train_options(round_config, cfg.lora_dropout),
+                                       on_step=emulation.after_step, gain=gain)
             peak = window_peak_rss_mb()
-            memory = {"peak-rss-mb": peak, "model-rss-mb": peak - rss_before_model()}
+            memory = {"peak-rss-mb": peak, "model-rss-mb": peak - rss_before_model(),
+                      "loss-first": gain["loss_first"], "loss-last": gain["loss_last"]}
         metrics = {"num-examples": int(windows.shape[0]) if not round_config.get("uniform-weights") else 1,
                    "train-loss": loss, "partition-id": pid, "seconds": time.perf_counter() - start, **memory}
         return trained, metrics

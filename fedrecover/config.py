@@ -62,6 +62,28 @@ class RecoverConfig:
                                    help="the vocabulary table on the devices: as the layers, or int8 rows with a scale each")
     skip_unfit: bool = option(False, help="leave out devices that nothing fits (listed in metrics.json 'refused') "
                                           "instead of stopping")
+    policy: str = option("plan", choices=("plan", "bandit"),
+                         help="who trains what each round: the fleet plan, or a per-device UCB bandit over "
+                              "(submodel size, LoRA rank) arms learning from each round's loss gain per second (FedSpine)")
+    arm_sizes: str = option("0.25,0.5,0.75,1", help="bandit arms: submodel sizes as shares of the model's units")
+    arm_ranks: str = option("", default_text="lora-rank/4, lora-rank/2, lora-rank",
+                            help="bandit arms: LoRA ranks (each at most --lora-rank)")
+    bandit_exploration: float = option(0.5, parse=non_negative_float,
+                                       help="bandit: weight of the UCB exploration bonus")
+    straggler_weight: float = option(0.5, parse=non_negative_float,
+                                     help="bandit: reward penalty per unit of round time beyond the round's median")
+    target_ratio: float | None = option(None, parse=positive_float, default_text="no further pruning",
+                                        help="prune-tune: the decoder ratio (of the dense model) the run ends at")
+    prune_every: int | None = option(None, parse=positive_int, default_text="once, before the first round",
+                                     help="prune-tune: rounds between pruning steps toward --target-ratio")
+    prune_data: str | None = option(None, default_text="--eval-data",
+                                    help="prune-tune: the server's calibration text for each pruning step")
+    schedule: str = option("", default_text="none: every round trains the whole model",
+                           help="staged growth (DevFT): devft:S1,S2,... representative layers per stage, e.g. devft:4,8,all")
+    devft_beta: float = option(0.2, parse=non_negative_float,
+                               help="DevFT: damping of the members' differences in a fused layer")
+    emulate_speed: bool = option(False, help="simulation: a device with speed s < 1 sleeps (1/s - 1) x each step's time, "
+                                             "and one with oom_mb fails past it (its true, undeclared limit)")
     round_timeout: float | None = option(None, parse=positive_float,
                                          default_text=f"none in simulation (every sampled client is waited for); "
                                                       f"{FLEET_ROUND_TIMEOUT:.0f} on a fleet",
@@ -140,12 +162,58 @@ class RecoverConfig:
         for name, allowed in (("client_dtype", ("float32", "bfloat16")), ("client_embedding", ("same", "int8"))):
             if getattr(self, name) not in allowed:
                 raise bad(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'", f"use {' or '.join(allowed)}")
+        self._validate_adaptive()
+
+    def _validate_adaptive(self) -> None:
+        """--policy bandit, prune-tune and --schedule: what each needs and what they cannot share."""
+        bad = LLMPruneError
+        if self.policy not in ("plan", "bandit"):
+            raise bad(f"unknown --policy '{self.policy}'", "use plan or bandit")
+        if self.policy == "bandit":
+            if not self.submodels:
+                raise bad("--policy bandit needs --submodels (its arms are submodel sizes)", "add --submodels --fleet FILE")
+            from .bandit import arm_grid
+
+            arm_grid(self.bandit_sizes, self.bandit_ranks)
+            if len(self.bandit_ranks) > 1 and not get_aggregation(self.aggregation).mixed_ranks:
+                raise bad(f"--policy bandit with ranks {self.bandit_ranks} needs an aggregation of mixed ranks",
+                          "pass --aggregation hetlora (or flexlora), or a single --arm-ranks")
+            if max(self.bandit_ranks) > self.lora_rank:
+                raise bad(f"--arm-ranks {self.arm_ranks} has a rank above --lora-rank {self.lora_rank}",
+                          f"use ranks of at most {self.lora_rank}, or raise --lora-rank")
+        if self.prune_every is not None and self.target_ratio is None:
+            raise bad("--prune-every needs --target-ratio", "pass --target-ratio R (e.g. 0.2)")
+        if self.target_ratio is not None and not 0.0 < self.target_ratio < 1.0:
+            raise bad(f"--target-ratio must be in (0, 1) (got {self.target_ratio})", "pass e.g. --target-ratio 0.2")
+        if self.target_ratio is not None and (self.submodels or self.schedule or self.secagg):
+            raise bad("--target-ratio (prune-tune) cannot be combined with --submodels, --schedule or --secagg",
+                      "run prune-tune with the fleet plan, then recover the result with those")
+        if self.schedule:
+            from .devft import check_schedule_text
+
+            check_schedule_text(self.schedule)
+            if self.submodels:
+                raise bad("--schedule and --submodels cannot be combined", "choose staged growth or submodels")
+
+    @property
+    def bandit_sizes(self) -> list[float]:
+        from .bandit import parse_numbers
+
+        return parse_numbers(self.arm_sizes, float, "--arm-sizes")
+
+    @property
+    def bandit_ranks(self) -> list[int]:
+        from .bandit import parse_numbers
+
+        if not self.arm_ranks.strip():
+            return sorted({max(1, self.lora_rank // 4), max(1, self.lora_rank // 2), self.lora_rank})
+        return parse_numbers(self.arm_ranks, int, "--arm-ranks")
 
     @property
     def lean_clients(self) -> bool:
         """Devices load their weights with the lean loader (client_model.py): only what they
         hold, in client_dtype, the vocabulary table as asked, the loss a vocabulary slice at a time."""
-        return self.submodels or self.client_dtype != "float32" or self.client_embedding != "same"
+        return self.submodels or bool(self.schedule) or self.client_dtype != "float32" or self.client_embedding != "same"
 
     def _validate_partition(self) -> None:
         kind, alpha = self.partition_kind()

@@ -5,9 +5,12 @@ Fleet file (TOML or JSON):
 
     [[device]]                    # or JSON {"devices": [{...}, ...]}
     name = "pixel-6"
-    memory_mb = 3000              # what training may use on the device
+    memory_mb = 3000              # what training may use on the device (optional with --policy bandit:
+                                  #   an undeclared device starts from the smallest arm)
     speed = 1.0                   # optional: relative speed, scales local steps
     count = 2                     # optional: that many identical devices
+    oom_mb = 900                  # simulation only (--emulate-speed): the device's true limit, which
+                                  #   the server is never told; the client fails past it
 
 Clients take the devices in order (client i gets device i, cycling when there are fewer)."""
 
@@ -16,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
@@ -28,16 +31,17 @@ from .lora import module_shapes, top_layer_modules
 RUNTIME_OVERHEAD_MB = 500.0      # Python, torch, transformers, peft, flwr: ~430 MB measured, plus slack
 LOSS_CHUNK = 64                  # positions whose full-vocabulary logits exist at once
 ADAM_BYTES_PER_PARAM = 16        # fp32 weight + grad + two Adam moments
-DEVICE_KEYS = ("name", "memory_mb", "speed", "count", "rank", "depth")
+DEVICE_KEYS = ("name", "memory_mb", "speed", "count", "rank", "depth", "oom_mb")
 
 
 @dataclass
 class Device:
     name: str
-    memory_mb: float
+    memory_mb: float | None      # None: not declared (only the bandit can plan for it)
     speed: float = 1.0
     rank: int | None = None      # optional fixed choices instead of the estimate's
     depth: int | None = None
+    oom_mb: float | None = None  # simulation: the true limit past which the client fails (never planned with)
 
 
 @dataclass
@@ -54,10 +58,13 @@ class Assignment:
     units: int | None = None          # submodels: how many units (layers or blocks) the device holds
     submodel: object | None = None    # this round's Submodel (the policy draws it)
     refused: str = ""                 # why the device is left out (--skip-unfit), else ""
+    stage: object | None = None       # DevFT: this round's Stage (fused groups), else None
 
     def to_dict(self) -> dict:
-        out = asdict(self)
+        out = asdict(replace(self, submodel=None, stage=None))
         out["submodel"] = self.submodel.to_dict() if self.submodel is not None else None
+        if self.stage is not None:
+            out["stage"] = len(self.stage.anchors)
         return out
 
 
@@ -77,8 +84,8 @@ def load_fleet(path: str | Path) -> list[Device]:
         raise LLMPruneError(f"fleet file '{path}' lists no devices", "add [[device]] entries with name and memory_mb")
     devices = []
     for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "memory_mb" not in row:
-            raise LLMPruneError(f"fleet file '{path}': device {i + 1} has no memory_mb", "give every device a memory_mb")
+        if not isinstance(row, dict):
+            raise LLMPruneError(f"fleet file '{path}': device {i + 1} is not a table", "see docs/recover.md for the format")
         name = str(row.get("name", f"device-{i + 1}"))
         unknown = [k for k in row if k not in DEVICE_KEYS]
         if unknown:
@@ -97,15 +104,18 @@ def load_fleet(path: str | Path) -> list[Device]:
             raise LLMPruneError(f"fleet file '{path}': device '{name}' has count = {count!r}",
                                 "give count as a whole number of at least 1")
         try:
-            memory, speed, count = float(row["memory_mb"]), float(row.get("speed", 1.0)), int(count)
+            memory = float(row["memory_mb"]) if "memory_mb" in row else None
+            oom = float(row["oom_mb"]) if "oom_mb" in row else None
+            speed, count = float(row.get("speed", 1.0)), int(count)
         except (TypeError, ValueError):
-            raise LLMPruneError(f"fleet file '{path}': device '{name}' has a non-numeric memory_mb, speed or count",
+            raise LLMPruneError(f"fleet file '{path}': device '{name}' has a non-numeric memory_mb, oom_mb, speed or count",
                                 "use numbers") from None
-        if memory <= 0 or speed <= 0 or count < 1:
+        if (memory is not None and memory <= 0) or (oom is not None and oom <= 0) or speed <= 0 or count < 1:
             raise LLMPruneError(f"fleet file '{path}': device '{name}' needs memory_mb > 0, speed > 0, count >= 1",
                                 "fix the device entry")
         for k in range(count):
-            devices.append(Device(name if count == 1 else f"{name}-{k + 1}", memory, speed, fixed["rank"], fixed["depth"]))
+            devices.append(Device(name if count == 1 else f"{name}-{k + 1}", memory, speed, fixed["rank"], fixed["depth"],
+                                  oom))
     return devices
 
 
@@ -189,7 +199,7 @@ def _assign_rank_depth(devices: list[Device], max_rank: int, num_layers: int, es
         for rank in ranks:
             for depth in depths:
                 mb, params = estimate(rank, depth)
-                if mb <= dev.memory_mb and (best is None or (params, depth) > (best[3], best[1])):
+                if _fits(mb, dev.memory_mb) and (best is None or (params, depth) > (best[3], best[1])):
                     best = (rank, depth, mb, params)
         if best is None:
             need = math.ceil(min(estimate(r, d)[0] for r in ranks for d in depths))  # rounded up: that budget fits
@@ -216,7 +226,12 @@ def plan_devices(model: nn.Module, cfg, count: int) -> list[Assignment]:
     if cfg.fleet:
         devices = load_fleet(cfg.fleet)
         if cfg.submodels:
-            plans = assign_submodels(unit_costs(model, cfg), devices, cfg.lora_rank, cfg.skip_unfit)
+            costs = unit_costs(model, cfg)
+            left_out = check_bandit_arms(costs, devices, cfg) if cfg.policy == "bandit" else []
+            fits = iter(assign_submodels(costs, [d for d in devices if d.name not in left_out], cfg.lora_rank,
+                                         cfg.skip_unfit))
+            plans = [Assignment(d.name, d.memory_mb, d.speed, 0, 0, 0.0, 0, refused="no bandit arm fits its memory_mb")
+                     if d.name in left_out else next(fits) for d in devices]
         elif cfg.lean_clients:
             plans = assign_lean_devices(unit_costs(model, cfg), devices, cfg.lora_rank, cfg.skip_unfit)
         else:
@@ -331,7 +346,7 @@ def assign_submodels(costs: UnitCosts, devices: list[Device], max_rank: int, ski
         for count in range(n_units, 0, -1):
             for rank in ranks:
                 mb, params = submodel_memory_mb(costs, count, rank)
-                if mb * factor <= dev.memory_mb:
+                if _fits(mb * factor, dev.memory_mb):
                     best = (count, rank, mb, params)
                     break
             if best:
@@ -344,6 +359,12 @@ def assign_submodels(costs: UnitCosts, devices: list[Device], max_rank: int, ski
         count, rank, mb, params = best
         out.append(Assignment(dev.name, dev.memory_mb, dev.speed, rank, n_units, round(mb * factor, 1), params, units=count))
     return out
+
+
+def _fits(mb: float, budget: float | None) -> bool:
+    """An estimate within a declared budget; a device that declares none is planned as if
+    everything fits (only the bandit policy learns its limit instead)."""
+    return budget is None or mb <= budget
 
 
 def _unfit(dev: Device, need: int, what: str, skip_unfit: bool) -> Assignment:
@@ -365,3 +386,37 @@ def assign_lean_devices(costs: UnitCosts, devices: list[Device], max_rank: int, 
         return lean_memory_mb(costs, every_unit, lora_units, rank)
 
     return _assign_rank_depth(devices, max_rank, n_layers, estimate, skip_unfit)
+
+
+# -- the bandit's arms (adaptive.py): which a device's declared memory admits --------------------------
+def arm_units(arms: list, n_units: int) -> list[int]:
+    """Units a device holds under each arm: its share of the model's units, to the nearest, at least one."""
+    return [min(n_units, max(1, math.floor(arm.size * n_units + 0.5))) for arm in arms]
+
+
+def admitted_arms(costs: UnitCosts, device: Device, arms: list, units: list[int]) -> list[int]:
+    """The arms whose bound (the costliest units of that count, at that rank) fits the device's
+    declared memory; every arm when it declares none (the bandit then grows from the smallest)."""
+    if device.memory_mb is None:
+        return list(range(len(arms)))
+    return [i for i, arm in enumerate(arms) if submodel_memory_mb(costs, units[i], arm.rank)[0] <= device.memory_mb]
+
+
+def check_bandit_arms(costs: UnitCosts, devices: list[Device], cfg) -> list[str]:
+    """One line per device no arm fits (an error unless --skip-unfit, which leaves them out);
+    returns the names of the devices left out."""
+    from .bandit import arm_grid
+
+    arms = arm_grid(cfg.bandit_sizes, cfg.bandit_ranks)
+    units = arm_units(arms, len(costs.weights))
+    left_out = []
+    for dev in devices:
+        if admitted_arms(costs, dev, arms, units):
+            continue
+        need = math.ceil(submodel_memory_mb(costs, units[0], arms[0].rank)[0])
+        reason = (f"no bandit arm fits device '{dev.name}' ({dev.memory_mb:.0f} MB): the smallest, "
+                  f"{arms[0].label()}, needs about {need} MB")
+        if not cfg.skip_unfit:
+            raise LLMPruneError(reason, f"add a smaller --arm-sizes, raise its memory_mb to {need}, or pass --skip-unfit")
+        left_out.append(dev.name)          # plan_fleet logs and reports it with the other refused devices
+    return left_out

@@ -79,6 +79,26 @@ def check_fleet(model_dir: str, cfg: RecoverConfig) -> list[dict]:
     return [p.to_dict() for p in plans]
 
 
+def check_adaptive(model_dir: str, cfg: RecoverConfig) -> None:
+    """Staged growth and prune-tune settings the checkpoint must allow, refused in one line before
+    Flower starts: a schedule longer than the model or than the rounds, a target ratio below the
+    checkpoint's, prune-tune without server text."""
+    if cfg.schedule:
+        from .devft import parse_schedule, stage_of_rounds
+
+        meta = meta_model(model_dir)
+        from llmprune.arch import adapter_for
+
+        stage_of_rounds(parse_schedule(cfg.schedule, len(adapter_for(meta).decoder_layers(meta))), cfg.rounds)
+    if cfg.target_ratio is not None:
+        from .prune_rounds import calibration_text, plan_pruning
+
+        plan_pruning(meta_model(model_dir), cfg, model_dir)
+        source = calibration_text(cfg)
+        if not Path(source).exists():
+            raise LLMPruneError(f"--prune-data '{source}' does not exist", "pass a text file the server holds")
+
+
 def check_sublayer_skip_on_random(meta) -> None:
     """Whether this architecture lets attention and MLP blocks be skipped (the residual passes
     through), probed on one decoder layer with random weights: no checkpoint weights are read."""
@@ -135,6 +155,7 @@ def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig
     check_output_dir(out, overwrite, marker="pruning_report.json")
     if config.fleet:
         check_fleet(model_dir, config)
+    check_adaptive(model_dir, config)
     state = state_dir_for(out)
     if not resume and (state / "state.json").exists() and not overwrite:
         raise LLMPruneError(f"'{state}' holds rounds of an earlier run", "pass --resume to continue it, or --overwrite to start over")
@@ -171,9 +192,17 @@ def check_resumable(state: Path, cfg: RecoverConfig, model_dir: str) -> None:
     from .state import load_state
 
     model = meta_model(model_dir)
+    if cfg.target_ratio is not None:   # the saved rounds trained on the latest re-pruned checkpoint
+        from .prune_rounds import FOLDER_PREFIX, plan_pruning
+        from .state import saved_round
+
+        _, _, events = plan_pruning(model, cfg, model_dir)
+        done = [r for r in events if r <= saved_round(state)]
+        if done:
+            model = meta_model(str(state / f"{FOLDER_PREFIX}{max(done):03d}"))
     plans = plan_devices(model, cfg, cfg.clients)[:cfg.clients]   # client i gets device i, as in the simulation
     shapes = module_shapes(model, cfg.target_modules)
-    if cfg.submodels:
+    if cfg.submodels or cfg.schedule:
         trained = set(shapes)
     else:
         trained = {m for p in plans if not p.refused for m in top_layer_modules(shapes, p.depth)}

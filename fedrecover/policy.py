@@ -67,13 +67,19 @@ def plan_fleet(model, cfg, found: dict[int, dict]) -> FleetPlan:
                 "reason": plan.refused} for node, (pid, plan) in sorted(matched.items()) if plan.refused]
     for row in refused:
         log.warning("left out: %s", row["reason"])
+    if cfg.policy != "bandit":
+        for name in sorted({plan.device for _, plan in matched.values() if plan.memory_mb is None and cfg.fleet}):
+            log.warning("device '%s' declares no memory_mb: the plan gives it the largest setting "
+                        "(--policy bandit learns a device's limit instead)", name)
     clients = {node: entry for node, entry in matched.items() if not entry[1].refused}
     shapes = module_shapes(model, cfg.target_modules)
-    if cfg.submodels:  # any module may be drawn for anyone: the adapter covers them all
+    if cfg.submodels or cfg.schedule:  # any module may be drawn (or be a stage's anchor) for anyone
         modules = {pid: list(shapes) for pid, _ in clients.values()}
     else:
         modules = {pid: top_layer_modules(shapes, plan.depth) for pid, plan in clients.values()}
     ranks = {plan.rank for _, plan in clients.values()}
+    if cfg.policy == "bandit":   # the bandit may play any arm's rank on any device
+        ranks |= set(cfg.bandit_ranks)
     check_ranks(cfg.aggregation, ranks)
     union = [m for m in shapes if any(m in mods for mods in modules.values())]
     init = init_arrays(shapes, union, max(ranks), cfg.seed)
@@ -168,9 +174,20 @@ def build_submodel_policy(model, cfg, plan: FleetPlan, windows) -> SubmodelPolic
     """Server side, once: profile the units on the server's own windows (importance = block
     influence; similarity = linear CKA of what each unit adds to the residual stream), group them
     into as many groups as the smallest submodel has units, and start the per-round schedule."""
+    from .fleet import load_fleet, unit_costs
+
+    schedule, profile = unit_schedule(model, cfg, windows, min(a.units for _, a in plan.clients.values()))
+    devices = {d.name: d for d in load_fleet(cfg.fleet)}
+    policy = SubmodelPolicy(plan, schedule, costs=unit_costs(model, cfg), cfg=cfg, devices=devices)
+    policy.profile = profile
+    return policy
+
+
+def unit_schedule(model, cfg, windows, groups: int):
+    """The per-round unit draw of submodels: units profiled on the server's windows, grouped into
+    `groups` groups (at most one per unit); returns the UnitSchedule and its profile for metrics.json."""
     from llmprune.errors import LLMPruneError
 
-    from .fleet import load_fleet, unit_costs
     from .grouping import UnitSchedule, cka_matrix, group_units, unit_profiles
 
     if windows is None:
@@ -182,14 +199,9 @@ def build_submodel_policy(model, cfg, plan: FleetPlan, windows) -> SubmodelPolic
         from .client_model import check_sublayer_skip
 
         check_sublayer_skip(adapter_for(model).decoder_layers(model)[0])
-    costs = unit_costs(model, cfg)
     importance, features = unit_profiles(model, windows, cfg.submodel_granularity)
-    smallest = min(a.units for _, a in plan.clients.values())
-    groups = group_units(cka_matrix(features), max(1, min(smallest, len(importance))))
+    groups = group_units(cka_matrix(features), max(1, min(groups, len(importance))))
     log.info("submodels: %d units in %d groups %s; importance %s", len(importance), len(groups), groups,
              [round(float(x), 3) for x in importance])
-    schedule = UnitSchedule(groups, importance, cfg.submodel_granularity)
-    devices = {d.name: d for d in load_fleet(cfg.fleet)}
-    policy = SubmodelPolicy(plan, schedule, costs, cfg, devices)
-    policy.profile = {"importance": [round(float(x), 4) for x in importance], "groups": groups}
-    return policy
+    profile = {"importance": [round(float(x), 4) for x in importance], "groups": groups}
+    return UnitSchedule(groups, importance, cfg.submodel_granularity), profile

@@ -22,7 +22,7 @@ from llmprune.errors import LLMPruneError
 from .config import RecoverConfig, RunSettings, parse_run_config
 from .lora import module_shapes, modules_of
 from .policy import FleetPlan, FleetPolicy, plan_fleet
-from .state import RoundState, load_state, save_state
+from .state import RoundState, load_state, save_state, saved_round
 from .strategy import STOP, LoraStrategy, PlainTransport, RoundResult, RunStopped, SecAggTransport, send_and_receive
 
 __all__ = ["FleetPlan", "LoraStrategy", "RoundResult", "SERVER_ROOT_ENV", "build_server_app", "discover", "plan_fleet",
@@ -103,7 +103,16 @@ def start_state(cfg: RecoverConfig, settings: RunSettings, init: dict[str, np.nd
 
 
 def build_policy(model, cfg: RecoverConfig, plan: FleetPlan, windows):
-    """Who trains what each round: the fleet plan as it is, or (--submodels) a per-round submodel cut."""
+    """Who trains what each round: the fleet plan as it is, (--submodels) a per-round submodel cut,
+    (--policy bandit) a learned arm per device, or (--schedule devft:...) the stage's fused model."""
+    if cfg.policy == "bandit":
+        from .adaptive import build_bandit_policy
+
+        return build_bandit_policy(model, cfg, plan, windows)
+    if cfg.schedule:
+        from .adaptive import build_stage_policy
+
+        return build_stage_policy(model, cfg, plan, windows)
     if cfg.submodels:
         from .policy import build_submodel_policy
 
@@ -173,6 +182,9 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
     model, tokenizer = llmprune.load(settings.model)
     model.eval()
     started = time.perf_counter()
+    pruning, model_path = None, None
+    if cfg.target_ratio is not None:
+        model, pruning, model_path = start_pruning(cfg, settings, model, simulation)
 
     nodes = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
     # a client's first answer waits for its process to start and load data: the connect timeout,
@@ -189,23 +201,51 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
         policy.load_state_dict(state.policy or {})
     strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context, simulation=simulation,
                               policy=policy)
+    strategy.model_path = model_path
     for server_round in tqdm(range(state.round + 1, cfg.rounds + 1), desc="rounds", unit="round",
                              initial=state.round, total=cfg.rounds):
+        if pruning is not None and server_round in pruning.events:   # prune-tune: the model shrinks, the LoRA follows
+            model, state.arrays = pruning.step(server_round, model, tokenizer, state.arrays, cfg.scale)
+            plan = plan_fleet(model, cfg, found)
+            strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context,
+                                      simulation=simulation)
+            strategy.model_path = model_path = str(pruning.folder(server_round))
+            strategy.round_note = {"prune": pruning.steps[-1]}
         strategy.run_round(server_round, grid, state)
     check_some_round_applied(state.rounds, cfg.round_deadline(simulation), settings.state_path)
 
     metrics = {
         "rounds": state.rounds, "devices": plan.devices, "refused": plan.refused,
         "submodels": getattr(policy, "profile", None),
+        "prune_tune": {"dense_decoder_params": pruning.dense, "start_ratio": pruning.start, "steps": pruning.steps}
+        if pruning is not None else None,
         "initial_eval_perplexity": state.initial_eval_perplexity,
         "final_eval_perplexity": state.rounds[-1]["eval_perplexity"] if state.rounds else state.initial_eval_perplexity,
         "model_bytes": model_bytes, "adapter_bytes": int(sum(a.nbytes for a in state.arrays.values())),
         "aggregation": cfg.aggregation, "config": {**cfg.to_run_config(), **settings.to_run_config()},
         "server_seconds": round(time.perf_counter() - started, 2), "server_peak_rss_mb": round(peak_rss_mb(), 1),
     }
-    write_recovered(model, tokenizer, state.arrays, cfg.scale, settings.out_dir, metrics, settings.model,
+    write_recovered(model, tokenizer, state.arrays, cfg.scale, settings.out_dir, metrics, model_path or settings.model,
                     overwrite=settings.overwrite)
     context.state["metrics"] = ConfigRecord({"json": json.dumps(metrics, default=str)})
+
+
+def start_pruning(cfg: RecoverConfig, settings: RunSettings, model, simulation: bool):
+    """Prune-tune's server side: the schedule of pruning steps, and on --resume the re-pruned
+    checkpoint the saved rounds trained on (returned as the model and the path clients load)."""
+    import llmprune
+
+    from .prune_rounds import PruneRounds
+
+    if not simulation:
+        raise LLMPruneError("prune-tune (--target-ratio) needs the devices to load each re-pruned checkpoint, "
+                            "which only a simulation can hand them", "run it with llmprune recover")
+    pruning = PruneRounds(cfg, settings.state_path, model, settings.model)
+    latest = pruning.latest_before(saved_round(settings.state_path)) if settings.resume else None
+    if latest is None:
+        return model, pruning, None
+    model = llmprune.load(str(latest))[0].eval()
+    return model, pruning, str(latest)
 
 
 def check_some_round_applied(rows: list[dict], timeout: float | None, state_path: Path) -> None:

@@ -20,10 +20,13 @@ from llmprune.errors import LLMPruneError
 from .config import RecoverConfig
 
 STATE_FILE = "state.json"
-# Settings a resumed run must share with the run it continues (rounds may grow).
+# Settings a resumed run must share with the run it continues (rounds may grow, except with
+# --schedule or --target-ratio, whose stages and pruning steps are spread over the rounds).
 MUST_MATCH = ("clients", "partition", "aggregation", "fraction", "local_steps", "lora_rank", "lora_alpha", "lr",
               "batch_size", "seq_len", "seed", "fleet", "target_modules", "dp_clip", "dp_noise", "max_windows",
-              "submodels", "submodel_granularity", "client_dtype", "client_embedding", "skip_unfit")
+              "submodels", "submodel_granularity", "client_dtype", "client_embedding", "skip_unfit", "policy",
+              "arm_sizes", "arm_ranks", "bandit_exploration", "straggler_weight", "target_ratio", "prune_every",
+              "prune_data", "schedule", "devft_beta", "emulate_speed")
 
 
 @dataclass
@@ -39,6 +42,8 @@ def _identity(cfg: RecoverConfig, model: str) -> dict:
     d = cfg.to_dict()
     out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in MUST_MATCH}
     out["model"] = str(model)
+    if cfg.schedule or cfg.target_ratio is not None:   # stages and pruning steps are spread over the rounds
+        out["rounds"] = cfg.rounds
     return out
 
 
@@ -91,6 +96,14 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: d
     if not isinstance(policy, dict):
         raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({STATE_FILE} has a bad 'policy')", fix)
     return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"), policy)
+
+
+def saved_round(folder: Path) -> int:
+    """The last round saved in `folder` (0 when there is none; load_state refuses a bad file later)."""
+    try:
+        return int(json.loads((Path(folder) / STATE_FILE).read_text())["round"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _bad_meta(meta) -> str | None:

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -63,6 +63,7 @@ class RoundResult:
     client_metrics: list[dict]
     bytes_up: int
     bytes_up_per_client: int
+    failures: dict[int, str] = field(default_factory=dict)   # partition id -> oom | crash | timeout
 
 
 class LoraStrategy(Strategy):
@@ -83,6 +84,8 @@ class LoraStrategy(Strategy):
         self.num_layers = len({int(m.split(".", 1)[0]) for m in shapes})
         self.round_info: dict = {}
         self.round_plans: dict[int, Assignment] = {}
+        self.model_path: str | None = None      # prune-tune: the re-pruned checkpoint the clients load
+        self.round_note: dict = {}              # extra entries for the next round's metrics row (a pruning step)
         self.outer: Strategy = self
         if cfg.dp_clip is not None:
             sampled = max(1, round(cfg.fraction * len(partitions)))
@@ -94,6 +97,8 @@ class LoraStrategy(Strategy):
     def run_round(self, server_round: int, grid: Grid, state: RoundState) -> dict:
         """configure -> train (transport) -> aggregate -> evaluate -> save; returns the metrics row."""
         t0 = time.perf_counter()
+        if hasattr(self.policy, "prepare"):   # e.g. a DevFT stage change: the new stage starts from the last
+            state.arrays = self.policy.prepare(server_round, state.arrays)
         np.random.seed(np.random.default_rng([self.cfg.seed, server_round, 7]).integers(2**31))  # DP noise
         messages = list(self.outer.configure_train(server_round, to_record(state.arrays), ConfigRecord(self.train_config),
                                                    grid))
@@ -105,16 +110,21 @@ class LoraStrategy(Strategy):
             log.warning("round %d: %d of %d clients returned, %d needed: the global adapter is unchanged",
                         server_round, len(result.client_metrics), len(messages), needed)
         ok_metrics = result.client_metrics
+        self.policy.observe(server_round, result)   # before the rows (its rewards are in them) and the checkpoint
+        view = self.policy.eval_view(server_round, state.arrays) if hasattr(self.policy, "eval_view") else state.arrays
+        t_eval = time.perf_counter()
+        perplexity = self.evaluate_fn(view)
         row = {"round": server_round, "clients_sampled": len(messages), "clients_returned": len(ok_metrics),
                "applied": result.applied, "train_loss": result.train_loss,
-               "eval_perplexity": self.evaluate_fn(state.arrays),
+               "eval_perplexity": perplexity, "eval_seconds": round(time.perf_counter() - t_eval, 2),
                "bytes_up": result.bytes_up, "bytes_down": self.round_info["bytes_down"],
                "bytes_up_per_client_max": result.bytes_up_per_client,
                "client_seconds": [round(float(m["seconds"]), 2) for m in ok_metrics],
                "client_peak_rss_mb": [round(float(m["peak-rss-mb"]), 1) for m in ok_metrics],
                "clients": [self.client_row(m) for m in sorted(ok_metrics, key=lambda m: int(m["partition-id"]))],
-               "seconds": round(time.perf_counter() - t0, 2)}
-        self.policy.observe(server_round, result)   # before the checkpoint: its state is part of the round's
+               "failures": [self.failure_row(pid, why) for pid, why in sorted(result.failures.items())],
+               "seconds": round(time.perf_counter() - t0, 2), **self.round_note}
+        self.round_note = {}
         state.rounds.append(row)
         state.round = server_round
         state.policy = self.policy.state_dict() if hasattr(self.policy, "state_dict") else {}
@@ -134,8 +144,19 @@ class LoraStrategy(Strategy):
                "model_rss_mb": round(float(metrics["model-rss-mb"]), 1) if "model-rss-mb" in metrics else None,
                "train_loss": round(float(metrics["train-loss"]), 4), "seconds": round(float(metrics["seconds"]), 2),
                "bytes_down": self.round_info.get("bytes_down_by_pid", {}).get(pid),
-               "bytes_up": int(metrics["bytes-up"]) if "bytes-up" in metrics else None}
-        return row
+               "bytes_up": int(metrics["bytes-up"]) if "bytes-up" in metrics else None,
+               **{k.replace("-", "_"): round(float(metrics[k]), 4) for k in ("loss-first", "loss-last") if k in metrics}}
+        return {**row, **self.policy_report(pid)}
+
+    def failure_row(self, pid: int, why: str) -> dict:
+        """A sampled device that did not return: why (oom, crash, timeout) and what it was given."""
+        plan = self.round_plans[pid].to_dict() if pid in self.round_plans else {}
+        row = {"partition-id": pid, "failed": why, **{k: plan.get(k) for k in ("device", "memory_mb", "rank", "units")}}
+        return {**row, **self.policy_report(pid)}
+
+    def policy_report(self, pid: int) -> dict:
+        """What the policy says of a device's round (the bandit: its arm and the reward's parts)."""
+        return self.policy.client_report(pid) if hasattr(self.policy, "client_report") else {}
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded by (seed, round) over partition ids, so a resumed run samples what the
@@ -173,8 +194,14 @@ class LoraStrategy(Strategy):
                 node_config["submodel"] = held.to_json()
                 node_config["client-dtype"] = self.cfg.client_dtype
                 node_config["client-embedding"] = self.cfg.client_embedding
+            if plan.stage is not None:   # DevFT: the device fuses each group into its anchor
+                node_config["stage"] = plan.stage.to_json()
+            if self.model_path is not None:
+                node_config["model-path"] = self.model_path
             node_config["server-round"] = server_round
-            node_config["local-steps"] = max(1, round(self.cfg.local_steps * plan.speed))
+            # a declared speed scales the steps; an emulated one is the device's secret (it just runs slower)
+            speed = 1.0 if self.cfg.emulate_speed else plan.speed
+            node_config["local-steps"] = max(1, round(self.cfg.local_steps * speed))
             node_config["seed"] = int(np.random.default_rng([self.cfg.seed, server_round, pid]).integers(2**31))
             messages.append(Message(RecordDict({"arrays": record, "config": node_config}), dst_node_id=node,
                                     message_type=MessageType.TRAIN))
@@ -225,14 +252,19 @@ class PlainTransport(RoundTransport):
     def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
         replies = send_and_receive(self.grid, messages, self.timeout)
         ok = [r for r in replies if not r.has_error()]
+        failures = {}
         for r in replies:
             if r.has_error():
                 reason = (r.error.reason or "").strip().splitlines()
                 log.warning("round %d: client on node %d failed: %s", server_round, r.metadata.src_node_id,
                             reason[-1][:300] if reason else r.error.code)
+                failures[strategy.partitions[r.metadata.src_node_id]] = failure_kind(r.error.reason or "")
         if len(messages) > len(replies):
             log.warning("round %d: %d client(s) did not answer within %.0f s", server_round,
                         len(messages) - len(replies), self.timeout)
+            answered = {r.metadata.src_node_id for r in replies}
+            failures.update({strategy.partitions[m.metadata.dst_node_id]: "timeout" for m in messages
+                             if m.metadata.dst_node_id not in answered})
         sizes = [payload_bytes(r.content["arrays"]) for r in ok]
         metrics = [{**dict(r.content["metrics"]), "bytes-up": size} for r, size in zip(ok, sizes)]
         arrays, loss = None, None
@@ -242,7 +274,12 @@ class PlainTransport(RoundTransport):
             if new is not None:
                 arrays = from_record(new)
                 loss = float(agg_metrics["train-loss"]) if agg_metrics else None
-        return RoundResult(arrays, arrays is not None, loss, metrics, sum(sizes), max(sizes, default=0))
+        return RoundResult(arrays, arrays is not None, loss, metrics, sum(sizes), max(sizes, default=0), failures)
+
+
+def failure_kind(reason: str) -> str:
+    """A failed client's error as the policy sees it: out of memory, or another crash."""
+    return "oom" if ("MemoryError" in reason or "out of memory" in reason.lower()) else "crash"
 
 
 class SecAggTransport(RoundTransport):

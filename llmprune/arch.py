@@ -77,3 +77,23 @@ def adapter_for(config_or_model) -> ArchAdapter:
 def base_model(model: nn.Module) -> nn.Module:
     """The decoder stack (embeddings, layers, final norm) under a *ForCausalLM head."""
     return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+
+
+def install_layers(model: nn.Module, new_layers: list[nn.Module], kept: list[int]) -> None:
+    """Replace the decoder stack by `new_layers` (the layers of current indices `kept`), updating
+    num_hidden_layers, layer_types, llmprune's per-layer shapes and every layer_idx (the KV cache
+    and the attention masks are indexed by position in the stack). Compress cuts with it; DevFT
+    stacks its fused layers with it."""
+    adapter = adapter_for(model)
+    config = model.config
+    types = adapter.layer_types(config)
+    base_model(model).layers = nn.ModuleList(new_layers)
+    config.num_hidden_layers = len(new_layers)
+    if types:
+        config.layer_types = [types[i] for i in kept]
+    spec = getattr(config, "llmprune", None)
+    if isinstance(spec, dict) and spec.get("layers"):
+        config.llmprune = {**spec, "layers": [spec["layers"][i] for i in kept]}
+    for new_idx, layer in enumerate(new_layers):
+        layer.layer_idx = new_idx
+        adapter.attention(layer).layer_idx = new_idx

@@ -119,6 +119,39 @@ def test_a_budget_no_submodel_fits_and_submodels_without_a_fleet(capfd, checkpoi
     assert nothing_written(out)
 
 
+@pytest.mark.parametrize("flags, message, fix", [
+    (["--submodels", "--policy", "bandit", "--arm-sizes", ""], "the bandit's arm grid is empty", "--arm-sizes"),
+    (["--submodels", "--policy", "bandit"], "no bandit arm fits device 'old-watch' (12 MB)", "--skip-unfit"),
+    (["--schedule", "devft:2,1"], "does not grow", ""),
+    (["--schedule", "devft:1,9"], "exceeds", ""),
+    (["--target-ratio", "0.01", "--eval-data", "DATA"], "is below the checkpoint's ratio", ""),
+])
+def test_bad_adaptive_settings_are_one_line_before_anything_starts(capfd, checkpoint, data_file, tmp_path, flags,
+                                                                   message, fix):
+    """An empty arm grid, arms no declared budget admits, a schedule that does not grow or exceeds
+    the layers, a target ratio below the checkpoint's: one line, exit 2, nothing written."""
+    from llmprune.testing import tiny_checkpoint
+
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[device]]\nname = "phone"\nmemory_mb = 8000\n\n[[device]]\nname = "old-watch"\nmemory_mb = 12\n')
+    model = checkpoint("llama")
+    if "--target-ratio" in flags:   # a checkpoint pruned at about 0.4 of its dense model's decoder
+        from llmprune.compress import CompressConfig, compress
+
+        model = tmp_path / "pruned"
+        dense = tiny_checkpoint(tmp_path / "dense")
+        compress(str(dense), CompressConfig(ratio=0.4, calib_samples=2, calib_seq_len=16, loss_windows=1),
+                 calib=[TINY_TEXT * 4], out=model)
+        capfd.readouterr()          # compress's own progress bars are not the run's output
+    out = tmp_path / "out"
+    flags = [str(data_file) if f == "DATA" else f for f in flags]
+    rounds = ["--rounds", "3"] if "--schedule" in flags else []
+    fleet_flags = ["--fleet", fleet] if "bandit" in flags else []
+    assert_one_line_error(*run_main(capfd, "--model", model, "--data", data_file, "--out", out, *SMALL, *rounds,
+                                    *fleet_flags, "--aggregation", "hetlora", *flags), message, fix)
+    assert nothing_written(out)
+
+
 @pytest.mark.parametrize("partition", ["dirichlet:abc", "dirichlet:0", "shards", "iid:3"])
 def test_bad_partition(capfd, checkpoint, data_file, tmp_path, partition):
     out = tmp_path / "out"

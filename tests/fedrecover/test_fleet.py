@@ -35,6 +35,12 @@ def test_toml_fleet_with_counts_speed_and_fixed_choices(tmp_path):
                        Device("laptop", 8000.0, 1.0, 8, 2), Device("device-3", 500.0, 1.0)]
 
 
+def test_memory_may_be_undeclared_and_a_true_limit_given_for_emulation(tmp_path):
+    path = tmp_path / "fleet.toml"
+    path.write_text('[[device]]\nname = "ghost"\n\n[[device]]\nname = "watch"\nmemory_mb = 900\noom_mb = 1024\n')
+    assert load_fleet(path) == [Device("ghost", None), Device("watch", 900.0, oom_mb=1024.0)]
+
+
 @pytest.mark.parametrize("layout", ["devices", "list"])
 def test_json_fleet(tmp_path, layout):
     rows = [{"name": "watch", "memory_mb": 450, "count": 3}, {"name": "phone", "memory_mb": 2048.5, "speed": 2}]
@@ -50,7 +56,8 @@ def test_json_fleet(tmp_path, layout):
     ("bad.toml", "[[device]\nmemory_mb = 1", "is not valid TOML"),
     ("bad.json", "{devices: [}", "is not valid JSON"),
     ("empty.toml", "title = 'x'\n", "lists no devices"),
-    ("nomem.toml", '[[device]]\nname = "a"\n', "device 1 has no memory_mb"),
+    ("notable.json", '[3]', "device 1 is not a table"),
+    ("oom.json", '[{"name": "a", "oom_mb": -5}]', "device 'a' needs memory_mb > 0"),
     ("text.json", '[{"name": "a", "memory_mb": "lots"}]', "device 'a' has a non-numeric memory_mb"),
     ("neg.json", '[{"name": "a", "memory_mb": 100, "count": 0}]', "device 'a' needs memory_mb > 0"),
     ("half.json", '[{"name": "a", "memory_mb": 100, "count": 1.5}]', "device 'a' has count = 1.5"),

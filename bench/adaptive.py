@@ -1,0 +1,275 @@
+"""Adaptive fleets on the real Gemma-3-270M: the bandit (FedSpine), staged growth (DevFT) and
+prune-tune, against the fixed plans they replace.
+
+The six devices of bench/submodels.py, non-IID by domain, with --emulate-speed: two run at half
+speed (each step is followed by a sleep as long as the step) and two do not declare their memory
+(each has a true limit, oom_mb, past which its client fails as the OS would kill it). Arms, the
+same rounds, local steps, batch, rank and learning rate:
+  plan      --submodels: the fixed fleet plan (an undeclared device is planned as if all fits)
+  bandit    --submodels --policy bandit: a UCB arm (submodel size, rank) per device, arms
+            0.1/0.3/1 x rank 4/8; it runs 4 more rounds (UCB plays every arm once first), and is
+            compared with the plan at equal rounds and at the fleet clock of the plan's last round
+  full      lean clients on the whole pruned model (--skip-unfit): DevFT's reference
+  devft     --schedule devft:4,8,all (--skip-unfit)
+  once      the dense model pruned to 0.2 before round 1, then tuned (--target-ratio 0.2)
+  tune      prune-tune: dense -> 0.2 in steps every --prune-every rounds (--target-ratio 0.2)
+Each arm is `llmprune recover --json` in its own process. Perplexity after every round on
+WikiText-2 test and the Python tutorial (from the saved round adapters, on the model each round
+trained), wall time, the fleet clock (per round the slowest returning device, as devices run in
+parallel on a real fleet, plus the server's own time), bytes and failures. Results:
+bench/results/adaptive.json and a section of docs/benchmarks.md. Nothing here asserts a timing.
+
+    python bench/adaptive.py             # about 45 minutes on 2 cores
+    python bench/adaptive.py --resume    # skip arms already in the results file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, SHARED, load_results, run_json, save_results  # noqa: E402
+from recover import EVAL, pruned_checkpoint, pydocs_train  # noqa: E402
+
+SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping, pruning steps, its evaluation
+# name, declared memory_mb (None: undeclared), true limit oom_mb, speed
+FLEET = [("laptop-3g", 3072, None, 1.0), ("watch-1g", None, 1024, 1.0), ("tablet-2.6g", 2600, None, 0.5),
+         ("phone-1.4g", 1400, None, 0.5), ("phone-2.2g", 2200, None, 1.0), ("phone-1.8g", None, 1800, 1.0)]
+LEAN = ["--client-dtype", "bfloat16", "--client-embedding", "int8", "--emulate-speed"]
+ARMS = {
+    "plan": {"label": "fixed plan (--submodels)", "flags": ["--submodels", *LEAN]},
+    "bandit": {"label": "bandit (--policy bandit)", "extra_rounds": 4,
+               "flags": ["--submodels", "--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8", *LEAN]},
+    "full": {"label": "whole pruned model", "flags": ["--skip-unfit", *LEAN]},
+    "devft": {"label": "DevFT devft:4,8,all", "flags": ["--schedule", "devft:4,8,all", "--skip-unfit", *LEAN]},
+    "once": {"label": "prune once to 0.2, then tune", "dense": True, "flags": ["--target-ratio", "0.2", "--skip-unfit", *LEAN]},
+    "tune": {"label": "prune-tune to 0.2", "dense": True, "flags": ["--target-ratio", "0.2", "--skip-unfit", *LEAN]},
+}
+
+
+def write_fleet(path: Path) -> Path:
+    rows = []
+    for name, memory, oom, speed in FLEET:
+        row = {"name": name, "speed": speed}
+        row.update({"memory_mb": memory} if memory is not None else {"oom_mb": oom})
+        rows.append(row)
+    path.write_text(json.dumps({"devices": rows}, indent=1))
+    return path
+
+
+def recover_args(args, model: Path, data: list[str], out: Path, fleet: Path) -> list[str]:
+    return ["recover", "--model", str(model), "--data", *data, "--out", str(out), "--clients", str(len(FLEET)),
+            "--fleet", str(fleet), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
+            "--partition", "domain", "--lora-rank", str(args.lora_rank), "--lr", str(args.lr),
+            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+            "--max-windows", str(args.max_windows), "--aggregation", "hetlora",
+            "--eval-data", str(SHARED / SERVER_TEXT), "--eval-windows", "4", "--seed", "0", "--overwrite"]
+
+
+def round_curve(model: Path, out: Path, metrics: dict, scale: float, args, rounds: int) -> list[dict]:
+    """Perplexity on both test sets before round 1 and after each round: each round's adapter on
+    the model that round trained (prune-tune: the re-pruned checkpoint), a DevFT stage's adapter
+    spread over its groups as the server evaluates it."""
+    import llmprune
+    from llmprune.fedrecover.lora import lora_applied
+    from safetensors.numpy import load_file
+
+    rounds_dir = Path(f"{out}.rounds")
+    stages, per_round = [], []
+    if (metrics.get("submodels") or {}).get("stages"):
+        from llmprune.fedrecover.devft import Stage, expand_lora, stage_of_rounds
+
+        stages = [Stage.from_json(json.dumps(s)) for s in metrics["submodels"]["stages"]]
+        per_round = stage_of_rounds([len(s.anchors) for s in stages], rounds)
+    loaded: dict[str, tuple] = {}
+    curve = []
+    for r in range(0, rounds + 1):
+        folder = str(model)
+        for row in metrics["rounds"][:max(r, 1)]:
+            if row.get("prune"):
+                folder = str(rounds_dir / f"pruned-r{row['round']:03d}")
+        if folder not in loaded:
+            loaded.clear()
+            m, tok = llmprune.load(folder)
+            loaded[folder] = (m, {n: llmprune.token_windows(tok, llmprune.load_texts(str(SHARED / rel)), 512,
+                                                            args.eval_windows) for n, rel in EVAL.items()})
+        m, windows = loaded[folder]
+        arrays = load_file(str(rounds_dir / f"round-{r:03d}.safetensors")) if r else {}
+        if r and stages:
+            arrays = expand_lora(arrays, stages[per_round[r - 1]])
+        with lora_applied(m, arrays, scale):
+            curve.append({"round": r, **{n: round(llmprune.perplexity(m, w, progress=False).perplexity, 3)
+                                         for n, w in windows.items()}})
+    return curve
+
+
+def fleet_clock(metrics: dict) -> list[float]:
+    """Cumulative seconds after each round on a real fleet, where devices train in parallel: the
+    slowest returning device of the round, the server's evaluation, and a pruning step if any."""
+    total, out = 0.0, []
+    for row in metrics["rounds"]:
+        total += max(row["client_seconds"], default=0.0) + row.get("eval_seconds", 0.0)
+        total += (row.get("prune") or {}).get("seconds", 0.0)
+        out.append(round(total, 1))
+    return out
+
+
+def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: float) -> dict:
+    arm = ARMS[key]
+    model = dense if arm.get("dense") else pruned
+    flags = list(arm["flags"])
+    if key == "tune":
+        flags += ["--prune-every", str(args.prune_every)]
+    fleet = write_fleet(args.work / "fleet.json")
+    out = args.work / key
+    rounds = args.rounds + arm.get("extra_rounds", 0)   # the bandit explores: it may use more rounds in less time
+    if args.reuse and (out / "metrics.json").is_file():   # the run is done: only its curve is (re)computed
+        metrics = json.loads((out / "metrics.json").read_text())
+        seconds = metrics["server_seconds"]                  # the ServerApp's whole run (wall less start-up)
+    else:
+        metrics, seconds = run_json(recover_args(args, model, data, out, fleet) + flags + ["--rounds", str(rounds)],
+                                    args.work / f"{key}.log")
+    curve = round_curve(model, out, metrics, scale, args, rounds)
+    return {"label": arm["label"], "wall_seconds": round(seconds, 1), "curve": curve,
+            "fleet_clock": fleet_clock(metrics), "round_seconds": [r["seconds"] for r in metrics["rounds"]],
+            "bytes_up": [r["bytes_up"] for r in metrics["rounds"]],
+            "bytes_down": [r["bytes_down"] for r in metrics["rounds"]],
+            "failures": [[f"{f['device']}:{f['failed']}" for f in r.get("failures", [])] for r in metrics["rounds"]],
+            "arms": [{c["device"]: c.get("arm") for c in r["clients"]} for r in metrics["rounds"]],
+            "clients": [[{k: c.get(k) for k in ("device", "units", "rank", "seconds", "peak_rss_mb", "model_rss_mb",
+                                                "loss_first", "loss_last", "arm", "reward")} for c in r["clients"]]
+                        for r in metrics["rounds"]],
+            "refused": metrics.get("refused", []), "prune_tune": metrics.get("prune_tune"),
+            "server_eval": [r["eval_perplexity"] for r in metrics["rounds"]]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--local-steps", type=int, default=3)
+    p.add_argument("--prune-every", type=int, default=2)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--max-windows", type=int, default=200, help="windows per data source (200)")
+    p.add_argument("--eval-windows", type=int, default=4, help="512-token windows per test corpus (4)")
+    p.add_argument("--arms", nargs="*", default=list(ARMS))
+    p.add_argument("--resume", action="store_true", help="skip arms already in the results file")
+    p.add_argument("--reuse", action="store_true", help="an arm whose run finished (OUT/metrics.json) only gets its "
+                                                          "curve computed; its wall time is the server's")
+    p.add_argument("--results", type=Path, default=ROOT / "bench/results/adaptive.json")
+    p.add_argument("--work", type=Path, default=ROOT / "bench/work/adaptive")
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = load_results(args.results) if args.resume else {}
+    results["setup"] = {
+        "model": args.model, "pruning": "comp 0.2 (wiki.valid 32x512 calibration)",
+        "fleet": [{"device": n, "memory_mb": m, "oom_mb": o, "speed": s} for n, m, o, s in FLEET],
+        "rounds": args.rounds, "local_steps": args.local_steps, "prune_every": args.prune_every,
+        "lora_rank": args.lora_rank, "lr": args.lr, "batch": f"{args.batch_size}x{args.seq_len}",
+        "aggregation": "hetlora", "max_windows_per_source": args.max_windows, "server_text": SERVER_TEXT,
+        "eval": f"{args.eval_windows}x512 windows (+BOS)"}
+    runs = results.setdefault("runs", {})
+    work_pruned = ROOT / "bench/work/submodels"   # the submodel benchmark's checkpoint, when it exists
+    pruned = pruned_checkpoint(args, work_pruned if (work_pruned / "pruned-0.2").is_dir() else args.work)
+    from llmprune.models import resolve_model_spec
+
+    dense = Path(resolve_model_spec(args.model).path)
+    data = [str(SHARED / "wikitext2/wiki.valid.tokens"), str(pydocs_train(args.work))]
+    from llmprune.fedrecover import RecoverConfig
+
+    scale = RecoverConfig(lora_rank=args.lora_rank).scale
+    for key in args.arms:
+        if key in runs:
+            continue
+        start = time.perf_counter()
+        runs[key] = {**run_arm(key, args, pruned, dense, data, scale), "bench_seconds": 0.0}
+        runs[key]["bench_seconds"] = round(time.perf_counter() - start, 1)
+        save_results(args.results, results)
+        print(f"{key}: {runs[key]['wall_seconds']:.0f} s, final {runs[key]['curve'][-1]}", flush=True)
+    results["summary"] = summarize(runs)
+    save_results(args.results, results)
+    render(results, ROOT / "docs/benchmarks.md")
+    print(json.dumps(results["summary"], indent=1))
+    return 0
+
+
+def time_to_reach(curve: list[dict], clock: list[float], target: float, name: str) -> float | None:
+    """Fleet-clock seconds at the first round whose perplexity is at or below `target`."""
+    for row in curve[1:]:
+        if row[name] <= target:
+            return clock[row["round"] - 1]
+    return None
+
+
+def summarize(runs: dict) -> dict:
+    out = {}
+    for key, run in runs.items():
+        out[key] = {"final": {n: run["curve"][-1][n] for n in EVAL}, "wall_seconds": run["wall_seconds"],
+                    "fleet_seconds": run["fleet_clock"][-1], "bytes_up": sum(run["bytes_up"]),
+                    "failures": sum(len(f) for f in run["failures"])}
+    for base, other, what in (("plan", "bandit", "time"), ("full", "devft", "bytes")):
+        if base in runs and other in runs:
+            b, o = runs[base], runs[other]
+            row = {}
+            for n in EVAL:
+                target = b["curve"][-1][n]
+                same = min(len(b["curve"]), len(o["curve"])) - 1
+                row[f"{n}_at_round_{same}"] = {base: b["curve"][same][n], other: o["curve"][same][n]}
+                reach = time_to_reach(o["curve"], o["fleet_clock"], target, n)
+                rounds = next((r["round"] for r in o["curve"][1:] if r[n] <= target), None)
+                row[n] = {"target": target, "reached_at_round": rounds}
+                if what == "time":
+                    row[n]["fleet_seconds"] = reach
+                    row[n]["ratio_to_base"] = None if reach is None else round(reach / b["fleet_clock"][-1], 3)
+                else:
+                    up = None if rounds is None else sum(o["bytes_up"][:rounds])
+                    row[n]["bytes_up"] = up
+                    row[n]["ratio_to_base"] = None if up is None else round(up / sum(b["bytes_up"]), 3)
+            out[f"{other}_vs_{base}"] = row
+    if "once" in runs and "tune" in runs:
+        out["tune_vs_once"] = {n: round(runs["tune"]["curve"][-1][n] / runs["once"]["curve"][-1][n] - 1, 4) for n in EVAL}
+    return out
+
+
+def render(results: dict, doc: Path) -> None:
+    from report import _replace_section
+
+    setup, runs, s = results["setup"], results["runs"], results["summary"]
+    fleet = ", ".join(f"{d['device']} ({'declares ' + str(d['memory_mb']) + ' MB' if d['memory_mb'] else 'undeclared, fails past ' + str(d['oom_mb']) + ' MB'}"
+                      f"{', half speed' if d['speed'] < 1 else ''})" for d in setup["fleet"])
+    rows = ["| arm | WikiText-2 test | Python tutorial | fleet clock s | wall s | uploaded MB | failed device rounds |",
+            "|---|---|---|---|---|---|---|"]
+    for key, run in runs.items():
+        r = s[key]
+        rows.append(f"| {run['label']} | {r['final']['wikitext2']:.2f} | {r['final']['pydocs-tutorial']:.2f} | "
+                    f"{r['fleet_seconds']:.0f} | {r['wall_seconds']:.0f} | {r['bytes_up'] / 1e6:.1f} | {r['failures']} |")
+    most = max(len(run["curve"]) for run in runs.values())
+    curve_rows = ["| arm | " + " | ".join(f"round {i}" for i in range(most)) + " |", "|---" * (most + 1) + "|"]
+    for key, run in runs.items():
+        cells = [f"{r['wikitext2']:.2f} / {r['pydocs-tutorial']:.2f} ({c:.0f} s)" if r["round"] else
+                 f"{r['wikitext2']:.2f} / {r['pydocs-tutorial']:.2f}" for r, c in zip(run["curve"], [0.0, *run["fleet_clock"]])]
+        curve_rows.append(f"| {key} | " + " | ".join(cells + [""] * (most - len(cells))) + " |")
+    body = ["## Adaptive fleets: bandit, DevFT, prune-tune (`bench/adaptive.py`)", "",
+            f"Gemma-3-270M (pruned at 0.2 by comp; `once`/`tune` start from the dense model). Fleet: {fleet}; "
+            f"--emulate-speed. {setup['rounds']} rounds x {setup['local_steps']} local steps, batch {setup['batch']}, "
+            f"LoRA rank {setup['lora_rank']} (hetlora), lr {setup['lr']}, at most {setup['max_windows_per_source']} windows "
+            f"per source, server text {setup['server_text']}; perplexity on {setup['eval']} of WikiText-2 test and "
+            "pydocs/tutorial.txt. *Fleet clock*: per round the slowest returning device plus the server's part, as on a "
+            "fleet where devices train in parallel; *wall*: this simulation, where two workers serve six clients in turn.",
+            "", *rows, "", "Perplexity before round 1 and after each round (WikiText-2 / Python tutorial; fleet clock so far):", "",
+            *curve_rows, "", "Comparisons (targets: bandit at most 0.7x the plan's time to its final perplexity; "
+            "DevFT at most half the whole model's uploaded bytes; prune-tune below prune-once):", "",
+            "```json", json.dumps({k: v for k, v in s.items() if "_vs_" in k}, indent=1), "```", "",
+            *results.get("notes", [])]
+    _replace_section(doc, "adaptive", "\n".join(body))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Adaptive fleets end to end on tiny models: the bandit policy (arms, rewards, failures, state in
+the round checkpoint), DevFT stages (fused layers, LoRA handed to group members) and prune-tune
+(the global model re-pruned between rounds), each in Flower's simulation; and their bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from llmprune.errors import LLMPruneError
+from llmprune.fedrecover import RecoverConfig
+from llmprune.fedrecover.fleet import Device, admitted_arms, arm_units, submodel_memory_mb, unit_costs
+
+LEAN = dict(client_dtype="bfloat16", client_embedding="int8")
+
+
+@pytest.fixture(scope="module")
+def costs(pruned_ckpt):
+    from llmprune.fedrecover.pipeline import meta_model
+
+    cfg = RecoverConfig(fleet="x.toml", submodels=True, policy="bandit", aggregation="hetlora", batch_size=2,
+                        seq_len=32, lora_rank=4, **LEAN)
+    return unit_costs(meta_model(str(pruned_ckpt)), cfg)
+
+
+def write_fleet(tmp_path, rows: list[dict]) -> str:
+    path = tmp_path / "fleet.json"
+    path.write_text(json.dumps({"devices": rows}))
+    return str(path)
+
+
+# ---------------------------------------------------------------- arms a declared budget admits
+def test_a_declared_budget_admits_only_the_arms_that_fit(costs):
+    from llmprune.fedrecover.bandit import arm_grid
+
+    arms = arm_grid([0.34, 0.67, 1.0], [1, 4])
+    units = arm_units(arms, len(costs.weights))
+    assert [(a.size, a.rank) for a in arms] == [(0.34, 1), (0.34, 4), (0.67, 1), (0.67, 4), (1.0, 1), (1.0, 4)]
+    assert units == [1, 1, 2, 2, 3, 3]
+    just = submodel_memory_mb(costs, units[1], arms[1].rank)[0] + 0.01     # fits arm 1, not the costlier ones
+    allowed = admitted_arms(costs, Device("d", just), arms, units)
+    assert 0 in allowed and 1 in allowed and all(
+        submodel_memory_mb(costs, units[i], arms[i].rank)[0] <= just for i in allowed)
+    assert admitted_arms(costs, Device("u", None), arms, units) == list(range(len(arms)))
+
+
+def test_no_arm_fitting_a_declared_budget_is_one_line(costs, tmp_path, pruned_ckpt):
+    from llmprune.fedrecover.fleet import plan_devices
+    from llmprune.fedrecover.pipeline import meta_model
+
+    fleet = write_fleet(tmp_path, [{"name": "big", "memory_mb": 1e6}, {"name": "tiny", "memory_mb": 10}])
+    cfg = RecoverConfig(fleet=fleet, submodels=True, policy="bandit", aggregation="hetlora", batch_size=2, seq_len=32,
+                        lora_rank=4, clients=2, **LEAN)
+    with pytest.raises(LLMPruneError) as err:
+        plan_devices(meta_model(str(pruned_ckpt)), cfg, 2)
+    assert "no bandit arm fits device 'tiny' (10 MB)" in str(err.value) and "\n" not in str(err.value)
+    skipped = plan_devices(meta_model(str(pruned_ckpt)), RecoverConfig(**{**cfg.to_dict(), "skip_unfit": True}), 2)
+    assert [p.refused != "" for p in skipped] == [False, True]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"arm_sizes": ""}, "arm grid is empty"),
+    ({"arm_sizes": "0.5,1.5"}, "--arm-sizes"),
+    ({"arm_ranks": "2,16"}, "a rank above --lora-rank 8"),
+    ({"arm_ranks": "2,4", "aggregation": "fedavg"}, "needs an aggregation of mixed ranks"),
+    ({"submodels": False}, "--policy bandit needs --submodels"),
+])
+def test_bad_bandit_options(kwargs, message):
+    base = dict(fleet="f.toml", submodels=True, policy="bandit", aggregation="hetlora")
+    with pytest.raises(LLMPruneError, match=message.replace("+", r"\+")):
+        RecoverConfig(**{**base, **kwargs})
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prune_every": 2}, "--prune-every needs --target-ratio"),
+    ({"target_ratio": 0.3, "schedule": "devft:1,2"}, "cannot be combined"),
+    ({"schedule": "grow:1,2"}, "devft:"),
+    ({"schedule": "devft:1,2", "fleet": "f.toml", "submodels": True}, "--schedule and --submodels cannot be combined"),
+])
+def test_bad_adaptive_options(kwargs, message):
+    with pytest.raises(LLMPruneError, match=message):
+        RecoverConfig(**kwargs)
+
+
+# ---------------------------------------------------------------- the bandit in a simulation
+BANDIT = dict(clients=3, rounds=3, aggregation="hetlora", submodels=True, policy="bandit", arm_sizes="0.34,1",
+              arm_ranks="1,4", emulate_speed=True, **LEAN)
+
+
+@pytest.fixture(scope="module")
+def bandit_run(pruned_ckpt, text_file, tmp_path_factory):
+    from .conftest import run_recover
+
+    tmp = tmp_path_factory.mktemp("bandit")
+    # big: declared, everything fits; slow: half speed; ghost: undeclared, and its true limit is below any model
+    fleet = write_fleet(tmp, [{"name": "big", "memory_mb": 1e6}, {"name": "slow", "memory_mb": 1e6, "speed": 0.5},
+                              {"name": "ghost", "oom_mb": 1}])
+    return run_recover(pruned_ckpt, [text_file], tmp / "recovered", fleet=fleet, **BANDIT), fleet, tmp
+
+
+def test_the_bandit_plays_arms_learns_rewards_and_backs_off_a_failing_device(bandit_run):
+    run, _, _ = bandit_run
+    rounds = run.metrics["rounds"]
+    for row in rounds:
+        by_device = {c["device"]: c for c in row["clients"]}
+        assert set(by_device) == {"big", "slow"}, row      # the ghost fails every round (out of memory)
+        assert [f["device"] for f in row["failures"]] == ["ghost"] and row["failures"][0]["failed"] == "oom"
+        assert row["failures"][0]["arm"] == "0.34x1"        # undeclared: the smallest arm, never grown after failing
+        for c in by_device.values():
+            reward = c["reward"]
+            assert c["arm"] in {"0.34x1", "0.34x4", "1x1", "1x4"} and reward["failed"] == ""
+            assert reward["gain"] == pytest.approx(c["loss_first"] - c["loss_last"], abs=1e-4)
+            assert reward["rate"] == pytest.approx(reward["gain"] / reward["seconds"], abs=2e-6)
+            assert -1.0 <= reward["reward"] <= 1.0
+        assert row["failures"][0]["reward"]["reward"] == -1.0
+    # a declared device explores its arms cheapest first: round 1 plays the smallest arm
+    assert rounds[0]["clients"][0]["arm"] == "0.34x1"
+    # the half-speed device is the straggler: its round takes longer than the other's
+    slow = [next(c for c in r["clients"] if c["device"] == "slow")["seconds"] for r in rounds]
+    assert max(slow) > 0
+
+
+def test_the_bandit_state_is_saved_with_the_round_and_resume_continues_it(bandit_run, pruned_ckpt, text_file,
+                                                                          tmp_path):
+    import shutil
+
+    from llmprune.fedrecover import state_dir_for
+
+    from .conftest import run_recover
+
+    ref, fleet, _ = bandit_run
+    saved = json.loads((state_dir_for(ref.out) / "state.json").read_text())["policy"]
+    plays = {k: sum(b["plays"]) if isinstance(b.get("plays"), list) else None for k, b in saved["bandits"].items()}
+    assert saved["scale"] > 0 and set(saved["bandits"]) == {"0", "1", "2"}
+    out = tmp_path / "recovered"
+    run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **{**BANDIT, "rounds": 2})
+    two = json.loads((state_dir_for(out) / "state.json").read_text())["policy"]
+    shutil.rmtree(out)
+    got = run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **BANDIT, resume=True)
+    three = json.loads((state_dir_for(out) / "state.json").read_text())["policy"]
+    assert len(got.metrics["rounds"]) == 3
+    # round 3 continued the saved bandits: each device has one more play than after round 2, not one in total
+    for key in two["bandits"]:
+        assert _plays(three["bandits"][key]) == _plays(two["bandits"][key]) + 1
+    assert plays  # the reference run saved per-device state too
+    # the rounds before the resume are kept as they were
+    assert got.metrics["rounds"][:2] == json.loads((state_dir_for(out) / "state.json").read_text())["rounds"][:2]
+
+
+def _plays(state: dict) -> int:
+    """Total plays recorded in a DeviceBandit state (its counts per arm)."""
+    counts = state.get("counts") or state.get("plays") or state.get("n")
+    return int(sum(counts.values()) if isinstance(counts, dict) else sum(counts))
+
+
+def cut_back_to(out, done: int) -> None:
+    """The round checkpoint as a run interrupted after round `done` leaves it (what came after is gone)."""
+    import shutil
+
+    from llmprune.fedrecover import state_dir_for
+
+    state = state_dir_for(out)
+    meta = json.loads((state / "state.json").read_text())
+    meta["round"], meta["rounds"] = done, meta["rounds"][:done]
+    (state / "state.json").write_text(json.dumps(meta))
+    for path in state.iterdir():
+        number = path.name.removeprefix("round-").removeprefix("pruned-r").split(".")[0]
+        if number.isdigit() and int(number) > done:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(out)
+
+
+def assert_resumed_equal(ref, got) -> None:
+    from safetensors.numpy import load_file
+
+    from llmprune.fedrecover import state_dir_for
+
+    keys = ("round", "train_loss", "eval_perplexity", "bytes_up", "bytes_down")
+    assert [{k: r[k] for k in keys} for r in got.metrics["rounds"]] == [{k: r[k] for k in keys} for r in ref.metrics["rounds"]]
+    last = len(ref.metrics["rounds"])
+    a = load_file(str(state_dir_for(ref.out) / f"round-{last:03d}.safetensors"))
+    b = load_file(str(state_dir_for(got.out) / f"round-{last:03d}.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- DevFT in a simulation
+DEVFT = dict(clients=2, rounds=3, schedule="devft:1,2,all", aggregation="hetlora", **LEAN)
+
+
+@pytest.fixture(scope="module")
+def devft_run(pruned_ckpt, text_file, tmp_path_factory):
+    from .conftest import run_recover
+
+    return run_recover(pruned_ckpt, [text_file], tmp_path_factory.mktemp("devft") / "out", **DEVFT)
+
+
+def test_devft_stages_grow_and_hand_the_lora_to_group_members(devft_run):
+    from safetensors.numpy import load_file
+
+    from llmprune.fedrecover import state_dir_for
+    from llmprune.fedrecover.devft import Stage
+
+    run = devft_run
+    m = run.metrics
+    stages = [Stage.from_json(json.dumps(s)) for s in m["submodels"]["stages"]]
+    assert [len(s.anchors) for s in stages] == [1, 2, 3]
+    held = [sorted({tuple(c["submodel"]["layers"]) for c in r["clients"]}) for r in m["rounds"]]
+    assert held == [[stages[0].anchors], [stages[1].anchors], [(0, 1, 2)]]
+    up = [r["bytes_up"] for r in m["rounds"]]
+    assert up[0] < up[1] < up[2]      # a stage uploads only its anchors' LoRA
+    state = state_dir_for(run.out)
+    r1, r2 = (load_file(str(state / f"round-00{i}.safetensors")) for i in (1, 2))
+    a0 = stages[0].anchors[0]
+    # round 2 started from round 1's anchor spread over every layer; a layer that is no stage-2 anchor kept that copy
+    for layer in set(range(3)) - set(stages[1].anchors):
+        for key in (k for k in r1 if k.startswith(f"{a0}.")):
+            assert np.array_equal(r2[f"{layer}.{key.split('.', 1)[1]}"], r1[key])
+    assert all(isinstance(r["eval_perplexity"], float) for r in m["rounds"])
+
+
+def test_devft_resumes_across_a_stage_change_exactly(devft_run, pruned_ckpt, text_file, tmp_path):
+    import shutil
+
+    from llmprune.fedrecover import state_dir_for
+
+    from .conftest import run_recover
+
+    out = tmp_path / "out"
+    shutil.copytree(state_dir_for(devft_run.out), state_dir_for(out))
+    shutil.copytree(devft_run.out, out)
+    cut_back_to(out, 1)        # interrupted after stage 1: round 2 starts the next stage from the saved state
+    got = run_recover(pruned_ckpt, [text_file], out, **DEVFT, resume=True)
+    assert_resumed_equal(devft_run, got)
+    shutil.rmtree(out)
+    with pytest.raises(LLMPruneError, match=r"settings differ from the saved run \(rounds\)"):
+        run_recover(pruned_ckpt, [text_file], out, **{**DEVFT, "rounds": 4}, resume=True)
+
+
+# ---------------------------------------------------------------- prune-tune in a simulation
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory):
+    from llmprune.testing import tiny_checkpoint
+
+    return tiny_checkpoint(tmp_path_factory.mktemp("dense") / "tiny", "llama")
+
+
+@pytest.fixture(scope="module")
+def prune_tune_run(dense_ckpt, text_file, tmp_path_factory):
+    from .conftest import run_recover
+
+    return run_recover(dense_ckpt, [text_file], tmp_path_factory.mktemp("prune-tune") / "out",
+                       **prune_tune_settings(text_file))
+
+
+def prune_tune_settings(text_file) -> dict:
+    return dict(clients=2, rounds=2, target_ratio=0.3, prune_every=1, eval_data=str(text_file))
+
+
+def test_prune_tune_reprunes_between_rounds_and_ends_at_the_target(prune_tune_run, dense_ckpt):
+    import llmprune
+    from llmprune.fedrecover import state_dir_for
+    from llmprune.fedrecover.prune_tune import current_ratio
+
+    run = prune_tune_run
+    steps = run.metrics["prune_tune"]["steps"]
+    assert [s["before_round"] for s in steps] == [1, 2]
+    assert [s["ratio_target"] for s in steps] == pytest.approx([0.15, 0.3])
+    assert steps[-1]["ratio_achieved"] == pytest.approx(0.3, abs=0.02)
+    assert [bool(r.get("prune")) for r in run.metrics["rounds"]] == [True, True]
+    assert (state_dir_for(run.out) / "pruned-r002" / "config.json").is_file()
+    model, _ = llmprune.load(str(run.out))
+    dense, _ = llmprune.load(str(dense_ckpt))
+    assert current_ratio(model, run.metrics["prune_tune"]["dense_decoder_params"]) == pytest.approx(
+        steps[-1]["ratio_achieved"], abs=1e-9)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in dense.parameters())
+
+
+def test_prune_tune_resumes_on_the_repruned_checkpoint(prune_tune_run, dense_ckpt, text_file, tmp_path):
+    import shutil
+
+    from llmprune.fedrecover import state_dir_for
+
+    from .conftest import run_recover
+
+    out = tmp_path / "out"
+    shutil.copytree(state_dir_for(prune_tune_run.out), state_dir_for(out))
+    shutil.copytree(prune_tune_run.out, out)
+    cut_back_to(out, 1)        # the step before round 2 is redone from the round-1 state and pruned-r001
+    got = run_recover(dense_ckpt, [text_file], out, **prune_tune_settings(text_file), resume=True)
+    assert_resumed_equal(prune_tune_run, got)
+
+
+def test_a_target_below_the_checkpoint_ratio_is_refused_before_anything_starts(pruned_ckpt, text_file, tmp_path):
+    from .conftest import run_recover
+
+    with pytest.raises(LLMPruneError, match="below the checkpoint's ratio"):
+        run_recover(pruned_ckpt, [text_file], tmp_path / "out", target_ratio=0.05, eval_data=str(text_file))
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.rounds").exists()
+
+
+@pytest.mark.parametrize("schedule, message", [("devft:2,1", "does not grow"), ("devft:1,5", "exceeds")])
+def test_a_schedule_that_does_not_fit_the_model_is_refused_before_anything_starts(pruned_ckpt, text_file, tmp_path,
+                                                                                  schedule, message):
+    from .conftest import run_recover
+
+    with pytest.raises(LLMPruneError, match=message):
+        run_recover(pruned_ckpt, [text_file], tmp_path / "out", rounds=3, schedule=schedule)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.rounds").exists()
