@@ -19,20 +19,19 @@ trained), wall time, the fleet clock (per round the slowest returning device, as
 parallel on a real fleet, plus the server's own time), bytes and failures. Results:
 bench/results/adaptive.json and a section of docs/benchmarks.md. Nothing here asserts a timing.
 
-    python bench/adaptive.py             # about 45 minutes on 2 cores
-    python bench/adaptive.py --resume    # skip arms already in the results file
+    python bench/adaptive.py             # about 80 minutes on 2 cores (two pruning steps of ~250 s each)
+    python bench/adaptive.py --resume    # skip arms already in the results file (--reuse: finished runs, curves only)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, load_results, run_json, save_results  # noqa: E402
+from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_results  # noqa: E402
 from recover import EVAL, pruned_checkpoint, pydocs_train  # noqa: E402
 
 SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping, pruning steps, its evaluation
@@ -148,23 +147,11 @@ def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: f
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--local-steps", type=int, default=3)
+    p = recovery_parser(__doc__, "adaptive", rounds=4, local_steps=3, batch_size=2, max_windows=200, eval_windows=4)
     p.add_argument("--prune-every", type=int, default=2)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--max-windows", type=int, default=200, help="windows per data source (200)")
-    p.add_argument("--eval-windows", type=int, default=4, help="512-token windows per test corpus (4)")
     p.add_argument("--arms", nargs="*", default=list(ARMS))
-    p.add_argument("--resume", action="store_true", help="skip arms already in the results file")
     p.add_argument("--reuse", action="store_true", help="an arm whose run finished (OUT/metrics.json) only gets its "
                                                           "curve computed; its wall time is the server's")
-    p.add_argument("--results", type=Path, default=ROOT / "bench/results/adaptive.json")
-    p.add_argument("--work", type=Path, default=ROOT / "bench/work/adaptive")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = load_results(args.results) if args.resume else {}

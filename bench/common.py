@@ -63,3 +63,26 @@ def run_cli_measured(args: list[str], log_path: Path | None = None) -> tuple[dic
     """`llmprune ARGS --json` in a fresh process; (parsed stdout, wall seconds, peak RSS MiB)."""
     stdout, seconds, rss = run_measured(LLMPRUNE + ["-q", *args, "--json"], log_path)
     return json.loads(stdout), seconds, rss
+
+
+def recovery_parser(doc: str, name: str, *, rounds: int, local_steps: int, batch_size: int, max_windows: int,
+                    eval_windows: int):
+    """The arguments every federated-recovery benchmark shares (model, rounds, LoRA, batch, data
+    sizes, --resume, results and work paths), with that benchmark's defaults; add its own after."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--rounds", type=int, default=rounds)
+    p.add_argument("--local-steps", type=int, default=local_steps)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--max-windows", type=int, default=max_windows, help=f"windows per data source ({max_windows})")
+    p.add_argument("--eval-windows", type=int, default=eval_windows,
+                   help=f"512-token windows per test corpus ({eval_windows})")
+    p.add_argument("--resume", action="store_true", help="skip what the results file already holds")
+    p.add_argument("--results", type=Path, default=ROOT / f"bench/results/{name}.json")
+    p.add_argument("--work", type=Path, default=ROOT / f"bench/work/{name}")
+    return p

@@ -16,14 +16,13 @@ docs/benchmarks.md and docs/img/recover_ppl.png. Nothing here asserts a timing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, load_results, run_json, save_results  # noqa: E402
+from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_results  # noqa: E402
 
 EVAL = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs-tutorial": "pydocs/tutorial.txt"}
 PYDOCS_TRAIN = ("howto.txt", "faq.txt", "reference.txt")
@@ -121,21 +120,9 @@ def round_curve(pruned: Path, rounds_dir: Path, scale: float, args, with_initial
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m")
+    p = recovery_parser(__doc__, "recover", rounds=3, local_steps=15, batch_size=4, max_windows=600, eval_windows=8)
     p.add_argument("--clients", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=15)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-windows", type=int, default=600, help="windows per data source (600)")
-    p.add_argument("--eval-windows", type=int, default=8, help="512-token windows per test corpus (8)")
     p.add_argument("--aggregation", default="fedavg")
-    p.add_argument("--resume", action="store_true", help="skip steps already in the results file")
-    p.add_argument("--results", type=Path, default=ROOT / "bench/results/recover.json")
-    p.add_argument("--work", type=Path, default=ROOT / "bench/work/recover")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = load_results(args.results) if args.resume else {}

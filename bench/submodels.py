@@ -21,14 +21,13 @@ docs/img/submodels.png. Nothing here asserts a timing.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED, load_results, run_json, save_results  # noqa: E402
+from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_results  # noqa: E402
 from recover import EVAL, pruned_checkpoint, pydocs_train, round_curve  # noqa: E402
 SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping and per-round evaluation
 # Client i holds domain i mod 2 (wiki, pydocs): strong devices on WikiText-2, weak ones on the docs.
@@ -107,20 +106,8 @@ def device_table(metrics: dict) -> list[dict]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="gemma-3-270m")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--local-steps", type=int, default=5)
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--max-windows", type=int, default=300, help="windows per data source (300)")
-    p.add_argument("--eval-windows", type=int, default=8, help="512-token windows per test corpus (8)")
+    p = recovery_parser(__doc__, "submodels", rounds=3, local_steps=5, batch_size=2, max_windows=300, eval_windows=8)
     p.add_argument("--arms", nargs="*", default=list(ARMS))
-    p.add_argument("--resume", action="store_true", help="skip arms already in the results file")
-    p.add_argument("--results", type=Path, default=ROOT / "bench/results/submodels.json")
-    p.add_argument("--work", type=Path, default=ROOT / "bench/work/submodels")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = load_results(args.results) if args.resume else {}

@@ -86,9 +86,7 @@ class DeviceEmulation:
         is what it is: nothing is emulated."""
         if not (cfg.emulate_speed and cfg.fleet and simulation):
             return cls()
-        from .fleet import load_fleet
-
-        devices = load_fleet(cfg.fleet)
+        devices = _fleet_devices(cfg.fleet)
         dev = next((d for d in devices if d.name == device), None) or devices[pid % len(devices)]
         return cls(dev.speed, dev.oom_mb)
 
@@ -140,6 +138,14 @@ def lean_training(path: str, arrays: dict, windows: torch.Tensor, round_config, 
         del model
     return submodel.to_global(trained), loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before,
                                                "loss-first": gain["loss_first"], "loss-last": gain["loss_last"]}
+
+
+@lru_cache(maxsize=2)
+def _fleet_devices(path: str) -> tuple:
+    """The fleet file's devices, read once per process (a client asks every round)."""
+    from .fleet import load_fleet
+
+    return tuple(load_fleet(path))
 
 
 @lru_cache(maxsize=4)
