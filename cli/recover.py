@@ -4,22 +4,78 @@ round's adapter to OUT.rounds/ (for --resume)."""
 
 from __future__ import annotations
 
+import argparse
+
 from .common import emit_json
+
+EXAMPLES = """examples:
+  # 4 simulated devices, 3 rounds, every device trains LoRA on every layer
+  llmprune recover --model pruned-gemma --data ../shared/data/wikitext2/wiki.valid.tokens --out recovered
+
+  # a fleet of devices with memory budgets: rank and depth per device, mixed ranks averaged by HetLoRA
+  llmprune recover --model pruned-gemma --data wiki.txt docs/ --out recovered --fleet fleet.toml \\
+      --aggregation hetlora --partition domain --rounds 5
+
+  # weak devices train memory-sized submodels, chosen per device by a bandit (FedSpine)
+  llmprune recover --model pruned-gemma --data wiki.txt --out recovered --fleet fleet.toml --policy bandit \\
+      --aggregation hetlora --client-dtype bfloat16 --client-embedding int8 --eval-data held-out.txt
+"""
 
 
 def add_parser(sub) -> None:
-    from llmprune.fedrecover.config import RecoverConfig
-    from llmprune.options import add_config_arguments
+    from llmprune.fedrecover.config import SECTIONS, RecoverConfig, TrainingConfig, FleetConfig
+    from llmprune.fedrecover.policies import POLICIES
+    from llmprune.options import add_config_arguments, cli_fields, dest_of
 
-    p = sub.add_parser("recover", help="federated LoRA recovery of a pruned model (Flower simulation)", description=__doc__)
-    p.add_argument("--model", required=True, help="checkpoint folder (from `llmprune compress`, or any HF model folder)")
-    p.add_argument("--data", required=True, nargs="+", help="client data: files, folders or HF datasets; each is a domain")
-    p.add_argument("--out", required=True, help="output folder: merged model + metrics.json")
-    add_config_arguments(p, RecoverConfig)   # --clients, --rounds, --aggregation ...: fields, defaults and help
-    p.add_argument("--resume", action="store_true", help="continue the run whose rounds are in OUT.rounds/")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and earlier rounds")
-    p.add_argument("--json", action="store_true", help="print metrics as JSON on stdout")
+    p = sub.add_parser("recover", help="federated LoRA recovery of a pruned model (Flower simulation)",
+                       description=__doc__, epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    first = p.add_argument_group("the essentials")
+    first.add_argument("--model", required=True, help="checkpoint folder (from `llmprune compress`, or any HF model folder)")
+    first.add_argument("--data", required=True, nargs="+", help="client data: files, folders or HF datasets; each is a domain")
+    first.add_argument("--out", required=True, help="output folder: merged model + metrics.json")
+    essentials = ("clients", "rounds")
+    for cls in (FleetConfig, TrainingConfig):
+        add_config_arguments(first, cls, exclude=tuple(f.name for f in cli_fields(cls) if f.name not in essentials))
+    policy = p.add_argument_group("who trains what each round: the policy and its own settings")
+    policy.add_argument("--policy", choices=tuple(POLICIES), default=None, metavar="NAME",
+                        help="; ".join(f"{name}: {cls.summary}" for name, cls in POLICIES.items()) + " (default: plan)")
+    added = {"policy"}
+    for name, cls in POLICIES.items():
+        fields = [f for f in cli_fields(cls.config_class) if dest_of(f) not in added]
+        if fields:
+            group = p.add_argument_group(f"--policy {name}")
+            add_config_arguments(group, cls.config_class, exclude=tuple(added))
+            added.update(dest_of(f) for f in fields)
+    for section, cls in SECTIONS.items():
+        add_config_arguments(p.add_argument_group(cls.__doc__.strip().rstrip(".").lower()), cls,
+                             exclude=essentials if cls in (FleetConfig, TrainingConfig) else ())
+    add_config_arguments(p.add_argument_group("reproducibility"), RecoverConfig)
+    run_group = p.add_argument_group("the run")
+    run_group.add_argument("--resume", action="store_true", help="continue the run whose rounds are in OUT.rounds/")
+    run_group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and earlier rounds")
+    run_group.add_argument("--json", action="store_true", help="print metrics as JSON on stdout")
     p.set_defaults(run=run)
+
+
+def config_from_flags(args):
+    """The RecoverConfig the flags describe; a setting of a policy other than --policy is refused
+    naming the policy it belongs to."""
+    from llmprune.errors import LLMPruneError
+    from llmprune.fedrecover.config import RecoverConfig, flat_fields
+    from llmprune.fedrecover.policies import POLICIES, get_policy
+    from llmprune.options import cli_fields, dest_of, flag_of
+
+    chosen = get_policy(args.policy or "plan")
+    own = {dest_of(f) for f in cli_fields(chosen.config_class)}
+    given = {dest: getattr(args, dest) for dest in own if getattr(args, dest, None) is not None}
+    given.update({dest: getattr(args, dest) for dest, (_, f) in flat_fields().items()
+                  if f.metadata.get("cli", True) and getattr(args, dest, None) is not None})
+    for name, cls in POLICIES.items():
+        for f in cli_fields(cls.config_class):
+            if dest_of(f) not in own and getattr(args, dest_of(f), None) is not None:
+                raise LLMPruneError(f"{flag_of(f)} is a setting of --policy {name}, not of --policy {chosen.name}",
+                                    f"add --policy {name}, or leave {flag_of(f)} out")
+    return RecoverConfig.of(policy=chosen.name, **given)
 
 
 def run(args) -> int:
@@ -27,10 +83,9 @@ def run(args) -> int:
     import logging
     import sys
 
-    from llmprune.fedrecover import RecoverConfig, recover
-    from llmprune.options import config_from_args
+    from llmprune.fedrecover import recover
 
-    config = config_from_args(RecoverConfig, args)
+    config = config_from_flags(args)
     # stdout carries only the result: ray prints notes of its workers there during the run
     with contextlib.redirect_stdout(sys.stderr), _one_interrupt():
         result = recover(args.model, args.data, config, args.out, resume=args.resume, overwrite=args.overwrite,
@@ -109,7 +164,8 @@ def _exit_interrupted(exc: BaseException) -> None:
     import os
     import sys
 
-    from llmprune.fedrecover.pipeline import RecoverInterrupted, kill_children
+    from llmprune.fedrecover.pipeline import RecoverInterrupted
+    from llmprune.fedrecover.simulation import kill_children
 
     message = str(exc) if isinstance(exc, RecoverInterrupted) and str(exc) else "interrupted — nothing was written"
     kill_children()

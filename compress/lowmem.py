@@ -14,20 +14,23 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.arch import adapter_for, base_model
 from llmprune.checkpoint import (
-    MODELING_FILE, REPORT_FILE, atomic_output_dir, check_modeling_file, is_pruned_config, layer_shape, model_class,
+    MODELING_FILE, REPORT_FILE, atomic_output_dir, check_modeling_file, is_pruned_config, layer_shape,
     modeling_source, our_auto_map, pruned_spec, scrub_foreign_code, stock_class,
 )
 from llmprune.errors import LLMPruneError
 from llmprune.meta_init import prefix_of as _prefix_of, reset_buffers as _reset_buffers
 from llmprune.models import load_config, load_tokenizer, resolve_model_spec
 from llmprune.params import parameter_breakdown
+from llmprune.paths import printable
+from llmprune.reader import (
+    TensorEntry, checkpoint_entries, find_tensor, gather_rows, load_tensor, meta_model, row_blocks,
+)
 
 from .calibration import block_influence, capture_inputs, collect_grams, run_layer
 from .config import CompressConfig
@@ -37,46 +40,19 @@ from .safetensors_io import copy_tensors
 log = logging.getLogger(__name__)
 
 
-class LazyCheckpoint:
-    """Tensor name -> file for a (possibly sharded) safetensors folder; tensors read on demand."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            self.files = {k: folder / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-        elif (folder / "model.safetensors").is_file():
-            with safe_open(folder / "model.safetensors", "pt") as f:
-                self.files = {k: folder / "model.safetensors" for k in f.keys()}
-        else:
-            raise LLMPruneError(f"--low-memory needs safetensors weights in '{folder}'", "save the model with safe_serialization=True")
-
-    def names(self, prefix: str) -> list[str]:
-        return [k for k in self.files if k.startswith(prefix)]
-
-    def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.files[name], "pt") as f:
-            return f.get_tensor(name)
-
-    def rows(self, name: str, ids: torch.Tensor) -> torch.Tensor:
-        """Selected rows of a 2-D tensor without reading the whole tensor."""
-        with safe_open(self.files[name], "pt") as f:
-            view = f.get_slice(name)
-            return torch.stack([view[int(i) : int(i) + 1][0] for i in ids])
-
-
-def _materialise(module: nn.Module, ckpt: LazyCheckpoint, prefix: str, dtype: torch.dtype) -> None:
-    """Allocate a meta module on the CPU and fill its parameters from the checkpoint (buffers are
-    recomputed by _reset_buffers)."""
+def _materialise(module: nn.Module, entries: dict[str, TensorEntry], folder: Path, prefix: str,
+                 dtype: torch.dtype) -> None:
+    """Allocate a meta module on the CPU and fill its parameters from the checkpoint, each read and
+    converted a row chunk at a time (buffers are recomputed by _reset_buffers)."""
     module.to_empty(device="cpu")
     for name, param in module.named_parameters():
-        tensor = ckpt.get(prefix + name).to(dtype)
+        tensor = load_tensor(find_tensor(entries, prefix + name, folder, tuple(param.shape)), dtype)
         with torch.no_grad():
             param.data = tensor
 
 
-def _head_loss(hidden: torch.Tensor, ids: torch.Tensor, norm: nn.Module, ckpt: LazyCheckpoint, head_name: str,
-               softcap, vocab_chunk: int = 16384) -> float:
+def _head_loss(hidden: torch.Tensor, ids: torch.Tensor, norm: nn.Module, head: TensorEntry, softcap,
+               vocab_chunk: int = 16384) -> float:
     """Mean next-token NLL from final hidden states, reading the LM head from the checkpoint a
     slice of the vocabulary at a time (running log-sum-exp), so the head never sits in memory."""
     with torch.inference_mode():
@@ -84,20 +60,17 @@ def _head_loss(hidden: torch.Tensor, ids: torch.Tensor, norm: nn.Module, ckpt: L
         targets = ids[:, 1:].reshape(-1)
         lse = torch.full((h.shape[0],), float("-inf"), dtype=torch.float64)
         target_logit = torch.zeros(h.shape[0], dtype=torch.float64)
-        with safe_open(ckpt.files[head_name], "pt") as f:
-            view = f.get_slice(head_name)
-            vocab = view.get_shape()[0]
-            for lo in range(0, vocab, vocab_chunk):
-                w = view[lo : lo + vocab_chunk].float()
-                for t in range(0, h.shape[0], 512):
-                    logits = h[t : t + 512] @ w.T
-                    if softcap:
-                        logits = torch.tanh(logits / softcap) * softcap
-                    lse[t : t + 512] = torch.logaddexp(lse[t : t + 512], torch.logsumexp(logits.double(), dim=1))
-                    local = targets[t : t + 512] - lo
-                    hit = (local >= 0) & (local < w.shape[0])
-                    rows = torch.nonzero(hit).flatten()
-                    target_logit[t + rows] = logits[rows, local[rows]].double()
+        for lo, block in row_blocks(head, vocab_chunk):
+            w = block.float()
+            for t in range(0, h.shape[0], 512):
+                logits = h[t : t + 512] @ w.T
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                lse[t : t + 512] = torch.logaddexp(lse[t : t + 512], torch.logsumexp(logits.double(), dim=1))
+                local = targets[t : t + 512] - lo
+                hit = (local >= 0) & (local < w.shape[0])
+                rows = torch.nonzero(hit).flatten()
+                target_logit[t + rows] = logits[rows, local[rows]].double()
     return float((lse - target_logit).mean())
 
 
@@ -119,14 +92,15 @@ class StreamedSource:
         self.folder, self.description, self.cfg = Path(source.path), str(spec), cfg
         self.config = load_config(source)
         self.tokenizer = load_tokenizer(source)
-        self.ckpt = LazyCheckpoint(self.folder)
+        self.entries = checkpoint_entries(self.folder, source.fix)  # every header checked, no weight read
+        if self.entries is None:
+            raise LLMPruneError(f"--low-memory needs safetensors weights in '{printable(self.folder)}'",
+                                "save the model with safe_serialization=True")
         self.config._attn_implementation = "sdpa"
         self.stock = stock_class(self.config)
         if is_pruned_config(self.config):
             check_modeling_file(self.folder, self.stock)  # a tampered modeling file: refused as llmprune.load does
-        with torch.device("meta"):
-            self.meta = model_class(self.config)(self.config)
-        self.meta.eval()
+        self.meta = meta_model(self.config).eval()
         self.params_before = parameter_breakdown(self.meta)  # from shapes: nothing is read
         self.base = base_model(self.meta)
         self.layers = adapter_for(self.meta).decoder_layers(self.meta)
@@ -135,8 +109,8 @@ class StreamedSource:
         self._stream = None
         softcap = getattr(self.config, "final_logit_softcapping", None)
         tied = getattr(self.config, "tie_word_embeddings", False)
-        head = self.prefix + "embed_tokens.weight" if tied else "lm_head.weight"
-        self.head_loss = lambda hidden, ids: _head_loss(hidden, ids, self.base.norm, self.ckpt, head, softcap)
+        head = find_tensor(self.entries, self.prefix + "embed_tokens.weight" if tied else "lm_head.weight", self.folder)
+        self.head_loss = lambda hidden, ids: _head_loss(hidden, ids, self.base.norm, head, softcap)
 
     def stream(self, calib: torch.Tensor, held_out: torch.Tensor):
         """The embedded windows and every layer's call arguments (computed once per window set):
@@ -146,10 +120,11 @@ class StreamedSource:
             vocab, remapped = torch.unique(all_ids, return_inverse=True)
             embed = self.base.get_input_embeddings()
             embed.to_empty(device="cpu")
-            embed.weight = nn.Parameter(self.ckpt.rows(self.prefix + "embed_tokens.weight", vocab).float(), requires_grad=False)
+            table = find_tensor(self.entries, self.prefix + "embed_tokens.weight", self.folder)
+            embed.weight = nn.Parameter(gather_rows(table, vocab).float(), requires_grad=False)
             for name, child in self.base.named_children():
                 if name not in ("layers", "embed_tokens"):
-                    _materialise(child, self.ckpt, f"{self.prefix}{name}.", torch.float32)
+                    _materialise(child, self.entries, self.folder, f"{self.prefix}{name}.", torch.float32)
             _reset_buffers(self.base, self.config)
             captured = capture_inputs(self.meta, remapped, self.cfg.batch_size)
             embed.weight = nn.Parameter(torch.empty(0, 0), requires_grad=False)
@@ -157,7 +132,7 @@ class StreamedSource:
         return self._stream[1]
 
     def load_layer(self, i: int) -> nn.Module:
-        _materialise(self.layers[i], self.ckpt, f"{self.prefix}layers.{i}.", torch.float32)
+        _materialise(self.layers[i], self.entries, self.folder, f"{self.prefix}layers.{i}.", torch.float32)
         return self.layers[i]
 
     def release(self, i: int) -> None:
@@ -199,16 +174,14 @@ class StreamedSource:
     def commit(self, calibration, plan, layer_pass: "_ShardPass", details: dict, sink: Path) -> dict:
         """Copy what is outside the decoder layers, write config.json; the parameters after, from a
         meta model of the pruned config."""
-        rest = {k: self.ckpt.files[k] for k in self.ckpt.files if not k.startswith(f"{self.prefix}layers.")}
-        layer_pass.total_size += copy_tensors(rest, sink / "model-rest.safetensors")
+        rest = {k: e for k, e in self.entries.items() if not k.startswith(f"{self.prefix}layers.")}
+        layer_pass.total_size += copy_tensors(rest.values(), sink / "model-rest.safetensors")
         layer_pass.weight_map.update({k: "model-rest.safetensors" for k in rest})
         index = {"metadata": {"total_size": layer_pass.total_size}, "weight_map": layer_pass.weight_map}
         (sink / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
         kept = [i for i in range(calibration.n_layers) if i not in plan.drop]
         _write_config(self.config, self.stock, kept, layer_pass.shapes, [self.layer_map[i] for i in kept], sink, self.folder)
-        with torch.device("meta"):
-            pruned = model_class(self.config)(self.config)
-        return parameter_breakdown(pruned)
+        return parameter_breakdown(meta_model(self.config))
 
     def write(self, report: dict, sink: Path, out, overwrite: bool, calibration, plan) -> None:
         self.tokenizer.save_pretrained(sink)

@@ -20,118 +20,44 @@ import copy
 import ctypes
 import gc
 import inspect
-import json
 import logging
-import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from llmprune.arch import adapter_for, base_model
-from llmprune.checkpoint import check_modeling_file, is_pruned_config, model_class, stock_class
-from llmprune.meta_init import prefix_of as _prefix_of, read_header, reset_buffers as _reset_buffers
+from llmprune.checkpoint import check_modeling_file, is_pruned_config, stock_class
 from llmprune.errors import LLMPruneError
+from llmprune.meta_init import prefix_of as _prefix_of, reset_buffers as _reset_buffers
 from llmprune.models import load_config
+from llmprune.paths import printable
+from llmprune.reader import TensorEntry, checkpoint_entries, find_tensor, load_tensor, meta_model, row_blocks
 
 from .submodels import Submodel
 
 log = logging.getLogger(__name__)
 
 EMBEDDINGS = ("same", "int8")
-CHUNK_BYTES = 16 * 1024 * 1024  # stored bytes converted at a time: the only transient copy of a tensor
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_DTYPES = ("F32", "BF16", "F16")  # stored dtypes a device model is read from
 _LAYER_NAME = re.compile(r"^(?P<head>.*?layers\.)(?P<index>\d+)(?P<tail>\..+)$")
 
 
-# --- reading safetensors without mmap --------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one stored tensor's bytes are: absolute file offset, dtype and shape from the header."""
-
-    name: str
-    path: Path
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-    nbytes: int
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0] if self.shape else 1
-
-    @property
-    def row_bytes(self) -> int:
-        return self.nbytes // self.rows if self.rows else 0
-
+# --- reading the checkpoint (llmprune.reader: plain file reads, no mmap) --------------------------
 
 def index_checkpoint(folder: Path) -> dict[str, TensorEntry]:
-    """Tensor name -> TensorEntry for a (possibly sharded) safetensors folder; reads headers only."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (folder / "model.safetensors").is_file():
-        files = [folder / "model.safetensors"]
-    else:
-        raise LLMPruneError(f"no safetensors weights in '{folder}'", "save the model with safe_serialization=True")
-    entries = {}
-    for path in files:
-        header, data_start = read_header(path)
-        for name, info in header.items():
-            if name != "__metadata__":
-                entries[name] = _entry(name, path, info, data_start)
+    """Tensor name -> TensorEntry for a (possibly sharded) safetensors folder, every file checked
+    whole; reads headers only. A device computes in floating point: other stored dtypes are refused."""
+    entries = checkpoint_entries(folder)
+    if entries is None:
+        raise LLMPruneError(f"no safetensors weights in '{printable(folder)}'", "save the model with safe_serialization=True")
+    for entry in entries.values():
+        if entry.dtype not in _DTYPES:
+            raise LLMPruneError(f"tensor '{entry.name}' in '{printable(entry.path)}' is stored as {entry.dtype}",
+                                f"store the checkpoint in one of {', '.join(_DTYPES)}")
     return entries
-
-
-def _entry(name: str, path: Path, info: dict, data_start: int) -> TensorEntry:
-    if info["dtype"] not in _DTYPES:
-        raise LLMPruneError(f"tensor '{name}' in '{path}' is stored as {info['dtype']}",
-                            f"store the checkpoint in one of {', '.join(_DTYPES)}")
-    dtype, shape = _DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
-    begin, end = info["data_offsets"]
-    if end - begin != math.prod(shape) * dtype.itemsize:
-        raise LLMPruneError(f"tensor '{name}' in '{path}' has {end - begin} bytes for shape {list(shape)}",
-                            "the file is damaged: write the checkpoint again")
-    return TensorEntry(name, path, dtype, shape, data_start + begin, end - begin)
-
-
-def read_rows(entry: TensorEntry, lo: int, hi: int) -> torch.Tensor:
-    """Rows [lo, hi) of a stored tensor, in its stored dtype, read with plain file reads (no mmap).
-    Every weight byte `load_submodel` reads passes through here."""
-    size = (hi - lo) * entry.row_bytes
-    buf = torch.empty(size, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
-    with open(entry.path, "rb", buffering=0) as f:
-        f.seek(entry.offset + lo * entry.row_bytes)
-        done = 0
-        while done < size:
-            n = f.readinto(view[done:])
-            if not n:
-                raise LLMPruneError(f"'{entry.path}' ends inside tensor '{entry.name}'",
-                                    "the file is truncated: copy or write the checkpoint again")
-            done += n
-    return buf.view(entry.dtype).reshape((hi - lo, *entry.shape[1:]) if entry.shape else ())
-
-
-def _row_chunks(entry: TensorEntry):
-    step = max(1, CHUNK_BYTES // max(1, entry.row_bytes))
-    for lo in range(0, entry.rows, step):
-        yield lo, min(entry.rows, lo + step)
-
-
-def load_tensor(entry: TensorEntry, dtype: torch.dtype) -> torch.Tensor:
-    """The whole tensor in `dtype`, converted a row chunk at a time into a preallocated tensor:
-    no full copy in the stored dtype ever exists beside it."""
-    if not entry.shape:
-        return read_rows(entry, 0, 1).to(dtype)
-    out = torch.empty(entry.shape, dtype=dtype)
-    for lo, hi in _row_chunks(entry):
-        out[lo:hi] = read_rows(entry, lo, hi)
-    return out
 
 
 def load_int8_rows(entry: TensorEntry) -> tuple[torch.Tensor, torch.Tensor]:
@@ -141,8 +67,8 @@ def load_int8_rows(entry: TensorEntry) -> tuple[torch.Tensor, torch.Tensor]:
         raise LLMPruneError(f"'{entry.name}' is not a matrix", "int8 storage is for the embedding only")
     q = torch.empty(entry.shape, dtype=torch.int8)
     scales = torch.empty(entry.shape[0], dtype=torch.float32)
-    for lo, hi in _row_chunks(entry):
-        q[lo:hi], scales[lo:hi] = quantize_rows(read_rows(entry, lo, hi))
+    for lo, rows in row_blocks(entry):
+        q[lo : lo + len(rows)], scales[lo : lo + len(rows)] = quantize_rows(rows)
     return q, scales
 
 
@@ -360,22 +286,12 @@ def _global_name(name: str, layer_prefix: str, held: tuple[int, ...]) -> str:
     return f"{match['head']}{held[int(match['index'])]}{match['tail']}"
 
 
-def _lookup(entries: dict[str, TensorEntry], name: str, shape: tuple[int, ...], folder: Path) -> TensorEntry:
-    if name not in entries:
-        raise LLMPruneError(f"'{folder}' has no tensor '{name}'", "the checkpoint does not match its config")
-    entry = entries[name]
-    if entry.shape != tuple(shape):
-        raise LLMPruneError(f"tensor '{name}' in '{folder}' has shape {list(entry.shape)}, the config says {list(shape)}",
-                            "the checkpoint does not match its config")
-    return entry
-
-
 def _load_embedding(model: nn.Module, entries: dict, prefix: str, folder: Path, dtype: torch.dtype,
                     embedding: str) -> None:
     """The input embedding, and the LM head when tied to it (one storage for both)."""
     base = base_model(model)
     meta = base.embed_tokens
-    entry = _lookup(entries, f"{prefix}embed_tokens.weight", tuple(meta.weight.shape), folder)
+    entry = find_tensor(entries, f"{prefix}embed_tokens.weight", folder, tuple(meta.weight.shape))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     if embedding == "int8":
         q, scales = load_int8_rows(entry)
@@ -400,7 +316,8 @@ def _load_parameters(model: nn.Module, entries: dict, folder: Path, name_of, dty
             if id(param) in done:
                 module._parameters[p_name] = done[id(param)]
                 continue
-            entry = _lookup(entries, name_of(f"{mod_name}.{p_name}" if mod_name else p_name), tuple(param.shape), folder)
+            entry = find_tensor(entries, name_of(f"{mod_name}.{p_name}" if mod_name else p_name), folder,
+                                tuple(param.shape))
             new = nn.Parameter(load_tensor(entry, dtype), requires_grad=False)
             module._parameters[p_name] = done[id(param)] = new
             total += entry.nbytes
@@ -477,8 +394,7 @@ def load_submodel(folder: str | os.PathLike, submodel: Submodel, *, dtype: torch
         check_modeling_file(folder, stock_class(config))  # a tampered modeling file: refused as load_model does
     device_config = submodel_config(config, submodel)
     entries = index_checkpoint(folder)
-    with torch.device("meta"):
-        model = model_class(device_config)(device_config)
+    model = meta_model(device_config)
     partial = _install_skips(model, submodel)
     prefix = _prefix_of(model, base_model(model))
     _load_embedding(model, entries, prefix, folder, dtype, embedding)

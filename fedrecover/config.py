@@ -1,104 +1,83 @@
-"""RecoverConfig: every knob of federated LoRA recovery, declared once (default + help, from which
-the CLI flags, the Flower app's run config and its pyproject.toml come), validated once; and
-RunSettings: where this run reads and writes (model, out, state-dir, ...), which travel in the
-same flat `[tool.flwr.app.config]` (the same keys in simulation and on a real fleet)."""
+"""RecoverConfig: every knob of federated LoRA recovery, declared once with its default, help,
+parser and resume rule, in small sections (data, training, fleet, privacy) plus the chosen
+policy's own config (policies/). From these fields come the CLI flags (grouped by section), the
+Flower run config (dotted keys: `training.rounds`, `policy.bandit.arm-sizes`), the app's
+pyproject.toml, and what `--resume` must match. RunSettings: where a run reads and writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import numbers
-from dataclasses import asdict, dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
 
 from llmprune.errors import LLMPruneError
-from llmprune.options import fraction, non_negative_float, non_negative_int, option, positive_float, positive_int
+from llmprune.options import (
+    coerce_fields, dest_of, flag_of, fraction, int_at_least, non_negative_float, non_negative_int, one_of, option,
+    positive_float, positive_int,
+)
 
 from .aggregations import AGGREGATIONS, get_aggregation
 from .aggregations.base import names_text, secagg_names
+from .faults import Fault, parse_faults
+from .partition import Partition
+from .policies import POLICIES, PolicyConfig, get_policy, policy_of
 
 FLEET_ROUND_TIMEOUT = 600.0   # seconds: a real fleet's default straggler timeout (simulation: none)
-
-
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-__all__ = ["AGGREGATIONS", "TARGET_MODULES", "RecoverConfig", "RunSettings", "parse_run_config"]
+__all__ = ["AGGREGATIONS", "SECTIONS", "TARGET_MODULES", "DataConfig", "FleetConfig", "PrivacyConfig",
+           "RecoverConfig", "RunSettings", "TrainingConfig", "parse_run_config"]
+
+
+def _aggregation(text: str) -> str:
+    if text not in AGGREGATIONS:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"unknown aggregation '{text}' (use one of {', '.join(AGGREGATIONS)})")
+    return str(text)
 
 
 @dataclass
-class RecoverConfig:
-    """Federated LoRA recovery of a pruned checkpoint (see docs/recover.md)."""
+class DataConfig:
+    """Client data and the server's evaluation text."""
 
-    clients: int = option(4, parse=positive_int, help="simulated devices (on a fleet: the SuperNodes the server waits "
-                                                     "for and plans devices for)")
-    rounds: int = option(3, parse=positive_int, help="federated rounds")
-    partition: str = option("iid", help="how the data is split across clients: iid | dirichlet:ALPHA | domain")
-    aggregation: str = option("fedavg", choices=lambda: tuple(AGGREGATIONS),
-                              help="server aggregation: fedavg (equal ranks), hetlora or flexlora (mixed ranks)")
-    fraction: float = option(1.0, parse=fraction, help="share of clients sampled per round")
-    min_clients: int | None = option(None, parse=positive_int, default_text="half the sampled, at least 1",
-                                     help="replies needed to apply a round")
+    partition: Partition = option(Partition(), parse=Partition.parse, metavar="iid|domain|dirichlet:ALPHA",
+                                  help="how the data is split across clients: iid | domain | dirichlet:ALPHA")
+    seq_len: int = option(256, parse=int_at_least(8), help="tokens per window")
+    max_windows: int | None = option(None, parse=positive_int, default_text="all",
+                                     help="at most this many windows per data source, before partitioning")
+    eval_data: str | None = option(None, resume="free", default_text="windows held out of the data; none on a fleet",
+                                   help="server-side evaluation text file")
+    eval_windows: int = option(4, parse=positive_int, resume="free", help="evaluation windows")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+
+@dataclass
+class TrainingConfig:
+    """What each round trains: LoRA shape, optimiser, aggregation."""
+
+    rounds: int = option(3, parse=positive_int, resume="grow", help="federated rounds")
     local_steps: int = option(10, parse=positive_int, help="optimizer steps per client per round (scaled by device speed)")
     lora_rank: int = option(8, parse=positive_int, help="LoRA rank; with a fleet file the largest rank")
     lora_alpha: float | None = option(None, parse=positive_float, default_text="2 x lora-rank",
                                       help="LoRA alpha: scale = alpha / lora-rank for every client")
-    lora_dropout: float = option(0.0, cli=False, help="LoRA dropout during client training")
+    lora_dropout: float = option(0.0, parse=non_negative_float, cli=False, resume="free",
+                                 help="LoRA dropout during client training")
     target_modules: tuple[str, ...] = option(default_factory=lambda: TARGET_MODULES, cli=False,
                                              help="linear layers that get LoRA (comma-separated)")
     lr: float = option(2e-4, parse=positive_float, help="client learning rate")
     batch_size: int = option(4, parse=positive_int, help="windows per optimizer step")
-    seq_len: int = option(256, parse=positive_int, help="tokens per window")
-    max_windows: int | None = option(None, parse=positive_int, default_text="all",
-                                     help="at most this many windows per data source, before partitioning")
-    eval_data: str | None = option(None, default_text="windows held out of the data; none on a fleet",
-                                   help="server-side evaluation text file")
-    eval_windows: int = option(4, parse=positive_int, help="evaluation windows")
-    fleet: str | None = option(None, default_text="none: every client trains lora-rank on all layers",
-                               help="TOML/JSON fleet file of devices with memory_mb (and speed): rank and depth per device")
-    submodels: bool = option(False, help="FedPruner: every device trains a submodel of the layers whose training fits "
-                                         "its memory_mb, re-drawn each round (needs --fleet)")
-    submodel_granularity: str = option("layer", choices=("layer", "sublayer"),
-                                       help="what a submodel drops: whole layers, or attention and MLP blocks apart")
-    client_dtype: str = option("float32", choices=("float32", "bfloat16"),
-                               help="frozen base weights on the devices (bfloat16 halves them; LoRA stays float32)")
-    client_embedding: str = option("same", choices=("same", "int8"),
-                                   help="the vocabulary table on the devices: as the layers, or int8 rows with a scale each")
-    skip_unfit: bool = option(False, help="leave out devices that nothing fits (listed in metrics.json 'refused') "
-                                          "instead of stopping")
-    policy: str = option("plan", choices=("plan", "bandit"),
-                         help="who trains what each round: the fleet plan, or a per-device UCB bandit over "
-                              "(submodel size, LoRA rank) arms learning from each round's loss gain per second (FedSpine)")
-    arm_sizes: str = option("0.25,0.5,0.75,1", help="bandit arms: submodel sizes as shares of the model's units")
-    arm_ranks: str = option("", default_text="lora-rank/4, lora-rank/2, lora-rank",
-                            help="bandit arms: LoRA ranks (each at most --lora-rank)")
-    bandit_exploration: float = option(0.5, parse=non_negative_float,
-                                       help="bandit: weight of the UCB exploration bonus")
-    straggler_weight: float = option(0.5, parse=non_negative_float,
-                                     help="bandit: reward penalty per unit of round time beyond the round's median")
-    target_ratio: float | None = option(None, parse=positive_float, default_text="no further pruning",
-                                        help="prune-tune: the decoder ratio (of the dense model) the run ends at")
-    prune_every: int | None = option(None, parse=positive_int, default_text="once, before the first round",
-                                     help="prune-tune: rounds between pruning steps toward --target-ratio")
-    prune_data: str | None = option(None, default_text="--eval-data",
-                                    help="prune-tune: the server's calibration text for each pruning step")
-    schedule: str = option("", default_text="none: every round trains the whole model",
-                           help="staged growth (DevFT): devft:S1,S2,... representative layers per stage, e.g. devft:4,8,all")
-    devft_beta: float = option(0.2, parse=non_negative_float,
-                               help="DevFT: damping of the members' differences in a fused layer")
-    emulate_speed: bool = option(False, help="simulation: a device with speed s < 1 sleeps (1/s - 1) x each step's time, "
-                                             "and one with oom_mb fails past it (its true, undeclared limit)")
-    round_timeout: float | None = option(None, parse=positive_float,
-                                         default_text=f"none in simulation (every sampled client is waited for); "
-                                                      f"{FLEET_ROUND_TIMEOUT:.0f} on a fleet",
-                                         help="straggler timeout per round, seconds: replies later than this are left out")
-    node_timeout: float = option(120.0, cli=False, help="seconds the server waits for the SuperNodes to connect")
-    seed: int = option(0, parse=non_negative_int, help="seed for sampling, partitions, LoRA init and training (0 or more)")
-    secagg: bool = option(False, help="Flower SecAgg+: the server only sees the sum of the uploads")
-    dp_clip: float | None = option(None, parse=positive_float, default_text="no differential privacy",
-                                   help="central DP: clip each client's update to this L2 norm")
-    dp_noise: float = option(0.0, parse=non_negative_float, help="central DP: noise multiplier z")
-    inject_faults: str = option("", cli=False, help="testing only: crash:PID, delay:PID:SECONDS, exit:PID (@ROUND)")
+    aggregation: str = option("fedavg", parse=_aggregation, choices=lambda: tuple(AGGREGATIONS),
+                              help="server aggregation: fedavg (equal ranks), hetlora or flexlora (mixed ranks)")
 
     def __post_init__(self) -> None:
-        self.target_modules = tuple(self.target_modules)
-        self.validate()
+        self.target_modules = tuple(str(m) for m in (self.target_modules.split(",") if isinstance(
+            self.target_modules, str) else self.target_modules) if str(m).strip())
+        coerce_fields(self)
 
     @property
     def scale(self) -> float:
@@ -107,14 +86,37 @@ class RecoverConfig:
         alpha = self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
         return alpha / self.lora_rank
 
-    def partition_kind(self) -> tuple[str, float | None]:
-        kind, _, arg = self.partition.partition(":")
-        if kind == "dirichlet":
-            try:
-                return kind, float(arg)
-            except ValueError:
-                pass
-        return kind, None
+
+@dataclass
+class FleetConfig:
+    """Who takes part: the clients, their devices, sampling, waiting and the device-side storage."""
+
+    clients: int = option(4, parse=positive_int, help="simulated devices (on a fleet: the SuperNodes the server waits "
+                                                      "for and plans devices for)")
+    file: str | None = option(None, flag="--fleet", default_text="none: every client trains lora-rank on all layers",
+                              help="TOML/JSON fleet file of devices with memory_mb (and speed): what each device trains")
+    fraction: float = option(1.0, parse=fraction, help="share of clients sampled per round")
+    min_clients: int | None = option(None, parse=positive_int, resume="free", default_text="half the sampled, at least 1",
+                                     help="replies needed to apply a round")
+    skip_unfit: bool = option(False, help="leave out devices that nothing fits (listed in metrics.json 'refused') "
+                                          "instead of stopping")
+    client_dtype: Literal["float32", "bfloat16"] = option(
+        "float32", parse=one_of("float32", "bfloat16"), choices=("float32", "bfloat16"),
+        help="frozen base weights on the devices (bfloat16 halves them; LoRA stays float32)")
+    client_embedding: Literal["same", "int8"] = option(
+        "same", parse=one_of("same", "int8"), choices=("same", "int8"),
+        help="the vocabulary table on the devices: as the layers, or int8 rows with a scale each")
+    emulate_speed: bool = option(False, help="simulation: a device with speed s < 1 sleeps (1/s - 1) x each step's time, "
+                                             "and one with oom_mb fails past it (its true, undeclared limit)")
+    round_timeout: float | None = option(None, parse=positive_float, resume="free",
+                                         default_text=f"none in simulation (every sampled client is waited for); "
+                                                      f"{FLEET_ROUND_TIMEOUT:.0f} on a fleet",
+                                         help="straggler timeout per round, seconds: replies later than this are left out")
+    node_timeout: float = option(120.0, parse=positive_float, cli=False, resume="free",
+                                 help="seconds the server waits for the SuperNodes to connect")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
 
     def min_replies(self, sampled: int) -> int:
         if self.min_clients is not None:
@@ -129,122 +131,103 @@ class RecoverConfig:
             return self.round_timeout
         return None if simulation else FLEET_ROUND_TIMEOUT
 
-    def validate(self) -> None:
-        bad = LLMPruneError
-        for name, flag, fix in (("clients", "--clients", "pass --clients 2 or more"),
-                                ("rounds", "--rounds", "pass a positive --rounds"),
-                                ("local_steps", "--local-steps", "pass a positive --local-steps"),
-                                ("lora_rank", "--lora-rank", "pass e.g. --lora-rank 8")):
-            if getattr(self, name) < 1:
-                raise bad(f"{flag} must be at least 1 (got {getattr(self, name)})", fix)
-        if not 0.0 < self.fraction <= 1.0:
-            raise bad(f"--fraction must be in (0, 1] (got {self.fraction})", "pass e.g. --fraction 0.5")
-        if self.aggregation not in AGGREGATIONS:
-            raise bad(f"unknown --aggregation '{self.aggregation}'", f"use one of {', '.join(AGGREGATIONS)}")
-        self._validate_partition()
-        if self.batch_size < 1 or self.seq_len < 8:
-            raise bad("--batch-size must be at least 1 and --seq-len at least 8", "pass e.g. --batch-size 4 --seq-len 256")
-        if self.lr <= 0:
-            raise bad(f"--lr must be positive (got {self.lr})", "pass e.g. --lr 2e-4")
-        if self.min_clients is not None and self.min_clients < 1:
-            raise bad(f"--min-clients must be at least 1 (got {self.min_clients})", "pass a positive --min-clients")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
-            raise bad(f"--seed must be a whole number, 0 or more (got {self.seed})", "pass e.g. --seed 0")
-        if self.round_timeout is not None and self.round_timeout <= 0:
-            raise bad(f"--round-timeout must be positive (got {self.round_timeout})", "pass seconds, e.g. --round-timeout 600")
-        self._validate_privacy()
-        if self.submodels and not self.fleet:
-            raise bad("--submodels needs --fleet", "pass a fleet file of devices with memory_mb (see docs/recover.md)")
-        if self.submodel_granularity not in ("layer", "sublayer"):
-            raise bad(f"unknown --submodel-granularity '{self.submodel_granularity}'", "use layer or sublayer")
-        if self.submodel_granularity == "sublayer" and not self.submodels:
-            raise bad("--submodel-granularity sublayer needs --submodels", "add --submodels")
-        for name, allowed in (("client_dtype", ("float32", "bfloat16")), ("client_embedding", ("same", "int8"))):
-            if getattr(self, name) not in allowed:
-                raise bad(f"unknown --{name.replace('_', '-')} '{getattr(self, name)}'", f"use {' or '.join(allowed)}")
-        self._validate_adaptive()
 
-    def _validate_adaptive(self) -> None:
-        """--policy bandit, prune-tune and --schedule: what each needs and what they cannot share."""
-        bad = LLMPruneError
-        if self.policy not in ("plan", "bandit"):
-            raise bad(f"unknown --policy '{self.policy}'", "use plan or bandit")
-        if self.policy == "bandit":
-            if not self.submodels:
-                raise bad("--policy bandit needs --submodels (its arms are submodel sizes)", "add --submodels --fleet FILE")
-            from .bandit import arm_grid
+@dataclass
+class PrivacyConfig:
+    """Secure aggregation and central differential privacy."""
 
-            arm_grid(self.bandit_sizes, self.bandit_ranks)
-            if len(self.bandit_ranks) > 1 and not get_aggregation(self.aggregation).mixed_ranks:
-                raise bad(f"--policy bandit with ranks {self.bandit_ranks} needs an aggregation of mixed ranks",
-                          "pass --aggregation hetlora (or flexlora), or a single --arm-ranks")
-            if max(self.bandit_ranks) > self.lora_rank:
-                raise bad(f"--arm-ranks {self.arm_ranks} has a rank above --lora-rank {self.lora_rank}",
-                          f"use ranks of at most {self.lora_rank}, or raise --lora-rank")
-        if self.prune_every is not None and self.target_ratio is None:
-            raise bad("--prune-every needs --target-ratio", "pass --target-ratio R (e.g. 0.2)")
-        if self.target_ratio is not None and not 0.0 < self.target_ratio < 1.0:
-            raise bad(f"--target-ratio must be in (0, 1) (got {self.target_ratio})", "pass e.g. --target-ratio 0.2")
-        if self.target_ratio is not None and (self.submodels or self.schedule or self.secagg):
-            raise bad("--target-ratio (prune-tune) cannot be combined with --submodels, --schedule or --secagg",
-                      "run prune-tune with the fleet plan, then recover the result with those")
-        if self.schedule:
-            from .devft import check_schedule_text
+    secagg: bool = option(False, resume="free", help="Flower SecAgg+: the server only sees the sum of the uploads")
+    dp_clip: float | None = option(None, parse=positive_float, default_text="no differential privacy",
+                                   help="central DP: clip each client's update to this L2 norm")
+    dp_noise: float = option(0.0, parse=non_negative_float, help="central DP: noise multiplier z")
 
-            check_schedule_text(self.schedule)
-            if self.submodels:
-                raise bad("--schedule and --submodels cannot be combined", "choose staged growth or submodels")
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+
+
+# section attribute of RecoverConfig -> its class: the order of --help's groups and of the run config
+SECTIONS: dict[str, type] = {"data": DataConfig, "training": TrainingConfig, "fleet": FleetConfig,
+                             "privacy": PrivacyConfig}
+
+
+def _default_policy() -> PolicyConfig:
+    return POLICIES["plan"].config_class()
+
+
+@dataclass
+class RecoverConfig:
+    """Federated LoRA recovery of a pruned checkpoint (see docs/recover.md). Build it from the
+    sections (`RecoverConfig(training=TrainingConfig(rounds=5))`) or from flag names
+    (`RecoverConfig.of(rounds=5, policy="bandit", arm_sizes="0.5,1")`)."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    policy: PolicyConfig = field(default_factory=_default_policy)
+    seed: int = option(0, parse=non_negative_int, help="seed for sampling, partitions, LoRA init and training (0 or more)")
+    inject_faults: tuple[Fault, ...] = option((), parse=parse_faults, cli=False, resume="free",
+                                              help="testing only: crash:PID, delay:PID:SECONDS, exit:PID (@ROUND)")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        self.validate()
+
+    @classmethod
+    def of(cls, policy: str = "plan", **settings: Any) -> RecoverConfig:
+        """The config that flags of these names describe (`clients=3, fleet="f.toml",
+        policy="bandit", arm_sizes="0.5,1"`): each name goes to its section or to the policy's
+        config; a name no section and not the policy has is a one-line error."""
+        return _from_flat(cls, policy, settings)
 
     @property
-    def bandit_sizes(self) -> list[float]:
-        from .bandit import parse_numbers
-
-        return parse_numbers(self.arm_sizes, float, "--arm-sizes")
+    def scale(self) -> float:
+        return self.training.scale
 
     @property
-    def bandit_ranks(self) -> list[int]:
-        from .bandit import parse_numbers
-
-        if not self.arm_ranks.strip():
-            return sorted({max(1, self.lora_rank // 4), max(1, self.lora_rank // 2), self.lora_rank})
-        return parse_numbers(self.arm_ranks, int, "--arm-ranks")
+    def policy_class(self) -> type:
+        return policy_of(self.policy)
 
     @property
     def lean_clients(self) -> bool:
         """Devices load their weights with the lean loader (client_model.py): only what they
         hold, in client_dtype, the vocabulary table as asked, the loss a vocabulary slice at a time."""
-        return self.submodels or bool(self.schedule) or self.client_dtype != "float32" or self.client_embedding != "same"
+        return (self.policy_class.lean_devices or self.fleet.client_dtype != "float32"
+                or self.fleet.client_embedding != "same")
 
-    def _validate_partition(self) -> None:
-        kind, alpha = self.partition_kind()
-        if kind not in ("iid", "dirichlet", "domain") or (kind == "dirichlet" and (alpha is None or alpha <= 0)) \
-                or (kind != "dirichlet" and self.partition != kind):
-            raise LLMPruneError(f"unknown --partition '{self.partition}'",
-                                "use iid, domain or dirichlet:ALPHA with ALPHA > 0 (e.g. dirichlet:0.5)")
-
-    def _validate_privacy(self) -> None:
-        if self.dp_clip is not None and self.dp_clip <= 0:
-            raise LLMPruneError(f"--dp-clip must be positive (got {self.dp_clip})", "pass a clipping norm such as --dp-clip 1.0")
-        if self.dp_noise < 0 or (self.dp_noise > 0 and self.dp_clip is None):
-            raise LLMPruneError("--dp-noise needs --dp-clip and must be non-negative", "pass --dp-clip C --dp-noise Z")
-        if self.secagg and not get_aggregation(self.aggregation).secagg:
-            raise LLMPruneError(f"--secagg cannot be used with --aggregation {self.aggregation}",
-                                f"secure aggregation only sums uploads, which cannot give {self.aggregation}'s average: "
+    def validate(self) -> None:
+        """What the sections cannot check alone: privacy against aggregation, and what the policy
+        needs from the rest (its own class declares it)."""
+        privacy, aggregation = self.privacy, self.training.aggregation
+        if privacy.dp_noise > 0 and privacy.dp_clip is None:
+            raise LLMPruneError("--dp-noise needs --dp-clip", "pass --dp-clip C --dp-noise Z")
+        if privacy.secagg and not get_aggregation(aggregation).secagg:
+            raise LLMPruneError(f"--secagg cannot be used with --aggregation {aggregation}",
+                                f"secure aggregation only sums uploads, which cannot give {aggregation}'s average: "
                                 f"use {names_text(secagg_names())}")
-        if self.secagg and self.dp_clip is not None:
+        if privacy.secagg and privacy.dp_clip is not None:
             raise LLMPruneError("--secagg and --dp-clip together are not supported", "choose one of them")
+        self.policy_class.check_config(self)
 
-    # -- the Flower run config: flat, dash-separated keys of TOML scalar types -------------------
+    # -- the Flower run config: dotted keys of TOML scalars, one per leaf field ---------------------
     def to_run_config(self) -> dict:
-        return _to_run_config(self)
+        """Every setting by its dotted run-config key (`policy.name` says which policy's keys apply)."""
+        out = {key: run_config_value(getattr(owner, f.name)) for key, owner, f in _leaves(self)}
+        return {"policy.name": self.policy.name, **out}
 
     @classmethod
     def from_run_config(cls, run_config: dict) -> RecoverConfig:
         """The config of a run config; RunSettings' keys are skipped, any other key is refused."""
         return parse_run_config(run_config)[0]
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def resume_identity(self, fixed_rounds: bool = False) -> dict:
+        """The settings a resumed run must share with the run it continues, by run-config key:
+        every field declared `resume="match"`, and the rounds when the policy spreads its steps
+        over them."""
+        out = {key: run_config_value(getattr(owner, f.name)) for key, owner, f in _leaves(self)
+               if f.metadata.get("resume", "match") == "match" or (fixed_rounds and f.metadata.get("resume") == "grow")}
+        out["policy.name"] = self.policy.name
+        return out
 
 
 @dataclass
@@ -263,82 +246,168 @@ class RunSettings:
                              help="simulation only (llmprune recover writes it); fleet devices use node config data-path")
 
     @property
-    def out_dir(self):
-        from pathlib import Path
-
+    def out_dir(self) -> Path:
         return Path(self.out or "recovered")
 
     @property
-    def state_path(self):
-        from pathlib import Path
-
+    def state_path(self) -> Path:
         return Path(self.state_dir or f"{self.out_dir}.rounds")
 
     def to_run_config(self) -> dict:
-        return _to_run_config(self)
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
 
 
-def _to_run_config(obj) -> dict:
-    out = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if value is None:
-            value = ""
-        elif isinstance(value, tuple):
-            value = ",".join(value)
-        out[f.name.replace("_", "-")] = value
+# -- flat names (flags) -> sections ---------------------------------------------------------------
+def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
+    """dest (the flag's name) -> (section attribute or None for RecoverConfig's own, field), for
+    the sections and RecoverConfig's own fields (the policies' fields are looked up per policy)."""
+    out = {dest_of(f): (None, f) for f in fields(RecoverConfig) if f.name not in (*SECTIONS, "policy")}
+    for section, cls in SECTIONS.items():
+        out.update({dest_of(f): (section, f) for f in fields(cls)})
     return out
 
 
-def parse_run_config(run_config: dict) -> tuple[RecoverConfig, RunSettings]:
+def _from_flat(cls, policy: str, settings: dict) -> RecoverConfig:
+    known, policy_class = flat_fields(), get_policy(policy)
+    own = {dest_of(f): f for f in fields(policy_class.config_class)}
+    parts: dict[str | None, dict] = {}
+    for name, value in settings.items():
+        if name in own:
+            parts.setdefault("policy", {})[own[name].name] = value
+        elif name in known:
+            section, f = known[name]
+            parts.setdefault(section, {})[f.name] = value
+        else:
+            raise LLMPruneError(f"'{name}' is not a recover setting{_owner_hint(name)}",
+                                "see `llmprune recover --help` for the settings")
+    kwargs = {section: SECTIONS[section](**values) for section, values in parts.items() if section in SECTIONS}
+    kwargs.update(parts.get(None, {}))
+    return cls(**kwargs, policy=policy_class.config_class(**parts.get("policy", {})))
+
+
+def _owner_hint(name: str) -> str:
+    owners = [p for p, c in POLICIES.items() if name in {dest_of(f) for f in fields(c.config_class)}]
+    return f" of this policy (it belongs to --policy {' / '.join(owners)})" if owners else ""
+
+
+def _leaves(cfg: RecoverConfig):
+    """(run-config key, owning object, field) of every leaf setting, sections first."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in fields(obj):
+            yield f"{section}.{f.name.replace('_', '-')}", obj, f
+    for f in fields(cfg.policy):
+        yield f"policy.{cfg.policy.name}.{f.name.replace('_', '-')}", cfg.policy, f
+    for f in fields(cfg):
+        if f.name not in (*SECTIONS, "policy"):
+            yield f.name.replace("_", "-"), cfg, f
+
+
+def key_flags(cfg: RecoverConfig) -> dict[str, str]:
+    """run-config key -> the flag a user types for it (the key itself where there is no flag)."""
+    return {key: flag_of(f) if f.metadata.get("cli", True) else key for key, _, f in _leaves(cfg)}
+
+
+def run_config_value(value):
+    """A setting as a TOML scalar: numbers and booleans as they are, None as '', a tuple as its
+    items joined by commas, a typed value (a partition, a fault) as its text."""
+    if value is None:
+        return ""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return ",".join(_item_text(v) for v in value)
+    return str(value)
+
+
+def _item_text(value) -> str:
+    if value is None:
+        return "all"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    return str(value)
+
+
+def parse_run_config(run_config: dict, *, device: bool = False) -> tuple[RecoverConfig, RunSettings]:
     """The typed config and settings of a Flower run config, parsed once; a bad value or an
-    unknown key is a one-line error naming the key."""
-    parsed: dict[type, dict] = {RecoverConfig: {}, RunSettings: {}}
-    known = {f.name: (cls, f) for cls in parsed for f in fields(cls)}
+    unknown key is a one-line error naming the key. Settings of a policy other than the chosen one
+    must be at their defaults (the app's pyproject lists every policy's keys). `device`: a device
+    reads no policy setting (its instructions say what to build), so the policy's keys are skipped
+    and a policy the device does not know is no error."""
+    if device:
+        run_config = {k: v for k, v in run_config.items() if not k.startswith("policy.")}
+    policy = str(run_config.get("policy.name", "plan"))
+    if policy not in POLICIES:
+        raise LLMPruneError(f"run-config key 'policy.name' has an unknown policy '{policy}'",
+                            f"use one of {', '.join(POLICIES)}")
+    parts: dict[str, dict] = {"settings": {}}
+    targets = _run_config_targets(policy)
     for key, value in run_config.items():
-        name = key.replace("-", "_")
-        if name not in known:
+        if key == "policy.name":
+            continue
+        if key not in targets:
             raise LLMPruneError(f"unknown run-config key '{key}'",
                                 "see [tool.flwr.app.config] in llmprune/fedrecover/app/pyproject.toml for the keys")
-        cls, field_ = known[name]
-        parsed[cls][name] = _parse_value(key, value, _TYPES[name])
-    return RecoverConfig(**parsed[RecoverConfig]), RunSettings(**parsed[RunSettings])
-
-
-def _parse_value(key: str, value, kind: str):
-    if value == "" and kind.endswith("?"):
-        return None
-    kind = kind.rstrip("?")
+        part, f, hint = targets[key]
+        parsed = _parse_value(key, value, f, hint)
+        if part == "other-policy":
+            if parsed != _field_default(f):
+                raise LLMPruneError(f"run-config key '{key}' is set, but policy.name is '{policy}'",
+                                    f"set policy.name = '{key.split('.')[1]}', or leave {key} at its default")
+            continue
+        parts.setdefault(part, {})[f.name] = parsed
+    settings = RunSettings(**parts.pop("settings"))
     try:
-        if kind == "bool":
-            if isinstance(value, bool) or str(value).lower() in ("true", "1", "false", "0", ""):
-                return value if isinstance(value, bool) else str(value).lower() in ("true", "1")
-            raise ValueError
-        if kind == "tuple":
-            return tuple(v for v in value.split(",") if v) if isinstance(value, str) else tuple(value)
-        if kind in ("int", "float") and isinstance(value, bool):
-            raise ValueError
-        if kind == "int":
-            return int(value) if not isinstance(value, float) or value.is_integer() else int("x")
-        return float(value) if kind == "float" else str(value)
-    except (TypeError, ValueError):
-        raise LLMPruneError(f"run-config key '{key}' has a bad value {value!r} (expected {kind})",
-                            f"pass {key}=<{kind}> in the run config") from None
+        kwargs = {s: SECTIONS[s](**parts.pop(s, {})) for s in SECTIONS}
+        policy_config = get_policy(policy).config_class(**parts.pop("policy", {}))
+        return RecoverConfig(**kwargs, policy=policy_config, **parts.pop("own", {})), settings
+    except LLMPruneError as exc:
+        raise LLMPruneError(f"in the run config: {exc.problem}", exc.fix) from None
 
 
-def _kinds() -> dict[str, str]:
-    """Each field's run-config value kind from its annotation: int, float, str, bool, tuple; '?'
-    when '' stands for None."""
-    import typing
-
+def _run_config_targets(policy: str) -> dict[str, tuple[str, dataclasses.Field, Any]]:
+    """run-config key -> (where it goes, field, type hint)."""
     out = {}
-    for cls in (RecoverConfig, RunSettings):
-        for name, hint in typing.get_type_hints(cls).items():
-            args = [a for a in typing.get_args(hint) if a is not type(None)]
-            optional = type(None) in typing.get_args(hint)
-            base = typing.get_origin(hint) if typing.get_origin(hint) is tuple else (args[0] if optional else hint)
-            out[name] = base.__name__ + ("?" if optional else "")
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        out.update({f"{section}.{f.name.replace('_', '-')}": (section, f, hints[f.name]) for f in fields(cls)})
+    for name, pcls in POLICIES.items():
+        hints = typing.get_type_hints(pcls.config_class)
+        part = "policy" if name == policy else "other-policy"
+        out.update({f"policy.{name}.{f.name.replace('_', '-')}": (part, f, hints[f.name])
+                    for f in fields(pcls.config_class)})
+    for cls, part in ((RecoverConfig, "own"), (RunSettings, "settings")):
+        hints = typing.get_type_hints(cls)
+        out.update({f.name.replace("_", "-"): (part, f, hints[f.name]) for f in fields(cls)
+                    if f.name not in (*SECTIONS, "policy")})
     return out
 
 
-_TYPES = _kinds()
+def _field_default(f: dataclasses.Field):
+    value = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    parse = f.metadata.get("parse")
+    return parse(value) if parse is not None and value is not None else value
+
+
+def _parse_value(key: str, value, f: dataclasses.Field, hint):
+    """One run-config value as the field's value: '' is None for an optional field, booleans as
+    TOML booleans or true/false text, everything else through the field's own parser."""
+    import argparse
+
+    optional = type(None) in typing.get_args(hint)
+    if value == "" and optional:
+        return None
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "false"):
+                return str(value).lower() == "true"
+            raise argparse.ArgumentTypeError(f"'{value}' is not true or false")
+        if typing.get_origin(hint) is tuple and f.metadata.get("parse") is None:
+            return tuple(v.strip() for v in str(value).split(",") if v.strip())
+        parse = f.metadata.get("parse")
+        return parse(value) if parse is not None else str(value)
+    except argparse.ArgumentTypeError as exc:
+        raise LLMPruneError(f"run-config key '{key}' has a bad value {value!r} ({exc})",
+                            f"pass {key}=<{flag_of(f).lstrip('-')}> in the run config") from None

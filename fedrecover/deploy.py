@@ -29,23 +29,62 @@ def app_dir() -> Path:
 
 def run_config_defaults() -> dict:
     """Every run-config key the apps read, with its default: what `[tool.flwr.app.config]` in
-    the app's pyproject.toml holds (a test checks they agree)."""
-    return {**RecoverConfig().to_run_config(), **RunSettings().to_run_config()}
+    the app's pyproject.toml holds once Flower flattens its tables (a test checks they agree):
+    the sections' keys, every registered policy's keys (`policy.bandit.arm-sizes`), the run's."""
+    from .policies import POLICIES
+
+    out = {**RecoverConfig().to_run_config(), **RunSettings().to_run_config()}
+    for cls in POLICIES.values():
+        out.update(_policy_defaults(cls))
+    return out
+
+
+def _policy_defaults(policy_cls) -> dict:
+    """A policy's run-config keys with their defaults (its config built without validation: some
+    policies require a setting that has no default)."""
+    import dataclasses
+
+    from .config import run_config_value
+
+    out = {}
+    for f in dataclasses.fields(policy_cls.config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        out[f"policy.{policy_cls.name}.{f.name.replace('_', '-')}"] = run_config_value(default)
+    return out
 
 
 def app_config_toml() -> str:
-    """The `[tool.flwr.app.config]` table of the app's pyproject.toml, generated from the fields:
-    every key with its default and its help (and what '' stands for) as a comment."""
+    """The `[tool.flwr.app.config]` tables of the app's pyproject.toml, generated from the fields:
+    every key with its default and its help (and what '' stands for) as a comment. Flower flattens
+    the tables into the dotted keys the apps read (`[...config.training] rounds = 3` is `training.rounds`)."""
     import dataclasses
 
-    lines = ["[tool.flwr.app.config]"]
-    for cls in (RecoverConfig, RunSettings):
-        values = cls().to_run_config()
-        for f in dataclasses.fields(cls):
+    from .config import SECTIONS, RecoverConfig
+    from .policies import POLICIES
+
+    def lines_of(obj_cls, values: dict, prefix: str) -> list[str]:
+        out = []
+        for f in dataclasses.fields(obj_cls):
+            if obj_cls is RecoverConfig and f.name in (*SECTIONS, "policy"):
+                continue
             key = f.name.replace("_", "-")
+            value = values[f"{prefix}{key}"]
             note = f.metadata.get("default_text")
-            comment = f.metadata["help"] + (f" ('' = {note})" if note and values[key] == "" else "")
-            lines.append(f"{key} = {_toml_value(values[key])}  # {comment}")
+            comment = f.metadata["help"] + (f" ('' = {note})" if note and value == "" else "")
+            out.append(f"{key} = {_toml_value(value)}  # {comment}")
+        return out
+
+    values = run_config_defaults()
+    lines = ["[tool.flwr.app.config]"]
+    lines += lines_of(RecoverConfig, values, "") + lines_of(RunSettings, values, "")
+    for section, cls in SECTIONS.items():
+        lines += ["", f"[tool.flwr.app.config.{section}]"] + lines_of(cls, values, f"{section}.")
+    lines += ["", "[tool.flwr.app.config.policy]",
+              f"name = 'plan'  # who trains what each round: {', '.join(POLICIES)} (docs/recover.md)"]
+    for name, cls in POLICIES.items():
+        body = lines_of(cls.config_class, values, f"policy.{name}.")
+        if body:
+            lines += ["", f"[tool.flwr.app.config.policy.{name}]"] + body
     return "\n".join(lines) + "\n"
 
 
@@ -72,7 +111,7 @@ def run_config_overrides(model: str | Path, out: str | Path, config: RecoverConf
     """The `--run-config` string for a fleet run: the checkpoint on the server, the output
     folder, and the RecoverConfig fields that differ from the defaults (`extra` adds keys such
     as resume=True; underscores become dashes)."""
-    defaults = RecoverConfig().to_run_config()
+    defaults = run_config_defaults()
     chosen = (config or RecoverConfig()).to_run_config()
     values = {"model": str(model), "out": str(out)}
     values.update({k: v for k, v in chosen.items() if k in defaults and v != defaults[k]})

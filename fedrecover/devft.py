@@ -35,8 +35,9 @@ from torch import nn
 from llmprune.arch import adapter_for, base_model, install_layers
 from llmprune.errors import LLMPruneError
 from llmprune.meta_init import prefix_of
+from llmprune.reader import find_tensor, load_tensor
 
-from .client_model import index_checkpoint, load_submodel, load_tensor
+from .client_model import index_checkpoint, load_submodel
 from .submodels import Submodel
 
 log = logging.getLogger(__name__)
@@ -346,11 +347,9 @@ def load_stage_model(folder: str | os.PathLike, stage: Stage, *, dtype: torch.dt
     def member_state(j: int) -> dict[str, torch.Tensor]:
         state = {}
         for name, param in layers[stack_of[j]].named_parameters():  # UpcastLinear keeps weight/bias names
-            key = f"{head}{j}.{name}"
-            if key not in entries:
-                raise LLMPruneError(f"'{folder}' has no tensor '{key}'", "the checkpoint does not match its config")
-            state[name] = load_tensor(entries[key], param.dtype)
-            read[0] += entries[key].nbytes
+            entry = find_tensor(entries, f"{head}{j}.{name}", folder)
+            state[name] = load_tensor(entry, param.dtype)
+            read[0] += entry.nbytes
         return state
 
     fuse_layers_in_place(layers, stage, member_state)

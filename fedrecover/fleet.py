@@ -26,6 +26,7 @@ from torch import nn
 
 from llmprune.errors import LLMPruneError
 
+from .device_models import DeviceModel
 from .lora import module_shapes, top_layer_modules
 
 RUNTIME_OVERHEAD_MB = 500.0      # Python, torch, transformers, peft, flwr: ~430 MB measured, plus slack
@@ -56,16 +57,20 @@ class Assignment:
     estimate_mb: float
     lora_params: int
     units: int | None = None          # submodels: how many units (layers or blocks) the device holds
-    submodel: object | None = None    # this round's Submodel (the policy draws it)
+    device_model: DeviceModel | None = None   # what it builds this round; None: the checkpoint as it is
     refused: str = ""                 # why the device is left out (--skip-unfit), else ""
-    stage: object | None = None       # DevFT: this round's Stage (fused groups), else None
 
     def to_dict(self) -> dict:
-        out = asdict(replace(self, submodel=None, stage=None))
-        out["submodel"] = self.submodel.to_dict() if self.submodel is not None else None
-        if self.stage is not None:
-            out["stage"] = len(self.stage.anchors)
+        out = asdict(replace(self, device_model=None))
+        del out["device_model"]
+        out["submodel"] = self.device_model.describe() if self.device_model is not None else None
         return out
+
+    def modules(self, shapes: dict[str, tuple[int, int]]) -> list[str]:
+        """The global adapter's modules this device trains: its device model's, else the top `depth` layers'."""
+        if self.device_model is not None:
+            return self.device_model.modules(shapes)
+        return top_layer_modules(shapes, self.depth)
 
 
 def load_fleet(path: str | Path) -> list[Device]:
@@ -218,30 +223,36 @@ def uniform_assignments(model: nn.Module, clients: int, rank: int, batch_size: i
     return [Assignment(f"client-{i}", None, 1.0, rank, depth, round(mb, 1), params) for i in range(clients)]
 
 
-def plan_devices(model: nn.Module, cfg, count: int) -> list[Assignment]:
-    """The assignments of `count` clients (at least; every device of the fleet file when it lists
-    more): the fleet file's devices by their budgets, cycling when there are fewer, or without one
-    `cfg.lora_rank` on all layers for every client. The one planner: `llmprune recover` runs it on
-    the meta model before Flower starts, the ServerApp on the loaded model."""
-    if cfg.fleet:
-        devices = load_fleet(cfg.fleet)
-        if cfg.submodels:
-            costs = unit_costs(model, cfg)
-            left_out = check_bandit_arms(costs, devices, cfg) if cfg.policy == "bandit" else []
-            fits = iter(assign_submodels(costs, [d for d in devices if d.name not in left_out], cfg.lora_rank,
-                                         cfg.skip_unfit))
-            plans = [Assignment(d.name, d.memory_mb, d.speed, 0, 0, 0.0, 0, refused="no bandit arm fits its memory_mb")
-                     if d.name in left_out else next(fits) for d in devices]
-        elif cfg.lean_clients:
-            plans = assign_lean_devices(unit_costs(model, cfg), devices, cfg.lora_rank, cfg.skip_unfit)
-        else:
-            plans = assign_devices(model, devices, cfg.lora_rank, cfg.batch_size, cfg.seq_len, cfg.target_modules,
-                                   cfg.skip_unfit)
-        if all(p.refused for p in plans):
-            raise LLMPruneError(f"no device of the fleet fits ({plans[0].refused})",
-                                "raise the devices' memory_mb, or lower --batch-size/--seq-len")
-        return [plans[i % len(plans)] for i in range(count)] if len(plans) < count else plans
-    return uniform_assignments(model, count, cfg.lora_rank, cfg.batch_size, cfg.seq_len, cfg.target_modules)
+def fleet_devices(cfg) -> list[Device] | None:
+    """The devices of the run's fleet file, or None without one."""
+    return load_fleet(cfg.fleet.file) if cfg.fleet.file else None
+
+
+def cycled(plans: list[Assignment], count: int) -> list[Assignment]:
+    """At least `count` assignments: client i gets device i, cycling when the fleet lists fewer
+    (every device of the fleet when it lists more)."""
+    if all(p.refused for p in plans):
+        raise LLMPruneError(f"no device of the fleet fits ({plans[0].refused})",
+                            "raise the devices' memory_mb, or lower --batch-size/--seq-len")
+    return [plans[i % len(plans)] for i in range(count)] if len(plans) < count else plans
+
+
+def plan_rank_depth(model: nn.Module, cfg, count: int) -> list[Assignment]:
+    """The fixed plan: the fleet file's devices get the (rank, depth) their budgets fit (with the
+    lean memory model when devices load lean), or without a fleet file `lora-rank` on all layers
+    for every client. `llmprune recover` runs it on the meta model before Flower starts, the
+    ServerApp on the loaded model."""
+    training = cfg.training
+    devices = fleet_devices(cfg)
+    if devices is None:
+        return uniform_assignments(model, count, training.lora_rank, training.batch_size, cfg.data.seq_len,
+                                   training.target_modules)
+    if cfg.lean_clients:
+        plans = assign_lean_devices(unit_costs(model, cfg), devices, training.lora_rank, cfg.fleet.skip_unfit)
+    else:
+        plans = assign_devices(model, devices, training.lora_rank, training.batch_size, cfg.data.seq_len,
+                               training.target_modules, cfg.fleet.skip_unfit)
+    return cycled(plans, count)
 
 
 # -- lean clients: only held blocks, base weights in client_dtype, the loss a vocabulary slice at a time ---
@@ -273,14 +284,16 @@ class UnitCosts:
     layer_of: list[int] = field(default_factory=list)
 
 
-def unit_costs(model: nn.Module, cfg) -> UnitCosts:
-    """What each unit costs a lean client; `model` may be on the meta device."""
+def unit_costs(model: nn.Module, cfg, granularity: str = "layer") -> UnitCosts:
+    """What each unit (a layer, or at sublayer granularity an attention or MLP block) costs a lean
+    client; `model` may be on the meta device."""
     from llmprune.arch import adapter_for
 
     config, adapter = model.config, adapter_for(model)
-    dtype_bytes = DTYPE_BYTES[cfg.client_dtype]
-    hidden, tokens = config.hidden_size, cfg.batch_size * (cfg.seq_len + 1)
-    shapes = module_shapes(model, cfg.target_modules)
+    seq_len, embedding = cfg.data.seq_len, cfg.fleet.client_embedding
+    dtype_bytes = DTYPE_BYTES[cfg.fleet.client_dtype]
+    hidden, tokens = config.hidden_size, cfg.training.batch_size * (seq_len + 1)
+    shapes = module_shapes(model, cfg.training.target_modules)
     weights, acts, lora, layer_of = [], [], [], []
     for i, layer in enumerate(adapter.decoder_layers(model)):
         attn_params = sum(p.numel() for p in adapter.attention(layer).parameters())
@@ -288,12 +301,12 @@ def unit_costs(model: nn.Module, cfg) -> UnitCosts:
         norm_params = sum(p.numel() for p in layer.parameters()) - attn_params - mlp_params
         mlp_width = adapter.mlp_projections(layer)["down_proj"].in_features
         heads = adapter.attention_projections(layer)["q_proj"].out_features // _head_dim(config)
-        attn_act = LEAN_ACT_BYTES * tokens * (12 * hidden + 2 * heads * (cfg.seq_len + 1))
+        attn_act = LEAN_ACT_BYTES * tokens * (12 * hidden + 2 * heads * (seq_len + 1))
         mlp_act = LEAN_ACT_BYTES * tokens * (12 * hidden + 6 * mlp_width)
         lora_attn = sum(a + b for m, (a, b) in shapes.items() if m.startswith(f"{i}.self_attn."))
         lora_mlp = sum(a + b for m, (a, b) in shapes.items() if m.startswith(f"{i}.mlp."))
         parts = [(attn_params + norm_params / 2, attn_act, lora_attn), (mlp_params + norm_params / 2, mlp_act, lora_mlp)]
-        if cfg.submodel_granularity == "layer":
+        if granularity == "layer":
             parts = [tuple(sum(x) for x in zip(*parts))]
         for w, a, l in parts:
             weights.append(w * dtype_bytes)
@@ -301,11 +314,11 @@ def unit_costs(model: nn.Module, cfg) -> UnitCosts:
             lora.append(int(l))
             layer_of.append(i)
     vocab = config.vocab_size
-    table = vocab * hidden * (1 if cfg.client_embedding == "int8" else dtype_bytes) + (vocab * 4 if cfg.client_embedding == "int8" else 0)
+    table = vocab * hidden * (1 if embedding == "int8" else dtype_bytes) + (vocab * 4 if embedding == "int8" else 0)
     tied = getattr(config, "tie_word_embeddings", True)
     fixed = table + (0 if tied else vocab * hidden * dtype_bytes) + hidden * 4
     loss = 4.0 * LEAN_LOGIT_ELEMENTS * LEAN_LOSS_BUFFERS + 4.0 * tokens * hidden * 3
-    return UnitCosts(cfg.submodel_granularity, weights, acts, lora, fixed, loss, layer_of)
+    return UnitCosts(granularity, weights, acts, lora, fixed, loss, layer_of)
 
 
 def lean_memory_mb(costs: UnitCosts, units: list[int], lora_units: list[int], rank: int) -> tuple[float, int]:
@@ -386,37 +399,3 @@ def assign_lean_devices(costs: UnitCosts, devices: list[Device], max_rank: int, 
         return lean_memory_mb(costs, every_unit, lora_units, rank)
 
     return _assign_rank_depth(devices, max_rank, n_layers, estimate, skip_unfit)
-
-
-# -- the bandit's arms (adaptive.py): which a device's declared memory admits --------------------------
-def arm_units(arms: list, n_units: int) -> list[int]:
-    """Units a device holds under each arm: its share of the model's units, to the nearest, at least one."""
-    return [min(n_units, max(1, math.floor(arm.size * n_units + 0.5))) for arm in arms]
-
-
-def admitted_arms(costs: UnitCosts, device: Device, arms: list, units: list[int]) -> list[int]:
-    """The arms whose bound (the costliest units of that count, at that rank) fits the device's
-    declared memory; every arm when it declares none (the bandit then grows from the smallest)."""
-    if device.memory_mb is None:
-        return list(range(len(arms)))
-    return [i for i, arm in enumerate(arms) if submodel_memory_mb(costs, units[i], arm.rank)[0] <= device.memory_mb]
-
-
-def check_bandit_arms(costs: UnitCosts, devices: list[Device], cfg) -> list[str]:
-    """One line per device no arm fits (an error unless --skip-unfit, which leaves them out);
-    returns the names of the devices left out."""
-    from .bandit import arm_grid
-
-    arms = arm_grid(cfg.bandit_sizes, cfg.bandit_ranks)
-    units = arm_units(arms, len(costs.weights))
-    left_out = []
-    for dev in devices:
-        if admitted_arms(costs, dev, arms, units):
-            continue
-        need = math.ceil(submodel_memory_mb(costs, units[0], arms[0].rank)[0])
-        reason = (f"no bandit arm fits device '{dev.name}' ({dev.memory_mb:.0f} MB): the smallest, "
-                  f"{arms[0].label()}, needs about {need} MB")
-        if not cfg.skip_unfit:
-            raise LLMPruneError(reason, f"add a smaller --arm-sizes, raise its memory_mb to {need}, or pass --skip-unfit")
-        left_out.append(dev.name)          # plan_fleet logs and reports it with the other refused devices
-    return left_out

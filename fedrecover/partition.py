@@ -7,6 +7,7 @@ share is reproducible from the seed alone."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,44 @@ from llmprune.data import load_texts, token_windows
 from llmprune.errors import LLMPruneError
 
 log = logging.getLogger(__name__)
+KINDS = ("iid", "dirichlet", "domain")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How the windows are split across clients: `iid`, `domain` (client i draws from domain
+    i mod D only) or `dirichlet:ALPHA` (domain shares drawn from a Dirichlet of concentration
+    ALPHA). Written as text on the command line and in the run config; parsed once by `parse`."""
+
+    kind: str = "iid"
+    alpha: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS or (self.kind == "dirichlet") != (self.alpha is not None) or \
+                (self.alpha is not None and not self.alpha > 0):
+            raise argparse.ArgumentTypeError(f"unknown partition '{self}' (use iid, domain or dirichlet:ALPHA with "
+                                             "ALPHA > 0, e.g. dirichlet:0.5)")
+
+    def __str__(self) -> str:
+        return self.kind if self.alpha is None else f"{self.kind}:{self.alpha!r}"
+
+    @classmethod
+    def parse(cls, text: str | Partition) -> Partition:
+        """'iid' | 'domain' | 'dirichlet:ALPHA' (or a Partition, returned as it is)."""
+        if isinstance(text, Partition):
+            return text
+        kind, colon, arg = str(text).strip().partition(":")
+        try:
+            alpha = float(arg) if colon else None
+        except ValueError:
+            alpha = -1.0
+        if colon and kind != "dirichlet":
+            alpha = -1.0
+        try:
+            return cls(kind, alpha)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"unknown partition '{text}' (use iid, domain or dirichlet:ALPHA with "
+                                             "ALPHA > 0, e.g. dirichlet:0.5)") from None
 
 
 @dataclass
@@ -76,12 +115,13 @@ def split_eval(domains: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]
     return np.flatnonzero(keep), np.flatnonzero(~keep)
 
 
-def partition_indices(domains: np.ndarray, clients: int, partition: str, seed: int) -> list[np.ndarray]:
+def partition_indices(domains: np.ndarray, clients: int, partition: Partition | str, seed: int) -> list[np.ndarray]:
     """Window indices per client with a flwr-datasets partitioner."""
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
-    kind, _, arg = partition.partition(":")
+    partition = Partition.parse(partition)
+    kind = partition.kind
     n = len(domains)
     table = {"index": np.arange(n), "domain": domains}
     if kind == "iid":
@@ -89,13 +129,11 @@ def partition_indices(domains: np.ndarray, clients: int, partition: str, seed: i
         table["index"] = np.random.default_rng(seed).permutation(n)  # IID partitioner cuts in order
         table["domain"] = domains[table["index"]]
     elif kind == "dirichlet":
-        partitioner = DirichletPartitioner(num_partitions=clients, partition_by="domain", alpha=float(arg),
+        partitioner = DirichletPartitioner(num_partitions=clients, partition_by="domain", alpha=partition.alpha,
                                            min_partition_size=1, self_balancing=True, seed=seed)
     elif kind == "domain":
         table["shard"] = _domain_shards(domains, clients, seed)
         partitioner = NaturalIdPartitioner(partition_by="shard")
-    else:
-        raise LLMPruneError(f"unknown --partition '{partition}'", "use iid, domain or dirichlet:ALPHA")
     partitioner.dataset = Dataset.from_dict(table)
     parts = [np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64) for i in range(clients)]
     return [np.sort(p) for p in parts]
@@ -118,7 +156,7 @@ def _domain_shards(domains: np.ndarray, clients: int, seed: int) -> np.ndarray:
     return shard
 
 
-def build_client_data(tokenizer, specs: list[str], clients: int, partition: str, seq_len: int, seed: int,
+def build_client_data(tokenizer, specs: list[str], clients: int, partition: Partition | str, seq_len: int, seed: int,
                       max_windows: int | None = None, eval_spec: str | None = None, eval_windows: int = 4) -> ClientData:
     """Tokenize the sources, hold out evaluation windows (unless `eval_spec` is given) and
     partition the rest. Too little data for the clients is an error that says how much there is."""

@@ -107,17 +107,18 @@ def run_secagg_round(grid, context: Context, messages: list[Message], global_arr
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
 
-    from .records import from_record
+    from .messages import TrainInstruction
 
     layout = upload_layout(global_arrays)
-    views = {m.metadata.dst_node_id: from_record(m.content["arrays"]) for m in messages}
-    configs = {m.metadata.dst_node_id: dict(m.content["config"]) for m in messages}
+    sent = {m.metadata.dst_node_id: TrainInstruction.from_message(m) for m in messages}
+    views = {node: arrays for node, (_, arrays) in sent.items()}
+    configs = {node: instruction.to_config() for node, (instruction, _) in sent.items()}
     strategy = _LegacyRound(views, configs, layout, rank)
     manager = SimpleClientManager()
     for node in views:
         manager.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
-    server_round = int(next(iter(configs.values()))["server-round"])
+    server_round = next(iter(sent.values()))[0].server_round
     legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
     legacy.state.array_records["parameters"] = ArrayRecord()
     # num_shares as a fraction: every sampled client shares its mask keys with all the others.
@@ -136,17 +137,21 @@ def is_legacy_fit(msg: Message) -> bool:
 
 
 def secagg_train(msg: Message, train_fn) -> Message:
-    """Answer a SecAgg+ fit: decode the named view, train with `train_fn(arrays, config)`, reply
-    with the padded global layout as FitRes (secaggplus_mod masks it before it leaves)."""
+    """Answer a SecAgg+ fit: decode the named view and the instruction, train with
+    `train_fn(instruction, arrays) -> TrainReply`, reply with the padded global layout as FitRes
+    (secaggplus_mod masks it before it leaves)."""
     import flwr.compat.common.recorddict_compat as compat
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+    from .messages import TrainInstruction
 
     fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     config = dict(fitins.config)
     arrays = dict(zip(str(config["names"]).split(","), parameters_to_ndarrays(fitins.parameters)))
-    trained, metrics = train_fn(arrays, config)
+    reply = train_fn(TrainInstruction.from_config(config), arrays)
     layout = [tuple(x) for x in json.loads(str(config["layout"]))]
-    upload = padded_upload(trained, layout, int(config["global-rank"]))
+    upload = padded_upload(reply.arrays, layout, int(config["global-rank"]))
+    metrics = reply.to_metrics()
     examples = int(metrics.pop("num-examples"))
     fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(upload), examples, metrics)
     return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)

@@ -1,40 +1,39 @@
-"""The Flower ServerApp: loads the checkpoint, finds the clients, plans the fleet, builds the
-LoraStrategy (strategy.py, which owns each round) and runs its rounds, then writes the merged
-model and metrics.json.
+"""The Flower ServerApp: the whole federated run on the server.
 
-Run config keys are RecoverConfig's and RunSettings' fields with dashes (see
-fedrecover/app/pyproject.toml), parsed once by `parse_run_config`."""
+Load the checkpoint, wait for the SuperNodes and ask each which client it is, let the policy open
+the run, plan the fleet (the same planner `llmprune recover` runs before Flower starts), start from
+round 0 or the saved round, run the strategy's rounds, write the merged model and metrics.json."""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from llmprune.errors import LLMPruneError
 
 from .config import RecoverConfig, RunSettings, parse_run_config
-from .lora import module_shapes, modules_of
-from .policy import FleetPlan, FleetPolicy, plan_fleet
-from .state import RoundState, load_state, save_state, saved_round
-from .strategy import STOP, LoraStrategy, PlainTransport, RoundResult, RunStopped, SecAggTransport, send_and_receive
+from .lora import modules_of
+from .messages import Identity, IdentityQuery
+from .policies import get_policy
+from .state import RoundState, load_state, save_state
+from .strategy import LoraStrategy, RunContext
+from .transport import PlainTransport, RunStopped, SecAggTransport, send_and_receive
 
-__all__ = ["FleetPlan", "LoraStrategy", "RoundResult", "SERVER_ROOT_ENV", "build_server_app", "discover", "plan_fleet",
-           "run_server", "server_paths", "write_recovered"]
+__all__ = ["SERVER_ROOT_ENV", "build_server_app", "discover", "run_server", "server_paths", "write_recovered"]
 log = logging.getLogger(__name__)
 # On a fleet the run config comes from whoever can reach the Control API: the server reads and
 # writes only inside this folder, which the operator sets on the server machine.
 SERVER_ROOT_ENV = "LLMPRUNE_SERVER_ROOT"
-SERVER_PATH_KEYS = ("model", "out", "state_dir", "fleet", "eval_data")
 
 
-def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
+def wait_for_nodes(grid: Grid, count: int, timeout: float, stop: threading.Event) -> list[int]:
     deadline = time.monotonic() + timeout
     while True:
         nodes = sorted(grid.get_node_ids())
@@ -43,47 +42,34 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         if time.monotonic() > deadline:
             raise LLMPruneError(f"only {len(nodes)} of {count} SuperNodes connected within {timeout:.0f} s",
                                 "start more flower-supernode processes, or lower --clients")
-        if STOP.is_set():
+        if stop.is_set():
             raise RunStopped("interrupted")
         time.sleep(0.5)
 
 
-def discover(grid: Grid, nodes: list[int], timeout: float | None) -> dict[int, dict]:
+def discover(grid: Grid, nodes: list[int], timeout: float | None, stop: threading.Event | None = None) -> dict[int, dict]:
     """Ask every node which client it is (partition id, example count, device name); timeout
     None waits for every answer (simulation)."""
-    messages = [Message(RecordDict({"config": ConfigRecord({"what": "identity"})}), dst_node_id=n,
-                        message_type=MessageType.QUERY) for n in nodes]
     found = {}
-    for reply in send_and_receive(grid, messages, timeout):
+    for reply in send_and_receive(grid, [IdentityQuery().to_message(n) for n in nodes], timeout, stop):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log.warning("node %d failed to identify itself: %s", node, reply.error.reason.splitlines()[-1][:200])
             continue
-        metrics = reply.content["metrics"]
-        device = reply.content.config_records.get("device")
-        found[node] = {"partition-id": int(metrics["partition-id"]), "num-examples": int(metrics["num-examples"]),
-                       "device": str(device["name"]) if device else None}
+        identity = Identity.from_message(reply)
+        found[node] = {"partition-id": identity.partition_id, "num-examples": identity.num_examples,
+                       "device": identity.device}
     if not found:
         raise LLMPruneError("no SuperNode answered", "check the SuperNodes' logs (data or model missing?)")
     return found
 
 
-def evaluate(model, arrays: dict[str, np.ndarray], scale: float, windows) -> float | None:
-    from llmprune.evaluate import perplexity
-
-    from .lora import lora_applied
-
-    if windows is None:
-        return None
-    with lora_applied(model, arrays, scale):
-        return round(perplexity(model, windows, progress=False).perplexity, 4)
-
-
 def eval_windows(cfg: RecoverConfig, settings: RunSettings, tokenizer):
     import llmprune
 
-    if cfg.eval_data:
-        return llmprune.token_windows(tokenizer, llmprune.load_texts(cfg.eval_data), cfg.seq_len, cfg.eval_windows)
+    if cfg.data.eval_data:
+        return llmprune.token_windows(tokenizer, llmprune.load_texts(cfg.data.eval_data), cfg.data.seq_len,
+                                      cfg.data.eval_windows)
     if settings.data_cache:
         from .partition import ClientData
 
@@ -91,46 +77,86 @@ def eval_windows(cfg: RecoverConfig, settings: RunSettings, tokenizer):
     return None
 
 
-def start_state(cfg: RecoverConfig, settings: RunSettings, init: dict[str, np.ndarray], evaluate_fn) -> RoundState:
+def start_state(run: RunContext) -> RoundState:
     """The saved state to continue with --resume, else round 0 at the seeded initial adapter."""
+    init, settings = run.plan.init, run.settings
     if not settings.resume:
-        return RoundState(round=0, arrays=init, rounds=[], initial_eval_perplexity=evaluate_fn(init))
-    state = load_state(settings.state_path, cfg, model=settings.model, expected=init)
+        return RoundState(round=0, arrays=init, rounds=[], initial_eval_perplexity=run.evaluate(init))
+    state = load_state(settings.state_path, run.cfg, model=settings.model, expected=init)
     log.info("resuming after round %d from %s", state.round, settings.state_path)
     # safetensors gives the names sorted: back to the run's order, in which DP noise is drawn
     state.arrays = {**{k: state.arrays[k] for k in init if k in state.arrays}, **state.arrays}
     return state
 
 
-def build_policy(model, cfg: RecoverConfig, plan: FleetPlan, windows):
-    """Who trains what each round: the fleet plan as it is, (--submodels) a per-round submodel cut,
-    (--policy bandit) a learned arm per device, or (--schedule devft:...) the stage's fused model."""
-    if cfg.policy == "bandit":
-        from .adaptive import build_bandit_policy
-
-        return build_bandit_policy(model, cfg, plan, windows)
-    if cfg.schedule:
-        from .adaptive import build_stage_policy
-
-        return build_stage_policy(model, cfg, plan, windows)
-    if cfg.submodels:
-        from .policy import build_submodel_policy
-
-        return build_submodel_policy(model, cfg, plan, windows)
-    return FleetPolicy(plan)
+def transport_for(run: RunContext):
+    timeout = run.cfg.fleet.round_deadline(run.simulation)
+    if run.cfg.privacy.secagg:
+        max_weight = float(max(info["num-examples"] for info in run.nodes.values()) + 1)
+        return SecAggTransport(run.grid, run.flower, max_weight, timeout)
+    return PlainTransport(run.grid, timeout, run.stop)
 
 
-def build_strategy(cfg: RecoverConfig, settings: RunSettings, plan: FleetPlan, found: dict[int, dict], model,
-                   evaluate_fn, grid: Grid, context: Context, *, simulation: bool = False, policy=None) -> LoraStrategy:
-    timeout = cfg.round_deadline(simulation)
-    if cfg.secagg:
-        max_weight = float(max(info["num-examples"] for info in found.values()) + 1)
-        transport = SecAggTransport(grid, context, cfg.aggregation, max_weight, timeout)
-    else:
-        transport = PlainTransport(grid, timeout)
-    return LoraStrategy(cfg, policy or FleetPolicy(plan), plan.partitions, module_shapes(model, cfg.target_modules), plan.init,
-                        plan.rank, transport=transport, evaluate=evaluate_fn,
-                        checkpoint=lambda state: save_state(settings.state_path, state, cfg, model=settings.model))
+def open_run(grid: Grid, context: Context, overrides: dict | None, simulation: bool,
+             stop: threading.Event) -> tuple[RunContext, object]:
+    """The run's context up to round 1: config, model, nodes, the policy opened, the fleet plan,
+    the round state, the policy started (and continued from the saved state)."""
+    import llmprune
+
+    cfg, settings = parse_run_config({**dict(context.run_config), **(overrides or {})})
+    if not simulation:
+        cfg, settings = server_paths(cfg, settings, os.environ.get(SERVER_ROOT_ENV))
+    run = RunContext(cfg, settings, grid, context, simulation, stop)
+    run.model, run.tokenizer = llmprune.load(settings.model)
+    run.model.eval()
+    policy = get_policy(cfg.policy.name)(cfg)
+    policy.open(run)
+    nodes = wait_for_nodes(grid, cfg.fleet.clients, cfg.fleet.node_timeout, stop)
+    # a client's first answer waits for its process to start and load data: the connect timeout,
+    # not the (possibly short) round timeout; in simulation, for every client
+    deadline = cfg.fleet.round_deadline(simulation)
+    run.nodes = discover(grid, nodes, None if deadline is None else max(cfg.fleet.node_timeout, deadline), stop)
+    run.replan(policy)
+    run.windows = eval_windows(cfg, settings, run.tokenizer)
+    run.state = start_state(run)
+    policy.start(run)
+    policy.load_state_dict(run.state.policy or {})
+    return run, policy
+
+
+def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, simulation: bool = False,
+               stop: threading.Event | None = None) -> None:
+    """The whole federated run (the ServerApp's main). `simulation` (set by `llmprune recover`,
+    never by a run config): the local user's paths are taken as given, and rounds wait for every
+    sampled client unless --round-timeout is given."""
+    from tqdm import tqdm
+
+    from llmprune.memory import peak_rss_mb
+
+    started = time.perf_counter()
+    run, policy = open_run(grid, context, overrides, simulation, stop or threading.Event())
+    cfg, settings = run.cfg, run.settings
+    model_bytes = int(sum(p.numel() * p.element_size() for p in run.model.parameters()))
+    strategy = LoraStrategy(run, policy, transport_for(run),
+                            checkpoint=lambda state: save_state(settings.state_path, state, cfg, model=settings.model))
+    done, total = run.state.round, cfg.training.rounds
+    strategy.run_rounds(range(done + 1, total + 1), lambda it: tqdm(it, desc="rounds", unit="round", initial=done,
+                                                                    total=total))
+    state = run.state
+    check_some_round_applied(state.rounds, cfg.fleet.round_deadline(simulation), settings.state_path)
+    metrics = {
+        "rounds": state.rounds, "devices": run.plan.devices, "refused": run.plan.refused,
+        "submodels": None, "prune_tune": None, **policy.report(),
+        "initial_eval_perplexity": state.initial_eval_perplexity,
+        "final_eval_perplexity": state.rounds[-1]["eval_perplexity"] if state.rounds else state.initial_eval_perplexity,
+        "model_bytes": model_bytes, "adapter_bytes": int(sum(a.nbytes for a in state.arrays.values())),
+        "aggregation": cfg.training.aggregation, "policy": cfg.policy.name,
+        "config": {**cfg.to_run_config(), **settings.to_run_config()},
+        "server_seconds": round(time.perf_counter() - started, 2), "server_peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    write_recovered(run.model, run.tokenizer, state.arrays, cfg.scale, settings.out_dir, metrics,
+                    run.model_path or settings.model, overwrite=settings.overwrite)
+    context.state["metrics"] = ConfigRecord({"json": json.dumps(metrics, default=str)})
 
 
 def server_paths(cfg: RecoverConfig, settings: RunSettings, root: str | None) -> tuple[RecoverConfig, RunSettings]:
@@ -153,99 +179,20 @@ def server_paths(cfg: RecoverConfig, settings: RunSettings, root: str | None) ->
     def inside(key: str, value: str) -> str:
         path = (base / value).resolve()        # an absolute value stays absolute; symlinks and .. are resolved
         if not path.is_relative_to(base):
-            raise LLMPruneError(f"run-config key '{key.replace('_', '-')}' = '{value}' is outside the server root "
+            raise LLMPruneError(f"run-config key '{key}' = '{value}' is outside the server root "
                                 f"'{base}'", f"use a path inside {SERVER_ROOT_ENV} ('{base}'), e.g. a relative one")
         return str(path)
 
     settings = replace(settings, model=inside("model", settings.model or "."), out=inside("out", settings.out or "recovered"),
-                       state_dir=inside("state_dir", settings.state_dir) if settings.state_dir else "")
-    cfg = replace(cfg, fleet=inside("fleet", cfg.fleet) if cfg.fleet else None,
-                  eval_data=inside("eval_data", cfg.eval_data) if cfg.eval_data else None)
+                       state_dir=inside("state-dir", settings.state_dir) if settings.state_dir else "")
+    fleet = replace(cfg.fleet, file=inside("fleet.file", cfg.fleet.file) if cfg.fleet.file else None)
+    data = replace(cfg.data, eval_data=inside("data.eval-data", cfg.data.eval_data) if cfg.data.eval_data else None)
+    cfg = replace(cfg, fleet=fleet, data=data)
     out = settings.out_dir
     if settings.overwrite and out.exists() and any(out.iterdir()) and not (out / "metrics.json").is_file():
         raise LLMPruneError(f"overwrite=true would replace '{out}', which is not an output of llmprune recover",
                             "choose another out, or remove that folder on the server yourself")
     return cfg, settings
-
-
-def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, simulation: bool = False) -> None:
-    """The whole federated run (the ServerApp's main). `simulation` (set by `llmprune recover`,
-    never by a run config): the local user's paths are taken as given, and rounds wait for every
-    sampled client unless --round-timeout is given."""
-    import llmprune
-    from llmprune.memory import peak_rss_mb
-    from tqdm import tqdm
-
-    cfg, settings = parse_run_config({**dict(context.run_config), **(overrides or {})})
-    if not simulation:
-        cfg, settings = server_paths(cfg, settings, os.environ.get(SERVER_ROOT_ENV))
-    model, tokenizer = llmprune.load(settings.model)
-    model.eval()
-    started = time.perf_counter()
-    pruning, model_path = None, None
-    if cfg.target_ratio is not None:
-        model, pruning, model_path = start_pruning(cfg, settings, model, simulation)
-
-    nodes = wait_for_nodes(grid, cfg.clients, cfg.node_timeout)
-    # a client's first answer waits for its process to start and load data: the connect timeout,
-    # not the (possibly short) round timeout; in simulation, for every client
-    deadline = cfg.round_deadline(simulation)
-    found = discover(grid, nodes, None if deadline is None else max(cfg.node_timeout, deadline))
-    plan = plan_fleet(model, cfg, found)
-    windows = eval_windows(cfg, settings, tokenizer)
-    model_bytes = int(sum(p.numel() * p.element_size() for p in model.parameters()))
-    evaluate_fn = lambda arrays: evaluate(model, arrays, cfg.scale, windows)  # noqa: E731
-    state = start_state(cfg, settings, plan.init, evaluate_fn)
-    policy = build_policy(model, cfg, plan, windows)
-    if hasattr(policy, "load_state_dict"):   # a policy with state continues where the saved run left it
-        policy.load_state_dict(state.policy or {})
-    strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context, simulation=simulation,
-                              policy=policy)
-    strategy.model_path = model_path
-    for server_round in tqdm(range(state.round + 1, cfg.rounds + 1), desc="rounds", unit="round",
-                             initial=state.round, total=cfg.rounds):
-        if pruning is not None and server_round in pruning.events:   # prune-tune: the model shrinks, the LoRA follows
-            model, state.arrays = pruning.step(server_round, model, tokenizer, state.arrays, cfg.scale)
-            plan = plan_fleet(model, cfg, found)
-            strategy = build_strategy(cfg, settings, plan, found, model, evaluate_fn, grid, context,
-                                      simulation=simulation)
-            strategy.model_path = model_path = str(pruning.folder(server_round))
-            strategy.round_note = {"prune": pruning.steps[-1]}
-        strategy.run_round(server_round, grid, state)
-    check_some_round_applied(state.rounds, cfg.round_deadline(simulation), settings.state_path)
-
-    metrics = {
-        "rounds": state.rounds, "devices": plan.devices, "refused": plan.refused,
-        "submodels": getattr(policy, "profile", None),
-        "prune_tune": {"dense_decoder_params": pruning.dense, "start_ratio": pruning.start, "steps": pruning.steps}
-        if pruning is not None else None,
-        "initial_eval_perplexity": state.initial_eval_perplexity,
-        "final_eval_perplexity": state.rounds[-1]["eval_perplexity"] if state.rounds else state.initial_eval_perplexity,
-        "model_bytes": model_bytes, "adapter_bytes": int(sum(a.nbytes for a in state.arrays.values())),
-        "aggregation": cfg.aggregation, "config": {**cfg.to_run_config(), **settings.to_run_config()},
-        "server_seconds": round(time.perf_counter() - started, 2), "server_peak_rss_mb": round(peak_rss_mb(), 1),
-    }
-    write_recovered(model, tokenizer, state.arrays, cfg.scale, settings.out_dir, metrics, model_path or settings.model,
-                    overwrite=settings.overwrite)
-    context.state["metrics"] = ConfigRecord({"json": json.dumps(metrics, default=str)})
-
-
-def start_pruning(cfg: RecoverConfig, settings: RunSettings, model, simulation: bool):
-    """Prune-tune's server side: the schedule of pruning steps, and on --resume the re-pruned
-    checkpoint the saved rounds trained on (returned as the model and the path clients load)."""
-    import llmprune
-
-    from .prune_rounds import PruneRounds
-
-    if not simulation:
-        raise LLMPruneError("prune-tune (--target-ratio) needs the devices to load each re-pruned checkpoint, "
-                            "which only a simulation can hand them", "run it with llmprune recover")
-    pruning = PruneRounds(cfg, settings.state_path, model, settings.model)
-    latest = pruning.latest_before(saved_round(settings.state_path)) if settings.resume else None
-    if latest is None:
-        return model, pruning, None
-    model = llmprune.load(str(latest))[0].eval()
-    return model, pruning, str(latest)
 
 
 def check_some_round_applied(rows: list[dict], timeout: float | None, state_path: Path) -> None:
@@ -276,12 +223,14 @@ def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: 
                 extra_files={"metrics.json": json.dumps(metrics, indent=2, default=str)})
 
 
-def build_server_app(overrides: dict | None = None, *, simulation: bool = False) -> ServerApp:
+def build_server_app(overrides: dict | None = None, *, simulation: bool = False,
+                     stop: threading.Event | None = None) -> ServerApp:
+    """The ServerApp; `stop` (a simulation's) ends its waits when the run is interrupted."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_server(grid, context, overrides, simulation=simulation)
+        run_server(grid, context, overrides, simulation=simulation, stop=stop)
 
     return app
 

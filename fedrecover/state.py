@@ -17,16 +17,9 @@ import numpy as np
 
 from llmprune.errors import LLMPruneError
 
-from .config import RecoverConfig
+from .config import RecoverConfig, key_flags
 
 STATE_FILE = "state.json"
-# Settings a resumed run must share with the run it continues (rounds may grow, except with
-# --schedule or --target-ratio, whose stages and pruning steps are spread over the rounds).
-MUST_MATCH = ("clients", "partition", "aggregation", "fraction", "local_steps", "lora_rank", "lora_alpha", "lr",
-              "batch_size", "seq_len", "seed", "fleet", "target_modules", "dp_clip", "dp_noise", "max_windows",
-              "submodels", "submodel_granularity", "client_dtype", "client_embedding", "skip_unfit", "policy",
-              "arm_sizes", "arm_ranks", "bandit_exploration", "straggler_weight", "target_ratio", "prune_every",
-              "prune_data", "schedule", "devft_beta", "emulate_speed")
 
 
 @dataclass
@@ -39,12 +32,10 @@ class RoundState:
 
 
 def _identity(cfg: RecoverConfig, model: str) -> dict:
-    d = cfg.to_dict()
-    out = {k: (list(d[k]) if isinstance(d[k], tuple) else d[k]) for k in MUST_MATCH}
-    out["model"] = str(model)
-    if cfg.schedule or cfg.target_ratio is not None:   # stages and pruning steps are spread over the rounds
-        out["rounds"] = cfg.rounds
-    return out
+    """The settings a resumed run must share with the run it continues: every field declared
+    `resume="match"` (config.py), the rounds when the policy spreads its steps over them, and the
+    checkpoint."""
+    return {**cfg.resume_identity(fixed_rounds=cfg.policy_class.fixed_rounds), "model": str(model)}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -86,10 +77,13 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: d
     defaults = _identity(RecoverConfig(), model)   # a key saved by an older version had its default then
     changed = [k for k in {**saved, **mine} if json.dumps(saved.get(k, defaults.get(k))) != json.dumps(mine.get(k))]
     if changed:
-        raise LLMPruneError(f"cannot resume: settings differ from the saved run ({', '.join(changed)})",
+        flags = key_flags(cfg)
+        raise LLMPruneError(f"cannot resume: settings differ from the saved run "
+                            f"({', '.join(flags.get(k, k) for k in changed)})",
                             "resume with the same settings (only --rounds may grow), or start a new --out")
-    if meta["round"] > cfg.rounds:
-        raise LLMPruneError(f"the saved run already did {meta['round']} rounds, more than --rounds {cfg.rounds}",
+    if meta["round"] > cfg.training.rounds:
+        raise LLMPruneError(f"the saved run already did {meta['round']} rounds, more than --rounds "
+                            f"{cfg.training.rounds}",
                             "pass a larger --rounds")
     arrays = _load_round(folder, meta["round"], expected, fix)
     policy = meta.get("policy") or {}

@@ -1,316 +1,215 @@
-"""The Flower strategy that owns a round: sample, ask the assignment policy who trains what,
-send each sampled client its slice of the global adapter (its rank, its layers), collect within
-the round timeout (plainly or through SecAgg+), aggregate with the registered aggregation,
-evaluate, checkpoint, and tell the policy how the round went."""
+"""The strategy owns the round. `LoraStrategy.run` is the whole loop, top to bottom, as Flower's
+`Strategy.start` reads:
+
+    the policy begins the round -> sample -> the policy says what each device gets -> instructions
+    (each device's view of the global adapter) -> the transport sends and collects -> aggregate
+    (+ central DP) -> the policy observes -> evaluate -> the round's row -> checkpoint
+
+`RunContext` is everything one run shares (config, Flower grid, the server's model, the fleet plan,
+the round state, the stop event): no module-level state."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
 from .aggregations import ClientUpdate, get_aggregation
-from .config import RecoverConfig
+from .config import RecoverConfig, RunSettings
+from .device_models import DeviceModel
 from .fleet import Assignment
-from .lora import top_layer_modules
-from .policy import AssignmentPolicy
-from .records import from_record, payload_bytes, to_record
+from .lora import module_shapes
+from .messages import TrainInstruction
+from .planning import FleetPlan, plan_fleet
+from .policies import RoundOutcome
+from .privacy import CentralDP
 from .state import RoundState
+from .submodels import Submodel
+from .transport import Collected
 
 log = logging.getLogger(__name__)
 Arrays = dict[str, np.ndarray]
-# Set when the run is interrupted (Ctrl-C in `llmprune recover`): the ServerApp's waits end at once.
-STOP = threading.Event()
-PULL_INTERVAL = 0.1
-
-
-class RunStopped(Exception):
-    """The ServerApp stops because STOP was set (the simulation was interrupted)."""
-
-
-def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None) -> list[Message]:
-    """Flower's Grid.send_and_receive, but `timeout=None` waits for every reply (a simulation on a
-    busy machine: slow is not lost) and an interruption (STOP) ends the wait at once."""
-    pending = set(grid.push_messages(messages))
-    deadline = None if timeout is None else time.monotonic() + timeout
-    replies: list[Message] = []
-    while pending:
-        if STOP.is_set():
-            raise RunStopped("interrupted")
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(r.metadata.reply_to_message_id for r in got)
-        if not pending or (deadline is not None and time.monotonic() >= deadline):
-            break
-        time.sleep(PULL_INTERVAL)
-    return replies
 
 
 @dataclass
-class RoundResult:
-    """What came back in one round: the new global adapter (None: unchanged) and the clients' metrics."""
+class RunContext:
+    """One federated run on the server: settings, Flower's grid and context, the server's model and
+    evaluation windows, the discovered nodes, the fleet plan and the round state."""
 
-    arrays: Arrays | None
-    applied: bool
-    train_loss: float | None
-    client_metrics: list[dict]
-    bytes_up: int
-    bytes_up_per_client: int
-    failures: dict[int, str] = field(default_factory=dict)   # partition id -> oom | crash | timeout
+    cfg: RecoverConfig
+    settings: RunSettings
+    grid: Any
+    flower: Any
+    simulation: bool = False
+    stop: threading.Event = field(default_factory=threading.Event)
+    model: Any = None
+    tokenizer: Any = None
+    model_path: str | None = None          # the checkpoint devices load when it is not the run's (prune-tune)
+    windows: Any = None                    # the server's evaluation windows (None: no evaluation)
+    nodes: dict[int, dict] = field(default_factory=dict)     # node -> partition-id, num-examples, device
+    plan: FleetPlan | None = None
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    state: RoundState | None = None
+
+    def replan(self, policy: Any) -> None:
+        """The fleet plan (and the adapter's module shapes) for the current model."""
+        self.plan = plan_fleet(self.model, self.cfg, self.nodes, policy)
+        self.shapes = module_shapes(self.model, self.cfg.training.target_modules)
+
+    def evaluate(self, arrays: Arrays) -> float | None:
+        """Perplexity of the server's model with `arrays` applied, on its evaluation windows."""
+        from llmprune.evaluate import perplexity
+
+        from .lora import lora_applied
+
+        if self.windows is None:
+            return None
+        with lora_applied(self.model, arrays, self.cfg.scale):
+            return round(perplexity(self.model, self.windows, progress=False).perplexity, 4)
 
 
-class LoraStrategy(Strategy):
-    """Heterogeneous LoRA rounds as a Flower strategy. `run_round` drives one round; its
-    configure/aggregate steps go through `self.outer`, which is Flower's DP wrapper around this
-    strategy when --dp-clip is set (so the wrapper clips, checks and adds noise), else itself."""
+@dataclass
+class Sent:
+    """One round's messages and what each sampled device was given."""
 
-    def __init__(self, cfg: RecoverConfig, policy: AssignmentPolicy, partitions: dict[int, int],
-                 shapes: dict[str, tuple[int, int]], init: Arrays, rank: int, *, transport: RoundTransport,
-                 evaluate: Callable[[Arrays], float | None] = lambda arrays: None,
+    messages: list
+    assignments: dict[int, Assignment]        # partition id -> assignment
+    bytes_down: dict[int, int]                # partition id -> adapter bytes sent
+
+
+class LoraStrategy:
+    """Heterogeneous LoRA rounds: the policy decides who trains what, the registered aggregation
+    merges, the transport carries the round (plain or SecAgg+), central DP when asked."""
+
+    def __init__(self, run: RunContext, policy: Any, transport: Any,
                  checkpoint: Callable[[RoundState], None] = lambda state: None) -> None:
-        self.cfg, self.policy, self.partitions = cfg, policy, partitions   # partitions: node id -> partition id
-        self.shapes, self.init, self.rank = shapes, init, rank
-        self.aggregation = get_aggregation(cfg.aggregation)
-        self.transport, self.evaluate_fn, self.checkpoint_fn = transport, evaluate, checkpoint
-        self.global_arrays: Arrays = dict(init)
-        self._modules: dict[int, list[str]] = {}
-        self.num_layers = len({int(m.split(".", 1)[0]) for m in shapes})
-        self.round_info: dict = {}
-        self.round_plans: dict[int, Assignment] = {}
-        self.model_path: str | None = None      # prune-tune: the re-pruned checkpoint the clients load
-        self.round_note: dict = {}              # extra entries for the next round's metrics row (a pruning step)
-        self.outer: Strategy = self
-        if cfg.dp_clip is not None:
-            sampled = max(1, round(cfg.fraction * len(partitions)))
-            self.outer = DifferentialPrivacyClientSideFixedClipping(self, cfg.dp_noise, cfg.dp_clip, sampled)
-        self.train_config = {"scale": cfg.scale, "batch-size": cfg.batch_size, "lr": cfg.lr,
-                             "uniform-weights": cfg.dp_clip is not None}
+        cfg = run.cfg
+        self.run, self.policy, self.transport, self.checkpoint = run, policy, transport, checkpoint
+        self.aggregation = get_aggregation(cfg.training.aggregation)
+        self.dp = None
+        if cfg.privacy.dp_clip is not None:
+            sampled = max(1, round(cfg.fleet.fraction * len(run.plan.partitions)))
+            self.dp = CentralDP(cfg.privacy.dp_clip, cfg.privacy.dp_noise, sampled, cfg.seed)
 
-    # -- one round -----------------------------------------------------------------------------
-    def run_round(self, server_round: int, grid: Grid, state: RoundState) -> dict:
-        """configure -> train (transport) -> aggregate -> evaluate -> save; returns the metrics row."""
-        t0 = time.perf_counter()
-        if hasattr(self.policy, "prepare"):   # e.g. a DevFT stage change: the new stage starts from the last
-            state.arrays = self.policy.prepare(server_round, state.arrays)
-        np.random.seed(np.random.default_rng([self.cfg.seed, server_round, 7]).integers(2**31))  # DP noise
-        messages = list(self.outer.configure_train(server_round, to_record(state.arrays), ConfigRecord(self.train_config),
-                                                   grid))
-        needed = self.cfg.min_replies(len(messages))
-        result = self.transport.exchange(self, server_round, messages, needed)
-        if result.arrays is not None:
-            state.arrays = result.arrays
-        if not result.applied:
-            log.warning("round %d: %d of %d clients returned, %d needed: the global adapter is unchanged",
-                        server_round, len(result.client_metrics), len(messages), needed)
-        ok_metrics = result.client_metrics
-        self.policy.observe(server_round, result)   # before the rows (its rewards are in them) and the checkpoint
-        view = self.policy.eval_view(server_round, state.arrays) if hasattr(self.policy, "eval_view") else state.arrays
-        t_eval = time.perf_counter()
-        perplexity = self.evaluate_fn(view)
-        row = {"round": server_round, "clients_sampled": len(messages), "clients_returned": len(ok_metrics),
-               "applied": result.applied, "train_loss": result.train_loss,
-               "eval_perplexity": perplexity, "eval_seconds": round(time.perf_counter() - t_eval, 2),
-               "bytes_up": result.bytes_up, "bytes_down": self.round_info["bytes_down"],
-               "bytes_up_per_client_max": result.bytes_up_per_client,
-               "client_seconds": [round(float(m["seconds"]), 2) for m in ok_metrics],
-               "client_peak_rss_mb": [round(float(m["peak-rss-mb"]), 1) for m in ok_metrics],
-               "clients": [self.client_row(m) for m in sorted(ok_metrics, key=lambda m: int(m["partition-id"]))],
-               "failures": [self.failure_row(pid, why) for pid, why in sorted(result.failures.items())],
-               "seconds": round(time.perf_counter() - t0, 2), **self.round_note}
-        self.round_note = {}
-        state.rounds.append(row)
-        state.round = server_round
-        state.policy = self.policy.state_dict() if hasattr(self.policy, "state_dict") else {}
-        self.checkpoint_fn(state)
-        log.info("round %d: %d/%d clients, train loss %s, eval ppl %s, %.1f s", server_round, len(ok_metrics),
-                 len(messages), result.train_loss, row["eval_perplexity"], row["seconds"])
-        return row
-
-    def client_row(self, metrics: dict) -> dict:
-        """One device's line of the round in metrics.json: what it trained, what it was expected to
-        need and what it measured, its time and its traffic."""
-        pid = int(metrics["partition-id"])
-        plan = self.round_plans[pid].to_dict() if pid in self.round_plans else {}
-        row = {"partition-id": pid, **{k: plan.get(k) for k in ("device", "memory_mb", "rank", "depth", "units",
-                                                                 "submodel", "estimate_mb")},
-               "peak_rss_mb": round(float(metrics["peak-rss-mb"]), 1),
-               "model_rss_mb": round(float(metrics["model-rss-mb"]), 1) if "model-rss-mb" in metrics else None,
-               "train_loss": round(float(metrics["train-loss"]), 4), "seconds": round(float(metrics["seconds"]), 2),
-               "bytes_down": self.round_info.get("bytes_down_by_pid", {}).get(pid),
-               "bytes_up": int(metrics["bytes-up"]) if "bytes-up" in metrics else None,
-               **{k.replace("-", "_"): round(float(metrics[k]), 4) for k in ("loss-first", "loss-last") if k in metrics}}
-        return {**row, **self.policy_report(pid)}
-
-    def failure_row(self, pid: int, why: str) -> dict:
-        """A sampled device that did not return: why (oom, crash, timeout) and what it was given."""
-        plan = self.round_plans[pid].to_dict() if pid in self.round_plans else {}
-        row = {"partition-id": pid, "failed": why, **{k: plan.get(k) for k in ("device", "memory_mb", "rank", "units")}}
-        return {**row, **self.policy_report(pid)}
-
-    def policy_report(self, pid: int) -> dict:
-        """What the policy says of a device's round (the bandit: its arm and the reward's parts)."""
-        return self.policy.client_report(pid) if hasattr(self.policy, "client_report") else {}
+    def run_rounds(self, rounds: range, progress: Callable = lambda it, **kw: it) -> None:
+        """Every round from `rounds`, each checkpointed before the next starts."""
+        run, policy, state = self.run, self.policy, self.run.state
+        for server_round in progress(rounds):
+            started = time.perf_counter()
+            notes = policy.begin_round(run, server_round)               # e.g. a DevFT stage change, a pruning step
+            sampled = self.sample(server_round)
+            sent = self.instructions(server_round, policy.assign(server_round, sampled))
+            needed = run.cfg.fleet.min_replies(len(sent.messages))
+            collected = self.transport.exchange(server_round, sent.messages, run.plan.partitions, state.arrays,
+                                                run.plan.rank, needed)
+            new, loss = self.aggregate(server_round, collected, needed, state.arrays)
+            if new is not None:
+                state.arrays = new
+            else:
+                log.warning("round %d: %d of %d clients returned, %d needed: the global adapter is unchanged",
+                            server_round, len(collected.replies), len(sent.messages), needed)
+            policy.observe(server_round, RoundOutcome(collected.replies, collected.failures))
+            eval_started = time.perf_counter()
+            perplexity = run.evaluate(policy.eval_view(server_round, state.arrays))
+            row = self.round_row(server_round, sent, collected, new is not None, loss, perplexity,
+                                 time.perf_counter() - eval_started)
+            row.update(seconds=round(time.perf_counter() - started, 2), **notes)
+            state.rounds.append(row)
+            state.round = server_round
+            state.policy = policy.state_dict()
+            self.checkpoint(state)
+            log.info("round %d: %d/%d clients, train loss %s, eval ppl %s, %.1f s", server_round,
+                     len(collected.replies), len(sent.messages), loss, perplexity, row["seconds"])
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded by (seed, round) over partition ids, so a resumed run samples what the
         uninterrupted one would have, whatever node ids this run's SuperNodes got."""
-        by_pid = sorted(self.partitions, key=lambda node: self.partitions[node])
-        k = max(1, round(self.cfg.fraction * len(by_pid)))
-        rng = np.random.default_rng([self.cfg.seed, server_round])
+        partitions = self.run.plan.partitions
+        by_pid = sorted(partitions, key=lambda node: partitions[node])
+        k = max(1, round(self.run.cfg.fleet.fraction * len(by_pid)))
+        rng = np.random.default_rng([self.run.cfg.seed, server_round])
         return [by_pid[i] for i in sorted(rng.choice(len(by_pid), size=k, replace=False))]
 
-    def modules_for(self, depth: int) -> list[str]:
-        """The modules of a client training LoRA on the top `depth` layers."""
-        if depth not in self._modules:
-            self._modules[depth] = top_layer_modules(self.shapes, depth)
-        return self._modules[depth]
+    def instructions(self, server_round: int, assignments: dict[int, Assignment]) -> Sent:
+        """Each sampled node's message: its view of the global adapter (its modules, its rank, as
+        the aggregation hands it out) and its TrainInstruction."""
+        run, cfg = self.run, self.run.cfg
+        messages, given, down = [], {}, {}
+        for node, assignment in assignments.items():
+            pid = run.plan.partitions[node]
+            view = self.aggregation.client_view(run.state.arrays, assignment.modules(run.shapes), assignment.rank,
+                                                run.plan.init)
+            msg, down[pid] = self.instruction(server_round, pid, assignment).to_message(node, view)
+            messages.append(msg)
+            given[pid] = assignment
+        return Sent(messages, given, down)
 
-    # -- the Flower Strategy steps ---------------------------------------------------------------
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self.global_arrays = from_record(arrays)
-        sampled = self.sample(server_round)
-        plans: dict[int, Assignment] = self.policy.assign(server_round, sampled)
-        messages, down, down_by_pid = [], 0, {}
-        self.round_plans = {self.partitions[node]: plans[node] for node in sampled}
-        for node in sampled:
-            pid, plan = self.partitions[node], plans[node]
-            modules = plan.submodel.modules(self.shapes) if plan.submodel is not None else self.modules_for(plan.depth)
-            view = self.aggregation.client_view(self.global_arrays, modules, plan.rank, self.init)
-            record = to_record(view)
-            down_by_pid[pid] = payload_bytes(record)
-            down += down_by_pid[pid]
-            node_config = ConfigRecord(dict(config))
-            if self.cfg.lean_clients:   # what the device loads: its submodel (or all layers), in the lean dtypes
-                from .submodels import Submodel
+    def instruction(self, server_round: int, pid: int, assignment: Assignment) -> TrainInstruction:
+        cfg, run = self.run.cfg, self.run
+        device_model = assignment.device_model
+        if device_model is None and cfg.lean_clients:   # lean storage of the whole model
+            device_model = DeviceModel.submodel(Submodel.full(len({int(m.split(".", 1)[0]) for m in run.shapes})))
+        # a declared speed scales the steps; an emulated one is the device's secret (it just runs slower)
+        speed = 1.0 if cfg.fleet.emulate_speed else assignment.speed
+        return TrainInstruction(
+            server_round=server_round, seed=int(np.random.default_rng([cfg.seed, server_round, pid]).integers(2**31)),
+            local_steps=max(1, round(cfg.training.local_steps * speed)), scale=cfg.scale,
+            batch_size=cfg.training.batch_size, lr=cfg.training.lr, uniform_weights=self.dp is not None,
+            model_path=run.model_path, device_model=device_model, client_dtype=cfg.fleet.client_dtype,
+            client_embedding=cfg.fleet.client_embedding, extra=self.dp.instruction_extra() if self.dp else {})
 
-                held = plan.submodel if plan.submodel is not None else Submodel.full(self.num_layers)
-                node_config["submodel"] = held.to_json()
-                node_config["client-dtype"] = self.cfg.client_dtype
-                node_config["client-embedding"] = self.cfg.client_embedding
-            if plan.stage is not None:   # DevFT: the device fuses each group into its anchor
-                node_config["stage"] = plan.stage.to_json()
-            if self.model_path is not None:
-                node_config["model-path"] = self.model_path
-            node_config["server-round"] = server_round
-            # a declared speed scales the steps; an emulated one is the device's secret (it just runs slower)
-            speed = 1.0 if self.cfg.emulate_speed else plan.speed
-            node_config["local-steps"] = max(1, round(self.cfg.local_steps * speed))
-            node_config["seed"] = int(np.random.default_rng([self.cfg.seed, server_round, pid]).integers(2**31))
-            messages.append(Message(RecordDict({"arrays": record, "config": node_config}), dst_node_id=node,
-                                    message_type=MessageType.TRAIN))
-        self.round_info = {"sampled": len(messages), "bytes_down": down, "bytes_down_by_pid": down_by_pid}
-        return messages
-
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        updates, losses, weights = [], [], []
-        for reply in replies:
-            if reply.has_error():
-                continue
-            metrics = reply.content["metrics"]
-            arrays = from_record(reply.content["arrays"])
-            updates.append(ClientUpdate(arrays, float(metrics["num-examples"]), str(metrics["partition-id"])))
-            losses.append(float(metrics["train-loss"]))
-            weights.append(float(metrics["num-examples"]))
-        if not updates:
+    def aggregate(self, server_round: int, collected: Collected, needed: int,
+                  previous: Arrays) -> tuple[Arrays | None, float | None]:
+        """The new global adapter (None: the round is not applied) and the mean training loss. The
+        replies are taken in partition order, not arrival order, so float sums are reproducible."""
+        replies = sorted(collected.replies, key=lambda r: r.partition_id)
+        weights = [float(r.num_examples) for r in replies]
+        loss = float(np.average([r.train_loss for r in replies], weights=weights)) if replies else None
+        if collected.summed:                    # SecAgg+: the server learnt only the average
+            return (collected.average, loss) if collected.average is not None else (None, None)
+        if len(replies) < needed or not replies:
             return None, None
-        new = self.aggregation.aggregate(updates, self.global_arrays, self.rank)
-        loss = float(np.average(losses, weights=weights))
-        return to_record(new), MetricRecord({"train-loss": loss, "num-examples": int(sum(weights))})
+        updates = [ClientUpdate(r.arrays, float(r.num_examples), str(r.partition_id)) for r in replies]
+        new = self.aggregation.aggregate(updates, previous, self.run.plan.rank)
+        if self.dp is not None:
+            new = self.dp.release(server_round, new, any_failed=any(
+                why != "timeout" for why in collected.failures.values()))
+        return (new, loss) if new is not None else (None, None)
 
-    def configure_evaluate(self, server_round, arrays, config, grid) -> Iterable[Message]:
-        return []  # evaluation is centralized, on the server's held-out windows
+    def round_row(self, server_round: int, sent: Sent, collected: Collected, applied: bool, loss: float | None,
+                  perplexity: float | None, eval_seconds: float) -> dict:
+        replies = collected.replies
+        return {"round": server_round, "clients_sampled": len(sent.messages), "clients_returned": len(replies),
+                "applied": applied, "train_loss": loss, "eval_perplexity": perplexity,
+                "eval_seconds": round(eval_seconds, 2), "bytes_up": collected.bytes_up,
+                "bytes_down": sum(sent.bytes_down.values()), "bytes_up_per_client_max": collected.bytes_up_per_client,
+                "client_seconds": [round(r.seconds, 2) for r in replies],
+                "client_peak_rss_mb": [round(r.peak_rss_mb, 1) for r in replies],
+                "clients": [self.client_row(r, sent) for r in sorted(replies, key=lambda r: r.partition_id)],
+                "failures": [self.failure_row(pid, why, sent) for pid, why in sorted(collected.failures.items())]}
 
-    def aggregate_evaluate(self, server_round, replies) -> MetricRecord | None:
-        return None
+    def client_row(self, reply, sent: Sent) -> dict:
+        """One device's line of the round in metrics.json: what it trained, what it was expected to
+        need and what it measured, its time and its traffic."""
+        pid = reply.partition_id
+        plan = sent.assignments[pid].to_dict() if pid in sent.assignments else {}
+        row = {"partition-id": pid, **{k: plan.get(k) for k in ("device", "memory_mb", "rank", "depth", "units",
+                                                                 "submodel", "estimate_mb")},
+               "peak_rss_mb": round(reply.peak_rss_mb, 1),
+               "model_rss_mb": round(reply.model_rss_mb, 1) if reply.model_rss_mb is not None else None,
+               "train_loss": round(reply.train_loss, 4), "seconds": round(reply.seconds, 2),
+               "bytes_down": sent.bytes_down.get(pid), "bytes_up": reply.bytes_up,
+               **{k: round(v, 4) for k, v in (("loss_first", reply.loss_first), ("loss_last", reply.loss_last))
+                  if v is not None}}
+        return {**row, **self.policy.client_report(pid)}
 
-    def summary(self) -> None:
-        log.info("LoRA strategy: %s, %d clients, global rank %d", self.cfg.aggregation, len(self.partitions), self.rank)
-
-
-# -- how a round's messages travel -----------------------------------------------------------------
-class RoundTransport:
-    """Carries one round's train messages to the clients and turns what comes back into a RoundResult."""
-
-    def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
-        raise NotImplementedError
-
-
-class PlainTransport(RoundTransport):
-    """Send, wait up to the round timeout (None: for every reply), aggregate what came back
-    (through the strategy's outer layer, e.g. the DP wrapper) if enough did."""
-
-    def __init__(self, grid: Grid, timeout: float | None) -> None:
-        self.grid, self.timeout = grid, timeout
-
-    def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
-        replies = send_and_receive(self.grid, messages, self.timeout)
-        ok = [r for r in replies if not r.has_error()]
-        failures = {}
-        for r in replies:
-            if r.has_error():
-                reason = (r.error.reason or "").strip().splitlines()
-                log.warning("round %d: client on node %d failed: %s", server_round, r.metadata.src_node_id,
-                            reason[-1][:300] if reason else r.error.code)
-                failures[strategy.partitions[r.metadata.src_node_id]] = failure_kind(r.error.reason or "")
-        if len(messages) > len(replies):
-            log.warning("round %d: %d client(s) did not answer within %.0f s", server_round,
-                        len(messages) - len(replies), self.timeout)
-            answered = {r.metadata.src_node_id for r in replies}
-            failures.update({strategy.partitions[m.metadata.dst_node_id]: "timeout" for m in messages
-                             if m.metadata.dst_node_id not in answered})
-        sizes = [payload_bytes(r.content["arrays"]) for r in ok]
-        metrics = [{**dict(r.content["metrics"]), "bytes-up": size} for r, size in zip(ok, sizes)]
-        arrays, loss = None, None
-        if len(ok) >= needed:
-            # Flower's DP wrapper checks the replies itself (and refuses a round with failures).
-            new, agg_metrics = strategy.outer.aggregate_train(server_round, replies if strategy.outer is not strategy else ok)
-            if new is not None:
-                arrays = from_record(new)
-                loss = float(agg_metrics["train-loss"]) if agg_metrics else None
-        return RoundResult(arrays, arrays is not None, loss, metrics, sum(sizes), max(sizes, default=0), failures)
-
-
-def failure_kind(reason: str) -> str:
-    """A failed client's error as the policy sees it: out of memory, or another crash."""
-    return "oom" if ("MemoryError" in reason or "out of memory" in reason.lower()) else "crash"
-
-
-class SecAggTransport(RoundTransport):
-    """Flower's SecAgg+ (see secagg.py): the server learns only the weighted sum of the uploads,
-    so only aggregations registered with secagg=True can use it."""
-
-    def __init__(self, grid: Grid, context, aggregation: str, max_weight: float, timeout: float | None) -> None:
-        from llmprune.errors import LLMPruneError
-
-        from .aggregations.base import names_text, secagg_names
-
-        if not get_aggregation(aggregation).secagg:
-            raise LLMPruneError(f"--secagg cannot be used with --aggregation {aggregation}",
-                                f"secure aggregation only sums uploads: use {names_text(secagg_names())}")
-        self.grid, self.context, self.max_weight, self.timeout = grid, context, max_weight, timeout
-
-    def exchange(self, strategy: LoraStrategy, server_round: int, messages: list[Message], needed: int) -> RoundResult:
-        from llmprune.errors import LLMPruneError
-
-        from .secagg import run_secagg_round
-
-        if len(messages) < 2:
-            raise LLMPruneError("SecAgg+ needs at least 2 sampled clients per round", "raise --clients or --fraction")
-        new, metrics, up = run_secagg_round(self.grid, self.context, messages, strategy.global_arrays, strategy.rank,
-                                            needed, self.max_weight, self.timeout)
-        if new is not None and len(metrics) < needed:
-            new = None
-        loss = None
-        if metrics:
-            w = [float(m["num-examples"]) for m in metrics]
-            loss = float(np.average([float(m["train-loss"]) for m in metrics], weights=w))
-        per_client = up // max(len(metrics), 1)
-        metrics = [{**m, "bytes-up": per_client} for m in metrics]
-        return RoundResult(new, new is not None, loss if new is not None else None, metrics, up, per_client)
+    def failure_row(self, pid: int, why: str, sent: Sent) -> dict:
+        """A sampled device that did not return: why (oom, crash, timeout) and what it was given."""
+        plan = sent.assignments[pid].to_dict() if pid in sent.assignments else {}
+        row = {"partition-id": pid, "failed": why, **{k: plan.get(k) for k in ("device", "memory_mb", "rank", "units")}}
+        return {**row, **self.policy.client_report(pid)}

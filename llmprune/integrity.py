@@ -6,20 +6,16 @@ header promises, and the weights match the model the config describes (names and
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from .errors import LLMPruneError
 from .paths import printable
-
-RECREATE = "the checkpoint is incomplete or was edited; re-create or re-download it"
+# The index and header checks live in llmprune.reader; RECREATE and safetensors_files are re-exported.
+from .reader import RECREATE, checkpoint_entries, meta_model, read_header, safetensors_files  # noqa: F401
 
 # Sizes every supported config has; each must be a positive whole number.
 SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                "num_key_value_heads", "max_position_embeddings", "head_dim")
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4,
-                "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
-_MAX_HEADER = 100_000_000  # bytes; safetensors' own limit
 # Keys older checkpoints carry that current transformers classes no longer have (recomputed buffers).
 _IGNORED_UNEXPECTED = ("rotary_emb.inv_freq",)
 
@@ -64,85 +60,17 @@ def check_config_values(config, where: str, fix: str = RECREATE) -> None:
             f"config.json of '{printable(where)}' lists {count} layer_types for {config.num_hidden_layers} layers", fix)
 
 
-def safetensors_files(folder: str | Path, fix: str = RECREATE) -> list[Path]:
-    """The safetensors files of a folder: the shards of model.safetensors.index.json, or
-    model.safetensors; [] when it has none (e.g. only pytorch_model.bin)."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise LLMPruneError(f"'{printable(index)}' is not a valid safetensors index", fix) from exc
-        missing = [n for n in names if not (folder / n).is_file()]
-        if missing:
-            raise LLMPruneError(f"'{printable(folder)}' lacks the weight file(s) {', '.join(missing[:3])} listed in"
-                                f" {index.name}", fix)
-        return [folder / n for n in names]
-    single = folder / "model.safetensors"
-    return [single] if single.is_file() else []
-
-
 def read_safetensors_header(path: str | Path, fix: str = RECREATE) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (dtype, shape)} of a safetensors file, after checking that the file holds
     exactly the bytes its header describes (a truncated or empty file is refused here)."""
-    path = Path(path)
-
-    def corrupt(detail: str) -> LLMPruneError:
-        return LLMPruneError(f"weight file '{printable(path)}' is truncated or corrupt ({detail})", fix)
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise corrupt(f"{size} bytes, too short for a safetensors header")
-            n = int.from_bytes(head, "little")
-            if n > min(size - 8, _MAX_HEADER):
-                raise corrupt(f"the header says {n} bytes, the file has {size}")
-            raw = f.read(n)
-    except OSError as exc:
-        raise LLMPruneError(f"cannot read '{printable(path)}' ({exc.strerror or exc})", "check the file's permissions") from exc
-    try:
-        header = json.loads(raw)
-        if not isinstance(header, dict):
-            raise ValueError("not an object")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise corrupt("its header is not valid JSON") from exc
-    data_bytes = size - 8 - n
-    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
-    covered = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape = meta["dtype"], tuple(int(d) for d in meta["shape"])
-            begin, end = (int(o) for o in meta["data_offsets"])
-        except (TypeError, KeyError, ValueError) as exc:
-            raise corrupt(f"bad header entry for '{name}'") from exc
-        if end > data_bytes:
-            raise corrupt(f"tensor '{name}' ends at byte {8 + n + end}, the file has {size}")
-        width = _DTYPE_BYTES.get(dtype)
-        if width is not None and end - begin != math.prod(shape) * width:
-            raise corrupt(f"tensor '{name}' has {end - begin} bytes for shape {list(shape)} {dtype}")
-        covered = max(covered, end)
-        tensors[name] = (dtype, shape)
-    if covered != data_bytes:
-        raise corrupt(f"{data_bytes - covered} bytes beyond the last tensor")
-    return tensors
+    return {name: (entry.dtype, entry.shape) for name, entry in read_header(path, fix).items()}
 
 
 def checkpoint_tensors(folder: str | Path, fix: str = RECREATE) -> dict[str, tuple[int, ...]] | None:
     """{name: shape} of every tensor in the folder's safetensors files (each checked whole), or
     None when the folder holds no safetensors."""
-    files = safetensors_files(folder, fix)
-    if not files:
-        return None
-    shapes: dict[str, tuple[int, ...]] = {}
-    for path in files:
-        shapes.update({k: shape for k, (_, shape) in read_safetensors_header(path, fix).items()})
-    return shapes
+    entries = checkpoint_entries(folder, fix)
+    return None if entries is None else {name: entry.shape for name, entry in entries.items()}
 
 
 def _names(keys, limit: int = 3) -> str:
@@ -154,10 +82,7 @@ def _names(keys, limit: int = 3) -> str:
 def check_shapes(model_class, config, stored: dict[str, tuple[int, ...]], where: str, fix: str = RECREATE) -> None:
     """Tensors whose stored shape differs from the model that config.json describes (built on the
     meta device: no memory, no time)."""
-    import torch
-
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in model_class(config).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in meta_model(config, model_class).state_dict().items()}
     wrong = {k: (stored[k], expected[k]) for k in stored.keys() & expected.keys() if tuple(stored[k]) != expected[k]}
     if wrong:
         first = min(wrong)
@@ -188,10 +113,7 @@ def check_loading_info(info: dict, where: str, fix: str = RECREATE) -> None:
 def check_tensor_names(model_class, config, stored: dict[str, tuple[int, ...]], where: str, fix: str = RECREATE) -> None:
     """The weights hold every tensor the config's model needs (a tied head may be absent) and none
     it has no place for — the same verdict as a load's loading info, without loading."""
-    import torch
-
-    with torch.device("meta"):
-        model = model_class(config)
+    model = meta_model(config, model_class)
     expected = set(model.state_dict())
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if getattr(config, "tie_word_embeddings", False) else set()
     missing = sorted(expected - stored.keys() - tied)

@@ -1,23 +1,11 @@
-"""Models built on the meta device and filled from safetensors without loading whole files: the
-header reader, the buffers `to_empty` leaves uninitialised, and module prefixes. Shared by
-compress --low-memory and the lean federated clients."""
+"""Filling a model built on the meta device (`llmprune.reader.meta_model`) from safetensors one
+part at a time: the buffers `to_empty` leaves uninitialised, and module prefixes (state-dict names
+of a submodule). Shared by compress --low-memory and the lean federated clients."""
 
 from __future__ import annotations
 
-import json
-import struct
-from pathlib import Path
-
 import torch
 from torch import nn
-
-
-def read_header(path: Path) -> tuple[dict, int]:
-    """(header, offset of the data section)."""
-    with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(length))
-    return header, 8 + length
 
 
 def reset_buffers(module: nn.Module, config) -> None:

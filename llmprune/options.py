@@ -24,19 +24,26 @@ from typing import Any
 _MISSING = dataclasses.MISSING
 
 
+RESUME_RULES = ("match", "free", "grow")
+
+
 def option(default: Any = _MISSING, *, help: str, flag: str | None = None,
            choices: tuple | Callable[[], tuple] | None = None, cli: bool = True, metavar: str | None = None,
            parse: Callable[[str], Any] | None = None, default_factory: Callable[[], Any] | Any = _MISSING,
-           default_text: str | None = None, nargs: str | None = None) -> Any:
+           default_text: str | None = None, nargs: str | None = None, resume: str = "match") -> Any:
     """A dataclass field with its help text and how it appears on the command line.
 
-    flag: the option string (default `--field-name`); choices: allowed values, or a function
-    returning them (a registry's names, looked up when the parser is built); cli=False keeps the
-    field out of the CLI; parse: the argparse type (default from the annotation); default_text:
-    how the default is shown in --help when the value itself says little (e.g. None); nargs:
-    argparse's, for a field that takes several values on one flag (`--quantize int8 int4`)."""
+    flag: the option string (default `--field-name`); its name is the argparse dest; choices:
+    allowed values, or a function returning them (a registry's names, looked up when the parser is
+    built); cli=False keeps the field out of the CLI; parse: the argparse type (default from the
+    annotation), also what turns a run-config value into the field's value; default_text: how the
+    default is shown in --help when the value itself says little (e.g. None); nargs: argparse's,
+    for a field that takes several values on one flag (`--quantize int8 int4`); resume: what a
+    resumed run may do with the setting — "match" (keep it), "free" (change it), "grow" (raise it)."""
+    if resume not in RESUME_RULES:
+        raise ValueError(f"resume must be one of {RESUME_RULES}, not {resume!r}")
     metadata = {"help": help, "flag": flag, "choices": choices, "cli": cli, "metavar": metavar, "parse": parse,
-                "default_text": default_text, "nargs": nargs}
+                "default_text": default_text, "nargs": nargs, "resume": resume}
     if default_factory is not _MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -56,56 +63,110 @@ def flag_of(field: dataclasses.Field) -> str:
     return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
 
 
+def dest_of(field: dataclasses.Field) -> str:
+    """The argparse dest of a field's flag: the flag's name (`--fleet` -> fleet), which is the
+    field's name unless the field declares another flag."""
+    return flag_of(field).lstrip("-").replace("-", "_")
+
+
 # -- argparse types for `parse=` (a bad value becomes one line from the parser, exit code 2) --
-def _int(text: str, least: int) -> int:
+# Each takes the text of a flag or a run-config entry, or a value of its own type (the Python API),
+# so that one function validates a setting whichever way it arrives (see coerce_fields).
+def _int(text, least: int) -> int:
+    bad = isinstance(text, bool) or (isinstance(text, float) and not text.is_integer())
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        value = int(text) if not bad else None
+    except (TypeError, ValueError):
+        value = None
+    if value is None:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number")
     if value < least:
         raise argparse.ArgumentTypeError(f"{value} must be {'at least 1' if least == 1 else f'{least} or more'}")
     return value
 
 
-def positive_int(text: str) -> int:
+def positive_int(text) -> int:
     return _int(text, 1)
 
 
-def non_negative_int(text: str) -> int:
+def non_negative_int(text) -> int:
     """A whole number, 0 or more (seeds: numpy's cannot be negative)."""
     return _int(text, 0)
 
 
-def _float(text: str) -> float:
+def int_at_least(least: int) -> Callable[[str], int]:
+    """A parser of whole numbers of at least `least`."""
+    def parse(text) -> int:
+        return _int(text, least)
+
+    parse.__name__ = f"int_at_least_{least}"
+    return parse
+
+
+def _float(text) -> float:
     try:
+        if isinstance(text, bool):
+            raise ValueError
         return float(text)
-    except ValueError:
+    except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
 
 
-def positive_float(text: str) -> float:
+def positive_float(text) -> float:
     value = _float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{value} must be positive")
     return value
 
 
-def non_negative_float(text: str) -> float:
+def non_negative_float(text) -> float:
     try:
-        value = float(text)
-    except ValueError:
+        value = _float(text)
+    except argparse.ArgumentTypeError:
         value = -1.0
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"'{text}' is not a non-negative number")
     return value
 
 
-def fraction(text: str) -> float:
+def fraction(text) -> float:
     value = _float(text)
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
     return value
 
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    """A parser that accepts one of `choices` (for Literal fields)."""
+    def parse(text) -> str:
+        if text not in choices:
+            raise argparse.ArgumentTypeError(f"'{text}' is not one of {', '.join(choices)}")
+        return str(text)
+
+    parse.__name__ = "one_of"
+    return parse
+
+
+def coerce_fields(obj) -> None:
+    """Run every field's `parse` on its value, in place: what the Python API passes (text or a
+    typed value) is checked and typed by the same function as a flag or a run-config entry. A bad
+    value is one LLMPruneError naming the flag and an example."""
+    from .errors import LLMPruneError
+
+    hints = typing.get_type_hints(type(obj))
+    for field in dataclasses.fields(obj):
+        parse, value = field.metadata.get("parse"), getattr(obj, field.name)
+        if parse is None or value is None:
+            continue
+        try:
+            if isinstance(value, str) and _base_type(hints[field.name]) in (int, float):
+                raise argparse.ArgumentTypeError(f"{value!r} is text, not a number")   # the API takes numbers
+            setattr(obj, field.name, parse(value))
+        except argparse.ArgumentTypeError as exc:
+            default = _default_of(field)
+            fix = (f"pass e.g. {flag_of(field)} {_shown_default(field)}" if default not in (None, "", ())
+                   else f"{flag_of(field)} takes {field.metadata['help']}")
+            raise LLMPruneError(f"{flag_of(field)}: {exc}", fix) from None
 
 
 def _base_type(annotation) -> type:
@@ -140,17 +201,18 @@ def _shown_default(field: dataclasses.Field) -> str:
     return str(value)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tuple[str, ...] = ()) -> None:
-    """One flag per CLI field of `cls`, its help ending with the dataclass default."""
+def add_config_arguments(parser, cls: type, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per CLI field of `cls`, its help ending with the dataclass default. `parser` may
+    be an argparse group; `exclude` names dests (field names) to leave out."""
     hints = typing.get_type_hints(cls)
     for field in cli_fields(cls):
-        if field.name in exclude:
+        if field.name in exclude or dest_of(field) in exclude:
             continue
         meta = field.metadata
         kind = _base_type(hints[field.name])
         choices = meta.get("choices")
         shown = "" if _default_of(field) is False else f" (default: {_shown_default(field)})"
-        kwargs: dict[str, Any] = {"dest": field.name, "default": None, "help": meta["help"] + shown}
+        kwargs: dict[str, Any] = {"dest": dest_of(field), "default": None, "help": meta["help"] + shown}
         if kind is bool:
             kwargs["action"] = "store_true" if _default_of(field) is False else argparse.BooleanOptionalAction
         else:
@@ -167,6 +229,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, exclude: tu
 
 def config_from_args(cls: type, args: argparse.Namespace, **fixed):
     """The config the flags describe: only the flags given, the dataclass defaults for the rest."""
-    given = {f.name: getattr(args, f.name) for f in cli_fields(cls)
-             if getattr(args, f.name, None) is not None}
+    given = {f.name: getattr(args, dest_of(f)) for f in cli_fields(cls)
+             if getattr(args, dest_of(f), None) is not None}
     return cls(**{**given, **fixed})

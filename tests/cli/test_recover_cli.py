@@ -110,21 +110,22 @@ def test_a_budget_no_submodel_fits_and_submodels_without_a_fleet(capfd, checkpoi
     fleet.write_text('[[device]]\nname = "phone"\nmemory_mb = 8000\n\n[[device]]\nname = "old-watch"\nmemory_mb = 12\n')
     out = tmp_path / "out"
     code, stdout, err = run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
-                                 "--fleet", fleet, "--aggregation", "hetlora", "--submodels")
+                                 "--fleet", fleet, "--aggregation", "hetlora", "--policy", "submodels")
     assert_one_line_error(code, stdout, err, "device 'old-watch' has 12 MB but the smallest submodel (1 layer, rank 1)",
                           "raise its memory_mb to at least")
     assert nothing_written(out)
     assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
-                                    "--submodels"), "--submodels needs --fleet", "pass a fleet file")
+                                    "--policy", "submodels"), "--policy submodels needs --fleet", "pass a fleet file")
     assert nothing_written(out)
 
 
 @pytest.mark.parametrize("flags, message, fix", [
-    (["--submodels", "--policy", "bandit", "--arm-sizes", ""], "the bandit's arm grid is empty", "--arm-sizes"),
-    (["--submodels", "--policy", "bandit"], "no bandit arm fits device 'old-watch' (12 MB)", "--skip-unfit"),
-    (["--schedule", "devft:2,1"], "does not grow", ""),
-    (["--schedule", "devft:1,9"], "exceeds", ""),
-    (["--target-ratio", "0.01", "--eval-data", "DATA"], "is below the checkpoint's ratio", ""),
+    (["--policy", "bandit", "--arm-sizes", ""], "the bandit's arm grid is empty", "--arm-sizes"),
+    (["--policy", "bandit"], "no bandit arm fits device 'old-watch' (12 MB)", "--skip-unfit"),
+    (["--policy", "devft", "--devft-stages", "2,1"], "does not grow", ""),
+    (["--policy", "devft", "--devft-stages", "1,9"], "exceeds", ""),
+    (["--policy", "prune-tune", "--target-ratio", "0.01", "--eval-data", "DATA"], "is below the checkpoint's ratio", ""),
+    (["--arm-sizes", "0.5"], "--arm-sizes is a setting of --policy bandit, not of --policy plan", "add --policy bandit"),
 ])
 def test_bad_adaptive_settings_are_one_line_before_anything_starts(capfd, checkpoint, data_file, tmp_path, flags,
                                                                    message, fix):
@@ -145,7 +146,7 @@ def test_bad_adaptive_settings_are_one_line_before_anything_starts(capfd, checkp
         capfd.readouterr()          # compress's own progress bars are not the run's output
     out = tmp_path / "out"
     flags = [str(data_file) if f == "DATA" else f for f in flags]
-    rounds = ["--rounds", "3"] if "--schedule" in flags else []
+    rounds = ["--rounds", "3"] if "devft" in flags else []
     fleet_flags = ["--fleet", fleet] if "bandit" in flags else []
     assert_one_line_error(*run_main(capfd, "--model", model, "--data", data_file, "--out", out, *SMALL, *rounds,
                                     *fleet_flags, "--aggregation", "hetlora", *flags), message, fix)
@@ -157,7 +158,7 @@ def test_bad_partition(capfd, checkpoint, data_file, tmp_path, partition):
     out = tmp_path / "out"
     assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
                                     "--partition", partition),
-                          f"unknown --partition '{partition}'", "dirichlet:ALPHA")
+                          f"unknown partition '{partition}'", "dirichlet:ALPHA")
     assert nothing_written(out)
 
 
@@ -193,12 +194,12 @@ def _saved_state(folder, model):
     import numpy as np
 
     from llmprune.fedrecover import RecoverConfig
-    from llmprune.fedrecover.pipeline import meta_model
     from llmprune.fedrecover.lora import init_arrays, module_shapes
+    from llmprune.fedrecover.planning import meta_model
     from llmprune.fedrecover.state import RoundState, save_state
 
-    cfg = RecoverConfig(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2, lora_rank=2)
-    shapes = module_shapes(meta_model(str(model)), cfg.target_modules)
+    cfg = RecoverConfig.of(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2, lora_rank=2)
+    shapes = module_shapes(meta_model(str(model)), cfg.training.target_modules)
     arrays = {k: np.asarray(v) for k, v in init_arrays(shapes, list(shapes), 2, 0).items()}
     save_state(folder, RoundState(1, arrays, [{"round": 1, "applied": True}]), cfg, model=str(model.resolve()))
 

@@ -62,3 +62,29 @@ def test_low_memory_refuses_taylor_before_reading_anything(tmp_path):
         compress(str(tmp_path / "does-not-exist"), CompressConfig(ratio=0.2, method="taylor", low_memory=True),
                  calib=["text"], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_damaged_weight_file_is_refused_in_one_line_before_any_work(tmp_path):
+    src = tiny_checkpoint(tmp_path / "src", "llama")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])
+    with pytest.raises(LLMPruneError, match="is truncated or corrupt") as exc:
+        compress(str(src), CompressConfig(ratio=0.2, low_memory=True), calib=["text"], out=tmp_path / "out")
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_copied_tensors_keep_their_bytes(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from llmprune.compress.safetensors_io import copy_tensors
+    from llmprune.reader import checkpoint_entries
+
+    tensors = {"b": torch.randn(300, 7).to(torch.bfloat16), "a": torch.tensor(2.0), "e": torch.zeros(0, 3),
+               "i": torch.arange(9, dtype=torch.int8)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    entries = checkpoint_entries(tmp_path)
+    written = copy_tensors([entries[k] for k in ("i", "b", "a", "e")], tmp_path / "copy.safetensors")
+    assert written == sum(e.nbytes for e in entries.values())
+    copied = load_file(tmp_path / "copy.safetensors")
+    assert copied.keys() == tensors.keys() and all(torch.equal(copied[k], v) for k, v in tensors.items())

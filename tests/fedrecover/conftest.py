@@ -50,11 +50,19 @@ def text_file(tmp_path_factory) -> Path:
 
 
 def run_recover(model_dir, data, out, **overrides):
-    """`recover()` with the small settings (overrides win)."""
+    """`recover()` with the small settings (overrides win; flag names, `policy` by name)."""
     from llmprune.fedrecover import RecoverConfig, recover
 
+    import torch
+
     resume = overrides.pop("resume", False)
-    return recover(model_dir, [str(d) for d in data], RecoverConfig(**{**SMALL, **overrides}), out, resume=resume)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # the server's own maths (evaluation, pruning steps) the same in every fixture and test
+    try:
+        return recover(model_dir, [str(d) for d in data], RecoverConfig.of(**{**SMALL, **overrides}), out,
+                       resume=resume)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

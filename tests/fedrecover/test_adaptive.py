@@ -11,17 +11,18 @@ import pytest
 
 from llmprune.errors import LLMPruneError
 from llmprune.fedrecover import RecoverConfig
-from llmprune.fedrecover.fleet import Device, admitted_arms, arm_units, submodel_memory_mb, unit_costs
+from llmprune.fedrecover.fleet import Device, submodel_memory_mb, unit_costs
+from llmprune.fedrecover.policies.bandit import admitted_arms, arm_units
 
 LEAN = dict(client_dtype="bfloat16", client_embedding="int8")
 
 
 @pytest.fixture(scope="module")
 def costs(pruned_ckpt):
-    from llmprune.fedrecover.pipeline import meta_model
+    from llmprune.fedrecover.planning import meta_model
 
-    cfg = RecoverConfig(fleet="x.toml", submodels=True, policy="bandit", aggregation="hetlora", batch_size=2,
-                        seq_len=32, lora_rank=4, **LEAN)
+    cfg = RecoverConfig.of(fleet="x.toml", policy="bandit", aggregation="hetlora", batch_size=2,
+                           seq_len=32, lora_rank=4, **LEAN)
     return unit_costs(meta_model(str(pruned_ckpt)), cfg)
 
 
@@ -47,16 +48,16 @@ def test_a_declared_budget_admits_only_the_arms_that_fit(costs):
 
 
 def test_no_arm_fitting_a_declared_budget_is_one_line(costs, tmp_path, pruned_ckpt):
-    from llmprune.fedrecover.fleet import plan_devices
-    from llmprune.fedrecover.pipeline import meta_model
+    from llmprune.fedrecover.planning import meta_model
+    from llmprune.fedrecover.policies.bandit import BanditPolicy
 
     fleet = write_fleet(tmp_path, [{"name": "big", "memory_mb": 1e6}, {"name": "tiny", "memory_mb": 10}])
-    cfg = RecoverConfig(fleet=fleet, submodels=True, policy="bandit", aggregation="hetlora", batch_size=2, seq_len=32,
-                        lora_rank=4, clients=2, **LEAN)
+    settings = dict(fleet=fleet, policy="bandit", aggregation="hetlora", batch_size=2, seq_len=32, lora_rank=4,
+                    clients=2, **LEAN)
     with pytest.raises(LLMPruneError) as err:
-        plan_devices(meta_model(str(pruned_ckpt)), cfg, 2)
+        BanditPolicy(RecoverConfig.of(**settings)).plan_devices(meta_model(str(pruned_ckpt)), 2)
     assert "no bandit arm fits device 'tiny' (10 MB)" in str(err.value) and "\n" not in str(err.value)
-    skipped = plan_devices(meta_model(str(pruned_ckpt)), RecoverConfig(**{**cfg.to_dict(), "skip_unfit": True}), 2)
+    skipped = BanditPolicy(RecoverConfig.of(**settings, skip_unfit=True)).plan_devices(meta_model(str(pruned_ckpt)), 2)
     assert [p.refused != "" for p in skipped] == [False, True]
 
 
@@ -65,27 +66,26 @@ def test_no_arm_fitting_a_declared_budget_is_one_line(costs, tmp_path, pruned_ck
     ({"arm_sizes": "0.5,1.5"}, "--arm-sizes"),
     ({"arm_ranks": "2,16"}, "a rank above --lora-rank 8"),
     ({"arm_ranks": "2,4", "aggregation": "fedavg"}, "needs an aggregation of mixed ranks"),
-    ({"submodels": False}, "--policy bandit needs --submodels"),
+    ({"fleet": None}, "--policy bandit needs --fleet"),
 ])
 def test_bad_bandit_options(kwargs, message):
-    base = dict(fleet="f.toml", submodels=True, policy="bandit", aggregation="hetlora")
+    base = dict(fleet="f.toml", policy="bandit", aggregation="hetlora")
     with pytest.raises(LLMPruneError, match=message.replace("+", r"\+")):
-        RecoverConfig(**{**base, **kwargs})
+        RecoverConfig.of(**{**base, **kwargs})
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"prune_every": 2}, "--prune-every needs --target-ratio"),
-    ({"target_ratio": 0.3, "schedule": "devft:1,2"}, "cannot be combined"),
-    ({"schedule": "grow:1,2"}, "devft:"),
-    ({"schedule": "devft:1,2", "fleet": "f.toml", "submodels": True}, "--schedule and --submodels cannot be combined"),
+    ({"prune_every": 2}, "it belongs to --policy prune-tune"),
+    ({"policy": "prune-tune", "target_ratio": 0.3, "devft_stages": "1,2"}, "it belongs to --policy devft"),
+    ({"policy": "devft", "devft_stages": "grow:1,2"}, "is not a layer count"),
 ])
 def test_bad_adaptive_options(kwargs, message):
     with pytest.raises(LLMPruneError, match=message):
-        RecoverConfig(**kwargs)
+        RecoverConfig.of(**kwargs)
 
 
 # ---------------------------------------------------------------- the bandit in a simulation
-BANDIT = dict(clients=3, rounds=3, aggregation="hetlora", submodels=True, policy="bandit", arm_sizes="0.34,1",
+BANDIT = dict(clients=3, rounds=3, aggregation="hetlora", policy="bandit", arm_sizes="0.34,1",
               arm_ranks="1,4", emulate_speed=True, **LEAN)
 
 
@@ -122,7 +122,7 @@ def test_the_bandit_plays_arms_learns_rewards_and_backs_off_a_failing_device(ban
 def test_an_emulated_device_sleeps_for_its_speed_and_fails_past_its_true_memory():
     import time
 
-    from llmprune.fedrecover.client_app import EMULATED_RUNTIME_MB, DeviceEmulation
+    from llmprune.fedrecover.device import EMULATED_RUNTIME_MB, DeviceEmulation
     from llmprune.memory import reset_peak_rss, window_peak_rss_mb
 
     half = DeviceEmulation(speed=0.5)
@@ -193,7 +193,7 @@ def assert_resumed_equal(ref, got) -> None:
 
 
 # ---------------------------------------------------------------- DevFT in a simulation
-DEVFT = dict(clients=2, rounds=3, schedule="devft:1,2,all", aggregation="hetlora", **LEAN)
+DEVFT = dict(clients=2, rounds=3, policy="devft", devft_stages="1,2,all", aggregation="hetlora", **LEAN)
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +241,7 @@ def test_devft_resumes_across_a_stage_change_exactly(devft_run, pruned_ckpt, tex
     got = run_recover(pruned_ckpt, [text_file], out, **DEVFT, resume=True)
     assert_resumed_equal(devft_run, got)
     shutil.rmtree(out)
-    with pytest.raises(LLMPruneError, match=r"settings differ from the saved run \(rounds\)"):
+    with pytest.raises(LLMPruneError, match=r"settings differ from the saved run \(--rounds\)"):
         run_recover(pruned_ckpt, [text_file], out, **{**DEVFT, "rounds": 4}, resume=True)
 
 
@@ -262,7 +262,7 @@ def prune_tune_run(dense_ckpt, text_file, tmp_path_factory):
 
 
 def prune_tune_settings(text_file) -> dict:
-    return dict(clients=2, rounds=2, target_ratio=0.3, prune_every=1, eval_data=str(text_file))
+    return dict(clients=2, rounds=2, policy="prune-tune", target_ratio=0.3, prune_every=1, eval_data=str(text_file))
 
 
 def test_prune_tune_reprunes_between_rounds_and_ends_at_the_target(prune_tune_run, dense_ckpt):
@@ -303,15 +303,16 @@ def test_a_target_below_the_checkpoint_ratio_is_refused_before_anything_starts(p
     from .conftest import run_recover
 
     with pytest.raises(LLMPruneError, match="below the checkpoint's ratio"):
-        run_recover(pruned_ckpt, [text_file], tmp_path / "out", target_ratio=0.05, eval_data=str(text_file))
+        run_recover(pruned_ckpt, [text_file], tmp_path / "out", policy="prune-tune", target_ratio=0.05,
+                    eval_data=str(text_file))
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.rounds").exists()
 
 
-@pytest.mark.parametrize("schedule, message", [("devft:2,1", "does not grow"), ("devft:1,5", "exceeds")])
+@pytest.mark.parametrize("schedule, message", [("2,1", "does not grow"), ("1,5", "exceeds")])
 def test_a_schedule_that_does_not_fit_the_model_is_refused_before_anything_starts(pruned_ckpt, text_file, tmp_path,
                                                                                   schedule, message):
     from .conftest import run_recover
 
     with pytest.raises(LLMPruneError, match=message):
-        run_recover(pruned_ckpt, [text_file], tmp_path / "out", rounds=3, schedule=schedule)
+        run_recover(pruned_ckpt, [text_file], tmp_path / "out", rounds=3, policy="devft", devft_stages=schedule)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.rounds").exists()

@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmprune
+from llmprune import reader
 from llmprune.compress.surgery import install_layers
 from llmprune.errors import LLMPruneError
-from llmprune.fedrecover import client_model
 from llmprune.fedrecover.client_model import (
     Int8Embedding, SkippedAttention, SkippedMLP, check_sublayer_skip, chunked_vocab_loss, free_model, head_rows,
     index_checkpoint, load_submodel,
@@ -103,8 +103,8 @@ def test_tensors_of_dropped_layers_and_blocks_are_never_read(arch, checkpoint, m
     folder = checkpoint(arch)
     sub = Submodel(4, attn=(0, 2), mlp=(2, 3))
     read = []
-    real = client_model.read_rows
-    monkeypatch.setattr(client_model, "read_rows", lambda entry, lo, hi: read.append(entry.name) or real(entry, lo, hi))
+    real = reader.read_rows  # every weight byte load_submodel reads passes through the reader's read_rows
+    monkeypatch.setattr(reader, "read_rows", lambda entry, lo, hi: read.append(entry.name) or real(entry, lo, hi))
     load_submodel(folder, sub, dtype=torch.float32)
 
     def needed(name: str) -> bool:
@@ -138,9 +138,9 @@ def test_large_tensors_are_read_and_converted_in_row_chunks(checkpoint, monkeypa
     whole = load_submodel(folder, sub)
     whole_int8 = load_submodel(folder, sub, embedding="int8")
     reads = []
-    real = client_model.read_rows
-    monkeypatch.setattr(client_model, "CHUNK_BYTES", 4096)
-    monkeypatch.setattr(client_model, "read_rows", lambda e, lo, hi: reads.append((e.name, hi - lo)) or real(e, lo, hi))
+    real = reader.read_rows
+    monkeypatch.setattr(reader, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(reader, "read_rows", lambda e, lo, hi: reads.append((e.name, hi - lo)) or real(e, lo, hi))
     chunked = load_submodel(folder, sub)
     # float32 rows of 64 x 4 bytes: 16 rows per 4096-byte read, 20 reads for 320 rows.
     assert [n for name, n in reads if name.endswith("embed_tokens.weight")] == [16] * 20

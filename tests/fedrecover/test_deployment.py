@@ -236,10 +236,11 @@ def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> dict:
                                       "--port", str(node_ports[2]), "--auth-supernode-private-key", "keys/rogue",
                                       "--node-config", node_config(0, 2, root / "device0.txt")], may_exit=True)
 
-    config = RecoverConfig(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2,
-                           eval_data=str(root / "heldout.txt"), node_timeout=120, round_timeout=180)
+    settings = dict(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2, eval_data=str(root / "heldout.txt"),
+                    node_timeout=120, round_timeout=180)
     if secure:
-        config.fleet, config.aggregation = str(root / "fleet.toml"), "hetlora"
+        settings.update(fleet=str(root / "fleet.toml"), aggregation="hetlora")
+    config = RecoverConfig.of(**settings)
     answer = fleet.cli("flwr-run", ["flwr", "run", str(app_dir()), CONNECTION, "--run-config",
                                     run_config_overrides(model, out, config), "--format", "json"])
     run_id = _json_out(answer)["run-id"]
@@ -315,15 +316,20 @@ def test_app_config_matches_recover_config():
     app = project["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "llmprune.fedrecover.server_app:app",
                                  "clientapp": "llmprune.fedrecover.client_app:app"}
-    assert app["config"] == run_config_defaults()
+    from flwr.common.config import flatten_dict
+
+    assert flatten_dict(app["config"]) == run_config_defaults()
     assert project["project"]["version"] == llmprune.__version__
-    cfg, settings = parse_run_config(app["config"])
+    cfg, settings = parse_run_config(flatten_dict(app["config"]))
     assert cfg == RecoverConfig() and settings == RunSettings()
 
 
 def test_override_strings():
-    cfg = RecoverConfig(clients=2, rounds=1, seq_len=32)
-    assert run_config_overrides("/m", "/o", cfg) == "model='/m' out='/o' clients=2 rounds=1 seq-len=32"
+    cfg = RecoverConfig.of(clients=2, rounds=1, seq_len=32, policy="bandit", fleet="f.toml", aggregation="hetlora",
+                           arm_sizes="0.5,1")
+    assert run_config_overrides("/m", "/o", cfg) == ("model='/m' out='/o' policy.name='bandit' data.seq-len=32 "
+                                                     "training.rounds=1 training.aggregation='hetlora' "
+                                                     "fleet.clients=2 fleet.file='f.toml' policy.bandit.arm-sizes='0.5,1'")
     assert run_config_overrides("/m", "/o", resume=True) == "model='/m' out='/o' resume=true"
     with pytest.raises(ValueError, match="not run-config keys"):
         run_config_overrides("/m", "/o", learning_rate=1)

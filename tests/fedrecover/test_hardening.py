@@ -19,7 +19,7 @@ from llmprune.fedrecover.config import FLEET_ROUND_TIMEOUT
 from llmprune.fedrecover.pipeline import _snapshot, interrupted
 from llmprune.fedrecover.server_app import SERVER_ROOT_ENV, check_some_round_applied, server_paths
 from llmprune.fedrecover.state import STATE_FILE, RoundState, load_state, save_state
-from llmprune.fedrecover.strategy import STOP, RunStopped, send_and_receive
+from llmprune.fedrecover.transport import RunStopped, send_and_receive
 
 from .conftest import SMALL
 
@@ -34,7 +34,7 @@ def one_line(err) -> str:
 
 
 def cfg(**kw) -> RecoverConfig:
-    return RecoverConfig(**{**SMALL, "rounds": 3, **kw})
+    return RecoverConfig.of(**{**SMALL, "rounds": 3, **kw})
 
 
 def adapter() -> dict[str, np.ndarray]:
@@ -106,11 +106,12 @@ def test_a_broken_resume_state_is_a_one_line_error(tmp_path, damage, message):
 # ---------------------------------------------------------------- seeds
 
 
-@pytest.mark.parametrize("seed", [-1, 1.5, True, "3"])
-def test_seed_must_be_a_whole_number_from_zero(seed):
+@pytest.mark.parametrize("seed, message", [(-1, "-1 must be 0 or more"), (1.5, "'1.5' is not a whole number"),
+                                           (True, "'True' is not a whole number"), ("3", "'3' is text")])
+def test_seed_must_be_a_whole_number_from_zero(seed, message):
     with pytest.raises(LLMPruneError) as err:
         RecoverConfig(seed=seed)
-    assert "--seed must be a whole number, 0 or more" in one_line(err)
+    assert f"--seed: {message}" in one_line(err)
 
 
 def test_seed_zero_and_large_seeds_are_fine():
@@ -121,10 +122,10 @@ def test_seed_zero_and_large_seeds_are_fine():
 
 
 def test_round_deadline_simulation_waits_for_everyone_fleet_keeps_its_timeout():
-    assert RecoverConfig().round_deadline(simulation=True) is None
-    assert RecoverConfig().round_deadline(simulation=False) == FLEET_ROUND_TIMEOUT
-    assert RecoverConfig(round_timeout=30).round_deadline(simulation=True) == 30
-    assert RecoverConfig(round_timeout=30).round_deadline(simulation=False) == 30
+    assert RecoverConfig().fleet.round_deadline(simulation=True) is None
+    assert RecoverConfig().fleet.round_deadline(simulation=False) == FLEET_ROUND_TIMEOUT
+    assert RecoverConfig.of(round_timeout=30).fleet.round_deadline(simulation=True) == 30
+    assert RecoverConfig.of(round_timeout=30).fleet.round_deadline(simulation=False) == 30
 
 
 class SlowGrid:
@@ -143,25 +144,25 @@ class SlowGrid:
 
 
 def test_without_a_timeout_every_reply_is_waited_for(monkeypatch):
-    monkeypatch.setattr("llmprune.fedrecover.strategy.PULL_INTERVAL", 0.0)
+    monkeypatch.setattr("llmprune.fedrecover.transport.PULL_INTERVAL", 0.0)
     grid = SlowGrid([1, 2, 3], late=3, after=50)
     replies = send_and_receive(grid, [], None)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m1", "m2", "m3"] and grid.pulls == 50
 
 
 def test_with_a_timeout_the_late_client_is_left_out(monkeypatch):
-    monkeypatch.setattr("llmprune.fedrecover.strategy.PULL_INTERVAL", 0.0)
+    monkeypatch.setattr("llmprune.fedrecover.transport.PULL_INTERVAL", 0.0)
     replies = send_and_receive(SlowGrid([1, 2, 3], late=3, after=10**9), [], 0.0)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m1", "m2"]
 
 
 def test_an_interruption_ends_the_wait():
-    STOP.set()
-    try:
-        with pytest.raises(RunStopped):
-            send_and_receive(SlowGrid([1], late=1, after=10**9), [], None)
-    finally:
-        STOP.clear()
+    import threading
+
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RunStopped):
+        send_and_receive(SlowGrid([1], late=1, after=10**9), [], None, stop)
 
 
 def test_a_run_without_an_applied_round_is_refused(tmp_path):
@@ -211,15 +212,15 @@ def root(tmp_path):
     ({"model": "pruned", "out": "../elsewhere"}, {}, "run-config key 'out' = '../elsewhere' is outside"),
     ({"model": "pruned", "out": "escape/out"}, {}, "run-config key 'out' = 'escape/out' is outside"),
     ({"model": "pruned", "state_dir": "/tmp/x"}, {}, "run-config key 'state-dir' = '/tmp/x' is outside"),
-    ({"model": "pruned"}, {"fleet": "/etc/passwd"}, "run-config key 'fleet' = '/etc/passwd' is outside"),
-    ({"model": "pruned"}, {"eval_data": "../secret/t.txt"}, "run-config key 'eval-data' = '../secret/t.txt'"),
+    ({"model": "pruned"}, {"fleet": "/etc/passwd"}, "run-config key 'fleet.file' = '/etc/passwd' is outside"),
+    ({"model": "pruned"}, {"eval_data": "../secret/t.txt"}, "run-config key 'data.eval-data' = '../secret/t.txt'"),
     ({"model": "pruned", "data_cache": "/tmp/p.npz"}, {}, "'data-cache' is for the simulation only"),
     ({"model": "pruned", "out": "pruned", "overwrite": True}, {}, "is not an output of llmprune recover"),
 ])
 def test_fleet_run_config_paths_must_stay_inside_the_server_root(root, settings, config, message):
     (root / "pruned" / "config.json").write_text("{}")
     with pytest.raises(LLMPruneError) as err:
-        server_paths(RecoverConfig(**config), RunSettings(**settings), str(root))
+        server_paths(RecoverConfig.of(**config), RunSettings(**settings), str(root))
     assert message in one_line(err)
 
 
@@ -232,9 +233,9 @@ def test_a_fleet_server_without_a_root_refuses_every_run(root):
 def test_paths_inside_the_root_resolve_against_it(root):
     (root / "old").mkdir()
     (root / "old" / "metrics.json").write_text("{}")            # an earlier output may be overwritten
-    cfg_, settings = server_paths(RecoverConfig(fleet="fleet.toml"), RunSettings(model="pruned", out="old",
-                                                                                   overwrite=True), str(root))
+    cfg_, settings = server_paths(RecoverConfig.of(fleet="fleet.toml"), RunSettings(model="pruned", out="old",
+                                                                                      overwrite=True), str(root))
     real = root.resolve()
-    assert (settings.model, settings.out, cfg_.fleet) == (str(real / "pruned"), str(real / "old"),
-                                                          str(real / "fleet.toml"))
+    assert (settings.model, settings.out, cfg_.fleet.file) == (str(real / "pruned"), str(real / "old"),
+                                                               str(real / "fleet.toml"))
     assert Path(settings.state_path) == real / "old.rounds" and os.path.isabs(settings.model)

@@ -97,7 +97,7 @@ def test_metrics_json_has_what_the_issue_lists(basic_run):
         assert d["rank"] == 4 and d["depth"] == 3 and d["modules"] == 21 and d["estimate_mb"] > 0
     assert [d["examples"] for d in metrics["devices"]] == [c["windows"] for c in basic_run.metrics["data"]["clients"]]
     assert metrics["aggregation"] == "fedavg" and metrics["final_eval_perplexity"] == rows[-1]["eval_perplexity"]
-    assert metrics["config"]["fraction"] == 0.67 and metrics["config"]["clients"] == 3
+    assert metrics["config"]["fleet.fraction"] == 0.67 and metrics["config"]["fleet.clients"] == 3
 
 
 def test_bytes_are_the_adapters_that_travelled(basic_run, shapes):
@@ -266,4 +266,4 @@ def test_dp_clips_the_updates_and_adds_noise_of_the_right_scale(basic_run, shape
         assert abs(np.linalg.norm(delta) - expected_norm) < DP_CLIP + 0.05 * expected_norm, "the update was not clipped"
         assert delta.std() == pytest.approx(std, rel=0.05)
         previous = got
-    assert basic_run.metrics["config"]["dp-clip"] == DP_CLIP and basic_run.metrics["config"]["dp-noise"] == DP_NOISE
+    assert basic_run.metrics["config"]["privacy.dp-clip"] == DP_CLIP and basic_run.metrics["config"]["privacy.dp-noise"] == DP_NOISE

@@ -23,7 +23,7 @@ MODEL = "/models/pruned"
 
 
 def config(**overrides) -> RecoverConfig:
-    return RecoverConfig(**{**SMALL, "rounds": 3, **overrides})
+    return RecoverConfig.of(**{**SMALL, "rounds": 3, **overrides})
 
 
 def arrays(seed=0) -> dict[str, np.ndarray]:
@@ -47,9 +47,9 @@ def test_state_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"lr": 1e-3}, "lr"), ({"seed": 1}, "seed"), ({"aggregation": "hetlora"}, "aggregation"),
-    ({"clients": 3}, "clients"), ({"partition": "dirichlet:0.5"}, "partition"), ({"lora_rank": 8}, "lora_rank"),
-    ({"target_modules": ("q_proj",)}, "target_modules"), ({"dp_clip": 1.0}, "dp_clip"),
+    ({"lr": 1e-3}, "--lr"), ({"seed": 1}, "--seed"), ({"aggregation": "hetlora"}, "--aggregation"),
+    ({"clients": 3}, "--clients"), ({"partition": "dirichlet:0.5"}, "--partition"), ({"lora_rank": 8}, "--lora-rank"),
+    ({"target_modules": ("q_proj",)}, "training.target-modules"), ({"dp_clip": 1.0}, "--dp-clip"),
 ])
 def test_resume_refuses_changed_settings(tmp_path, change, named):
     save_state(tmp_path, RoundState(1, arrays(), [{"round": 1}]), config(), model=MODEL)

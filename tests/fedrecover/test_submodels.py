@@ -77,10 +77,10 @@ def test_secagg_layout_gives_the_holder_weighted_average_with_missing_modules(me
 # ---------------------------------------------------------------- the memory model
 @pytest.fixture(scope="module")
 def costs(pruned_ckpt):
-    from llmprune.fedrecover.pipeline import meta_model
+    from llmprune.fedrecover.planning import meta_model
 
-    cfg = RecoverConfig(fleet="x.toml", submodels=True, batch_size=2, seq_len=32, lora_rank=4,
-                        client_dtype="bfloat16", client_embedding="int8")
+    cfg = RecoverConfig.of(fleet="x.toml", policy="submodels", batch_size=2, seq_len=32, lora_rank=4,
+                           client_dtype="bfloat16", client_embedding="int8")
     return unit_costs(meta_model(str(pruned_ckpt)), cfg)
 
 
@@ -134,30 +134,30 @@ def test_lean_full_model_devices_get_rank_and_depth(costs):
 
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("kwargs, message", [
-    ({"submodels": True}, "--submodels needs --fleet"),
-    ({"submodel_granularity": "sublayer"}, "--submodel-granularity sublayer needs --submodels"),
-    ({"submodels": True, "fleet": "f.toml", "submodel_granularity": "block"}, "unknown --submodel-granularity 'block'"),
-    ({"client_dtype": "float16"}, "unknown --client-dtype 'float16'"),
+    ({"policy": "submodels"}, "--policy submodels needs --fleet"),
+    ({"submodel_granularity": "sublayer"}, "it belongs to --policy submodels / bandit"),
+    ({"policy": "submodels", "fleet": "f.toml", "submodel_granularity": "block"},
+     "--submodel-granularity: 'block' is not one of layer, sublayer"),
 ])
 def test_bad_submodel_options(kwargs, message):
     with pytest.raises(LLMPruneError, match=re.escape(message)):
-        RecoverConfig(**kwargs)
+        RecoverConfig.of(**kwargs)
 
 
 def test_resume_refuses_submodels_for_a_run_started_without(tmp_path):
     from llmprune.fedrecover.state import RoundState, load_state, save_state
 
     arrays = {"0.mlp.up_proj.A": np.zeros((2, 3), np.float32), "0.mlp.up_proj.B": np.zeros((4, 2), np.float32)}
-    save_state(tmp_path, RoundState(1, arrays, [{"round": 1}]), RecoverConfig(fleet="f.toml"), model="m")
-    with pytest.raises(LLMPruneError, match=r"settings differ from the saved run \(submodels\)"):
-        load_state(tmp_path, RecoverConfig(fleet="f.toml", submodels=True), model="m")
-    # a state written before these settings existed counts as written with their defaults
+    save_state(tmp_path, RoundState(1, arrays, [{"round": 1}]), RecoverConfig.of(fleet="f.toml"), model="m")
+    with pytest.raises(LLMPruneError, match=r"settings differ from the saved run \(policy.name, "):
+        load_state(tmp_path, RecoverConfig.of(fleet="f.toml", policy="submodels"), model="m")
+    # a state written before a setting existed counts as written with its default
     meta = json.loads((tmp_path / "state.json").read_text())
-    del meta["settings"]["submodels"]
+    del meta["settings"]["training.lr"]
     (tmp_path / "state.json").write_text(json.dumps(meta))
-    assert load_state(tmp_path, RecoverConfig(fleet="f.toml"), model="m").round == 1
-    with pytest.raises(LLMPruneError, match=r"\(submodels\)"):
-        load_state(tmp_path, RecoverConfig(fleet="f.toml", submodels=True), model="m")
+    assert load_state(tmp_path, RecoverConfig.of(fleet="f.toml"), model="m").round == 1
+    with pytest.raises(LLMPruneError, match=r"\(--lr\)"):
+        load_state(tmp_path, RecoverConfig.of(fleet="f.toml", lr=1e-3), model="m")
 
 
 # ---------------------------------------------------------------- the policy
@@ -165,34 +165,43 @@ def test_an_overrun_shrinks_the_next_cut_and_the_state_round_trips(pruned_ckpt, 
     from types import SimpleNamespace
 
     from llmprune.fedrecover.grouping import UnitSchedule
-    from llmprune.fedrecover.policy import FleetPlan, SubmodelPolicy
+    from llmprune.fedrecover.messages import TrainReply
+    from llmprune.fedrecover.planning import FleetPlan
+    from llmprune.fedrecover.policies import RoundOutcome
+    from llmprune.fedrecover.policies.submodels import SubmodelPolicy
 
-    cfg = RecoverConfig(fleet="x.toml", submodels=True, batch_size=2, seq_len=32, lora_rank=4,
-                        client_dtype="bfloat16", client_embedding="int8")
     budget = submodel_memory_mb(costs, 2, 1)[0] + 0.01
     devices = {"phone": Device("phone", budget)}
     (plan,) = assign_submodels(costs, list(devices.values()), 4, False)
     assert plan.units == 2
-    schedule = UnitSchedule([[0, 1, 2]], np.array([0.5, 0.2, 0.3]), "layer")
-    fleet = FleetPlan({7: (0, plan)}, {0: []}, 4, {}, [])
-    policy = SubmodelPolicy(fleet, schedule, costs, cfg, devices)
+    cfg = RecoverConfig.of(fleet="x.toml", policy="submodels", batch_size=2, seq_len=32, lora_rank=4,
+                           client_dtype="bfloat16", client_embedding="int8")
+
+    def policy_with(schedule):
+        policy = SubmodelPolicy(cfg)
+        policy.run = SimpleNamespace(plan=FleetPlan({7: (0, plan)}, {0: []}, 4, {}, []))
+        policy.schedule, policy.unit_costs, policy.devices = schedule, costs, devices
+        policy.units = {"phone": plan.units}
+        return policy
+
+    policy = policy_with(UnitSchedule([[0, 1, 2]], np.array([0.5, 0.2, 0.3]), "layer"))
     first = policy.assign(1, [7])[7]
-    assert first.submodel.units("layer") == sorted(first.submodel.layers) and len(first.submodel.layers) == 2
+    held = first.device_model.held()
+    assert held.units("layer") == sorted(held.layers) and len(held.layers) == 2
     assert first.estimate_mb <= budget
-    result = SimpleNamespace(client_metrics=[{"partition-id": 0, "peak-rss-mb": budget * 1.5}])
-    policy.observe(1, result)
+    policy.observe(1, RoundOutcome([TrainReply(0, 1, 5.0, 1.0, budget * 1.5)], {}))
     assert policy.correction["phone"] == pytest.approx(budget * 1.5 / first.estimate_mb, rel=1e-3)
     assert policy.units["phone"] == 1           # the next cut shrinks
     second = policy.assign(2, [7])[7]
-    assert len(second.submodel.layers) == 1 and second.estimate_mb > first.estimate_mb / 2
+    assert len(second.device_model.held().layers) == 1 and second.estimate_mb > first.estimate_mb / 2
     # resume: a fresh policy loading the saved state draws exactly what this one does next
     saved = json.loads(json.dumps(policy.state_dict()))
-    other = SubmodelPolicy(fleet, UnitSchedule([[0, 1, 2]], np.array([0.5, 0.2, 0.3]), "layer"), costs, cfg, devices)
+    other = policy_with(UnitSchedule([[0, 1, 2]], np.array([0.5, 0.2, 0.3]), "layer"))
     other.load_state_dict(saved)
-    policy.observe(2, SimpleNamespace(client_metrics=[]))
-    other.observe(2, SimpleNamespace(client_metrics=[]))
+    policy.observe(2, RoundOutcome([], {}))
+    other.observe(2, RoundOutcome([], {}))
     for rnd in (3, 4, 5):
-        assert policy.assign(rnd, [7])[7].submodel == other.assign(rnd, [7])[7].submodel
+        assert policy.assign(rnd, [7])[7].device_model == other.assign(rnd, [7])[7].device_model
 
 
 # ---------------------------------------------------------------- a simulation: three budgets
@@ -208,7 +217,7 @@ def budgets_fleet(tmp_path, costs, counts: list[int]) -> str:
     return str(path)
 
 
-SUB = dict(clients=3, rounds=2, aggregation="hetlora", submodels=True, client_dtype="bfloat16",
+SUB = dict(clients=3, rounds=2, aggregation="hetlora", policy="submodels", client_dtype="bfloat16",
            client_embedding="int8")
 
 
@@ -272,13 +281,13 @@ def test_resume_with_submodels_equals_the_uninterrupted_run(submodel_run, pruned
 
 
 def test_sublayer_submodels_run(pruned_ckpt, text_file, tmp_path):
-    from llmprune.fedrecover.pipeline import meta_model
+    from llmprune.fedrecover.planning import meta_model
 
     from .conftest import run_recover
 
-    cfg = RecoverConfig(fleet="x.toml", submodels=True, submodel_granularity="sublayer", batch_size=2, seq_len=32,
-                        lora_rank=4, client_dtype="bfloat16", client_embedding="int8")
-    costs = unit_costs(meta_model(str(pruned_ckpt)), cfg)
+    cfg = RecoverConfig.of(fleet="x.toml", policy="submodels", submodel_granularity="sublayer", batch_size=2,
+                           seq_len=32, lora_rank=4, client_dtype="bfloat16", client_embedding="int8")
+    costs = unit_costs(meta_model(str(pruned_ckpt)), cfg, "sublayer")
     fleet = budgets_fleet(tmp_path, costs, [len(costs.weights), 3])
     run = run_recover(pruned_ckpt, [text_file], tmp_path / "out", fleet=fleet,
                       **{**SUB, "clients": 2, "rounds": 1, "submodel_granularity": "sublayer"})

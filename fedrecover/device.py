@@ -1,0 +1,200 @@
+"""What a device does in a round, apart from Flower: load what the instruction says (the checkpoint,
+or a registered device model in the lean dtypes), train LoRA on its windows, measure its memory.
+
+In a simulation every device's round runs in a fresh process of its own (forked from a clean
+forkserver of this package), so its measured peak is that device's alone, never what the device
+simulated before it in the same worker left behind; on a real fleet a device is its own process
+and trains in it, keeping the model between rounds."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from llmprune.memory import current_rss_mb, reset_peak_rss, window_peak_rss_mb
+
+from .messages import TrainInstruction
+from .task import train_lora
+
+Arrays = dict[str, np.ndarray]
+# What an emulated device's process needs besides the model (Python, torch, transformers, peft,
+# flwr): a fresh ray worker's RSS before its first load, measured 395 MB (bench/submodels.py).
+EMULATED_RUNTIME_MB = 400.0
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class DeviceEmulation:
+    """Simulation only (--emulate-speed): what makes a simulated client behave like its fleet
+    entry's device. A device of speed s < 1 sleeps (1/s - 1) x each step's time, as a slower
+    processor would take; a device with oom_mb (its true memory, never told to the server) fails
+    with MemoryError once its model's measured memory plus the runtime's passes it, as the OS
+    would kill it."""
+
+    def __init__(self, speed: float = 1.0, oom_mb: float | None = None, baseline_mb: float = 0.0) -> None:
+        self.speed, self.oom_mb, self.baseline_mb = speed, oom_mb, baseline_mb
+
+    def after_step(self, step: int, seconds: float) -> None:
+        used = window_peak_rss_mb() - self.baseline_mb + EMULATED_RUNTIME_MB
+        if self.oom_mb is not None and used > self.oom_mb:
+            raise MemoryError(f"out of memory: training needed {used:.0f} MB at step {step + 1}, "
+                              f"the device has {self.oom_mb:.0f} MB")
+        if self.speed < 1.0:
+            time.sleep(seconds * (1.0 / self.speed - 1.0))
+
+
+@dataclass
+class RoundJob:
+    """Everything one device round needs (picklable: it crosses into the round's own process)."""
+
+    path: str
+    instruction: TrainInstruction
+    arrays: Arrays
+    windows: torch.Tensor
+    dropout: float = 0.0
+    emulation: DeviceEmulation | None = None
+
+
+@dataclass
+class RoundResult:
+    trained: Arrays
+    loss: float
+    memory: dict                      # peak-rss-mb, model-rss-mb, loss-first, loss-last
+
+
+def train_options(instruction: TrainInstruction, dropout: float) -> dict:
+    return {"scale": instruction.scale, "steps": instruction.local_steps, "batch_size": instruction.batch_size,
+            "lr": instruction.lr, "seed": instruction.seed, "dropout": dropout}
+
+
+def run_round(job: RoundJob, models: Any = None) -> RoundResult:
+    """One device round in this process. `models` (a ModelCache) keeps the whole model between
+    rounds (a fleet device); without it the model is loaded for this round."""
+    if job.instruction.device_model is not None:
+        return _lean_round(job)
+    emulation = job.emulation or DeviceEmulation()
+    before = current_rss_mb() if models is None else models.rss_before_first_load(job.path)
+    model = models.get(job.path) if models is not None else _load(job.path)
+    reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
+    emulation.baseline_mb = before
+    gain: dict = {}
+    trained, loss = train_lora(model, job.arrays, job.windows, **train_options(job.instruction, job.dropout),
+                               on_step=emulation.after_step, gain=gain)
+    peak = window_peak_rss_mb()
+    return RoundResult(trained, loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before,
+                                       "loss-first": gain["loss_first"], "loss-last": gain["loss_last"]})
+
+
+def _load(path: str):
+    import llmprune
+
+    model = llmprune.load_model(path)
+    model.eval()
+    return model
+
+
+def _lean_round(job: RoundJob) -> RoundResult:
+    """Load only the device model of this round (held layers and blocks, or a stage's fused layers;
+    base weights in client-dtype, the vocabulary table as asked), train LoRA on it with the
+    vocabulary-sliced loss, free it. The peak counts the load; the model-dependent part is the
+    peak minus the RSS just before the load."""
+    from .client_model import chunked_vocab_loss, free_model, trim_heap
+    from .fleet import vocab_chunk
+
+    instruction = job.instruction
+    held = instruction.device_model.held()
+    options = train_options(instruction, job.dropout)
+    gc.collect()
+    trim_heap()             # what the last round freed goes back to the OS before the baseline is read
+    before = current_rss_mb()
+    reset_peak_rss()
+    model = instruction.device_model.load(job.path, _DTYPES[instruction.client_dtype], instruction.client_embedding)
+    chunk = vocab_chunk(options["batch_size"] * (job.windows.shape[1] - 1), model.config.hidden_size)
+    emulation = job.emulation or DeviceEmulation()
+    emulation.baseline_mb = before
+    gain: dict = {}
+    try:
+        trained, loss = train_lora(model, held.to_local(job.arrays), job.windows, **options,
+                                   on_step=emulation.after_step, gain=gain,
+                                   loss_fn=lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk))
+    finally:
+        peak = window_peak_rss_mb()
+        free_model(model)
+        del model
+    return RoundResult(held.to_global(trained), loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before,
+                                                       "loss-first": gain["loss_first"],
+                                                       "loss-last": gain["loss_last"]})
+
+
+class ModelCache:
+    """A fleet device's whole model, kept between rounds (at most two checkpoints), and the RSS of
+    the process before its first load: what the model-dependent part of a peak is measured from."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, Any] = {}
+        self.before: float | None = None
+
+    def rss_before_first_load(self, path: str) -> float:
+        if self.before is None:
+            self.before = current_rss_mb()
+        return self.before
+
+    def get(self, path: str):
+        if path not in self.models:
+            if len(self.models) >= 2:
+                self.models.pop(next(iter(self.models)))
+            self.models[path] = _load(path)
+        return self.models[path]
+
+
+# -- one round in a fresh process ------------------------------------------------------------------
+def _child(conn, job: RoundJob) -> None:
+    try:
+        conn.send(("ok", run_round(job)))
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as it happened
+        conn.send(("error", (type(exc).__name__, str(exc), traceback.format_exc())))
+    finally:
+        conn.close()
+
+
+_CONTEXT: list = []
+
+
+def _forkserver():
+    """The multiprocessing context whose children fork from a server that imported this module
+    (torch, transformers, peft) once and never trained: every round starts from the same clean
+    process, and imports are paid once per worker."""
+    if not _CONTEXT:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload([__name__])
+        _CONTEXT.append(context)
+    return _CONTEXT[0]
+
+
+def run_round_isolated(job: RoundJob) -> RoundResult:
+    """`run_round` in a fresh process; its errors come back as they were (a MemoryError stays one,
+    so the server tells an out-of-memory device from a crash)."""
+    context = _forkserver()
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(send, job), daemon=True)
+    process.start()
+    send.close()
+    try:
+        status, payload = receive.recv()
+    except EOFError:
+        process.join()
+        raise RuntimeError(f"the device's round process died (exit code {process.exitcode})") from None
+    finally:
+        receive.close()
+    process.join()
+    if status == "ok":
+        return payload
+    name, message, trace = payload
+    raise (MemoryError if name == "MemoryError" else RuntimeError)(
+        message if name == "MemoryError" else f"{name}: {message}\n{trace}")

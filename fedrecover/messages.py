@@ -1,0 +1,146 @@
+"""The messages between the ServerApp and the ClientApp, typed: each class owns its record keys, so
+no other module writes or reads a key by its string.
+
+- IdentityQuery / Identity: which client a node is (partition id, device name, windows held);
+- TrainInstruction (+ the adapter view as arrays): what a device trains this round and how;
+- TrainReply (+ the trained adapter): what it measured.
+
+A SecAgg+ round carries the same instruction as the flat config of Flower's legacy fit (to_config /
+from_config) and the same reply metrics (to_metrics / from_metrics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+
+from .device_models import DeviceModel
+from .records import from_record, payload_bytes, to_record
+
+Arrays = dict[str, np.ndarray]
+CONFIG, ARRAYS, METRICS, DEVICE = "config", "arrays", "metrics", "device"
+
+
+@dataclass(frozen=True)
+class IdentityQuery:
+    def to_message(self, node: int) -> Message:
+        return Message(RecordDict({CONFIG: ConfigRecord({"what": "identity"})}), dst_node_id=node,
+                       message_type=MessageType.QUERY)
+
+
+@dataclass(frozen=True)
+class Identity:
+    partition_id: int
+    num_examples: int
+    device: str | None = None
+
+    def reply_to(self, msg: Message) -> Message:
+        content = RecordDict({METRICS: MetricRecord({"partition-id": self.partition_id,
+                                                     "num-examples": self.num_examples})})
+        if self.device:
+            content[DEVICE] = ConfigRecord({"name": self.device})
+        return Message(content, reply_to=msg)
+
+    @classmethod
+    def from_message(cls, reply: Message) -> Identity:
+        metrics = reply.content[METRICS]
+        device = reply.content.config_records.get(DEVICE)
+        return cls(int(metrics["partition-id"]), int(metrics["num-examples"]), str(device["name"]) if device else None)
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """One device's round: steps and optimiser settings, its seed, and what it builds (a device
+    model of a registered kind, in the lean dtypes; None: the checkpoint as it is)."""
+
+    server_round: int
+    seed: int
+    local_steps: int
+    scale: float
+    batch_size: int
+    lr: float
+    uniform_weights: bool = False             # DP: every client weighs 1 (Flower's DP wrapper needs it)
+    model_path: str | None = None             # the round's checkpoint when it is not the run's (simulation only)
+    device_model: DeviceModel | None = None
+    client_dtype: str = "float32"
+    client_embedding: str = "same"
+    extra: dict = field(default_factory=dict)  # entries a wrapper adds (Flower's DP clipping norm)
+
+    def to_config(self) -> dict:
+        out = {"server-round": self.server_round, "seed": self.seed, "local-steps": self.local_steps,
+               "scale": self.scale, "batch-size": self.batch_size, "lr": self.lr,
+               "uniform-weights": self.uniform_weights, **self.extra}
+        if self.model_path is not None:
+            out["model-path"] = self.model_path
+        if self.device_model is not None:
+            out.update({"device-model": self.device_model.kind, "device-model-spec": self.device_model.to_json(),
+                        "client-dtype": self.client_dtype, "client-embedding": self.client_embedding})
+        return out
+
+    @classmethod
+    def from_config(cls, config) -> TrainInstruction:
+        config = dict(config)
+        kind = config.get("device-model")
+        known = {"server-round", "seed", "local-steps", "scale", "batch-size", "lr", "uniform-weights", "model-path",
+                 "device-model", "device-model-spec", "client-dtype", "client-embedding"}
+        return cls(int(config["server-round"]), int(config["seed"]), int(config["local-steps"]),
+                   float(config["scale"]), int(config["batch-size"]), float(config["lr"]),
+                   bool(config.get("uniform-weights", False)),
+                   str(config["model-path"]) if "model-path" in config else None,
+                   DeviceModel.from_message(str(kind), str(config["device-model-spec"])) if kind else None,
+                   str(config.get("client-dtype", "float32")), str(config.get("client-embedding", "same")),
+                   {k: v for k, v in config.items() if k not in known})
+
+    def to_message(self, node: int, arrays: Arrays) -> tuple[Message, int]:
+        """The message to `node` and the bytes of the adapter it carries (what bytes_down counts)."""
+        record = to_record(arrays)
+        msg = Message(RecordDict({ARRAYS: record, CONFIG: ConfigRecord(self.to_config())}), dst_node_id=node,
+                      message_type=MessageType.TRAIN)
+        return msg, payload_bytes(record)
+
+    @staticmethod
+    def from_message(msg: Message) -> tuple[TrainInstruction, Arrays]:
+        return TrainInstruction.from_config(msg.content[CONFIG]), from_record(msg.content[ARRAYS])
+
+
+@dataclass
+class TrainReply:
+    """What a device measured in its round (and, outside SecAgg+, its trained adapter)."""
+
+    partition_id: int
+    num_examples: int
+    train_loss: float
+    seconds: float
+    peak_rss_mb: float
+    model_rss_mb: float | None = None
+    loss_first: float | None = None
+    loss_last: float | None = None
+    arrays: Arrays | None = None
+    bytes_up: int | None = None
+
+    def to_metrics(self) -> dict:
+        out = {"partition-id": self.partition_id, "num-examples": self.num_examples, "train-loss": self.train_loss,
+               "seconds": self.seconds, "peak-rss-mb": self.peak_rss_mb}
+        for key, value in (("model-rss-mb", self.model_rss_mb), ("loss-first", self.loss_first),
+                           ("loss-last", self.loss_last)):
+            if value is not None:
+                out[key] = value
+        return out
+
+    @classmethod
+    def from_metrics(cls, metrics, arrays: Arrays | None = None, bytes_up: int | None = None) -> TrainReply:
+        m = dict(metrics)
+        optional = {k: float(m[k]) if k in m else None for k in ("model-rss-mb", "loss-first", "loss-last")}
+        return cls(int(m["partition-id"]), int(m["num-examples"]), float(m["train-loss"]), float(m["seconds"]),
+                   float(m["peak-rss-mb"]), optional["model-rss-mb"], optional["loss-first"], optional["loss-last"],
+                   arrays, bytes_up)
+
+    def reply_to(self, msg: Message) -> Message:
+        return Message(RecordDict({ARRAYS: to_record(self.arrays or {}), METRICS: MetricRecord(self.to_metrics())}),
+                       reply_to=msg)
+
+    @classmethod
+    def from_message(cls, reply: Message) -> TrainReply:
+        record = reply.content[ARRAYS]
+        return cls.from_metrics(reply.content[METRICS], from_record(record), payload_bytes(record))

@@ -1,0 +1,182 @@
+"""`--policy bandit` (FedSpine): the submodel policy with a learned arm per device. A seeded UCB
+bandit per device (fedrecover/bandit.py holds its arithmetic) picks an arm = (submodel size, LoRA
+rank) among those the device's declared memory admits (an undeclared device starts from the
+smallest and grows on success); which units the submodel holds is drawn as for `submodels`. The
+reward is the device's loss gain per second of its round, less a straggler penalty; a failure
+(out of memory, crash, timeout) is penalised and its arm and the costlier ones backed off."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from llmprune.errors import LLMPruneError
+from llmprune.options import non_negative_float, option
+
+from ..bandit import Arm, DeviceBandit, arm_grid, parse_numbers, round_rewards
+from ..fleet import Assignment, Device, UnitCosts, assign_submodels, cycled, fleet_devices, submodel_memory_mb
+from .base import RoundOutcome
+from .submodels import SubmodelConfig, SubmodelPolicy, draw_submodel
+
+
+def _sizes(text) -> tuple[float, ...]:
+    return tuple(float(v) for v in text) if isinstance(text, tuple) else tuple(parse_numbers(text, float, "--arm-sizes"))
+
+
+def _ranks(text) -> tuple[int, ...]:
+    return tuple(int(v) for v in text) if isinstance(text, tuple) else tuple(parse_numbers(text, int, "--arm-ranks"))
+
+
+@dataclass
+class BanditConfig(SubmodelConfig):
+    arm_sizes: tuple[float, ...] = option((0.25, 0.5, 0.75, 1.0), flag="--arm-sizes", parse=_sizes,
+                                          help="bandit arms: submodel sizes as shares of the model's units")
+    arm_ranks: tuple[int, ...] = option((), flag="--arm-ranks", parse=_ranks,
+                                        default_text="lora-rank/4, lora-rank/2, lora-rank",
+                                        help="bandit arms: LoRA ranks (each at most --lora-rank)")
+    exploration: float = option(0.5, flag="--bandit-exploration", parse=non_negative_float,
+                                help="bandit: weight of the UCB exploration bonus")
+    straggler_weight: float = option(0.5, flag="--straggler-weight", parse=non_negative_float,
+                                     help="bandit: reward penalty per unit of round time beyond the round's median")
+
+
+def arm_ranks(cfg: Any) -> list[int]:
+    """The arms' ranks: --arm-ranks, else lora-rank/4, lora-rank/2 and lora-rank."""
+    if cfg.policy.arm_ranks:
+        return list(cfg.policy.arm_ranks)
+    rank = cfg.training.lora_rank
+    return sorted({max(1, rank // 4), max(1, rank // 2), rank})
+
+
+def arms_of(cfg: Any) -> list[Arm]:
+    return arm_grid(list(cfg.policy.arm_sizes), arm_ranks(cfg))
+
+
+def arm_units(arms: list[Arm], n_units: int) -> list[int]:
+    """Units a device holds under each arm: its share of the model's units, to the nearest, at least one."""
+    return [min(n_units, max(1, math.floor(arm.size * n_units + 0.5))) for arm in arms]
+
+
+def admitted_arms(costs: UnitCosts, device: Device, arms: list[Arm], units: list[int]) -> list[int]:
+    """The arms whose bound (the costliest units of that count, at that rank) fits the device's
+    declared memory; every arm when it declares none (the bandit then grows from the smallest)."""
+    if device.memory_mb is None:
+        return list(range(len(arms)))
+    return [i for i, arm in enumerate(arms) if submodel_memory_mb(costs, units[i], arm.rank)[0] <= device.memory_mb]
+
+
+class BanditPolicy(SubmodelPolicy):
+    name = "bandit"
+    config_class = BanditConfig
+    summary = ("FedSpine: a per-device UCB bandit over (submodel size, LoRA rank) arms, learning from each "
+               "round's loss gain per second")
+    learns_memory = True
+
+    @classmethod
+    def check_config(cls, cfg: Any) -> None:
+        super().check_config(cfg)
+        ranks = arm_ranks(cfg)
+        arms_of(cfg)
+        from ..aggregations import get_aggregation
+
+        if len(ranks) > 1 and not get_aggregation(cfg.training.aggregation).mixed_ranks:
+            raise LLMPruneError(f"--policy bandit with ranks {ranks} needs an aggregation of mixed ranks",
+                                "pass --aggregation hetlora (or flexlora), or a single --arm-ranks")
+        if max(ranks) > cfg.training.lora_rank:
+            raise LLMPruneError(f"--arm-ranks {','.join(map(str, ranks))} has a rank above --lora-rank "
+                                f"{cfg.training.lora_rank}", f"use ranks of at most {cfg.training.lora_rank}, "
+                                "or raise --lora-rank")
+
+    def plan_devices(self, model, count: int) -> list[Assignment]:
+        """The submodel plan of the devices some arm fits; one that no arm fits is an error, or with
+        --skip-unfit left out (reported with the other refused devices)."""
+        costs, devices = self.costs(model), fleet_devices(self.cfg)
+        left_out = self.unfit_devices(costs, devices)
+        fits = iter(assign_submodels(costs, [d for d in devices if d.name not in left_out],
+                                     self.cfg.training.lora_rank, self.cfg.fleet.skip_unfit))
+        plans = [Assignment(d.name, d.memory_mb, d.speed, 0, 0, 0.0, 0, refused="no bandit arm fits its memory_mb")
+                 if d.name in left_out else next(fits) for d in devices]
+        return cycled(plans, count)
+
+    def unfit_devices(self, costs: UnitCosts, devices: list[Device]) -> list[str]:
+        arms = arms_of(self.cfg)
+        units = arm_units(arms, len(costs.weights))
+        left_out = []
+        for dev in devices:
+            if admitted_arms(costs, dev, arms, units):
+                continue
+            need = math.ceil(submodel_memory_mb(costs, units[0], arms[0].rank)[0])
+            reason = (f"no bandit arm fits device '{dev.name}' ({dev.memory_mb:.0f} MB): the smallest, "
+                      f"{arms[0].label()}, needs about {need} MB")
+            if not self.cfg.fleet.skip_unfit:
+                raise LLMPruneError(reason, f"add a smaller --arm-sizes, raise its memory_mb to {need}, "
+                                            "or pass --skip-unfit")
+            left_out.append(dev.name)
+        return left_out
+
+    def adapter_ranks(self, assignments: list[Assignment]) -> set[int]:
+        return {a.rank for a in assignments} | set(arm_ranks(self.cfg))   # any arm's rank on any device
+
+    def group_count(self, run) -> int:
+        return min(arm_units(arms_of(self.cfg), len(self.costs(run.model).weights)))
+
+    def start(self, run) -> None:
+        super().start(run)
+        self.arms = arms_of(self.cfg)
+        self.arm_units = [max(u, len(self.schedule.groups)) for u in arm_units(self.arms, len(self.unit_costs.weights))]
+        self.bandits = {}
+        for pid, a in run.plan.clients.values():
+            dev = self.devices[a.device]
+            self.bandits[str(pid)] = DeviceBandit(self.arms, admitted_arms(self.unit_costs, dev, self.arms,
+                                                                           self.arm_units),
+                                                  declared=dev.memory_mb is not None,
+                                                  exploration=self.config.exploration)
+        self.scale = 0.0
+        self.arm_played: dict[int, int] = {}
+        self.reports: dict[int, dict] = {}
+
+    def assign(self, server_round: int, nodes: list[int]) -> dict[int, Assignment]:
+        out = {}
+        for node in nodes:
+            pid, plan = self.run.plan.clients[node]
+            arm = self.bandits[str(pid)].choose(server_round)
+            out[node] = draw_submodel(self.schedule, self.unit_costs, plan, server_round, pid, self.arm_units[arm],
+                                      self.arms[arm].rank, self.cfg.seed)
+            self.last[pid], self.arm_played[pid] = out[node], arm
+        return out
+
+    def observe(self, server_round: int, outcome: RoundOutcome) -> None:
+        results: dict[str, dict] = {}
+        held: set[int] = set()
+        for reply in outcome.replies:
+            pid = reply.partition_id
+            if pid in self.last and reply.loss_first is not None:
+                results[str(pid)] = {"loss_first": reply.loss_first, "loss_last": reply.loss_last,
+                                     "seconds": reply.seconds}
+                held.update(self.last[pid].device_model.held().units(self.granularity))
+        results.update({str(pid): {"failed": why} for pid, why in outcome.failures.items() if pid in self.last})
+        parts, self.scale = round_rewards(results, self.scale, self.config.straggler_weight)
+        self.reports = {}
+        for key, part in parts.items():
+            arm = self.arm_played[int(key)]
+            self.bandits[key].update(arm, part.reward, server_round, part.failed)
+            self.reports[int(key)] = {"arm": self.arms[arm].label(), "reward": part.to_dict()}
+        self.schedule.record(held)
+
+    def client_report(self, partition_id: int) -> dict:
+        return self.reports.get(partition_id, {})
+
+    def state_dict(self) -> dict:
+        return {"schedule": self.schedule.state_dict(), "scale": self.scale,
+                "bandits": {k: b.state_dict() for k, b in self.bandits.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.schedule.load_state_dict(state["schedule"])
+            self.scale = float(state["scale"])
+            for key, saved in state["bandits"].items():
+                self.bandits[key].load_state_dict(saved)
+
+
+POLICY = BanditPolicy

@@ -1,0 +1,128 @@
+"""Pin fedrecover's behaviour: a fixed-seed tiny-model recover per policy, hashed.
+
+Runs each case in Flower's simulation on the tiny pruned llama of the fedrecover tests and writes,
+per case, the per-round losses, perplexities and traffic, each client's loss and assignment, and
+sha256 of the final adapter and of the merged model. Run before and after a refactor; the two files
+must be equal."""
+import argparse, hashlib, json, sys, tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from tests.fedrecover.conftest import varied_text  # noqa: E402
+
+LEAN = dict(client_dtype="bfloat16", client_embedding="int8")
+SMALL = dict(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2, lora_rank=4)
+FLEETS = {
+    "fixed": [{"name": "a", "memory_mb": 1e6, "rank": 2, "depth": 1}, {"name": "b", "memory_mb": 1e6}],
+    "sizes": [{"name": "s", "memory_mb": 695.0}, {"name": "m", "memory_mb": 695.6}, {"name": "l", "memory_mb": 1e6}],
+    "bandit": [{"name": "big", "memory_mb": 1e6}, {"name": "slow", "memory_mb": 1e6, "speed": 0.5}],
+}
+# case -> (checkpoint, fleet, old-API RecoverConfig overrides)
+CASES = {
+    "plan_dp": ("pruned", None, dict(clients=3, fraction=0.67, rounds=2, dp_clip=1e-4, dp_noise=1.0)),
+    "plan_fleet_hetlora": ("pruned", "fixed", dict(rounds=2, aggregation="hetlora")),
+    "plan_fleet_flexlora": ("pruned", "fixed", dict(rounds=2, aggregation="flexlora")),
+    "plan_lean": ("pruned", "fixed", dict(rounds=2, aggregation="hetlora", **LEAN)),
+    "secagg": ("pruned", None, dict(clients=3, rounds=2, secagg=True)),
+    "submodels": ("pruned", "sizes", dict(clients=3, rounds=2, aggregation="hetlora", submodels=True, **LEAN)),
+    "submodels_sublayer": ("pruned", "sizes", dict(clients=3, rounds=2, aggregation="hetlora", submodels=True,
+                                                   submodel_granularity="sublayer", **LEAN)),
+    "bandit": ("pruned", "bandit", dict(clients=2, rounds=3, aggregation="hetlora", submodels=True, policy="bandit",
+                                        arm_sizes="0.34,1", arm_ranks="1,4", **LEAN)),
+    "devft": ("pruned", None, dict(clients=2, rounds=3, schedule="devft:1,2,all", aggregation="hetlora", **LEAN)),
+    "prune_tune": ("dense", None, dict(clients=2, rounds=2, target_ratio=0.3, prune_every=1, eval_data="TEXT")),
+}
+
+
+# the cases' settings (written in the flat spelling of before the reshaping) -> today's flags
+RENAMED = {"schedule": "devft_stages", "devft_beta": "devft_beta", "prune_every": "prune_every"}
+
+
+def config_for(overrides: dict, fleet: str | None, text: str):
+    """The RecoverConfig of a case (this is the only place that knows the config's API)."""
+    from llmprune.fedrecover import RecoverConfig
+
+    kw = {**SMALL, **overrides}
+    if kw.get("eval_data") == "TEXT":
+        kw["eval_data"] = text
+    if fleet:
+        kw["fleet"] = fleet
+    policy = "plan"
+    if kw.pop("submodels", False):
+        policy = "submodels"
+    if kw.pop("policy", "plan") == "bandit":
+        policy = "bandit"
+    if "schedule" in kw:
+        policy = "devft"
+        kw["devft_stages"] = kw.pop("schedule").removeprefix("devft:")
+    if "target_ratio" in kw:
+        policy = "prune-tune"
+    return RecoverConfig.of(policy=policy, **kw)
+
+
+def sha(arrays: dict) -> str:
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode()); h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def summarize(result, state: Path) -> dict:
+    from safetensors.numpy import load_file
+
+    m = result.metrics
+    last = len(m["rounds"])
+    rounds = []
+    for r in m["rounds"]:
+        rounds.append({"train_loss": r["train_loss"], "eval_perplexity": r["eval_perplexity"],
+                       "bytes_up": r["bytes_up"], "bytes_down": r["bytes_down"],
+                       "clients": [{k: c.get(k) for k in ("partition-id", "train_loss", "rank", "depth", "units",
+                                                          "submodel", "arm", "loss_first", "loss_last")}
+                                   for c in r["clients"]]})
+    weights = {}
+    for f in sorted(result.out.glob("*.safetensors")):
+        weights.update(load_file(str(f)))
+    adapter = load_file(str(state / f"round-{last:03d}.safetensors"))
+    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in adapter.values())))
+    return {"initial_eval_perplexity": m["initial_eval_perplexity"], "rounds": rounds,
+            "adapter": sha(adapter), "adapter_norm": round(norm, 6), "merged": sha(weights)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--only", nargs="*")
+    args = parser.parse_args()
+    from llmprune.compress import CompressConfig, compress
+    from llmprune.fedrecover import recover, state_dir_for
+    from llmprune.testing import tiny_checkpoint, tiny_model, tiny_tokenizer
+
+    tmp = Path(tempfile.mkdtemp(prefix="pin-"))
+    text = tmp / "client_text.txt"
+    text.write_text(varied_text(), encoding="utf-8")
+    ckpts = {"pruned": tmp / "pruned", "dense": tiny_checkpoint(tmp / "dense", "llama")}
+    cc = CompressConfig(ratio=0.4, layer_share=0.7, prune_heads=True, head_ratio=0.5, intercept=True,
+                        calib_samples=4, calib_seq_len=32, loss_windows=2)
+    compress(tiny_model("llama"), cc, tokenizer=tiny_tokenizer(), calib=[varied_text(4000, seed=1)], out=ckpts["pruned"])
+    results = {}
+    for name, (ckpt, fleet, overrides) in CASES.items():
+        if args.only and name not in args.only:
+            continue
+        fleet_path = None
+        if fleet:
+            fleet_path = tmp / f"{fleet}.json"
+            fleet_path.write_text(json.dumps({"devices": FLEETS[fleet]}))
+        out = tmp / name
+        res = recover(str(ckpts[ckpt]), [str(text)], config_for(overrides, str(fleet_path) if fleet else None, str(text)), out)
+        results[name] = summarize(res, state_dir_for(out))
+        print(name, results[name]["adapter"], results[name]["merged"], flush=True)
+    if args.only and Path(args.out).is_file():   # update the named cases of an earlier file
+        results = {**json.loads(Path(args.out).read_text()), **results}
+    Path(args.out).write_text(json.dumps(results, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
