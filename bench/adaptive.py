@@ -10,7 +10,7 @@ same rounds, local steps, batch, rank and learning rate:
             0.1/0.3/1 x rank 4/8; it runs 4 more rounds (UCB plays every arm once first), and is
             compared with the plan at equal rounds and at the fleet clock of the plan's last round
   full      lean clients on the whole pruned model (--skip-unfit): DevFT's reference
-  devft     --schedule devft:4,8,all (--skip-unfit)
+  devft     --policy devft --devft-stages 4,8,all (--skip-unfit)
   once      the dense model pruned to 0.2 before round 1, then tuned (--target-ratio 0.2)
   tune      prune-tune: dense -> 0.2 in steps every --prune-every rounds (--target-ratio 0.2)
 Each arm is `llmprune recover --json` in its own process. Perplexity after every round on
@@ -40,13 +40,16 @@ FLEET = [("laptop-3g", 3072, None, 1.0), ("watch-1g", None, 1024, 1.0), ("tablet
          ("phone-1.4g", 1400, None, 0.5), ("phone-2.2g", 2200, None, 1.0), ("phone-1.8g", None, 1800, 1.0)]
 LEAN = ["--client-dtype", "bfloat16", "--client-embedding", "int8", "--emulate-speed"]
 ARMS = {
-    "plan": {"label": "fixed plan (--submodels)", "flags": ["--submodels", *LEAN]},
+    "plan": {"label": "fixed plan (--policy submodels)", "flags": ["--policy", "submodels", *LEAN]},
     "bandit": {"label": "bandit (--policy bandit)", "extra_rounds": 4,
-               "flags": ["--submodels", "--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8", *LEAN]},
+               "flags": ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8", *LEAN]},
     "full": {"label": "whole pruned model", "flags": ["--skip-unfit", *LEAN]},
-    "devft": {"label": "DevFT devft:4,8,all", "flags": ["--schedule", "devft:4,8,all", "--skip-unfit", *LEAN]},
-    "once": {"label": "prune once to 0.2, then tune", "dense": True, "flags": ["--target-ratio", "0.2", "--skip-unfit", *LEAN]},
-    "tune": {"label": "prune-tune to 0.2", "dense": True, "flags": ["--target-ratio", "0.2", "--skip-unfit", *LEAN]},
+    "devft": {"label": "DevFT devft:4,8,all", "flags": ["--policy", "devft", "--devft-stages", "4,8,all", "--skip-unfit",
+                                                        *LEAN]},
+    "once": {"label": "prune once to 0.2, then tune", "dense": True,
+             "flags": ["--policy", "prune-tune", "--target-ratio", "0.2", "--skip-unfit", *LEAN]},
+    "tune": {"label": "prune-tune to 0.2", "dense": True,
+             "flags": ["--policy", "prune-tune", "--target-ratio", "0.2", "--skip-unfit", *LEAN]},
 }
 
 
@@ -73,9 +76,10 @@ def round_curve(model: Path, out: Path, metrics: dict, scale: float, args, round
     """Perplexity on both test sets before round 1 and after each round: each round's adapter on
     the model that round trained (prune-tune: the re-pruned checkpoint), a DevFT stage's adapter
     spread over its groups as the server evaluates it."""
+    from safetensors.numpy import load_file
+
     import llmprune
     from llmprune.fedrecover.lora import lora_applied
-    from safetensors.numpy import load_file
 
     rounds_dir = Path(f"{out}.rounds")
     stages, per_round = [], []
@@ -171,7 +175,7 @@ def main() -> int:
     data = [str(SHARED / "wikitext2/wiki.valid.tokens"), str(pydocs_train(args.work))]
     from llmprune.fedrecover import RecoverConfig
 
-    scale = RecoverConfig(lora_rank=args.lora_rank).scale
+    scale = RecoverConfig.of(lora_rank=args.lora_rank).scale
     for key in args.arms:
         if key in runs:
             continue
@@ -229,8 +233,10 @@ def render(results: dict, doc: Path) -> None:
     from report import _replace_section
 
     setup, runs, s = results["setup"], results["runs"], results["summary"]
-    fleet = ", ".join(f"{d['device']} ({'declares ' + str(d['memory_mb']) + ' MB' if d['memory_mb'] else 'undeclared, fails past ' + str(d['oom_mb']) + ' MB'}"
-                      f"{', half speed' if d['speed'] < 1 else ''})" for d in setup["fleet"])
+    fleet = ", ".join(f"{d['device']} ("
+                      + ("declares " + str(d["memory_mb"]) + " MB" if d["memory_mb"]
+                         else "undeclared, fails past " + str(d["oom_mb"]) + " MB")
+                      + f"{', half speed' if d['speed'] < 1 else ''})" for d in setup["fleet"])
     rows = ["| arm | WikiText-2 test | Python tutorial | fleet clock s | wall s | uploaded MB | failed device rounds |",
             "|---|---|---|---|---|---|---|"]
     for key, run in runs.items():
@@ -250,7 +256,8 @@ def render(results: dict, doc: Path) -> None:
             f"per source, server text {setup['server_text']}; perplexity on {setup['eval']} of WikiText-2 test and "
             "pydocs/tutorial.txt. *Fleet clock*: per round the slowest returning device plus the server's part, as on a "
             "fleet where devices train in parallel; *wall*: this simulation, where two workers serve six clients in turn.",
-            "", *rows, "", "Perplexity before round 1 and after each round (WikiText-2 / Python tutorial; fleet clock so far):", "",
+            "", *rows, "",
+            "Perplexity before round 1 and after each round (WikiText-2 / Python tutorial; fleet clock so far):", "",
             *curve_rows, "", "Comparisons (targets: bandit at most 0.7x the plan's time to its final perplexity; "
             "DevFT at most half the whole model's uploaded bytes; prune-tune below prune-once):", "",
             "```json", json.dumps({k: v for k, v in s.items() if "_vs_" in k}, indent=1), "```", "",

@@ -87,7 +87,8 @@ def main() -> int:
     if not args.no_extras and "comp" in args.methods:
         jobs += [("comp[low-memory]@0.2", "comp", ["--method", "comp", "--low-memory"], 0.2)]
         jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", *flags], 0.2) for name, flags in ABLATIONS.items()]
-        jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", "--layer-share", str(s)], 0.2) for name, s in SPLIT_SHARES.items()]
+        jobs += [(f"comp[{name}]@0.2", "comp", ["--method", "comp", "--layer-share", str(s)], 0.2)
+                 for name, s in SPLIT_SHARES.items()]
     jobs += [(f"{m}@{r}", m, ["--method", m], r) for r in order[1:] for m in args.methods]
     for key, method, extra, ratio in jobs:
         if key in runs and args.resume:

@@ -74,7 +74,8 @@ def write_checkpoint(folder: Path, layers: int, seed: int = 0) -> int:
               p + "mlp.down_proj.weight": rnd(h, m),
               p + "input_layernorm.weight": torch.ones(h, dtype=torch.half),
               p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.half)}, f"model-layer-{i:05d}.safetensors")
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     write_tokenizer(folder, SHAPE["vocab_size"])
     return total
 

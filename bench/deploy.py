@@ -200,7 +200,8 @@ def main() -> int:
     p.add_argument("--model", default="gemma-3-270m", help="the dense model (default: gemma-3-270m)")
     p.add_argument("--resume", action="store_true", help="skip steps already finished in the results file")
     p.add_argument("--only", default=None, metavar="NAME[,NAME]", help=f"only these artifacts ({', '.join(ARTIFACTS)})")
-    p.add_argument("--precisions", default=",".join(PRECISIONS), metavar="P[,P]", help="measure only these (default: fp32,int8,int4)")
+    p.add_argument("--precisions", default=",".join(PRECISIONS), metavar="P[,P]",
+                   help="measure only these (default: fp32,int8,int4)")
     p.add_argument("--work", type=Path, default=None,
                    help="folder for checkpoints and ONNX exports (several GB; default /tmp/llmprune-bench-deploy)")
     p.add_argument("--results", type=Path, default=None, help="results file (default bench/results/deploy.json)")
@@ -272,7 +273,8 @@ def main() -> int:
         steps[key]["load_avg_after"] = _load_avg()
         if not key.startswith("measure:"):
             ran.add(name)
-        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in steps[key].items() if not isinstance(v, (dict, list))}
+        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in steps[key].items()
+                 if not isinstance(v, (dict, list))}
         print(f"[deploy] ({index}/{total}) {key}: {json.dumps(brief)[:400]}", flush=True)
         save_results(results_path, results)
 
@@ -295,8 +297,9 @@ def main() -> int:
 
     def export(name: str) -> dict:
         out = work / f"{name}-onnx"
-        report, wall, rss = run_cli_measured(["export", "--model", checkpoint(name), "--out", str(out), "--overwrite", *EXPORT_ARGS],
-                                             work / f"export-{name}.log")
+        report, wall, rss = run_cli_measured(
+            ["export", "--model", checkpoint(name), "--out", str(out), "--overwrite", *EXPORT_ARGS],
+            work / f"export-{name}.log")
         row = {"wall_seconds": wall, "peak_rss_mb": rss, "export_seconds": report["export_seconds"],
                "seconds": report["seconds"], "folder": str(out), "vocab_size": report["model"]["vocab_size"],
                "parameters": report["model"]["parameters"], "variants": {}}
@@ -372,10 +375,11 @@ def summarize(results: dict) -> dict:
                 "decode_bytes_per_s": m.get("decode_bytes_per_s_at_wikitext2_bytes_per_token"),
                 "decode_sample_bytes_per_s": m.get("decode_bytes_per_s"),
                 "prefill_tokens_per_s": m.get("prefill_tokens_per_s"), "peak_rss_mb": m.get("peak_rss_mb"),
-                "rss_after_imports_mb": m.get("rss_after_imports_mb"), "peak_rss_over_imports_mb": m.get("peak_rss_over_imports_mb"),
+                "rss_after_imports_mb": m.get("rss_after_imports_mb"),
+                "peak_rss_over_imports_mb": m.get("peak_rss_over_imports_mb"),
                 "load_seconds": m.get("load_seconds"), "error": m.get("error"),
             }
-    for key, row in rows.items():
+    for _key, row in rows.items():
         dense = rows.get(f"dense:{row['precision']}") or {}
         row["size_vs_dense"] = ratio(row["file_bytes"], dense.get("file_bytes"))
         row["decode_bytes_per_s_vs_dense"] = ratio(row["decode_bytes_per_s"], dense.get("decode_bytes_per_s"))
@@ -393,7 +397,8 @@ def summarize(results: dict) -> dict:
         targets[name] = {k: {"value": x, "target": TARGETS[k][1],
                              "met": None if x is None or TARGETS[k][2] is None else bool(TARGETS[k][2](x))}
                          for k, x in values.items()}
-    compress = {k.split(":", 1)[1]: {f: v.get(f) for f in ("wall_seconds", "peak_rss_mb", "vocabulary_seconds", "total_reduction", "error")}
+    compress = {k.split(":", 1)[1]: {f: v.get(f) for f in ("wall_seconds", "peak_rss_mb", "vocabulary_seconds",
+                                                            "total_reduction", "error")}
                 for k, v in steps.items() if k.startswith("compress:")}
     return {"rows": rows, "targets": targets, "compress": compress}
 

@@ -217,7 +217,8 @@ def main() -> int:
     results["setup"] = {
         "model": args.model, "ratio": args.ratio, "calib": "wikitext2/wiki.valid.tokens (compress defaults)",
         "eval": f"{n_windows}x{seq} windows (+BOS) of {rel}", "threads": THREADS,
-        "prefill_tokens": PREFILL_TOKENS, "decode": f"{DECODE_TOKENS} new tokens after a {DECODE_PROMPT}-token prompt, greedy, KV cache",
+        "prefill_tokens": PREFILL_TOKENS,
+        "decode": f"{DECODE_TOKENS} new tokens after a {DECODE_PROMPT}-token prompt, greedy, KV cache",
         "cpu_count": os.cpu_count(),
     }
     steps = results.setdefault("steps", {})
@@ -236,7 +237,8 @@ def main() -> int:
             steps[key] = {"error": str(exc)}
         steps[key]["load_avg_before"] = load
         steps[key]["load_avg_after"] = _load_avg()
-        print(f"[bench] {key}: {json.dumps({k: v for k, v in steps[key].items() if not isinstance(v, (dict, list))})}", flush=True)
+        print(f"[bench] {key}: "
+              f"{json.dumps({k: v for k, v in steps[key].items() if not isinstance(v, (dict, list))})}", flush=True)
         save_results(args.results, results)
 
     def compress() -> dict:
@@ -269,8 +271,9 @@ def main() -> int:
     def run_measure(engine: str, path: str, tokenizer: str, threads: int = THREADS) -> dict:
         os.environ["LLMPRUNE_BENCH_THREADS"] = str(threads)
         try:
-            stdout, wall, rss = run_measured([sys.executable, str(Path(__file__).resolve()), "--measure", engine, path, tokenizer],
-                                             args.work / f"measure-{engine}.log")
+            stdout, wall, rss = run_measured(
+                [sys.executable, str(Path(__file__).resolve()), "--measure", engine, path, tokenizer],
+                args.work / f"measure-{engine}.log")
         finally:
             os.environ.pop("LLMPRUNE_BENCH_THREADS", None)
         return {**json.loads(stdout), "wall_seconds": wall, "process_peak_rss_mb": rss}

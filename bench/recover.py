@@ -76,11 +76,11 @@ def centralized_lora(args, pruned: Path, data: list[str], out: Path, steps: int)
     from llmprune.fedrecover import RecoverConfig, build_client_data, merge_lora, module_shapes, train_lora
     from llmprune.fedrecover.lora import init_arrays
 
-    cfg = RecoverConfig(lora_rank=args.lora_rank)
+    cfg = RecoverConfig.of(lora_rank=args.lora_rank)
     model, tok = llmprune.load(str(pruned))
     union = build_client_data(tok, data, 1, "iid", args.seq_len, 0, args.max_windows,
                               str(SHARED / EVAL["wikitext2"]), 4)
-    shapes = module_shapes(model, cfg.target_modules)
+    shapes = module_shapes(model, cfg.training.target_modules)
     arrays = init_arrays(shapes, list(shapes), args.lora_rank, 0)
     torch.set_num_threads(2)
     start = time.perf_counter()
@@ -98,9 +98,10 @@ def centralized_lora(args, pruned: Path, data: list[str], out: Path, steps: int)
 def round_curve(pruned: Path, rounds_dir: Path, scale: float, args, with_initial: bool = False) -> list[dict]:
     """Perplexity of the global adapter after each round (from OUT.rounds/), on both test sets
     (`with_initial`: round 0, the model without an adapter, first)."""
+    from safetensors.numpy import load_file
+
     import llmprune
     from llmprune.fedrecover.lora import lora_applied
-    from safetensors.numpy import load_file
 
     model, tok = llmprune.load(str(pruned))
     windows = {name: llmprune.token_windows(tok, llmprune.load_texts(str(SHARED / rel)), 512, args.eval_windows)
@@ -169,7 +170,7 @@ def main() -> int:
     if "curve" not in results:
         import llmprune.fedrecover as fr
 
-        scale = fr.RecoverConfig(lora_rank=args.lora_rank).scale
+        scale = fr.RecoverConfig.of(lora_rank=args.lora_rank).scale
         results["curve"] = round_curve(pruned, args.work / "federated.rounds", scale, args)
         save_results(args.results, results)
     summarize(results, fed)
@@ -201,7 +202,7 @@ def current_estimate(results: dict) -> float:
     """The fleet memory estimate for the run's setting, from the code as it is now."""
     from llmprune.fedrecover.config import TARGET_MODULES
     from llmprune.fedrecover.fleet import training_memory_mb
-    from llmprune.fedrecover.pipeline import meta_model
+    from llmprune.fedrecover.planning import meta_model
 
     setup = results["setup"]
     batch, seq = (int(x) for x in setup["batch"].split("x"))
@@ -225,7 +226,8 @@ def render(results: dict, doc: Path, plot: Path) -> None:
         f"(two hold WikiText-2 valid, two hold Python docs howto/faq/reference, at most {setup['max_windows_per_source']} "
         f"windows of {setup['batch'].split('x')[1]} tokens per source), {setup['rounds']} rounds x {setup['local_steps']} "
         f"local steps, batch {setup['batch']}, LoRA rank {setup['lora_rank']} on every projection, lr {setup['lr']}, "
-        f"{setup['aggregation']}. Centralized: the same LoRA trained in one process on the union of the data for the same total steps. "
+        f"{setup['aggregation']}. Centralized: the same LoRA trained in one process on the union of the data for the same "
+        "total steps. "
         f"Perplexity on {setup['eval']}.", "", *rows, "",
         "| target | measured |", "|---|---|",
         f"| recovery closes ≥ half the pruned→dense gap | WikiText-2 {100 * s['wikitext2']['gap_closed']:.0f}%, "
@@ -240,7 +242,8 @@ def render(results: dict, doc: Path, plot: Path) -> None:
         f"Client peak RSS {s['client_peak_rss_mb']:.0f} MB (training, in a ray worker) against the fleet estimate "
         f"{s['client_estimate_mb']:.0f} MB.", *results.get("notes", []),
         "", "| after round | WikiText-2 | Python docs tutorial |", "|---|---|---|",
-        f"| 0 (pruned) | {runs['pruned']['perplexity']['wikitext2']:.2f} | {runs['pruned']['perplexity']['pydocs-tutorial']:.2f} |",
+        f"| 0 (pruned) | {runs['pruned']['perplexity']['wikitext2']:.2f} | "
+        f"{runs['pruned']['perplexity']['pydocs-tutorial']:.2f} |",
         *[f"| {r['round']} | {r['wikitext2']:.2f} | {r['pydocs-tutorial']:.2f} |" for r in results["curve"]],
         "", "![perplexity per round](img/recover_ppl.png)",
     ]

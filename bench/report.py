@@ -8,7 +8,8 @@ from pathlib import Path
 
 def _replace_section(doc: Path, name: str, body: str) -> None:
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = doc.read_text() if doc.is_file() else "# Benchmarks\n\nMeasured on this project's 2-core CPU machine; every number below was written by a script in `bench/`.\n"
+    text = doc.read_text() if doc.is_file() else ("# Benchmarks\n\nMeasured on this project's 2-core CPU machine; "
+                                                  "every number below was written by a script in `bench/`.\n")
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
@@ -28,7 +29,8 @@ def render_compress(results: dict, docs: Path) -> None:
              f"Calibration: {setup.get('calib')}; evaluation: {setup.get('eval')}. `ratio` is the fraction of "
              "decoder-layer parameters removed (embeddings are 63% of this model and are not pruned); "
              "peak RSS and time are of the whole `llmprune compress` process (model load included).", "",
-             "| run | ratio achieved | total reduction | layers dropped | ppl WikiText-2 | ppl Python docs | calib loss | compress s | peak RSS MiB |",
+             "| run | ratio achieved | total reduction | layers dropped | ppl WikiText-2 | ppl Python docs | calib loss | "
+             "compress s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|"]
     dense = runs.get("dense", {}).get("perplexity", {})
     lines.append(f"| dense | 0 | 0 | — | {_fmt(dense.get('wikitext2'))} | {_fmt(dense.get('pydocs'))} | — | — | — |")
@@ -99,7 +101,8 @@ def render_scale(result: dict, docs: Path) -> None:
              f"A Llama-2-7B-shaped checkpoint (hidden 4096, MLP 11008, 32 heads, vocab 32000) with random fp16 weights and "
              f"{result['layers']} layers ({result['checkpoint_bytes'] / gib:.2f} GiB, one shard per layer), compressed with "
              f"`llmprune compress --low-memory --ratio 0.2 --layer-share 0`, calibration {result['calibration']}.", "",
-             "| layers | checkpoint GiB | peak RSS MiB | peak RSS / checkpoint | peak RSS / full 32-layer 7B | s per layer | ratio achieved |",
+             "| layers | checkpoint GiB | peak RSS MiB | peak RSS / checkpoint | peak RSS / full 32-layer 7B | s per layer | "
+             "ratio achieved |",
              "|---|---|---|---|---|---|---|",
              f"| {result['layers']} | {result['checkpoint_bytes'] / gib:.2f} | {result['peak_rss_mb']:.0f} | "
              f"{result['peak_rss_share_of_checkpoint']:.1%} | {result['peak_rss_share_of_full_7b']:.1%} | "
@@ -126,7 +129,8 @@ def render_export(results: dict, docs: Path) -> None:
              "buffer types (AMX and weight repacking), whose AMX kernel segfaults on this VM; its peak RSS includes "
              "its perplexity run (logits of every position). PyTorch eager decode varied between 0.25 and 1.2 s a "
              "token in a re-check on the busy machine: treat its decode column as a rough lower bound.", "",
-             "| model | engine | precision | file MiB | size vs fp32 | perplexity | change vs fp32 | prefill 512 s | prefill tok/s | decode tok/s | peak RSS MiB |",
+             "| model | engine | precision | file MiB | size vs fp32 | perplexity | change vs fp32 | prefill 512 s | "
+             "prefill tok/s | decode tok/s | peak RSS MiB |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("dense", "pruned"):
         exp = steps.get(f"export:{name}", {})
@@ -137,7 +141,8 @@ def render_export(results: dict, docs: Path) -> None:
             change = ppl.get("change")
             lines.append(
                 f"| {name} | ONNX Runtime | {prec} | {_fmt(v['onnx_bytes'] / mib if v.get('onnx_bytes') else None, '.0f')} | "
-                f"{_fmt(v.get('size_vs_fp32'), '.1%')} | {_fmt(ppl.get('onnx'))} | {'—' if change is None else format(change, '+.1%')} | "
+                f"{_fmt(v.get('size_vs_fp32'), '.1%')} | {_fmt(ppl.get('onnx'))} | "
+                f"{'—' if change is None else format(change, '+.1%')} | "
                 f"{_fmt(m.get('prefill_seconds'))} | {_fmt(m.get('prefill_tokens_per_s'), '.0f')} | "
                 f"{_fmt(m.get('decode_tokens_per_s'), '.1f')} | {_fmt(m.get('peak_rss_mb'), '.0f')} |")
         t = steps.get(f"torch:{name}:fp32", {})
@@ -147,10 +152,12 @@ def render_export(results: dict, docs: Path) -> None:
                      f"{_fmt(t.get('peak_rss_mb'), '.0f')} |")
     ll = steps.get("llama.cpp:dense:Q4_K_M", {})
     if "skipped" in ll or "error" in ll:
-        lines.append(f"| dense | llama.cpp | Q4_K_M | — | — | — | — | — | — | — | — |\n\nllama.cpp row: {ll.get('skipped') or ll.get('error')}")
+        lines.append("| dense | llama.cpp | Q4_K_M | — | — | — | — | — | — | — | — |\n\n"
+                     f"llama.cpp row: {ll.get('skipped') or ll.get('error')}")
     elif ll:
         lines.append(f"| dense (original GGUF) | llama.cpp {ll.get('version', '')} | Q4_K_M | {ll['file_bytes'] / mib:.0f} | — | "
-                     f"{_fmt(ll.get('perplexity'))} | — | {_fmt(ll.get('prefill_seconds'))} | {_fmt(ll.get('prefill_tokens_per_s'), '.0f')} | "
+                     f"{_fmt(ll.get('perplexity'))} | — | {_fmt(ll.get('prefill_seconds'))} | "
+                     f"{_fmt(ll.get('prefill_tokens_per_s'), '.0f')} | "
                      f"{_fmt(ll.get('decode_tokens_per_s'), '.1f')} | {_fmt(ll.get('peak_rss_mb'), '.0f')} |")
     one = [(k, steps[k]) for k in ("onnx:dense:int4@1thread", "onnx:pruned:int4@1thread", "llama.cpp:dense:Q4_K_M@1thread")
            if isinstance(steps.get(k), dict) and "decode_tokens_per_s" in steps[k]]
@@ -160,8 +167,9 @@ def render_export(results: dict, docs: Path) -> None:
                   "thread both engines degrade gracefully):", "",
                   "| run | prefill 512 s | prefill tok/s | decode tok/s | peak RSS MiB |", "|---|---|---|---|---|"]
         for key, m in one:
-            lines.append(f"| {key.replace('@1thread', '')} | {_fmt(m.get('prefill_seconds'))} | {_fmt(m.get('prefill_tokens_per_s'), '.0f')} | "
-                         f"{_fmt(m.get('decode_tokens_per_s'), '.1f')} | {_fmt(m.get('peak_rss_mb'), '.0f')} |")
+            lines.append(f"| {key.replace('@1thread', '')} | {_fmt(m.get('prefill_seconds'))} | "
+                         f"{_fmt(m.get('prefill_tokens_per_s'), '.0f')} | {_fmt(m.get('decode_tokens_per_s'), '.1f')} | "
+                         f"{_fmt(m.get('peak_rss_mb'), '.0f')} |")
     tg = summary.get("targets", {})
     if tg:
         lines += ["", "Targets of the export issue:", ""]
@@ -209,22 +217,25 @@ def render_deploy(results: dict, docs: Path) -> None:
              f"(howto, faq, library, reference; not tutorial), each exported with `llmprune export {setup.get('export')}` "
              f"and measured in a fresh process on ONNX Runtime with {m.get('threads')} intra-op threads "
              f"({setup.get('cpu_count')}-core machine; 1-minute load average "
-             f"{_fmt(min(loads) if loads else None, '.1f')}–{_fmt(max(loads) if loads else None, '.1f')} before the measurements). "
+             f"{_fmt(min(loads) if loads else None, '.1f')}–{_fmt(max(loads) if loads else None, '.1f')} "
+             "before the measurements). "
              f"Prefill: one {m.get('prefill_tokens')}-token prompt (median of {m.get('prefill_runs')}); decode: greedy "
              f"{m.get('decode_tokens')} new tokens after a {m.get('decode_prompt')}-token prompt with the KV cache (median of "
-             f"{m.get('decode_runs')}), in tokens/s and in bytes of text/s — tokens/s × the artifact's own UTF-8 bytes per token on "
+             f"{m.get('decode_runs')}), in tokens/s and in bytes of text/s — "
+             "tokens/s × the artifact's own UTF-8 bytes per token on "
              f"WikiText-2 test, the fair speed across tokenizers (the greedy sample's own bytes/s, which depends on what "
              f"it happens to say, is in the JSON). "
              f"Bits per byte: {setup.get('eval')}, of WikiText-2 test, Python docs (tutorial.txt) and Python source "
              f"(the stdlib argparse.py of Python {src.get('python')}, sha256 {str(src.get('sha256'))[:12]}…, out of domain); "
              "file MiB counts every file the runtime needs (ONNX graph and weights, tokenizer, config); peak RSS is the "
-             "measuring process's after tokenizer and model load, prefill and decode (before the evaluation texts are tokenized and scored), in brackets "
+             "measuring process's after tokenizer and model load, prefill and decode "
+             "(before the evaluation texts are tokenized and scored), in brackets "
              f"above the {_fmt(statistics.median(base) if base else None, '.0f')} MiB its imports (Python, numpy, torch, "
              "transformers, onnxruntime) take in every row.", "",
              "| artifact | precision | file MiB | size vs dense | bpb WikiText-2 | bpb Python docs | bpb Python source | "
              "decode tok/s | decode bytes/s | prefill tok/s | peak RSS MiB (above imports) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, r in rows.items():
+    for _key, r in rows.items():
         if r.get("error"):
             lines.append(f"| {r['artifact']} | {r['precision']} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
@@ -233,7 +244,8 @@ def render_deploy(results: dict, docs: Path) -> None:
             bpb, change = r["bits_per_byte"].get(text), r["bpb_change_vs_dense"].get(text)
             cells.append(_fmt(bpb, ".3f") + ("" if r["artifact"] == "dense" or change is None else f" ({change:+.1%})"))
         size = "—" if r["artifact"] == "dense" else _fmt(r.get("size_vs_dense"), ".0%")
-        lines.append(f"| {r['artifact']} | {r['precision']} | {_fmt(r['file_bytes'] / mib if r.get('file_bytes') else None, '.1f')} | "
+        lines.append(f"| {r['artifact']} | {r['precision']} | "
+                     f"{_fmt(r['file_bytes'] / mib if r.get('file_bytes') else None, '.1f')} | "
                      f"{size} | {' | '.join(cells)} | {_fmt(r.get('decode_tokens_per_s'), '.1f')} | "
                      f"{_fmt(r.get('decode_bytes_per_s'), '.0f')} | {_fmt(r.get('prefill_tokens_per_s'), '.0f')} | "
                      f"{_fmt(r.get('peak_rss_mb'), '.0f')} ({_fmt(r.get('peak_rss_over_imports_mb'), '.0f')}) |")
@@ -251,7 +263,8 @@ def render_deploy(results: dict, docs: Path) -> None:
             for name in names:
                 t = targets[name].get(k, {})
                 x = t.get("value")
-                shown = "—" if x is None else (f"{x:+.1%}" if k.startswith("bpb") else f"{x:.2f}×" if "bytes_per_s" in k else f"{x:.2f}")
+                shown = "—" if x is None else (f"{x:+.1%}" if k.startswith("bpb")
+                                               else f"{x:.2f}×" if "bytes_per_s" in k else f"{x:.2f}")
                 verdict = "" if t.get("met") is None else (" ✅ met" if t["met"] else " ❌ not met")
                 cells.append(shown + verdict)
             lines.append(f"| {label} | {goal} | {' | '.join(cells)} |")

@@ -7,8 +7,8 @@ rounds, local steps, batch, rank and learning rate:
   (a) today: full fp32 model on every client; devices no setting fits are left out (--skip-unfit);
   (b) every device at the smallest full-model setting the weakest can run (lean clients: bf16
       layers, int8 vocabulary table; the same rank and depth for all);
-  (c) --submodels (layers), lean clients;
-  (d) --submodels --submodel-granularity sublayer, lean clients.
+  (c) --policy submodels (layers), lean clients;
+  (d) --policy submodels --submodel-granularity sublayer, lean clients.
 Each arm is `llmprune recover --json` in its own process (Flower simulation, one core per client).
 Perplexity after every round on WikiText-2 test and the Python tutorial (from the saved round
 adapters), peak RSS and its model-dependent part per device, estimate vs measured, wall time and
@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_results  # noqa: E402
 from recover import EVAL, pruned_checkpoint, pydocs_train, round_curve  # noqa: E402
+
 SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping and per-round evaluation
 # Client i holds domain i mod 2 (wiki, pydocs): strong devices on WikiText-2, weak ones on the docs.
 FLEET = [("laptop-3g", 3072), ("watch-1g", 1024), ("tablet-2.6g", 2600), ("phone-1.4g", 1400),
@@ -37,8 +38,9 @@ LEAN = ["--client-dtype", "bfloat16", "--client-embedding", "int8"]
 ARMS = {
     "a_today": {"label": "(a) today: unfit devices refused", "flags": ["--skip-unfit"]},
     "b_full_smallest": {"label": "(b) full model, smallest common setting", "flags": LEAN},
-    "c_submodels": {"label": "(c) --submodels (layers)", "flags": ["--submodels", *LEAN]},
-    "d_sublayer": {"label": "(d) --submodels sublayer", "flags": ["--submodels", "--submodel-granularity", "sublayer", *LEAN]},
+    "c_submodels": {"label": "(c) --submodels (layers)", "flags": ["--policy", "submodels", *LEAN]},
+    "d_sublayer": {"label": "(d) --submodels sublayer", "flags": ["--policy", "submodels", "--submodel-granularity",
+                                                                  "sublayer", *LEAN]},
 }
 
 
@@ -52,10 +54,10 @@ def smallest_common_setting(pruned: Path, args) -> dict:
     """(rank, depth) the weakest device can run with lean full-model clients: arm (b) gives it to all."""
     from llmprune.fedrecover import RecoverConfig
     from llmprune.fedrecover.fleet import Device, assign_lean_devices, unit_costs
-    from llmprune.fedrecover.pipeline import meta_model
+    from llmprune.fedrecover.planning import meta_model
 
-    cfg = RecoverConfig(lora_rank=args.lora_rank, batch_size=args.batch_size, seq_len=args.seq_len,
-                        client_dtype="bfloat16", client_embedding="int8")
+    cfg = RecoverConfig.of(lora_rank=args.lora_rank, batch_size=args.batch_size, seq_len=args.seq_len,
+                           client_dtype="bfloat16", client_embedding="int8")
     weakest = min(FLEET, key=lambda d: d[1])
     plan = assign_lean_devices(unit_costs(meta_model(str(pruned)), cfg), [Device(*weakest)], args.lora_rank, True)[0]
     if plan.refused:
@@ -123,7 +125,7 @@ def main() -> int:
     data = [str(SHARED / "wikitext2/wiki.valid.tokens"), str(pydocs_train(args.work))]
     from llmprune.fedrecover import RecoverConfig
 
-    scale = RecoverConfig(lora_rank=args.lora_rank).scale
+    scale = RecoverConfig.of(lora_rank=args.lora_rank).scale
     for key in args.arms:
         if key in runs:
             continue
@@ -257,7 +259,7 @@ def render(results: dict, doc: Path, plot: Path) -> None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, name, title in zip(axes, EVAL, ("WikiText-2 test", "Python docs tutorial")):
-        for key, run in runs.items():
+        for _key, run in runs.items():
             if "curve" in run:
                 ax.plot([r["round"] for r in run["curve"]], [r[name] for r in run["curve"]], "o-", label=run["label"])
         ax.set_title(title)

@@ -38,7 +38,8 @@ def run(args) -> int:
         ppl = v["perplexity"]
         ppl_text = f"ppl {ppl['onnx']:.3f}" + (f" ({ppl['change']:+.2%} vs fp32)" if "change" in ppl else "")
         size = v["sizes"]["onnx_bytes"] / 2**20
-        print(f"{name:5s} {size:9.1f} MiB ({v['size_vs_fp32']:.0%} of fp32) | max |logit diff| {v['logits']['max_abs_logit_diff']:.2g}"
+        print(f"{name:5s} {size:9.1f} MiB ({v['size_vs_fp32']:.0%} of fp32) | "
+              f"max |logit diff| {v['logits']['max_abs_logit_diff']:.2g}"
               f" | greedy {gen['tokens']} tokens equal to PyTorch on {equal}/{len(gen['prompts'])} prompts | {ppl_text}"
               + (f" | {v['ort']['file']}" if "ort" in v else ""))
     print(f"{report['seconds']:.0f} s -> {printable(result.path)}")

@@ -25,10 +25,10 @@ def add_parser(sub) -> None:
 
 
 def _onnx_tokens(args, tokenizer, ids):
-    from llmprune.export import OnnxCausalLM
-
-    from pathlib import Path
     import json
+    from pathlib import Path
+
+    from llmprune.export import OnnxCausalLM
 
     lm = OnnxCausalLM(args.onnx, threads=args.threads, prefer_ort=args.ort_format)
     eos = None

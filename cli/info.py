@@ -66,12 +66,14 @@ def run(args) -> int:
         emit_json(info)
         return 0
     p = info["parameters"]
-    print(f"{printable(info['model'])}: {info['architecture']} ({info['class']}), {info['num_layers']} layers, hidden {info['hidden_size']}, vocab {info['vocab_size']}, {info['dtype']}")
+    print(f"{printable(info['model'])}: {info['architecture']} ({info['class']}), {info['num_layers']} layers, "
+          f"hidden {info['hidden_size']}, vocab {info['vocab_size']}, {info['dtype']}")
     print(f"parameters {p['total']:,}: embeddings {p['embeddings']:,} | attention {p['attention']:,} | MLP {p['mlp']:,}"
           f" | norms {p['norms']:,} | LM head {p['lm_head']:,}{' (tied to embeddings)' if p['tied_embeddings'] else ''}")
     if info["vocabulary"] is not None:
         print(vocabulary_line(info["vocabulary"]))
     print(f"{'layer':>5} {'type':<18} {'heads':>5} {'kv':>3} {'head_dim':>8} {'mlp':>6} {'params':>11}")
     for r in info["layers"]:
-        print(f"{r['index']:>5} {r['layer_type']:<18} {r['num_heads']:>5} {r['num_kv_heads']:>3} {r['head_dim']:>8} {r['intermediate_size']:>6} {r['params']:>11,}")
+        print(f"{r['index']:>5} {r['layer_type']:<18} {r['num_heads']:>5} {r['num_kv_heads']:>3} {r['head_dim']:>8} "
+              f"{r['intermediate_size']:>6} {r['params']:>11,}")
     return 0

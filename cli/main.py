@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        sys.stderr.write(f"llmprune {args.command}: unexpected {type(exc).__name__}: {first} — rerun with --debug for the traceback\n")
+        sys.stderr.write(f"llmprune {args.command}: unexpected {type(exc).__name__}: {first} "
+                         "— rerun with --debug for the traceback\n")
         return 1
 
 

@@ -23,7 +23,7 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    from llmprune.fedrecover.config import SECTIONS, RecoverConfig, TrainingConfig, FleetConfig
+    from llmprune.fedrecover.config import SECTIONS, FleetConfig, RecoverConfig, TrainingConfig
     from llmprune.fedrecover.policies import POLICIES
     from llmprune.options import add_config_arguments, cli_fields, dest_of
 
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
             add_config_arguments(group, cls.config_class, exclude=tuple(added))
             added.update(dest_of(f) for f in fields)
     for section, cls in SECTIONS.items():
-        add_config_arguments(p.add_argument_group(cls.__doc__.strip().rstrip(".").lower()), cls,
+        add_config_arguments(p.add_argument_group(f"{section}: {cls.__doc__.strip().rstrip('.')}"), cls,
                              exclude=essentials if cls in (FleetConfig, TrainingConfig) else ())
     add_config_arguments(p.add_argument_group("reproducibility"), RecoverConfig)
     run_group = p.add_argument_group("the run")

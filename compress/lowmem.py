@@ -20,16 +20,32 @@ from tqdm.auto import tqdm
 
 from llmprune.arch import adapter_for, base_model
 from llmprune.checkpoint import (
-    MODELING_FILE, REPORT_FILE, atomic_output_dir, check_modeling_file, is_pruned_config, layer_shape,
-    modeling_source, our_auto_map, pruned_spec, scrub_foreign_code, stock_class,
+    MODELING_FILE,
+    REPORT_FILE,
+    atomic_output_dir,
+    check_modeling_file,
+    is_pruned_config,
+    layer_shape,
+    modeling_source,
+    our_auto_map,
+    pruned_spec,
+    scrub_foreign_code,
+    stock_class,
 )
 from llmprune.errors import LLMPruneError
-from llmprune.meta_init import prefix_of as _prefix_of, reset_buffers as _reset_buffers
+from llmprune.meta_init import prefix_of as _prefix_of
+from llmprune.meta_init import reset_buffers as _reset_buffers
 from llmprune.models import load_config, load_tokenizer, resolve_model_spec
 from llmprune.params import parameter_breakdown
 from llmprune.paths import printable
 from llmprune.reader import (
-    TensorEntry, checkpoint_entries, find_tensor, gather_rows, load_tensor, meta_model, row_blocks,
+    TensorEntry,
+    checkpoint_entries,
+    find_tensor,
+    gather_rows,
+    load_tensor,
+    meta_model,
+    row_blocks,
 )
 
 from .calibration import block_influence, capture_inputs, collect_grams, run_layer

@@ -19,8 +19,15 @@ from llmprune.params import layer_shapes, parameter_breakdown
 
 from .config import CompressConfig
 from .report import versions
-from .vocab import (VOCAB_FILE, VocabularySelection, load_vocabulary_map, rebuild_tokenizer, select_vocabulary,
-                    slice_vocabulary, vocabulary_map)
+from .vocab import (
+    VOCAB_FILE,
+    VocabularySelection,
+    load_vocabulary_map,
+    rebuild_tokenizer,
+    select_vocabulary,
+    slice_vocabulary,
+    vocabulary_map,
+)
 
 log = logging.getLogger(__name__)
 

@@ -98,7 +98,8 @@ class ExportConfig:
         if not self.atol > 0:
             raise LLMPruneError(f"parity tolerance must be positive (got {self.atol})", "use e.g. 1e-3")
         if self.parity_tokens < 1 or self.parity_seq_len < 2 or self.eval_windows < 1 or self.eval_seq_len < 2:
-            raise LLMPruneError("parity/eval sizes must be positive", "check parity_tokens, parity_seq_len, eval_windows, eval_seq_len")
+            raise LLMPruneError("parity/eval sizes must be positive",
+                                "check parity_tokens, parity_seq_len, eval_windows, eval_seq_len")
         self.prompts = tuple(self.prompts)
 
     @property

@@ -28,7 +28,8 @@ def genai_config(config, session_inputs: set[str], filename: str = "model.onnx",
     query heads do not matter here: genai sizes the cache from the KV heads, which pruning keeps."""
     model_type = GENAI_TYPES.get(config.model_type)
     if model_type is None:
-        raise LLMPruneError(f"onnxruntime-genai has no model type for '{config.model_type}'", f"--genai supports {', '.join(GENAI_TYPES)}")
+        raise LLMPruneError(f"onnxruntime-genai has no model type for '{config.model_type}'",
+                            f"--genai supports {', '.join(GENAI_TYPES)}")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     context = int(context_length or getattr(config, "max_position_embeddings", 2048))
     gen = generation_config
@@ -74,7 +75,8 @@ def genai_config(config, session_inputs: set[str], filename: str = "model.onnx",
 def write_genai_config(folder: Path, config, session_inputs: set[str], context_length: int | None = None,
                        generation_config=None) -> Path:
     path = folder / GENAI_FILE
-    path.write_text(json.dumps(genai_config(config, session_inputs, "model.onnx", context_length, generation_config), indent=2) + "\n")
+    path.write_text(json.dumps(genai_config(config, session_inputs, "model.onnx", context_length, generation_config),
+                               indent=2) + "\n")
     return path
 
 
@@ -87,7 +89,8 @@ def convert_to_ort(folder: Path) -> list[Path]:
 
     src = folder / "model.onnx"
     if (folder / "model.onnx_data").exists():
-        raise LLMPruneError("the ORT format cannot hold a model above 2 GB (external data)", "quantize (--quantize int8/int4) before --ort")
+        raise LLMPruneError("the ORT format cannot hold a model above 2 GB (external data)",
+                            "quantize (--quantize int8/int4) before --ort")
     buf = io.StringIO()
     quiet = [logging.getLogger(n) for n in ("ort_format_model", "ort_format_model.utils")]
     levels = [q.level for q in quiet]

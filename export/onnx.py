@@ -104,7 +104,8 @@ def raw_export(model, out: Path, opset: int | None = None) -> None:
     adapter_for(model)
     check_opset(opset)
     if next(model.parameters()).dtype != torch.float32:
-        raise LLMPruneError(f"the model is {next(model.parameters()).dtype}, not float32", "load it with dtype=torch.float32 for export")
+        raise LLMPruneError(f"the model is {next(model.parameters()).dtype}, not float32",
+                            "load it with dtype=torch.float32 for export")
     model.eval()
     saved_name = model.config._name_or_path
     model.config._name_or_path = ""  # keeps optimum from copying files of the source folder
@@ -172,7 +173,8 @@ def dedupe_initializers(model_proto) -> dict:
         nodes = list(graph.node)
         del graph.node[:]
         graph.node.extend(prefix + nodes)
-    return {"removed": sorted(removed), "tied_transposed": dict(transposed), "duplicates": dict(replace), "bytes_saved": int(saved)}
+    return {"removed": sorted(removed), "tied_transposed": dict(transposed), "duplicates": dict(replace),
+            "bytes_saved": int(saved)}
 
 
 def _find_copies(graph) -> tuple[dict[str, str], dict[str, str]]:

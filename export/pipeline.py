@@ -41,7 +41,8 @@ class ExportResult:
 def _eval_windows(tokenizer, texts: list[str] | None, config: ExportConfig, vocab: int, bos) -> torch.Tensor:
     """A few windows of evaluation text (random ids when there is no tokenizer)."""
     if tokenizer is None:
-        return torch.cat([fixed_inputs(vocab, config.eval_seq_len + 1, bos, seed=4321 + i)[:1] for i in range(config.eval_windows)])
+        return torch.cat([fixed_inputs(vocab, config.eval_seq_len + 1, bos, seed=4321 + i)[:1]
+                          for i in range(config.eval_windows)])
     stream = tokenize_stream(tokenizer, texts or [DEFAULT_EVAL_TEXT])
     seq_len = min(config.eval_seq_len, max(2, stream.numel() // config.eval_windows))
     return cut_windows(stream, seq_len, config.eval_windows, tokenizer.bos_token_id)

@@ -62,7 +62,8 @@ class OnnxCausalLM:
             if m:
                 layers.setdefault(int(m.group(1)), {})[m.group(2)] = name
         if "input_ids" not in inputs or "logits" not in {o.name for o in self.session.get_outputs()}:
-            raise LLMPruneError(f"'{self.path}' is not a causal-LM decoder export (no input_ids/logits)", "export with `llmprune export`")
+            raise LLMPruneError(f"'{self.path}' is not a causal-LM decoder export (no input_ids/logits)",
+                                "export with `llmprune export`")
         self.num_layers = len(layers)
         self.past_names = [(layers[i]["key"], layers[i]["value"]) for i in sorted(layers)]
         self.kv_shapes = []

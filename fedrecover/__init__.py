@@ -5,16 +5,23 @@ simulation; the same apps (`llmprune.fedrecover.server_app:app`, `...client_app:
 fleet with flower-superlink / flower-supernode / flwr run. Who trains what each round is a policy
 (`fedrecover.policies`: plan, submodels, bandit, devft, prune-tune), chosen by name."""
 
-from .aggregation import ClientUpdate, aggregate, client_view, flexlora, fedavg, hetlora, lowrank_svd, pad_rank
+from .aggregation import ClientUpdate, aggregate, client_view, fedavg, flexlora, hetlora, lowrank_svd, pad_rank
 from .aggregations import Aggregation, get_aggregation, register
 from .bandit import Arm, DeviceBandit, arm_grid, round_rewards
 from .client_model import chunked_vocab_loss, load_submodel
 from .config import (
-    AGGREGATIONS, TARGET_MODULES, DataConfig, FleetConfig, PrivacyConfig, RecoverConfig, RunSettings, TrainingConfig,
+    AGGREGATIONS,
+    TARGET_MODULES,
+    DataConfig,
+    FleetConfig,
+    PrivacyConfig,
+    RecoverConfig,
+    RunSettings,
+    TrainingConfig,
     parse_run_config,
 )
-from .device_models import DeviceModel, register_device_model
 from .devft import Stage, expand_lora, fuse_model, load_stage_model
+from .device_models import DeviceModel, register_device_model
 from .fleet import Assignment, Device, assign_devices, load_fleet, training_memory_mb
 from .lora import attach_lora, detach_lora, get_lora_arrays, lora_applied, merge_lora, module_shapes, set_lora_arrays
 from .partition import ClientData, Partition, build_client_data, partition_indices

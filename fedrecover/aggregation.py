@@ -16,8 +16,7 @@ import numpy as np
 from .aggregations import AGGREGATIONS, Aggregation, ClientUpdate, get_aggregation, pad_rank, register
 from .aggregations.base import holders
 from .aggregations.fedavg import fedavg
-from .aggregations.flexlora import lowrank_svd
-from .aggregations.flexlora import flexlora
+from .aggregations.flexlora import flexlora, lowrank_svd
 from .aggregations.hetlora import hetlora
 
 __all__ = ["AGGREGATIONS", "Aggregation", "ClientUpdate", "aggregate", "client_view", "fedavg", "flexlora", "hetlora",

@@ -25,7 +25,7 @@ from llmprune.errors import LLMPruneError
 
 from . import policies  # noqa: F401  (the policies register their device-model kinds)
 from .config import RecoverConfig, RunSettings, parse_run_config
-from .device import DeviceEmulation, ModelCache, RoundJob, run_round, run_round_isolated
+from .device import DeviceEmulation, ModelCache, RoundJob, run_round
 from .faults import inject
 from .messages import CONFIG, Identity, TrainInstruction, TrainReply
 from .partition import ClientData
@@ -40,6 +40,14 @@ class DeviceRuntime:
         self.overrides = overrides or {}
         self.cache: dict = {}
         self.models = ModelCache()
+        self.server = None          # simulation: the RoundServer forking each round's process
+
+    def isolated(self, job: RoundJob):
+        from .round_server import RoundServer
+
+        if self.server is None:
+            self.server = RoundServer()
+        return self.server.run(job)
 
     def _once(self, key, build):
         if key not in self.cache:
@@ -86,7 +94,7 @@ class DeviceRuntime:
         job = RoundJob(model_path(settings, context, instruction), instruction, arrays, windows,
                        cfg.training.lora_dropout,
                        self.emulation(cfg, pid, context.node_config.get("device"), simulation))
-        result = run_round_isolated(job) if simulation else run_round(job, self.models)
+        result = self.isolated(job) if simulation else run_round(job, self.models)
         m = result.memory
         return TrainReply(pid, 1 if instruction.uniform_weights else int(windows.shape[0]), result.loss,
                           time.perf_counter() - start, m["peak-rss-mb"], m["model-rss-mb"], m["loss-first"],

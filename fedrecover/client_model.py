@@ -31,7 +31,8 @@ from torch import nn
 from llmprune.arch import adapter_for, base_model
 from llmprune.checkpoint import check_modeling_file, is_pruned_config, stock_class
 from llmprune.errors import LLMPruneError
-from llmprune.meta_init import prefix_of as _prefix_of, reset_buffers as _reset_buffers
+from llmprune.meta_init import prefix_of as _prefix_of
+from llmprune.meta_init import reset_buffers as _reset_buffers
 from llmprune.models import load_config
 from llmprune.paths import printable
 from llmprune.reader import TensorEntry, checkpoint_entries, find_tensor, load_tensor, meta_model, row_blocks
@@ -365,7 +366,7 @@ def compute_in_float32(model: nn.Module) -> int:
     switched = 0
     for layer in adapter_for(model).decoder_layers(model):
         for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
+            for child in list(parent.children()):
                 if type(child) is nn.Linear and child.weight.dtype != torch.float32:
                     child.__class__ = UpcastLinear
                     switched += 1

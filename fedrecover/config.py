@@ -15,8 +15,17 @@ from typing import Any, Literal
 
 from llmprune.errors import LLMPruneError
 from llmprune.options import (
-    coerce_fields, dest_of, flag_of, fraction, int_at_least, non_negative_float, non_negative_int, one_of, option,
-    positive_float, positive_int,
+    coerce_fields,
+    dest_of,
+    flag_of,
+    fraction,
+    int_at_least,
+    non_negative_float,
+    non_negative_int,
+    one_of,
+    option,
+    positive_float,
+    positive_int,
 )
 
 from .aggregations import AGGREGATIONS, get_aggregation
@@ -220,10 +229,11 @@ class RecoverConfig:
         """The config of a run config; RunSettings' keys are skipped, any other key is refused."""
         return parse_run_config(run_config)[0]
 
-    def resume_identity(self, fixed_rounds: bool = False) -> dict:
+    def resume_identity(self) -> dict:
         """The settings a resumed run must share with the run it continues, by run-config key:
         every field declared `resume="match"`, and the rounds when the policy spreads its steps
-        over them."""
+        over them (its class says `fixed_rounds`)."""
+        fixed_rounds = self.policy_class.fixed_rounds
         out = {key: run_config_value(getattr(owner, f.name)) for key, owner, f in _leaves(self)
                if f.metadata.get("resume", "match") == "match" or (fixed_rounds and f.metadata.get("resume") == "grow")}
         out["policy.name"] = self.policy.name

@@ -1,17 +1,15 @@
 """What a device does in a round, apart from Flower: load what the instruction says (the checkpoint,
 or a registered device model in the lean dtypes), train LoRA on its windows, measure its memory.
 
-In a simulation every device's round runs in a fresh process of its own (forked from a clean
-forkserver of this package), so its measured peak is that device's alone, never what the device
-simulated before it in the same worker left behind; on a real fleet a device is its own process
-and trains in it, keeping the model between rounds."""
+In a simulation every device's round runs in a fresh process of its own (round_server.py: forked
+from a clean server that imported the training stack once), so its measured peak is that device's
+alone, never what the device simulated before it in the same worker left behind; on a real fleet a
+device is its own process and trains in it, keeping the model between rounds."""
 
 from __future__ import annotations
 
 import gc
-import multiprocessing
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,50 +149,3 @@ class ModelCache:
                 self.models.pop(next(iter(self.models)))
             self.models[path] = _load(path)
         return self.models[path]
-
-
-# -- one round in a fresh process ------------------------------------------------------------------
-def _child(conn, job: RoundJob) -> None:
-    try:
-        conn.send(("ok", run_round(job)))
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent as it happened
-        conn.send(("error", (type(exc).__name__, str(exc), traceback.format_exc())))
-    finally:
-        conn.close()
-
-
-_CONTEXT: list = []
-
-
-def _forkserver():
-    """The multiprocessing context whose children fork from a server that imported this module
-    (torch, transformers, peft) once and never trained: every round starts from the same clean
-    process, and imports are paid once per worker."""
-    if not _CONTEXT:
-        context = multiprocessing.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
-        _CONTEXT.append(context)
-    return _CONTEXT[0]
-
-
-def run_round_isolated(job: RoundJob) -> RoundResult:
-    """`run_round` in a fresh process; its errors come back as they were (a MemoryError stays one,
-    so the server tells an out-of-memory device from a crash)."""
-    context = _forkserver()
-    receive, send = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(send, job), daemon=True)
-    process.start()
-    send.close()
-    try:
-        status, payload = receive.recv()
-    except EOFError:
-        process.join()
-        raise RuntimeError(f"the device's round process died (exit code {process.exitcode})") from None
-    finally:
-        receive.close()
-    process.join()
-    if status == "ok":
-        return payload
-    name, message, trace = payload
-    raise (MemoryError if name == "MemoryError" else RuntimeError)(
-        message if name == "MemoryError" else f"{name}: {message}\n{trace}")

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import tomllib
 from torch import nn
 
 from llmprune.errors import LLMPruneError
@@ -78,12 +78,13 @@ def load_fleet(path: str | Path) -> list[Device]:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise LLMPruneError(f"cannot read fleet file '{path}': {exc.strerror}", "pass an existing TOML or JSON file to --fleet")
+        raise LLMPruneError(f"cannot read fleet file '{path}': {exc.strerror}",
+                            "pass an existing TOML or JSON file to --fleet") from None
     try:
         data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         raise LLMPruneError(f"fleet file '{path}' is not valid {'JSON' if path.suffix == '.json' else 'TOML'}: {exc}",
-                            "see docs/recover.md for the fleet format")
+                            "see docs/recover.md for the fleet format") from None
     rows = data if isinstance(data, list) else data.get("devices", data.get("device"))
     if not isinstance(rows, list) or not rows:
         raise LLMPruneError(f"fleet file '{path}' lists no devices", "add [[device]] entries with name and memory_mb")
@@ -146,7 +147,8 @@ def training_memory_mb(model: nn.Module, rank: int, depth: int, batch_size: int,
     act = 0.0
     for layer in layers:
         mlp = shapes.get(f"{layer}.mlp.gate_proj", shapes.get(f"{layer}.mlp.up_proj", (4 * hidden, hidden)))[0]
-        heads = shapes.get(f"{layer}.self_attn.q_proj", (config.num_attention_heads * _head_dim(config), hidden))[0] // _head_dim(config)
+        q_out = shapes.get(f"{layer}.self_attn.q_proj", (config.num_attention_heads * _head_dim(config), hidden))[0]
+        heads = q_out // _head_dim(config)
         act += 4.0 * tokens * (24 * hidden + 6 * mlp + 2 * heads * (seq_len + 1))
     logits = 4.0 * LOSS_CHUNK * config.vocab_size * 3
     total = weight_bytes + lora_params * ADAM_BYTES_PER_PARAM + act + logits

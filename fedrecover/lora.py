@@ -135,7 +135,8 @@ def set_lora_arrays(peft_model, arrays: dict[str, np.ndarray]) -> None:
             seen.add(f"{name}.{part}")
     missing = set(arrays) - seen
     if missing:
-        raise LLMPruneError(f"adapter arrays for modules the model lacks: {sorted(missing)[:3]}", "use arrays made for this checkpoint")
+        raise LLMPruneError(f"adapter arrays for modules the model lacks: {sorted(missing)[:3]}",
+                            "use arrays made for this checkpoint")
 
 
 def _linear(model: nn.Module, name: str) -> nn.Linear:

@@ -38,7 +38,9 @@ class Partition:
                                              "ALPHA > 0, e.g. dirichlet:0.5)")
 
     def __str__(self) -> str:
-        return self.kind if self.alpha is None else f"{self.kind}:{self.alpha!r}"
+        if self.alpha is None:
+            return self.kind
+        return f"{self.kind}:{int(self.alpha) if float(self.alpha).is_integer() else self.alpha!r}"
 
     @classmethod
     def parse(cls, text: str | Partition) -> Partition:
@@ -120,7 +122,10 @@ def partition_indices(domains: np.ndarray, clients: int, partition: Partition | 
     from datasets import Dataset
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
-    partition = Partition.parse(partition)
+    try:
+        partition = Partition.parse(partition)
+    except argparse.ArgumentTypeError as exc:
+        raise LLMPruneError(str(exc), "pass --partition iid, domain or dirichlet:ALPHA") from None
     kind = partition.kind
     n = len(domains)
     table = {"index": np.arange(n), "domain": domains}

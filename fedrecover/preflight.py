@@ -73,6 +73,7 @@ def preflight(model_dir: str, data: list[str], cfg: RecoverConfig, out: Path, st
     check_output_dir(out, overwrite, marker="pruning_report.json")
     check_plan(model_dir, cfg)
     if not resume and (state / "state.json").exists() and not overwrite:
-        raise LLMPruneError(f"'{state}' holds rounds of an earlier run", "pass --resume to continue it, or --overwrite to start over")
+        raise LLMPruneError(f"'{state}' holds rounds of an earlier run",
+                            "pass --resume to continue it, or --overwrite to start over")
     if resume:
         check_resumable(state, cfg, model_dir)

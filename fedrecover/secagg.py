@@ -128,7 +128,8 @@ def run_secagg_round(grid, context: Context, messages: list[Message], global_arr
     if strategy.vectors is None:
         return None, strategy.client_metrics, 0
     per_client = sum(v.size for v in strategy.vectors) * 4
-    return unpack_average(strategy.vectors, layout, global_arrays), strategy.client_metrics, per_client * len(strategy.client_metrics)
+    average = unpack_average(strategy.vectors, layout, global_arrays)
+    return average, strategy.client_metrics, per_client * len(strategy.client_metrics)
 
 
 # -- client side ---------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from llmprune.errors import LLMPruneError
 from .config import RecoverConfig, key_flags
 
 STATE_FILE = "state.json"
+POLICY_KEY = "llmprune.policy"
 
 
 @dataclass
@@ -35,7 +36,7 @@ def _identity(cfg: RecoverConfig, model: str) -> dict:
     """The settings a resumed run must share with the run it continues: every field declared
     `resume="match"` (config.py), the rounds when the policy spreads its steps over them, and the
     checkpoint."""
-    return {**cfg.resume_identity(fixed_rounds=cfg.policy_class.fixed_rounds), "model": str(model)}
+    return {**cfg.resume_identity(), "model": str(model)}
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -51,7 +52,10 @@ def save_state(folder: Path, state: RoundState, cfg: RecoverConfig, *, model: st
     from safetensors.numpy import save
 
     folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / f"round-{state.round:03d}.safetensors", save(state.arrays))
+    # the policy's state after this round rides with the round's adapter, so each round file is a
+    # complete resume point (state.json keeps the latest too)
+    policy = json.dumps(state.policy or {}, default=str)
+    _write_atomic(folder / f"round-{state.round:03d}.safetensors", save(state.arrays, metadata={POLICY_KEY: policy}))
     meta = {"round": state.round, "rounds": state.rounds, "initial_eval_perplexity": state.initial_eval_perplexity,
             "policy": state.policy or {}, "settings": _identity(cfg, model)}
     _write_atomic(folder / STATE_FILE, json.dumps(meta, indent=2, default=str).encode())
@@ -85,8 +89,8 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: d
         raise LLMPruneError(f"the saved run already did {meta['round']} rounds, more than --rounds "
                             f"{cfg.training.rounds}",
                             "pass a larger --rounds")
-    arrays = _load_round(folder, meta["round"], expected, fix)
-    policy = meta.get("policy") or {}
+    arrays, round_policy = _load_round(folder, meta["round"], expected, fix)
+    policy = round_policy if round_policy is not None else (meta.get("policy") or {})
     if not isinstance(policy, dict):
         raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({STATE_FILE} has a bad 'policy')", fix)
     return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"), policy)
@@ -117,12 +121,17 @@ def _bad_meta(meta) -> str | None:
     return None
 
 
-def _load_round(folder: Path, round_: int, expected: dict[str, np.ndarray] | None, fix: str) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
+def _load_round(folder: Path, round_: int, expected: dict[str, np.ndarray] | None,
+                fix: str) -> tuple[dict[str, np.ndarray], dict | None]:
+    """The round's adapter and the policy state saved with it (None in a file of an older version)."""
+    from safetensors import safe_open
 
     name = f"round-{round_:03d}.safetensors"
     try:
-        arrays = dict(load_file(str(folder / name)))
+        with safe_open(str(folder / name), framework="np") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            saved = (f.metadata() or {}).get(POLICY_KEY)
+        policy = json.loads(saved) if saved is not None else None
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for truncated files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LLMPruneError(f"round checkpoint '{folder / name}' is unreadable ({reason})", fix) from None
@@ -134,4 +143,4 @@ def _load_round(folder: Path, round_: int, expected: dict[str, np.ndarray] | Non
     if bad:
         raise LLMPruneError(f"round checkpoint '{folder / name}' does not hold this run's LoRA adapter "
                             f"({len(bad)} unexpected or missing tensors, e.g. '{bad[0]}')", fix)
-    return arrays
+    return arrays, policy

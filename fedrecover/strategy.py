@@ -138,7 +138,7 @@ class LoraStrategy:
     def instructions(self, server_round: int, assignments: dict[int, Assignment]) -> Sent:
         """Each sampled node's message: its view of the global adapter (its modules, its rank, as
         the aggregation hands it out) and its TrainInstruction."""
-        run, cfg = self.run, self.run.cfg
+        run = self.run
         messages, given, down = [], {}, {}
         for node, assignment in assignments.items():
             pid = run.plan.partitions[node]

@@ -53,7 +53,8 @@ def load_texts(
     elif path.is_file():
         texts = _read_file(path, template)
     elif _looks_like_path(spec):
-        raise LLMPruneError(f"data path '{spec}' does not exist", "check the path, or use an HF dataset name like wikitext:wikitext-2-raw-v1:test")
+        raise LLMPruneError(f"data path '{spec}' does not exist",
+                            "check the path, or use an HF dataset name like wikitext:wikitext-2-raw-v1:test")
     else:
         texts = _load_hf_dataset(spec, template)
     texts = [t for t in texts if t]
@@ -86,7 +87,8 @@ def _read_json_records(path: Path) -> list:
             return [json.loads(line) for line in raw.splitlines() if line.strip()]
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise LLMPruneError(f"data file '{path}' is not valid JSON (line {exc.lineno}: {exc.msg})", "fix the file or use .txt") from exc
+        raise LLMPruneError(f"data file '{path}' is not valid JSON (line {exc.lineno}: {exc.msg})",
+                            "fix the file or use .txt") from exc
     if isinstance(data, dict):
         data = data.get("data", data.get("rows", [data]))
     return data if isinstance(data, list) else [data]
@@ -97,7 +99,8 @@ def render_record(record, template: str | None = None) -> str:
     if isinstance(record, str):
         return record
     if not isinstance(record, dict):
-        raise LLMPruneError(f"unsupported JSON record {str(record)[:60]!r}", "use objects with a 'text' field or instruction/input/output")
+        raise LLMPruneError(f"unsupported JSON record {str(record)[:60]!r}",
+                            "use objects with a 'text' field or instruction/input/output")
     if "text" in record:
         return str(record["text"])
     if "instruction" in record:
@@ -129,7 +132,8 @@ def _load_hf_dataset(spec: str, template: str | None) -> list[str]:
         return [render_record(r, template) for r in ds]
     string_cols = [c for c in columns if ds.features[c].dtype == "string"]
     if not string_cols:
-        raise LLMPruneError(f"dataset '{spec}' has no text column (columns: {', '.join(columns)})", "use a dataset with a 'text' column")
+        raise LLMPruneError(f"dataset '{spec}' has no text column (columns: {', '.join(columns)})",
+                            "use a dataset with a 'text' column")
     return [str(t) for t in ds[string_cols[0]]]
 
 
@@ -165,7 +169,8 @@ def cut_windows(stream: torch.Tensor, seq_len: int, max_windows: int | None, bos
     return windows
 
 
-def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None, add_bos: bool = True) -> torch.Tensor:
+def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | None = None,
+                  add_bos: bool = True) -> torch.Tensor:
     """The standard protocol: tokenize once, cut into windows of `seq_len`, prefix BOS if any."""
     bos = tokenizer.bos_token_id if add_bos else None
     return cut_windows(tokenize_stream(tokenizer, texts), seq_len, max_windows, bos)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .errors import LLMPruneError
 from .paths import printable
+
 # The index and header checks live in llmprune.reader; RECREATE and safetensors_files are re-exported.
 from .reader import RECREATE, checkpoint_entries, meta_model, read_header, safetensors_files  # noqa: F401
 

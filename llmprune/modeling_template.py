@@ -4,7 +4,6 @@
 # least-squares fit); dropped layers are simply absent (config.num_hidden_layers, layer_types).
 # The shapes are read from config.llmprune["layers"].
 from torch import nn
-
 from transformers import PreTrainedModel as _Base  # LLMPRUNE_BASE_IMPORT
 
 

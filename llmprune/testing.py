@@ -24,7 +24,8 @@ def tiny_config(arch: str, **overrides):
         bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=arch in ("gemma3_text", "qwen3"),
     )
     if arch == "gemma3_text":
-        common.update(sliding_window=16, layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
+        common.update(sliding_window=16,
+                      layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"],
                       query_pre_attn_scalar=16)
     if arch in ("qwen2", "mistral"):
         common.update(sliding_window=None)

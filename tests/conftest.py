@@ -95,6 +95,26 @@ def gemma():
     return model, tok
 
 
+@pytest.fixture(scope="session")
+def readme_examples(tmp_path_factory, shared_data):
+    """The README's Python examples, every ```python block in order, run once in one fresh
+    interpreter from a working folder with ../shared beside it (as the README assumes). Its
+    compress call writes `work/pruned`: the one real-model compress the integration tests share."""
+    import re
+    from types import SimpleNamespace
+
+    root = tmp_path_factory.mktemp("readme")
+    work = root / "work"
+    work.mkdir()
+    (root / "shared").symlink_to(shared_data.parent, target_is_directory=True)
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), flags=re.S)
+    script = work / "readme_examples.py"
+    script.write_text("\n\n".join(blocks), encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script)], cwd=work, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                         capture_output=True, text=True, timeout=1200)
+    return SimpleNamespace(returncode=run.returncode, stdout=run.stdout, stderr=run.stderr, work=work)
+
+
 def llmprune_command() -> list[str]:
     """The installed `llmprune` console script of this interpreter's environment."""
     script = Path(sys.executable).with_name("llmprune")
@@ -112,3 +132,141 @@ def run_cli(*args, cwd, env: dict | None = None, timeout: float = 300, threads: 
         llmprune_command() + [str(a) for a in args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def _third_party_logging_state():
+    """What cli.main._quiet_third_party changes besides warnings and os.environ: a restore function."""
+    import logging
+
+    alembic = logging.getLogger("alembic")
+    saved = [lambda level=alembic.level: alembic.setLevel(level)]
+    try:
+        from huggingface_hub.utils import logging as hub_logging
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return lambda: [restore() for restore in saved]
+    verbosity, bars, hub_verbosity = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled(), hub_logging.get_verbosity()
+    saved.append(lambda: hf_logging.set_verbosity(verbosity))
+    saved.append(hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)
+    saved.append(lambda: hub_logging.set_verbosity(hub_verbosity))
+    return lambda: [restore() for restore in saved]
+
+
+def _python_default_warning_filters() -> None:
+    """The warnings filters of a fresh `python` without -W (pytest's, e.g. 'always' for
+    DeprecationWarning, are not what the console script runs under), printing to sys.stderr."""
+    import warnings
+
+    warnings.resetwarnings()
+    warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+    for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+        warnings.simplefilter("ignore", category, append=True)
+
+    def to_stderr(message, category, filename, lineno, file=None, line=None):  # as Python prints them
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    warnings.showwarning = to_stderr
+
+
+def run_main(*args, cwd, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`llmprune ARGS` in this process: llmprune.cli.main.main(argv), run in `cwd`; returns a
+    CompletedProcess (text mode) as run_cli does, without paying a new interpreter's imports.
+
+    What a subprocess would give and is kept: stdout and stderr captured at the file-descriptor
+    level (also what C++ code or sys.__stderr__ writes), decoded as subprocess.run(text=True)
+    decodes them (universal newlines, so tqdm's '\\r' become line breaks); an argparse exit
+    (SystemExit) and an exception escaping main() become the return code (with the traceback on
+    stderr, code 1); main()'s logging.basicConfig takes effect (the root logger's handlers are
+    set aside for the call, so its log lines land on this stderr), library loggers' own stderr
+    handlers (transformers') write to this stderr; Python's default warnings filters.
+    Restored after the call: the current directory, os.environ, the root logger, the warnings
+    filters, transformers/huggingface_hub verbosity, torch's thread count and the global RNGs.
+
+    Not reproducible here (use run_cli): environment variables read at import (HF_ENDPOINT,
+    OMP_NUM_THREADS...; `env` is set for the call only, for what is read while running), import-time
+    output, signals, an uncaught exception's traceback as the interpreter prints it, the
+    installed console script."""
+    saved_env = dict(os.environ)
+    import io
+    import locale
+    import logging
+    import random
+    import tempfile
+    import traceback
+    import warnings
+
+    import numpy as np
+
+    from llmprune.cli.main import main
+
+    argv = [str(a) for a in args]
+    encoding = locale.getpreferredencoding(False)
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    restore_third_party = _third_party_logging_state()
+    saved_cwd, saved_threads = os.getcwd(), torch.get_num_threads()
+    rng = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    streams = sys.stdout, sys.stderr
+    for stream in streams:
+        stream.flush()
+    with tempfile.TemporaryFile() as out_file, tempfile.TemporaryFile() as err_file, warnings.catch_warnings():
+        saved_fds = os.dup(1), os.dup(2)
+        redirected: list = []  # (handler, its stream) of library loggers that wrote to our stderr/stdout
+        try:
+            os.dup2(out_file.fileno(), 1)
+            os.dup2(err_file.fileno(), 2)
+            sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=encoding, write_through=True)
+            sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False), encoding=encoding,
+                                          errors="backslashreplace", write_through=True)
+            new = {id(streams[0]): sys.stdout, id(sys.__stdout__): sys.stdout,
+                   id(streams[1]): sys.stderr, id(sys.__stderr__): sys.stderr}
+            for logger in list(logging.Logger.manager.loggerDict.values()):
+                for handler in getattr(logger, "handlers", ()):
+                    if isinstance(handler, logging.StreamHandler) and id(handler.stream) in new:
+                        redirected.append((handler, handler.stream))
+                        handler.stream = new[id(handler.stream)]
+            _python_default_warning_filters()
+            root.handlers.clear()
+            root.setLevel(logging.WARNING)
+            os.environ.update({"TOKENIZERS_PARALLELISM": "false", **(env or {})})
+            os.chdir(cwd)
+            try:
+                code = main(argv)
+            except SystemExit as exc:  # argparse: usage errors, --help, --version
+                code = exc.code
+                if code is not None and not isinstance(code, int):
+                    sys.stderr.write(f"{code}\n")
+                    code = 1
+            except Exception:  # what the interpreter would do with an exception main() let out
+                traceback.print_exc()
+                code = 1
+            for stream in (sys.stdout, sys.stderr):
+                if not stream.closed:
+                    stream.flush()
+        finally:
+            os.chdir(saved_cwd)
+            for key in set(os.environ) - set(saved_env):
+                del os.environ[key]
+            os.environ.update(saved_env)
+            for handler in root.handlers:
+                if handler not in root_handlers:  # basicConfig's, on the stderr of this call
+                    handler.close()
+            root.handlers[:] = root_handlers
+            root.setLevel(root_level)
+            for handler, stream in redirected:
+                handler.stream = stream
+            restore_third_party()
+            torch.set_num_threads(saved_threads)
+            torch.set_rng_state(rng[0])
+            random.setstate(rng[1])
+            np.random.set_state(rng[2])
+            sys.stdout, sys.stderr = streams
+            os.dup2(saved_fds[0], 1)
+            os.dup2(saved_fds[1], 2)
+            for fd in saved_fds:
+                os.close(fd)
+        out_file.seek(0)
+        err_file.seek(0)
+        stdout = io.TextIOWrapper(io.BytesIO(out_file.read()), encoding=encoding).read()
+        stderr = io.TextIOWrapper(io.BytesIO(err_file.read()), encoding=encoding, errors="strict").read()
+    return subprocess.CompletedProcess(["llmprune", *argv], code if code is not None else 0, stdout, stderr)

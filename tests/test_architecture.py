@@ -111,3 +111,52 @@ def test_no_long_function_without_a_reason():
 @pytest.mark.parametrize("module", ["llmprune.checkpoint", "llmprune.options"])
 def test_the_shared_format_lives_in_the_root_package(module):
     assert module in MODULES
+
+
+def _policy_names() -> set[str]:
+    from llmprune.fedrecover.policies import POLICIES
+
+    return set(POLICIES)
+
+
+def _compared_constants(tree: ast.AST) -> list[tuple[int, str]]:
+    """String constants a comparison tests against (`x == "bandit"`, `x in ("plan", "bandit")`)."""
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Compare):
+            continue
+        for side in [node.left, *node.comparators]:
+            items = side.elts if isinstance(side, (ast.Tuple, ast.List, ast.Set)) else [side]
+            found += [(node.lineno, item.value) for item in items
+                      if isinstance(item, ast.Constant) and isinstance(item.value, str)]
+    return found
+
+
+def test_no_policy_name_is_compared_outside_the_policies_package():
+    """A policy is a plug-in: only fedrecover/policies/ may ask which policy is running (by name or
+    by isinstance of a policy class); everything else reads the hooks and declared attributes."""
+    names = _policy_names()
+    classes = {"PlanPolicy", "SubmodelPolicy", "BanditPolicy", "StagePolicy", "PruneTunePolicy", "PlanConfig",
+               "SubmodelConfig", "BanditConfig", "DevftConfig", "PruneTuneConfig"}
+    bad = []
+    for module, path in MODULES.items():
+        if module.startswith("llmprune.fedrecover.policies"):
+            continue
+        tree = ast.parse(path.read_text())
+        bad += [f"{module}:{line} compares {value!r}" for line, value in _compared_constants(tree) if value in names]
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
+                used = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)} if len(node.args) > 1 else set()
+                bad += [f"{module}:{node.lineno} tests isinstance of {c}" for c in used & classes]
+    assert not bad, "; ".join(bad)
+
+
+def test_every_policy_is_one_module_registered_by_one_line():
+    from llmprune.fedrecover.policies import POLICIES
+
+    registry = (ROOT / "fedrecover" / "policies" / "__init__.py").read_text()
+    for name, cls in POLICIES.items():
+        module = cls.__module__.rsplit(".", 1)[-1]
+        assert cls.__module__ == f"llmprune.fedrecover.policies.{module}", name
+        assert registry.count(f'_register("{module}")') == 1, name
+        assert (ROOT / "fedrecover" / "policies" / f"{module}.py").is_file()

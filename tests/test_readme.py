@@ -3,10 +3,7 @@ interpreter, from a working folder with ../shared beside it (as the README assum
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,20 +24,12 @@ def test_the_readme_has_python_examples_that_compile():
 
 
 @pytest.mark.integration
-def test_the_readme_python_examples_run_as_written(tmp_path, shared_data):
-    work = tmp_path / "work"
-    work.mkdir()
-    (tmp_path / "shared").symlink_to(shared_data.parent, target_is_directory=True)
-    script = work / "readme_examples.py"
-    script.write_text("\n\n".join(readme_python_blocks()), encoding="utf-8")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run = subprocess.run([sys.executable, str(script)], cwd=work, env=env, capture_output=True, text=True,
-                         timeout=1200)
-    assert run.returncode == 0, run.stderr[-4000:]
-    lines = run.stdout.splitlines()
+def test_the_readme_python_examples_run_as_written(readme_examples):
+    assert readme_examples.returncode == 0, readme_examples.stderr[-4000:]
+    lines = readme_examples.stdout.splitlines()
     perplexity, tokens = lines[0].split()
     assert 15 < float(perplexity) < 35 and tokens == "2048"  # the dense model on 4x512 windows: ~23.08
-    assert (work / "pruned" / "config.json").is_file()  # compress(out="pruned/") wrote the checkpoint
+    assert (readme_examples.work / "pruned" / "config.json").is_file()  # compress(out="pruned/") wrote it
     cuts = [line.split() for line in lines if line.startswith(("0.1 ", "0.3 "))]
     assert [c[0] for c in cuts] == ["0.1", "0.3"]
     assert abs(float(cuts[0][1]) - 0.1) < 0.02 and abs(float(cuts[1][1]) - 0.3) < 0.02

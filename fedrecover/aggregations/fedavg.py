@@ -4,8 +4,18 @@ from __future__ import annotations
 
 from llmprune.errors import LLMPruneError
 
-from .base import Aggregation, Arrays, ClientUpdate, all_modules, holders, mixed_rank_names, names_text, register, \
-    weighted_sum, weights
+from .base import (
+    Aggregation,
+    Arrays,
+    ClientUpdate,
+    all_modules,
+    holders,
+    mixed_rank_names,
+    names_text,
+    register,
+    weighted_sum,
+    weights,
+)
 
 
 def fedavg(updates: list[ClientUpdate], previous: Arrays, rank: int | None = None) -> Arrays:

@@ -17,8 +17,8 @@ from llmprune.arch import adapter_for
 from llmprune.errors import LLMPruneError
 from llmprune.options import non_negative_float, option
 
-from ..device_models import DeviceModel, DeviceModelKind, register_device_model
 from ..devft import Stage, build_stages, check_schedule_text, expand_lora, load_stage_model, parse_schedule, stage_of_rounds
+from ..device_models import DeviceModel, DeviceModelKind, register_device_model
 from ..fleet import Assignment
 from .base import Arrays, Policy, PolicyConfig
 

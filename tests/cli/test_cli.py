@@ -1,4 +1,8 @@
-"""The real `llmprune` console script, run as a subprocess."""
+"""The `llmprune` command line: run in-process through main(argv) (run_main: exit code, stdout and
+stderr as a subprocess would see them, without a new interpreter's imports per run), and as the real
+console script in a subprocess (run_cli) where a process is the point: the installed script, a
+bad-input error in a fresh interpreter, --debug's traceback, environment read at import, and the
+real model's main jobs."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import torch
 import llmprune
 from llmprune.testing import TINY_TEXT
 
-from ..conftest import run_cli
+from ..conftest import run_cli, run_main
 
 PARTS = ("embeddings", "attention", "mlp", "norms", "lm_head")
 
@@ -43,7 +47,7 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_info_json(checkpoint, tmp_path, arch):
-    result = run_cli("info", checkpoint(arch), "--json", cwd=tmp_path)
+    result = run_main("info", checkpoint(arch), "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)
     assert info["architecture"] == arch
@@ -56,7 +60,7 @@ def test_info_json(checkpoint, tmp_path, arch):
 
 
 def test_info_text(checkpoint, tmp_path):
-    result = run_cli("info", checkpoint("qwen3"), cwd=tmp_path)
+    result = run_main("info", checkpoint("qwen3"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "qwen3 (Qwen3ForCausalLM), 4 layers, hidden 64, vocab 320" in out
@@ -66,8 +70,8 @@ def test_info_text(checkpoint, tmp_path):
 
 def test_eval_json_matches_in_process_forward(checkpoint, data_file, tmp_path):
     folder = checkpoint("gemma3_text")
-    result = run_cli("eval", "--model", folder, "--data", data_file, "--seq-len", 32, "--max-windows", 3,
-                     "--json", cwd=tmp_path)
+    result = run_main("eval", "--model", folder, "--data", data_file, "--seq-len", 32, "--max-windows", 3,
+                      "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)  # stdout is exactly one JSON object
     for key in ("perplexity", "tokens", "seconds", "peak_rss_mb"):
@@ -83,8 +87,8 @@ def test_eval_json_matches_in_process_forward(checkpoint, data_file, tmp_path):
 
 
 def test_eval_text_output(checkpoint, data_file, tmp_path):
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", data_file, "--seq-len", 16,
-                     "--max-windows", 2, "--batch-size", 2, cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", data_file, "--seq-len", 16,
+                      "--max-windows", 2, "--batch-size", 2, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     line = result.stdout.strip()
     assert line.startswith("perplexity ")
@@ -95,8 +99,8 @@ def test_eval_text_output(checkpoint, data_file, tmp_path):
 def test_eval_self_data_offline_and_seeded(checkpoint, tmp_path):
     """`--data self`: the model's own seeded samples, so evaluation needs no data file."""
     folder = checkpoint("llama")
-    result = run_cli("eval", "--model", folder, "--data", "self", "--seed", 1, "--seq-len", 64, "--max-windows", 4,
-                     "--json", cwd=tmp_path)
+    result = run_main("eval", "--model", folder, "--data", "self", "--seed", 1, "--seq-len", 64, "--max-windows", 4,
+                      "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     model, tok = llmprune.load(folder)
@@ -107,6 +111,7 @@ def test_eval_self_data_offline_and_seeded(checkpoint, tmp_path):
 
 
 def test_version(tmp_path):
+    # A subprocess: the installed console script exists and runs.
     result = run_cli("--version", cwd=tmp_path)
     assert result.returncode == 0
     assert result.stdout.strip() == f"llmprune {llmprune.__version__}"
@@ -116,58 +121,59 @@ def test_version(tmp_path):
 
 
 def test_missing_model_path(tmp_path, data_file):
-    result = run_cli("eval", "--model", tmp_path / "no-such-model", "--data", data_file, cwd=tmp_path)
+    result = run_main("eval", "--model", tmp_path / "no-such-model", "--data", data_file, cwd=tmp_path)
     assert_one_line_error(result, "does not exist")
 
 
 def test_missing_model_path_info(tmp_path):
-    result = run_cli("info", "./no-such-model", cwd=tmp_path)
+    result = run_main("info", "./no-such-model", cwd=tmp_path)
     assert_one_line_error(result, "does not exist")
 
 
 def test_unknown_model_name(tmp_path, data_file):
+    # A subprocess: a bad input ends in one stderr line in a fresh interpreter too (its imports print nothing).
     result = run_cli("eval", "--model", "gemma-9", "--data", data_file, cwd=tmp_path)
     assert_one_line_error(result, "unknown model name 'gemma-9'", "gemma-3-270m")
 
 
 def test_unsupported_architecture(gpt2_checkpoint, data_file, tmp_path):
-    result = run_cli("eval", "--model", gpt2_checkpoint, "--data", data_file, cwd=tmp_path)
+    result = run_main("eval", "--model", gpt2_checkpoint, "--data", data_file, cwd=tmp_path)
     assert_one_line_error(result, "unsupported architecture 'gpt2'", "llama, mistral, qwen2, qwen3, gemma3_text")
 
 
 def test_unsupported_architecture_info(gpt2_checkpoint, tmp_path):
-    assert_one_line_error(run_cli("info", gpt2_checkpoint, cwd=tmp_path), "unsupported architecture 'gpt2'")
+    assert_one_line_error(run_main("info", gpt2_checkpoint, cwd=tmp_path), "unsupported architecture 'gpt2'")
 
 
 def test_empty_data_file(checkpoint, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("", encoding="utf-8")
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", empty, "--seq-len", 32, cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", empty, "--seq-len", 32, cwd=tmp_path)
     assert_one_line_error(result, "is empty")
 
 
 def test_missing_data_file(checkpoint, tmp_path):
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", tmp_path / "nope.txt", "--seq-len", 32,
-                     cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", tmp_path / "nope.txt", "--seq-len", 32,
+                      cwd=tmp_path)
     assert_one_line_error(result, "does not exist")
 
 
 def test_invalid_json_data(checkpoint, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"text": \n', encoding="utf-8")
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", bad, "--seq-len", 32, cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", bad, "--seq-len", 32, cwd=tmp_path)
     assert_one_line_error(result, "not valid JSON")
 
 
 def test_data_too_short(checkpoint, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Just a few words.", encoding="utf-8")
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", short, "--seq-len", 64, cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", short, "--seq-len", 64, cwd=tmp_path)
     assert_one_line_error(result, "data too short", "fewer than one window of 64")
 
 
 def test_seq_len_beyond_max_positions(checkpoint, data_file, tmp_path):
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", data_file, "--seq-len", 256, cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", data_file, "--seq-len", 256, cwd=tmp_path)
     assert_one_line_error(result, "--seq-len 256 is too long", "--seq-len 255 or less")
 
 
@@ -179,25 +185,26 @@ def test_seq_len_beyond_max_positions(checkpoint, data_file, tmp_path):
     ("--dtype", "int3", "invalid choice"),
 ])
 def test_bad_flag_values(checkpoint, data_file, tmp_path, flag, value, fragment):
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", data_file, flag, value, cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", data_file, flag, value, cwd=tmp_path)
     assert_one_line_error(result, f"argument {flag}", fragment)
 
 
 def test_missing_required_flag(tmp_path):
-    assert_one_line_error(run_cli("eval", cwd=tmp_path), "--data")
+    assert_one_line_error(run_main("eval", cwd=tmp_path), "--data")
 
 
 def test_unknown_command(tmp_path):
-    assert_one_line_error(run_cli("squash", cwd=tmp_path), "invalid choice")
+    assert_one_line_error(run_main("squash", cwd=tmp_path), "invalid choice")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is not None, reason="lm_eval is installed here")
 def test_tasks_without_lm_eval(checkpoint, data_file, tmp_path):
-    result = run_cli("eval", "--model", checkpoint("llama"), "--data", data_file, "--tasks", "hellaswag", cwd=tmp_path)
+    result = run_main("eval", "--model", checkpoint("llama"), "--data", data_file, "--tasks", "hellaswag", cwd=tmp_path)
     assert_one_line_error(result, "lm-evaluation-harness", "pip install 'llmprune[eval]'")
 
 
 def test_debug_shows_the_traceback(tmp_path, data_file):
+    # A subprocess: the traceback is the interpreter's, printed for an exception main() lets out.
     result = run_cli("--debug", "eval", "--model", "gemma-9", "--data", data_file, cwd=tmp_path)
     assert result.returncode != 0
     assert "Traceback" in result.stderr
@@ -217,6 +224,7 @@ def test_relative_path_typo_is_one_line_and_quick(tmp_path, data_file):
     first component of a one-slash spec exists locally as a folder."""
     import time
 
+    # A subprocess: huggingface_hub reads HF_ENDPOINT and the offline switches when imported.
     (tmp_path / "out").mkdir()
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "TRANSFORMERS_OFFLINE": "0"}
     start = time.monotonic()
@@ -231,6 +239,7 @@ def test_relative_path_typo_is_one_line_and_quick(tmp_path, data_file):
 
 @pytest.mark.integration
 def test_info_gemma(tmp_path):
+    # A subprocess: `llmprune info` of the default model, end to end as a user runs it.
     result = run_cli("info", "gemma-3-270m", "--json", cwd=tmp_path, threads=None)
     assert result.returncode == 0, result.stderr
     info = json.loads(result.stdout)

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from llmprune.compress.budget import (
-    choose_drop, error_allocation, head_params, heads_to_keep, layer_params, make_plan, max_droppable, neuron_counts,
+    choose_drop,
+    error_allocation,
+    head_params,
+    heads_to_keep,
+    layer_params,
+    make_plan,
+    max_droppable,
+    neuron_counts,
     neuron_params,
 )
 from llmprune.errors import LLMPruneError

@@ -12,7 +12,6 @@ from llmprune.testing import tiny_model
 
 from .conftest import ARCHS
 
-
 # --- block influence on hand-built cases -----------------------------------------------------------
 
 def test_block_influence_identical_is_zero():

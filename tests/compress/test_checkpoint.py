@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmprune
-from llmprune.compress import compress
 from llmprune.checkpoint import MODELING_FILE, REPORT_FILE, atomic_output_dir, check_output_dir, save_pruned
+from llmprune.compress import compress
 from llmprune.errors import LLMPruneError
 from llmprune.testing import tiny_model
 
@@ -110,7 +110,8 @@ def test_a_pruned_model_can_be_pruned_again(tok, calib_texts, small_config, toke
     spec = json.loads((second / "config.json").read_text())["llmprune"]
     assert spec["layer_map"] == expected_map
     assert spec["original_num_hidden_layers"] == 4
-    assert json.loads((second / "config.json").read_text())["layer_types"] == [original.config.layer_types[i] for i in expected_map]
+    assert (json.loads((second / "config.json").read_text())["layer_types"]
+            == [original.config.layer_types[i] for i in expected_map])
     reloaded = llmprune.load_model(second)
     remote = AutoModelForCausalLM.from_pretrained(second, trust_remote_code=True).eval()
     torch.testing.assert_close(logits(reloaded, token_ids), logits(r2.model, token_ids), rtol=0, atol=1e-5)

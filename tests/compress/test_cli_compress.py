@@ -1,4 +1,6 @@
-"""`llmprune compress` through the real console script (subprocesses)."""
+"""`llmprune compress` through its command line: in-process through main(argv) (run_main: exit code,
+stdout and stderr as a subprocess would see them), and the main job once through the real console
+script (a subprocess)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import pytest
 import torch
 
 import llmprune
+
+from ..conftest import run_main
 
 
 def assert_one_line_error(result, *fragments, progress: bool = False):
@@ -40,6 +44,7 @@ def leftovers(folder) -> list[str]:
 
 def test_compress_json_then_eval(llmprune_cli, tiny_ckpt, calib_file, tmp_path, token_ids):
     out = tmp_path / "pruned"
+    # A subprocess: the main job end to end through the installed console script (then eval in-process).
     result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.3", "--out", out, "--calib", calib_file,
                           "--calib-samples", "4", "--calib-seq-len", "32", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -53,8 +58,8 @@ def test_compress_json_then_eval(llmprune_cli, tiny_ckpt, calib_file, tmp_path, 
     assert [l.mlp.down_proj.in_features for l in model.model.layers] == [
         r["neurons_after"] for r in report["layers"] if not r["dropped"]]
 
-    evaluated = llmprune_cli("eval", "--model", out, "--data", calib_file, "--seq-len", "32", "--max-windows", "2",
-                             "--json", cwd=tmp_path)
+    evaluated = run_main("eval", "--model", out, "--data", calib_file, "--seq-len", "32", "--max-windows", "2",
+                         "--json", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     ppl = json.loads(evaluated.stdout)
     assert ppl["windows"] == 2 and ppl["tokens"] == 64
@@ -67,53 +72,53 @@ def test_compress_json_then_eval(llmprune_cli, tiny_ckpt, calib_file, tmp_path, 
     assert ppl["perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-4)
 
 
-def test_existing_out_without_overwrite_is_refused_and_untouched(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_existing_out_without_overwrite_is_refused_and_untouched(tiny_ckpt, calib_file, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
-                          "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                      "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert_one_line_error(result, "not empty", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert (out / "keep.txt").read_text() == "precious"
     assert leftovers(out) == []
 
 
-def test_failing_run_leaves_no_output(llmprune_cli, tiny_ckpt, tmp_path):
+def test_failing_run_leaves_no_output(tiny_ckpt, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("A few words only. " * 5)
     out = tmp_path / "never"
-    result = llmprune_cli("compress", "--model", tiny_ckpt("qwen2"), "--ratio", "0.2", "--out", out, "--calib", short,
-                          "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("qwen2"), "--ratio", "0.2", "--out", out, "--calib", short,
+                      "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert_one_line_error(result, "too little calibration text", "4×32")
     assert not out.exists()
     assert leftovers(out) == []
 
 
-def test_failing_run_with_overwrite_keeps_the_old_folder(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_failing_run_with_overwrite_keeps_the_old_folder(tiny_ckpt, calib_file, tmp_path):
     out = tmp_path / "old"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     (out / "pruning_report.json").write_text("{}")  # an earlier compress output: --overwrite may replace it
-    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.8", "--method", "wanda-sp", "--out", out,
-                          "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32", "--overwrite", cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.8", "--method", "wanda-sp", "--out", out,
+                      "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32", "--overwrite", cwd=tmp_path)
     assert_one_line_error(result, "no MLP neuron", progress=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "pruning_report.json"]
     assert leftovers(out) == []
 
 
-def test_unsupported_architecture_exits_2(llmprune_cli, gpt2_ckpt, calib_file, tmp_path):
+def test_unsupported_architecture_exits_2(gpt2_ckpt, calib_file, tmp_path):
     out = tmp_path / "gpt2-pruned"
-    result = llmprune_cli("compress", "--model", gpt2_ckpt, "--ratio", "0.2", "--out", out, "--calib", calib_file,
-                          "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    result = run_main("compress", "--model", gpt2_ckpt, "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                      "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert_one_line_error(result, "unsupported architecture 'gpt2'")
     assert not out.exists() and leftovers(out) == []
 
 
-def test_ratio_outside_zero_one_exits_2(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_ratio_outside_zero_one_exits_2(tiny_ckpt, calib_file, tmp_path):
     out = tmp_path / "out"
-    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "1.5", "--out", out, "--calib", calib_file,
-                          cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "1.5", "--out", out, "--calib", calib_file,
+                      cwd=tmp_path)
     assert_one_line_error(result, "--ratio must be between 0 and 1")
     assert not out.exists()
 
@@ -160,10 +165,10 @@ def test_the_api_samples_what_the_cli_samples_for_self(monkeypatch, tok):
     assert asked["self_tokens"] == (16 + 4) * 256
 
 
-def test_taylor_with_low_memory_is_refused_before_any_work(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_taylor_with_low_memory_is_refused_before_any_work(tiny_ckpt, calib_file, tmp_path):
     out = tmp_path / "out"
-    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
-                          "--method", "taylor", "--low-memory", cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                      "--method", "taylor", "--low-memory", cwd=tmp_path)
     assert_one_line_error(result, "--method taylor has no --low-memory path", "drop --low-memory")
     assert not out.exists() and leftovers(out) == []
 
@@ -208,13 +213,13 @@ def _bad_out(tmp_path, case):
     ("seq-len", True, ["--calib-seq-len 5000 is longer than the model's 256 positions", "pass --calib-seq-len 255 or less"]),
     ("seq-len-edge", False, ["--calib-seq-len 256 is longer", "pass --calib-seq-len 255 or less"]),
 ])
-def test_hostile_inputs_are_refused_before_any_work(llmprune_cli, tiny_ckpt, calib_file, tmp_path, case, fragments,
+def test_hostile_inputs_are_refused_before_any_work(tiny_ckpt, calib_file, tmp_path, case, fragments,
                                                     low_memory):
     out, flags = _bad_out(tmp_path, case)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     argv = ["compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
             "--calib-samples", "4", *(["--calib-seq-len", "32"] if "--calib-seq-len" not in flags else []), *flags]
-    result = llmprune_cli(*argv, *(["--low-memory"] if low_memory else []), cwd=tmp_path)
+    result = run_main(*argv, *(["--low-memory"] if low_memory else []), cwd=tmp_path)
     assert_one_line_error(result, *fragments)  # one line: no progress log, so no work was done
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing written or deleted
 
@@ -237,26 +242,26 @@ def small_disk(tmp_path):
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
-def test_disk_full_while_writing_is_one_line_and_leaves_nothing(llmprune_cli, tiny_ckpt, calib_file, small_disk,
+def test_disk_full_while_writing_is_one_line_and_leaves_nothing(tiny_ckpt, calib_file, small_disk,
                                                                 tmp_path, low_memory):
     out = small_disk / "pruned"
-    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
-                          "--calib-samples", "4", "--calib-seq-len", "32", *(["--low-memory"] if low_memory else []),
-                          cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                      "--calib-samples", "4", "--calib-seq-len", "32", *(["--low-memory"] if low_memory else []),
+                      cwd=tmp_path)
     assert_one_line_error(result, f"no space left on the device while writing --out '{out}'", "nothing was written",
                           "free disk space", progress=True)
     assert list(small_disk.iterdir()) == []
 
 
-def test_a_read_only_out_is_refused_before_any_work(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_a_read_only_out_is_refused_before_any_work(tiny_ckpt, calib_file, tmp_path):
     ro = tmp_path / "ro"
     ro.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=100k", "tmpfs", str(ro)], capture_output=True)
     if done.returncode != 0:
         pytest.skip("cannot mount a read-only tmpfs here (needs root)")
     try:
-        result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", ro / "pruned",
-                              "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+        result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", ro / "pruned",
+                          "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
         assert_one_line_error(result, "cannot be written", "Read-only file system", "choose a writable folder")
     finally:
         subprocess.run(["umount", str(ro)], check=False)
@@ -272,7 +277,7 @@ with atomic_output_dir(sys.argv[1]) as tmp:
 """
 
 
-def test_compress_removes_what_a_killed_run_left(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_compress_removes_what_a_killed_run_left(tiny_ckpt, calib_file, tmp_path):
     """A run killed with SIGKILL (no cleanup possible) leaves '.NAME.tmp-PID-*'; the next run of
     the same --out removes it."""
     out = tmp_path / "pruned"
@@ -281,35 +286,35 @@ def test_compress_removes_what_a_killed_run_left(llmprune_cli, tiny_ckpt, calib_
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     assert left.is_dir() and leftovers(out) == [left.name]
-    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
-                          "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib", calib_file,
+                      "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert leftovers(out) == [] and (out / "pruning_report.json").is_file()
 
 
-def test_compress_overwrites_its_own_earlier_output(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_compress_overwrites_its_own_earlier_output(tiny_ckpt, calib_file, tmp_path):
     out = tmp_path / "pruned"
     for ratio in ("0.2", "0.3"):
-        result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", ratio, "--out", out, "--calib",
-                              calib_file, "--calib-samples", "4", "--calib-seq-len", "32", "--overwrite", cwd=tmp_path)
+        result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", ratio, "--out", out, "--calib",
+                          calib_file, "--calib-samples", "4", "--calib-seq-len", "32", "--overwrite", cwd=tmp_path)
         assert result.returncode == 0, result.stderr
         assert json.loads((out / "pruning_report.json").read_text())["ratio_requested"] == float(ratio)
     assert leftovers(out) == []
 
 
-def test_a_tampered_modeling_file_is_refused(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_a_tampered_modeling_file_is_refused(tiny_ckpt, calib_file, tmp_path):
     import shutil
 
     src = tmp_path / "pruned"
-    result = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", src, "--calib", calib_file,
-                          "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", src, "--calib", calib_file,
+                      "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     tampered = shutil.copytree(src, tmp_path / "tampered")
     with (tampered / "modeling_llmprune.py").open("a") as f:
         f.write("\nimport os\n")
     for flags in ([], ["--low-memory"]):
-        result = llmprune_cli("compress", "--model", tampered, "--ratio", "0.2", "--out", tmp_path / "again", "--calib",
-                              calib_file, "--calib-samples", "4", "--calib-seq-len", "32", *flags, cwd=tmp_path)
+        result = run_main("compress", "--model", tampered, "--ratio", "0.2", "--out", tmp_path / "again", "--calib",
+                          calib_file, "--calib-samples", "4", "--calib-seq-len", "32", *flags, cwd=tmp_path)
         assert_one_line_error(result, "modeling_llmprune.py' is not the modeling file llmprune writes",
                               "never load this folder with trust_remote_code=True")
         assert not (tmp_path / "again").exists()

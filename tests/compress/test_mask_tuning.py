@@ -10,7 +10,6 @@ from torch import nn
 from llmprune.compress.calibration import GramCollector, collect_grams
 from llmprune.compress.mask_tuning import fit_output_projection
 
-
 stats_of = GramCollector.of
 
 

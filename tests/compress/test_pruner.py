@@ -46,7 +46,8 @@ RATIO_CASES = [
 ]
 
 
-@pytest.mark.parametrize("arch,method,ratio,extra", RATIO_CASES, ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(v) or "default")
+@pytest.mark.parametrize("arch,method,ratio,extra", RATIO_CASES,
+                         ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(v) or "default")
 def test_ratio_achieved_and_params_after_are_exact(arch, method, ratio, extra, tok, calib_texts, small_config, token_ids):
     model = tiny_model(arch)
     before_decoder, before_total = decoder_params(model), unique_params(model)

@@ -11,7 +11,6 @@ from llmprune.compress.calibration import GramCollector
 from llmprune.compress.mask_tuning import fit_output_projection
 from llmprune.compress.selection import condition_number, pivot_order, select_neurons, top_k, weighted_gram
 
-
 stats_of = GramCollector.of
 
 

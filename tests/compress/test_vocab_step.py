@@ -14,6 +14,7 @@ import llmprune
 from llmprune.compress import CompressConfig, compress
 from llmprune.compress.vocab import VOCAB_FILE
 
+from ..conftest import run_main
 from .conftest import ARCHS, SMALL, state_dict_equal
 from .test_cli_compress import assert_one_line_error, leftovers
 
@@ -105,10 +106,10 @@ def test_the_same_inputs_give_the_same_vocabulary(tiny_ckpt, tmp_path, calib_tex
     assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
 
 
-def test_the_cli_prunes_the_vocabulary_and_reports_it(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_the_cli_prunes_the_vocabulary_and_reports_it(tiny_ckpt, calib_file, tmp_path):
     out = tmp_path / "v"
-    run = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0", "--vocab", "0.9", "--calib",
-                       calib_file, "--out", out, "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    run = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0", "--vocab", "0.9", "--calib",
+                   calib_file, "--out", out, "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     assert "vocabulary:" in run.stdout and "ids kept, covering" in run.stdout
     report = json.loads((out / "pruning_report.json").read_text())
@@ -128,26 +129,26 @@ def test_the_cli_prunes_the_vocabulary_and_reports_it(llmprune_cli, tiny_ckpt, c
     (["--ratio", "0.01", "--of", "total", "--vocab", "260"], ["alone removes", "--of total"]),
     (["--ratio", "0.2", "--of", "everything"], ["everything"]),
 ])
-def test_bad_vocabulary_flags_are_refused_in_one_line(flags, fragments, llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_bad_vocabulary_flags_are_refused_in_one_line(flags, fragments, tiny_ckpt, calib_file, tmp_path):
     out = tmp_path / "out"
-    run = llmprune_cli("compress", "--model", tiny_ckpt("llama"), *flags, "--calib", calib_file, "--out", out,
-                       "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    run = run_main("compress", "--model", tiny_ckpt("llama"), *flags, "--calib", calib_file, "--out", out,
+                   "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert_one_line_error(run, *fragments, progress=True)
     assert not out.exists() and leftovers(out) == []
 
 
-def test_too_little_ranking_text_is_refused(llmprune_cli, tiny_ckpt, calib_file, tmp_path):
+def test_too_little_ranking_text_is_refused(tiny_ckpt, calib_file, tmp_path):
     small = tmp_path / "small.txt"
     small.write_text("a few words only.")
     out = tmp_path / "out"
-    run = llmprune_cli("compress", "--model", tiny_ckpt("llama"), "--ratio", "0", "--vocab", "300", "--vocab-data",
-                       small, "--calib", calib_file, "--out", out, "--calib-samples", "4", "--calib-seq-len", "32",
-                       cwd=tmp_path)
+    run = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0", "--vocab", "300", "--vocab-data",
+                   small, "--calib", calib_file, "--out", out, "--calib-samples", "4", "--calib-seq-len", "32",
+                   cwd=tmp_path)
     assert_one_line_error(run, "too few to rank tokens", "--vocab-data", progress=True)
     assert not out.exists()
 
 
-def test_an_unsupported_tokenizer_is_refused(llmprune_cli, tmp_path, calib_file):
+def test_an_unsupported_tokenizer_is_refused(tmp_path, calib_file):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -160,8 +161,8 @@ def test_an_unsupported_tokenizer_is_refused(llmprune_cli, tmp_path, calib_file)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         (folder / name).unlink(missing_ok=True)
     PreTrainedTokenizerFast(tokenizer_object=wordpiece, unk_token="[UNK]").save_pretrained(folder)
-    run = llmprune_cli("compress", "--model", folder, "--ratio", "0", "--vocab", "20", "--calib", calib_file,
-                       "--out", tmp_path / "out", "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    run = run_main("compress", "--model", folder, "--ratio", "0", "--vocab", "20", "--calib", calib_file,
+                   "--out", tmp_path / "out", "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert_one_line_error(run, "supports SentencePiece-BPE", progress=True)
 
 

@@ -1,5 +1,7 @@
-"""`llmprune export` and `llmprune generate` through the real console script (subprocesses), and
-their bad-input errors (one line, exit 2, nothing written)."""
+"""`llmprune export` and `llmprune generate` through their command line, and their bad-input errors
+(one line, exit 2, nothing written). The export and an ONNX generate run the real console script (a
+subprocess each); the other runs are in-process through main(argv) (run_main: exit code, stdout and
+stderr as a subprocess would see them)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import json
 import pytest
 
 from ..cli.test_cli import assert_one_line_error
-from ..conftest import run_cli
+from ..conftest import run_cli, run_main
 
 PROMPT = "The quick brown fox"
 
@@ -17,6 +19,7 @@ PROMPT = "The quick brown fox"
 def cli_export(pruned_checkpoint, tmp_path_factory):
     """`llmprune export --quantize int4 --ort --genai --json` of a pruned checkpoint folder."""
     out = tmp_path_factory.mktemp("cli-export") / "onnx"
+    # A subprocess: the main job end to end through the installed console script.
     result = run_cli("export", "--model", pruned_checkpoint, "--out", out, "--quantize", "int4", "--ort", "--genai", "--json",
                      "--eval-windows", "2", "--eval-seq-len", "32", cwd=out.parent, env={"OMP_NUM_THREADS": "1"})
     return result, out
@@ -39,8 +42,9 @@ def test_export_cli_writes_checked_folder(cli_export):
 
 def test_generate_onnx_equals_pytorch(cli_export, pruned_checkpoint, tmp_path):
     _, out = cli_export
+    # A subprocess: generate from an export as a user runs it (onnxruntime in a fresh process); PyTorch in-process.
     onnx = run_cli("generate", "--onnx", out, "--prompt", PROMPT, "--max-new-tokens", "16", "--threads", "1", cwd=tmp_path)
-    torch_run = run_cli("generate", "--model", pruned_checkpoint, "--prompt", PROMPT, "--max-new-tokens", "16", cwd=tmp_path)
+    torch_run = run_main("generate", "--model", pruned_checkpoint, "--prompt", PROMPT, "--max-new-tokens", "16", cwd=tmp_path)
     assert onnx.returncode == 0, onnx.stderr
     assert torch_run.returncode == 0, torch_run.stderr
     assert onnx.stdout.startswith(PROMPT) and len(onnx.stdout.strip()) > len(PROMPT)
@@ -50,8 +54,8 @@ def test_generate_onnx_equals_pytorch(cli_export, pruned_checkpoint, tmp_path):
 
 def test_generate_quantized_and_ort_format(cli_export, tmp_path):
     _, out = cli_export
-    result = run_cli("generate", "--onnx", out / "int4", "--prompt", PROMPT, "--max-new-tokens", "8", "--ort-format",
-                     "--threads", "1", cwd=tmp_path)
+    result = run_main("generate", "--onnx", out / "int4", "--prompt", PROMPT, "--max-new-tokens", "8", "--ort-format",
+                      "--threads", "1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(PROMPT) and result.stderr.strip().split()[0] in {str(n) for n in range(1, 9)}
 
@@ -59,8 +63,8 @@ def test_generate_quantized_and_ort_format(cli_export, tmp_path):
 def test_generate_genai_equals_onnxruntime(cli_export, tmp_path):
     pytest.importorskip("onnxruntime_genai")
     _, out = cli_export
-    runs = [run_cli("generate", "--onnx", out / "int4", "--prompt", PROMPT, "--max-new-tokens", "12", "--threads", "1", *extra,
-                    cwd=tmp_path) for extra in ([], ["--genai"])]
+    runs = [run_main("generate", "--onnx", out / "int4", "--prompt", PROMPT, "--max-new-tokens", "12", "--threads", "1", *extra,
+                     cwd=tmp_path) for extra in ([], ["--genai"])]
     for r in runs:
         assert r.returncode == 0, r.stderr
     assert runs[1].stdout == runs[0].stdout  # BOS first in both: the same greedy continuation

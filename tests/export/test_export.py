@@ -30,7 +30,8 @@ def test_pruned_export_matches_pytorch(arch, pruned_export):
     assert fp32["logits"]["max_abs_logit_diff_kv_cache"] < 1e-4
     assert fp32["generation"]["all_equal"] and len(fp32["generation"]["prompts"]) == 3
     assert all(len(r["onnx"]) == 32 or r["onnx"][-1] == model.config.eos_token_id for r in fp32["generation"]["prompts"])
-    assert json.loads((out / REPORT_FILE).read_text())["variants"]["fp32"]["sizes"]["onnx_bytes"] == (out / "model.onnx").stat().st_size
+    assert (json.loads((out / REPORT_FILE).read_text())["variants"]["fp32"]["sizes"]["onnx_bytes"]
+            == (out / "model.onnx").stat().st_size)
 
     # The pruned shapes are in the graph as they are: 3 layers of KV cache, each layer's MLP width
     # and query-head count.
@@ -86,13 +87,15 @@ def test_int4_ort_genai(pruned_export, tok):
     proto = onnx.load(str(out / "int4" / "model.onnx"))
     ops = {n.op_type for n in proto.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
-    floats = [tuple(i.dims) for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 320 * 64]
+    floats = [tuple(i.dims) for i in proto.graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT and np.prod(i.dims) >= 320 * 64]
     assert floats == []
     # The tied table is stored once in 4 bits too: the lookup reads the LM head's MatMulNBits weight.
     gather = next(n for n in proto.graph.node if n.op_type == "GatherBlockQuantized")
     matmul_weights = {n.input[1] for n in proto.graph.node if n.op_type == "MatMulNBits"}
     assert gather.input[0] in matmul_weights and q["quantization"]["tied_table_shared"] == 1
-    tables = [i.name for i in proto.graph.initializer if 320 in i.dims and i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT4)]
+    tables = [i.name for i in proto.graph.initializer
+              if 320 in i.dims and i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.INT4)]
     assert len(tables) == 1, tables
     assert q["sizes"]["onnx_bytes"] < 0.5 * report["variants"]["fp32"]["sizes"]["onnx_bytes"]
     assert q["size_vs_fp32"] == pytest.approx(q["sizes"]["onnx_bytes"] / report["variants"]["fp32"]["sizes"]["onnx_bytes"])
@@ -180,7 +183,8 @@ def test_int8_and_int4_side_by_side(pruned_export):
         assert abs(variants[mode]["perplexity"]["change"]) < 0.2
     assert not (result.path / "int8" / "int4").exists()
     q = variants["int4"]["quantization"]
-    assert q["table_bits"] == 8 and q["layer_bits"] == 4 and q["lm_head"]  # untied (llama): the LM head found, 8-bit; own 8-bit lookup table
+    # untied (llama): the LM head found, 8-bit; own 8-bit lookup table
+    assert q["table_bits"] == 8 and q["layer_bits"] == 4 and q["lm_head"]
     proto = onnx.load(str(result.path / "int4" / "model.onnx"))
     bits = sorted({next(a.i for a in n.attribute if a.name == "bits") for n in proto.graph.node if n.op_type == "MatMulNBits"})
     assert bits == [4, 8]
@@ -239,7 +243,8 @@ def test_external_data_layout_loads_and_quantizes(pruned_export, tmp_path):
     ids = np.array([[1, 40, 41, 42, 43, 44, 45]])
     want = OnnxCausalLM(result.path, threads=1).forward(ids)[0]
     assert np.abs(OnnxCausalLM(folder, threads=1).forward(ids)[0] - want).max() < 1e-6
-    got = ORTModelForCausalLM.from_pretrained(folder)(input_ids=torch.tensor(ids), attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
+    got = ORTModelForCausalLM.from_pretrained(folder)(input_ids=torch.tensor(ids),
+                                                      attention_mask=torch.ones(ids.shape, dtype=torch.long)).logits
     assert np.abs(got.numpy() - want).max() < 1e-5
     quantize_int4(folder / "model.onnx", tmp_path / "int4.onnx")
     assert np.abs(OnnxCausalLM(tmp_path / "int4.onnx", threads=1).forward(ids)[0] - want).max() < 0.5 * np.abs(want).max()

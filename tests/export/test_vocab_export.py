@@ -49,8 +49,7 @@ def trimmed_checkpoint(folder: Path, arch: str) -> Path:
     tokenizer rebuilt over the kept ids, config / generation ids remapped, vocabulary.json."""
     import llmprune
     from llmprune.checkpoint import save_pruned
-    from llmprune.compress.vocab import (VOCAB_FILE, rebuild_tokenizer, save_vocabulary_map, select_vocabulary,
-                                         slice_vocabulary)
+    from llmprune.compress.vocab import VOCAB_FILE, rebuild_tokenizer, save_vocabulary_map, select_vocabulary, slice_vocabulary
 
     dense = folder.parent / f"{folder.name}-dense"
     tiny_model(arch, vocab_size=ORIGINAL, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS).save_pretrained(dense)

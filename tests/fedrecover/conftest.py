@@ -4,6 +4,7 @@ shared by several tests (each run costs 10-20 s, mostly ray's start-up)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +34,19 @@ def tok():
 @pytest.fixture(scope="session")
 def pruned_ckpt(tmp_path_factory) -> Path:
     """A tiny llama pruned by compress: 3 of 4 layers left, half the query heads, per-layer MLP widths."""
+    import torch
+
     from llmprune.compress import CompressConfig, compress
 
     out = tmp_path_factory.mktemp("fedrecover") / "pruned"
     cfg = CompressConfig(ratio=0.4, layer_share=0.7, prune_heads=True, head_ratio=0.5, intercept=True,
                          calib_samples=4, calib_seq_len=32, loss_windows=2)
-    compress(tiny_model("llama"), cfg, tokenizer=tiny_tokenizer(), calib=[varied_text(4000, seed=1)], out=out)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)        # the checkpoint scripts/pin_recover.py pinned (recover_pins.json)
+    try:
+        compress(tiny_model("llama"), cfg, tokenizer=tiny_tokenizer(), calib=[varied_text(4000, seed=1)], out=out)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -51,16 +59,16 @@ def text_file(tmp_path_factory) -> Path:
 
 def run_recover(model_dir, data, out, **overrides):
     """`recover()` with the small settings (overrides win; flag names, `policy` by name)."""
-    from llmprune.fedrecover import RecoverConfig, recover
-
     import torch
 
-    resume = overrides.pop("resume", False)
+    from llmprune.fedrecover import RecoverConfig, recover
+
+    resume, overwrite = overrides.pop("resume", False), overrides.pop("overwrite", False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # the server's own maths (evaluation, pruning steps) the same in every fixture and test
     try:
         return recover(model_dir, [str(d) for d in data], RecoverConfig.of(**{**SMALL, **overrides}), out,
-                       resume=resume)
+                       resume=resume, overwrite=overwrite)
     finally:
         torch.set_num_threads(threads)
 
@@ -71,3 +79,72 @@ def basic_run(pruned_ckpt, text_file, tmp_path_factory):
     end-to-end run, and the reference of the resume test."""
     out = tmp_path_factory.mktemp("basic") / "recovered"
     return run_recover(pruned_ckpt, [text_file], out, **BASIC)
+
+
+def cut_back_to(out, done: int) -> None:
+    """The round checkpoint as a run interrupted after round `done` leaves it (what came after is gone)."""
+    import shutil
+
+    from llmprune.fedrecover import state_dir_for
+
+    state = state_dir_for(out)
+    meta = json.loads((state / "state.json").read_text())
+    meta["round"], meta["rounds"] = done, meta["rounds"][:done]
+    (state / "state.json").write_text(json.dumps(meta))
+    for path in state.iterdir():
+        number = path.name.removeprefix("round-").removeprefix("pruned-r").split(".")[0]
+        if number.isdigit() and int(number) > done:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    shutil.rmtree(out)
+
+
+def assert_resumed_equal(ref, got) -> None:
+    from safetensors.numpy import load_file
+
+    from llmprune.fedrecover import state_dir_for
+
+    keys = ("round", "train_loss", "eval_perplexity", "bytes_up", "bytes_down")
+    assert [{k: r[k] for k in keys} for r in got.metrics["rounds"]] == [{k: r[k] for k in keys} for r in ref.metrics["rounds"]]
+    last = len(ref.metrics["rounds"])
+    a = load_file(str(state_dir_for(ref.out) / f"round-{last:03d}.safetensors"))
+    b = load_file(str(state_dir_for(got.out) / f"round-{last:03d}.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def copy_run(ref, out) -> None:
+    """A copy of a finished run's output and rounds at `out` (to cut back and resume)."""
+    import shutil
+
+    from llmprune.fedrecover import state_dir_for
+
+    shutil.copytree(state_dir_for(ref.out), state_dir_for(out))
+    shutil.copytree(ref.out, out)
+
+
+def assert_pinned(run, case: str) -> None:
+    """The run's final adapter and merged model are bit for bit those scripts/pin_recover.py recorded
+    for `case` before fedrecover's reshaping (tests/fedrecover/recover_pins.json): the same settings,
+    the same seed, the same result."""
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    from llmprune.fedrecover import state_dir_for
+
+    def sha(arrays) -> str:
+        h = hashlib.sha256()
+        for k in sorted(arrays):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(arrays[k]).tobytes())
+        return h.hexdigest()[:16]
+
+    pins = json.loads((Path(__file__).with_name("recover_pins.json")).read_text())[case]
+    last = len(run.metrics["rounds"])
+    weights = {}
+    for path in sorted(Path(run.out).glob("*.safetensors")):
+        weights.update(load_file(str(path)))
+    assert sha(load_file(str(state_dir_for(run.out) / f"round-{last:03d}.safetensors"))) == pins["adapter"], case
+    assert sha(weights) == pins["merged"], case
+    assert [r["eval_perplexity"] for r in run.metrics["rounds"]] == [r["eval_perplexity"] for r in pins["rounds"]]

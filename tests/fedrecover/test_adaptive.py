@@ -14,6 +14,8 @@ from llmprune.fedrecover import RecoverConfig
 from llmprune.fedrecover.fleet import Device, submodel_memory_mb, unit_costs
 from llmprune.fedrecover.policies.bandit import admitted_arms, arm_units
 
+from .conftest import assert_resumed_equal, copy_run, cut_back_to
+
 LEAN = dict(client_dtype="bfloat16", client_embedding="int8")
 
 
@@ -85,7 +87,7 @@ def test_bad_adaptive_options(kwargs, message):
 
 
 # ---------------------------------------------------------------- the bandit in a simulation
-BANDIT = dict(clients=3, rounds=3, aggregation="hetlora", policy="bandit", arm_sizes="0.34,1",
+BANDIT = dict(clients=3, rounds=2, aggregation="hetlora", policy="bandit", arm_sizes="0.34,1",
               arm_ranks="1,4", emulate_speed=True, **LEAN)
 
 
@@ -138,58 +140,26 @@ def test_an_emulated_device_sleeps_for_its_speed_and_fails_past_its_true_memory(
 
 def test_the_bandit_state_is_saved_with_the_round_and_resume_continues_it(bandit_run, pruned_ckpt, text_file,
                                                                           tmp_path):
-    import shutil
-
+    """The 2-round run's saved bandits, continued by --resume for a third round (on a copy)."""
     from llmprune.fedrecover import state_dir_for
 
     from .conftest import run_recover
 
     ref, fleet, _ = bandit_run
-    saved = json.loads((state_dir_for(ref.out) / "state.json").read_text())["policy"]
-    assert saved["scale"] > 0 and set(saved["bandits"]) == {"0", "1", "2"}
-    assert all(sum(b["plays"]) == 3 for b in saved["bandits"].values())     # 3 rounds, every device sampled
+    two = json.loads((state_dir_for(ref.out) / "state.json").read_text())
+    assert two["policy"]["scale"] > 0 and set(two["policy"]["bandits"]) == {"0", "1", "2"}
+    assert all(sum(b["plays"]) == 2 for b in two["policy"]["bandits"].values())   # 2 rounds, every device sampled
     out = tmp_path / "recovered"
-    run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **{**BANDIT, "rounds": 2})
-    two = json.loads((state_dir_for(out) / "state.json").read_text())["policy"]
-    shutil.rmtree(out)
-    got = run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **BANDIT, resume=True)
-    three = json.loads((state_dir_for(out) / "state.json").read_text())["policy"]
+    copy_run(ref, out)
+    got = run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **{**BANDIT, "rounds": 3}, resume=True,
+                      overwrite=True)
+    three = json.loads((state_dir_for(out) / "state.json").read_text())
     assert len(got.metrics["rounds"]) == 3
     # round 3 continued the saved bandits: each device has one more play than after round 2, not one in total
-    for key in two["bandits"]:
-        assert sum(three["bandits"][key]["plays"]) == sum(two["bandits"][key]["plays"]) + 1
+    for key, bandit in two["policy"]["bandits"].items():
+        assert sum(three["policy"]["bandits"][key]["plays"]) == sum(bandit["plays"]) + 1
     # the rounds before the resume are kept as they were
-    assert got.metrics["rounds"][:2] == json.loads((state_dir_for(out) / "state.json").read_text())["rounds"][:2]
-
-
-def cut_back_to(out, done: int) -> None:
-    """The round checkpoint as a run interrupted after round `done` leaves it (what came after is gone)."""
-    import shutil
-
-    from llmprune.fedrecover import state_dir_for
-
-    state = state_dir_for(out)
-    meta = json.loads((state / "state.json").read_text())
-    meta["round"], meta["rounds"] = done, meta["rounds"][:done]
-    (state / "state.json").write_text(json.dumps(meta))
-    for path in state.iterdir():
-        number = path.name.removeprefix("round-").removeprefix("pruned-r").split(".")[0]
-        if number.isdigit() and int(number) > done:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    shutil.rmtree(out)
-
-
-def assert_resumed_equal(ref, got) -> None:
-    from safetensors.numpy import load_file
-
-    from llmprune.fedrecover import state_dir_for
-
-    keys = ("round", "train_loss", "eval_perplexity", "bytes_up", "bytes_down")
-    assert [{k: r[k] for k in keys} for r in got.metrics["rounds"]] == [{k: r[k] for k in keys} for r in ref.metrics["rounds"]]
-    last = len(ref.metrics["rounds"])
-    a = load_file(str(state_dir_for(ref.out) / f"round-{last:03d}.safetensors"))
-    b = load_file(str(state_dir_for(got.out) / f"round-{last:03d}.safetensors"))
-    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert got.metrics["rounds"][:2] == two["rounds"]
 
 
 # ---------------------------------------------------------------- DevFT in a simulation
@@ -230,13 +200,10 @@ def test_devft_stages_grow_and_hand_the_lora_to_group_members(devft_run):
 def test_devft_resumes_across_a_stage_change_exactly(devft_run, pruned_ckpt, text_file, tmp_path):
     import shutil
 
-    from llmprune.fedrecover import state_dir_for
-
     from .conftest import run_recover
 
     out = tmp_path / "out"
-    shutil.copytree(state_dir_for(devft_run.out), state_dir_for(out))
-    shutil.copytree(devft_run.out, out)
+    copy_run(devft_run, out)
     cut_back_to(out, 1)        # interrupted after stage 1: round 2 starts the next stage from the saved state
     got = run_recover(pruned_ckpt, [text_file], out, **DEVFT, resume=True)
     assert_resumed_equal(devft_run, got)
@@ -285,15 +252,10 @@ def test_prune_tune_reprunes_between_rounds_and_ends_at_the_target(prune_tune_ru
 
 
 def test_prune_tune_resumes_on_the_repruned_checkpoint(prune_tune_run, dense_ckpt, text_file, tmp_path):
-    import shutil
-
-    from llmprune.fedrecover import state_dir_for
-
     from .conftest import run_recover
 
     out = tmp_path / "out"
-    shutil.copytree(state_dir_for(prune_tune_run.out), state_dir_for(out))
-    shutil.copytree(prune_tune_run.out, out)
+    copy_run(prune_tune_run, out)
     cut_back_to(out, 1)        # the step before round 2 is redone from the round-1 state and pruned-r001
     got = run_recover(dense_ckpt, [text_file], out, **prune_tune_settings(text_file), resume=True)
     assert_resumed_equal(prune_tune_run, got)
@@ -316,3 +278,15 @@ def test_a_schedule_that_does_not_fit_the_model_is_refused_before_anything_start
     with pytest.raises(LLMPruneError, match=message):
         run_recover(pruned_ckpt, [text_file], tmp_path / "out", rounds=3, policy="devft", devft_stages=schedule)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.rounds").exists()
+
+
+def test_devft_gives_what_it_gave_before_the_reshaping(devft_run):
+    from .conftest import assert_pinned
+
+    assert_pinned(devft_run, "devft")
+
+
+def test_prune_tune_gives_what_it_gave_before_the_reshaping(prune_tune_run):
+    from .conftest import assert_pinned
+
+    assert_pinned(prune_tune_run, "prune_tune")

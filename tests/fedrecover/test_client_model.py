@@ -16,8 +16,15 @@ from llmprune import reader
 from llmprune.compress.surgery import install_layers
 from llmprune.errors import LLMPruneError
 from llmprune.fedrecover.client_model import (
-    Int8Embedding, SkippedAttention, SkippedMLP, check_sublayer_skip, chunked_vocab_loss, free_model, head_rows,
-    index_checkpoint, load_submodel,
+    Int8Embedding,
+    SkippedAttention,
+    SkippedMLP,
+    check_sublayer_skip,
+    chunked_vocab_loss,
+    free_model,
+    head_rows,
+    index_checkpoint,
+    load_submodel,
 )
 from llmprune.fedrecover.submodels import Submodel
 from llmprune.testing import tiny_checkpoint, tiny_model

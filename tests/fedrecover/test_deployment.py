@@ -19,11 +19,11 @@ import socket
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import psutil
 import pytest
+import tomllib
 
 import llmprune
 from llmprune.fedrecover import RecoverConfig, RunSettings, parse_run_config

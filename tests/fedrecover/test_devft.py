@@ -16,8 +16,20 @@ from llmprune.compress.surgery import install_layers
 from llmprune.errors import LLMPruneError
 from llmprune.fedrecover.client_model import load_submodel
 from llmprune.fedrecover.devft import (
-    DEFAULT_BETA, Stage, anchor_of, build_stages, check_schedule_text, expand_lora, fuse_layers_in_place, fuse_model,
-    fuse_parameters, load_stage_model, parse_schedule, segment_layers, stage_modules, stage_of_rounds,
+    DEFAULT_BETA,
+    Stage,
+    anchor_of,
+    build_stages,
+    check_schedule_text,
+    expand_lora,
+    fuse_layers_in_place,
+    fuse_model,
+    fuse_parameters,
+    load_stage_model,
+    parse_schedule,
+    segment_layers,
+    stage_modules,
+    stage_of_rounds,
 )
 from llmprune.fedrecover.lora import init_arrays, module_shapes
 from llmprune.fedrecover.submodels import Submodel

@@ -13,8 +13,17 @@ import torch
 
 from llmprune.arch import SUPPORTED_ARCHITECTURES
 from llmprune.errors import LLMPruneError
-from llmprune.fedrecover.grouping import (MLP_INPUT_NORMS, UnitSchedule, cka_matrix, draw_units, group_units,
-                                          linear_cka, mlp_input_norm, selection_weights, unit_profiles)
+from llmprune.fedrecover.grouping import (
+    MLP_INPUT_NORMS,
+    UnitSchedule,
+    cka_matrix,
+    draw_units,
+    group_units,
+    linear_cka,
+    mlp_input_norm,
+    selection_weights,
+    unit_profiles,
+)
 from llmprune.fedrecover.lora import lora_applied
 from llmprune.testing import tiny_model
 

@@ -13,8 +13,16 @@ from transformers import AutoModelForCausalLM
 import llmprune
 from llmprune.checkpoint import REPORT_FILE
 from llmprune.errors import LLMPruneError
-from llmprune.fedrecover import (TARGET_MODULES, attach_lora, detach_lora, get_lora_arrays, lora_applied, merge_lora,
-                                 module_shapes, set_lora_arrays)
+from llmprune.fedrecover import (
+    TARGET_MODULES,
+    attach_lora,
+    detach_lora,
+    get_lora_arrays,
+    lora_applied,
+    merge_lora,
+    module_shapes,
+    set_lora_arrays,
+)
 from llmprune.fedrecover.lora import init_arrays, top_layer_modules
 from llmprune.fedrecover.server_app import write_recovered
 from llmprune.testing import tiny_model

@@ -76,7 +76,7 @@ def test_dirichlet_at_small_alpha_is_skewed():
 
 
 def test_unknown_partition_is_refused():
-    with pytest.raises(LLMPruneError, match="unknown --partition 'shards'"):
+    with pytest.raises(LLMPruneError, match="unknown partition 'shards'"):
         partition_indices(domains_of([4]), 2, "shards", seed=0)
 
 

@@ -14,9 +14,17 @@ import torch
 
 from llmprune.errors import LLMPruneError
 from llmprune.fedrecover.lora import lora_applied, merge_lora, module_shapes
-from llmprune.fedrecover.prune_tune import (PruneStep, compress_config_for, current_ratio, decoder_params,
-                                            dense_decoder_params, prune_schedule, prune_step, relative_ratio,
-                                            remap_lora)
+from llmprune.fedrecover.prune_tune import (
+    PruneStep,
+    compress_config_for,
+    current_ratio,
+    decoder_params,
+    dense_decoder_params,
+    prune_schedule,
+    prune_step,
+    relative_ratio,
+    remap_lora,
+)
 from llmprune.testing import tiny_model
 
 from .conftest import varied_text
@@ -249,9 +257,9 @@ def _assert_survivors_keep_their_lora(arrays, remapped, rows, head_dim: int):
         neurons = rows[old].get("kept_neuron_indices", list(range(rows[old]["neurons_before"])))
         heads = rows[old].get("kept_heads", list(range(rows[old]["heads_before"])))
         cols = [h * head_dim + d for h in heads for d in range(head_dim)]
-        expect = {"mlp.gate_proj.B": lambda a: a[neurons], "mlp.up_proj.B": lambda a: a[neurons],
-                  "mlp.down_proj.A": lambda a: a[:, neurons], "self_attn.q_proj.B": lambda a: a[cols],
-                  "self_attn.o_proj.A": lambda a: a[:, cols]}
+        expect = {"mlp.gate_proj.B": lambda a, n=neurons: a[n], "mlp.up_proj.B": lambda a, n=neurons: a[n],
+                  "mlp.down_proj.A": lambda a, n=neurons: a[:, n], "self_attn.q_proj.B": lambda a, c=cols: a[c],
+                  "self_attn.o_proj.A": lambda a, c=cols: a[:, c]}
         for key in [k for k in arrays if k.startswith(f"{old}.")]:
             path = key.split(".", 1)[1]
             np.testing.assert_array_equal(remapped[f"{new}.{path}"], expect.get(path, lambda a: a)(arrays[key]))

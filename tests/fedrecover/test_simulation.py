@@ -266,4 +266,11 @@ def test_dp_clips_the_updates_and_adds_noise_of_the_right_scale(basic_run, shape
         assert abs(np.linalg.norm(delta) - expected_norm) < DP_CLIP + 0.05 * expected_norm, "the update was not clipped"
         assert delta.std() == pytest.approx(std, rel=0.05)
         previous = got
-    assert basic_run.metrics["config"]["privacy.dp-clip"] == DP_CLIP and basic_run.metrics["config"]["privacy.dp-noise"] == DP_NOISE
+    config = basic_run.metrics["config"]
+    assert config["privacy.dp-clip"] == DP_CLIP and config["privacy.dp-noise"] == DP_NOISE
+
+
+def test_plan_dp_gives_what_it_gave_before_the_reshaping(basic_run):
+    from .conftest import assert_pinned
+
+    assert_pinned(basic_run, "plan_dp")

@@ -4,7 +4,6 @@ is refused, and a run resumed after round 1 ends exactly where an uninterrupted 
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -16,8 +15,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.fedrecover import RecoverConfig, state_dir_for
 from llmprune.fedrecover.state import STATE_FILE, RoundState, load_state, save_state
 
-from .conftest import BASIC, SMALL, run_recover
-
+from .conftest import BASIC, SMALL, copy_run, cut_back_to, run_recover
 
 MODEL = "/models/pruned"
 
@@ -80,12 +78,11 @@ def _weights(folder) -> dict[str, torch.Tensor]:
 
 
 def test_resumed_run_equals_the_uninterrupted_run(basic_run, pruned_ckpt, text_file, tmp_path):
-    """2 rounds in one go == round 1, the run stops before writing its model, then --resume to 2
+    """2 rounds in one go == the run stopped after round 1's checkpoint, then --resume to 2
     (client sampling and DP noise included)."""
     out = tmp_path / "recovered"
-    first = run_recover(pruned_ckpt, [text_file], out, **{**BASIC, "rounds": 1})
-    assert [r["round"] for r in first.metrics["rounds"]] == [1]
-    shutil.rmtree(out)                       # as if it had stopped after round 1's checkpoint
+    copy_run(basic_run, out)
+    cut_back_to(out, 1)                      # as if it had stopped after round 1's checkpoint
     state = state_dir_for(out)
     assert json.loads((state / STATE_FILE).read_text())["round"] == 1
     with pytest.raises(LLMPruneError, match="holds rounds of an earlier run"):
@@ -108,3 +105,21 @@ def test_resumed_run_equals_the_uninterrupted_run(basic_run, pruned_ckpt, text_f
     # and recovery did change the weights it trained
     base = _weights(pruned_ckpt)
     assert not torch.equal(base["model.layers.2.self_attn.q_proj.weight"], w_got["model.layers.2.self_attn.q_proj.weight"])
+
+
+def test_each_round_file_carries_the_policy_state_of_its_round(tmp_path):
+    """A run cut back to an earlier round (its later files gone) resumes with that round's policy
+    state, not the latest; a round file without one (an older version) falls back to state.json."""
+    save_state(tmp_path, RoundState(1, arrays(1), [{"round": 1}], policy={"plays": 1}), config(), model=MODEL)
+    save_state(tmp_path, RoundState(2, arrays(2), [{"round": 1}, {"round": 2}], policy={"plays": 2}), config(),
+               model=MODEL)
+    assert load_state(tmp_path, config(), model=MODEL).policy == {"plays": 2}
+    meta = json.loads((tmp_path / STATE_FILE).read_text())
+    meta["round"], meta["rounds"] = 1, meta["rounds"][:1]          # state.json still says plays 2
+    (tmp_path / STATE_FILE).write_text(json.dumps(meta))
+    (tmp_path / "round-002.safetensors").unlink()
+    assert load_state(tmp_path, config(), model=MODEL).policy == {"plays": 1}
+    from safetensors.numpy import save_file
+
+    save_file(arrays(1), str(tmp_path / "round-001.safetensors"))   # no metadata: state.json's policy
+    assert load_state(tmp_path, config(), model=MODEL).policy == {"plays": 2}

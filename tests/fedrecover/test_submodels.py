@@ -14,7 +14,12 @@ import llmprune
 from llmprune.errors import LLMPruneError
 from llmprune.fedrecover import ClientUpdate, RecoverConfig, aggregate
 from llmprune.fedrecover.fleet import (
-    Device, assign_lean_devices, assign_submodels, lean_memory_mb, submodel_memory_mb, unit_costs,
+    Device,
+    assign_lean_devices,
+    assign_submodels,
+    lean_memory_mb,
+    submodel_memory_mb,
+    unit_costs,
 )
 from llmprune.fedrecover.secagg import padded_upload, unpack_average, upload_layout
 from llmprune.fedrecover.submodels import Submodel
@@ -258,18 +263,18 @@ def test_the_smallest_device_trains_a_submodel_and_holders_are_averaged(submodel
 
 
 def test_resume_with_submodels_equals_the_uninterrupted_run(submodel_run, pruned_ckpt, text_file, tmp_path):
-    import shutil
-
+    """The run stopped after round 1 (its round file carries the policy's state after round 1: the
+    unit draw's staleness, the devices' cuts) and resumed ends where the uninterrupted run ended."""
     from safetensors.numpy import load_file
 
     from llmprune.fedrecover import state_dir_for
 
-    from .conftest import run_recover
+    from .conftest import copy_run, cut_back_to, run_recover
 
     ref, fleet = submodel_run
     out = tmp_path / "recovered"
-    run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **{**SUB, "rounds": 1})
-    shutil.rmtree(out)
+    copy_run(ref, out)
+    cut_back_to(out, 1)
     got = run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **SUB, resume=True)
     keys = ("round", "train_loss", "eval_perplexity", "bytes_up", "bytes_down")
     assert [{k: r[k] for k in keys} for r in got.metrics["rounds"]] == [{k: r[k] for k in keys} for r in ref.metrics["rounds"]]

@@ -98,7 +98,9 @@ def test_train_lora_lowers_the_loss_and_leaves_the_base_alone(setup):
 
 def test_train_lora_is_deterministic_for_a_seed(setup):
     model, windows, arrays = setup
-    run = lambda seed: train_lora(model, arrays, windows, scale=2.0, steps=3, batch_size=2, lr=1e-3, seed=seed)
+    def run(seed):
+        return train_lora(model, arrays, windows, scale=2.0, steps=3, batch_size=2, lr=1e-3, seed=seed)
+
     (a1, l1), (a2, l2), (a3, _) = run(1), run(1), run(2)
     assert l1 == l2
     assert all(np.array_equal(a1[k], a2[k]) for k in a1)

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,16 @@ from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.checkpoint import (
-    MODELING_FILE, REPORT_FILE, atomic_output_dir, check_modeling_file, check_output_dir, modeling_source,
-    pruned_class, register_pruned_classes, save_pruned, stale_temp_dirs,
+    MODELING_FILE,
+    REPORT_FILE,
+    atomic_output_dir,
+    check_modeling_file,
+    check_output_dir,
+    modeling_source,
+    pruned_class,
+    register_pruned_classes,
+    save_pruned,
+    stale_temp_dirs,
 )
 from llmprune.errors import LLMPruneError
 from llmprune.testing import tiny_config, tiny_tokenizer
@@ -58,7 +65,10 @@ def copy_folder(src: Path, dst: Path) -> Path:
     return dst
 
 
-def logits(model, ids=torch.tensor([[1, 5, 9, 40, 7]])):
+IDS = torch.tensor([[1, 5, 9, 40, 7]])
+
+
+def logits(model, ids=IDS):
     with torch.inference_mode():
         return model(input_ids=ids).logits
 

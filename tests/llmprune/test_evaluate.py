@@ -12,10 +12,17 @@ import torch
 
 from llmprune import LLMPruneError, load_texts, perplexity, token_windows
 from llmprune.evaluate import check_seq_len, text_measures, token_byte_lengths, window_nll, zero_shot
-from llmprune.gguf_tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED, build_spm_tokenizer
+from llmprune.gguf_tokenizer import (
+    TOKEN_BYTE,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_USER_DEFINED,
+    build_spm_tokenizer,
+)
 from llmprune.testing import TINY_TEXT, tiny_model, tiny_tokenizer
 
-from ..conftest import ARCHS, run_cli
+from ..conftest import ARCHS, run_main
 
 CASES = [(arch, {}) for arch in ARCHS] + [("gemma3_text", {"final_logit_softcapping": 3.0})]
 
@@ -229,7 +236,7 @@ def test_cli_eval_reports_bits_per_byte(checkpoint, tmp_path):
     data = tmp_path / "text.txt"
     data.write_text(TINY_TEXT * 2, encoding="utf-8")
     folder = checkpoint("llama")
-    result = run_cli("eval", "--model", folder, "--data", data, "--seq-len", 16, "--max-windows", 2, "--json", cwd=tmp_path)
+    result = run_main("eval", "--model", folder, "--data", data, "--seq-len", 16, "--max-windows", 2, "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout)
     assert list(out)[:11] == ["perplexity", "nll", "tokens", "windows", "seconds", "tokens_per_s", "peak_rss_mb",
@@ -239,7 +246,7 @@ def test_cli_eval_reports_bits_per_byte(checkpoint, tmp_path):
     assert out["bytes"] == len(text.encode()) and out["words"] == len(text.split())
     assert out["bits_per_byte"] == pytest.approx(out["nll"] * out["tokens"] / math.log(2) / out["bytes"], rel=1e-6)
     assert out["word_perplexity"] == pytest.approx(math.exp(out["nll"] * out["tokens"] / out["words"]), rel=1e-6)
-    line = run_cli("eval", "--model", folder, "--data", data, "--seq-len", 16, "--max-windows", 2, cwd=tmp_path)
+    line = run_main("eval", "--model", folder, "--data", data, "--seq-len", 16, "--max-windows", 2, cwd=tmp_path)
     assert f"{out['bits_per_byte']:.4f} bits/byte" in line.stdout and "word perplexity" in line.stdout
 
 

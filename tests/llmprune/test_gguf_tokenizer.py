@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from llmprune.gguf_tokenizer import (
-    TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED,
-    build_spm_tokenizer, gguf_tokenizer, read_gguf_vocab, spm_merges,
+    TOKEN_BYTE,
+    TOKEN_CONTROL,
+    TOKEN_NORMAL,
+    TOKEN_UNKNOWN,
+    TOKEN_USER_DEFINED,
+    build_spm_tokenizer,
+    gguf_tokenizer,
+    read_gguf_vocab,
+    spm_merges,
 )
 
 SPECIALS = [("<pad>", TOKEN_CONTROL, 0.0), ("<eos>", TOKEN_CONTROL, 0.0), ("<bos>", TOKEN_CONTROL, 0.0),

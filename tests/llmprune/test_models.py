@@ -145,7 +145,8 @@ def test_missing_weights(tmp_path):
 def test_load_tokenizer_of_folder(checkpoint):
     tok = load_tokenizer(checkpoint("mistral"))
     assert tok.bos_token_id == 1
-    assert tok("hello world", add_special_tokens=False)["input_ids"] == tiny_tokenizer()("hello world", add_special_tokens=False)["input_ids"]
+    assert (tok("hello world", add_special_tokens=False)["input_ids"]
+            == tiny_tokenizer()("hello world", add_special_tokens=False)["input_ids"])
 
 
 def test_public_api():

@@ -15,8 +15,16 @@ from safetensors.torch import load_file, save_file
 from llmprune import reader
 from llmprune.errors import LLMPruneError
 from llmprune.reader import (
-    checkpoint_entries, find_tensor, gather_rows, load_tensor, meta_model, read_header, read_rows, row_blocks,
-    row_ranges, safetensors_files,
+    checkpoint_entries,
+    find_tensor,
+    gather_rows,
+    load_tensor,
+    meta_model,
+    read_header,
+    read_rows,
+    row_blocks,
+    row_ranges,
+    safetensors_files,
 )
 from llmprune.testing import tiny_config, tiny_model
 
