@@ -34,7 +34,23 @@ from .secagg import is_legacy_fit, secagg_train
 
 class DeviceRuntime:
     """One ClientApp process's view of its device: the run's config, its windows, its fleet entry
-    and (on a fleet) its model, each read once."""
+    and (on a fleet) its model, each read once, and in a simulation its round server.
+
+    Flower hands a simulation's ClientApp to its Ray workers anew with every message (a copy made by
+    pickling), so what must outlive a message lives in the one per-process registry `of()` reads,
+    keyed by the run's overrides."""
+
+    _per_process: dict[str, DeviceRuntime] = {}
+
+    @classmethod
+    def of(cls, overrides: dict | None) -> DeviceRuntime:
+        """This process's runtime for the run these overrides describe."""
+        import json
+
+        key = json.dumps(overrides or {}, sort_keys=True, default=str)
+        if key not in cls._per_process:
+            cls._per_process[key] = cls(overrides)
+        return cls._per_process[key]
 
     def __init__(self, overrides: dict | None = None) -> None:
         self.overrides = overrides or {}
@@ -42,11 +58,16 @@ class DeviceRuntime:
         self.models = ModelCache()
         self.server = None          # simulation: the RoundServer forking each round's process
 
-    def isolated(self, job: RoundJob):
+    def start_round_server(self) -> None:
+        """Start the simulation's round server now (it imports the training stack in the
+        background while the run is still being planned), not at the first round."""
         from .round_server import RoundServer
 
         if self.server is None:
             self.server = RoundServer()
+
+    def isolated(self, job: RoundJob):
+        self.start_round_server()
         return self.server.run(job)
 
     def _once(self, key, build):
@@ -133,17 +154,20 @@ def _secagg_if_asked(msg: Message, context: Context, call_next):
 def build_client_app(overrides: dict | None = None) -> ClientApp:
     """The ClientApp; `overrides` are run-config entries a simulation passes in directly."""
     app = ClientApp(mods=[_secagg_if_asked, _dp_clip_if_asked])
-    device = DeviceRuntime(overrides)
 
     @app.query()
     def query(msg: Message, context: Context) -> Message:
+        device = DeviceRuntime.of(overrides)
         cfg, settings = device.config(context)
         windows, pid = device.windows(cfg, settings, context)
+        if settings.data_cache:          # a simulation: its rounds run in processes of their own
+            device.start_round_server()
         name = context.node_config.get("device")
         return Identity(pid, int(windows.shape[0]), str(name) if name else None).reply_to(msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        device = DeviceRuntime.of(overrides)
         if is_legacy_fit(msg):  # a SecAgg+ round: the legacy fit protocol, masked by the mod
             return secagg_train(msg, lambda instruction, arrays: device.train(context, instruction, arrays))
         instruction, arrays = TrainInstruction.from_message(msg)
