@@ -19,7 +19,7 @@ def add_parser(sub) -> None:
 def vocabulary_info(folder: str | Path) -> dict | None:
     """The vocabulary a checkpoint kept (its vocabulary.json, checked), or None when it is whole:
     kept and original id counts, the share of the ranking data's tokens the kept ids cover."""
-    from llmprune.compress.vocab import load_vocabulary_map
+    from llmprune.checkpoint import load_vocabulary_map
 
     data = load_vocabulary_map(folder)
     if data is None:

@@ -8,7 +8,8 @@ Messages it answers (typed in messages.py):
 Where its data comes from: node config `data-path` (a device's own file, on a real fleet), or
 the partition file `data-cache` that `llmprune recover` wrote for a simulation. Its model: the
 instruction's model path (simulation only), else node config `model-path`, else the run config's
-`model`. The round itself is device.py's; in a simulation it runs in a fresh process."""
+`model`. Its teacher, when the server asks it to distil: node config `teacher-path`, else the
+server's teacher spec. The round itself is device.py's; in a simulation it runs in a fresh process."""
 
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ class DeviceRuntime:
         start = time.perf_counter()
         job = RoundJob(model_path(settings, context, instruction), instruction, arrays, windows,
                        cfg.training.lora_dropout,
-                       self.emulation(cfg, pid, context.node_config.get("device"), simulation))
+                       self.emulation(cfg, pid, context.node_config.get("device"), simulation),
+                       teacher=str(context.node_config.get("teacher-path") or "") or None)
         result = self.isolated(job) if simulation else run_round(job, self.models)
         m = result.memory
         return TrainReply(pid, 1 if instruction.uniform_weights else int(windows.shape[0]), result.loss,

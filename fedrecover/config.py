@@ -36,7 +36,7 @@ from .policies import POLICIES, PolicyConfig, get_policy, policy_of
 
 FLEET_ROUND_TIMEOUT = 600.0   # seconds: a real fleet's default straggler timeout (simulation: none)
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-__all__ = ["AGGREGATIONS", "SECTIONS", "TARGET_MODULES", "DataConfig", "FleetConfig", "PrivacyConfig",
+__all__ = ["AGGREGATIONS", "SECTIONS", "TARGET_MODULES", "DataConfig", "DistillConfig", "FleetConfig", "PrivacyConfig",
            "RecoverConfig", "RunSettings", "TrainingConfig", "parse_run_config"]
 
 
@@ -154,9 +154,68 @@ class PrivacyConfig:
         coerce_fields(self)
 
 
+def _weight(text) -> float:
+    import argparse
+
+    value = non_negative_float(text)
+    if value > 1.0:
+        raise argparse.ArgumentTypeError(f"{value} must be in [0, 1]")
+    return value
+
+
+def _temperature(text) -> float:
+    import argparse
+
+    value = positive_float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{value} must be finite")
+    return value
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from a teacher (the dense model): on the server after each aggregation, and on
+    the devices whose memory admits it."""
+
+    teacher: str | None = option(None, default_text="none: plain next-token LoRA",
+                                 help="model to distil from: a folder, .gguf, hub id or packaged name; 'source' is the "
+                                      "model the checkpoint was pruned from")
+    where: Literal["server", "device", "both"] = option(
+        "server", flag="--distill", parse=one_of("server", "device", "both"), choices=("server", "device", "both"),
+        help="server: after each aggregation the server distils the merged adapter on its own text (costs devices "
+             "nothing); device: devices whose memory admits the teacher mix KL into their loss, the others train "
+             "plain LoRA; both")
+    alpha: float = option(0.9, flag="--distill-alpha", parse=_weight,
+                          help="weight of the KL to the teacher in the loss (the rest is next-token loss)")
+    temperature: float = option(1.0, flag="--distill-temperature", parse=_temperature,
+                                help="softmax temperature of teacher and student in the KL")
+    data: str | None = option(None, flag="--distill-data", default_text="the evaluation text",
+                              help="the server's distillation text file (--distill server/both)")
+    windows: int = option(32, flag="--distill-windows", parse=positive_int, help="windows of the distillation text")
+    steps: int = option(10, flag="--distill-steps", parse=positive_int,
+                        help="the server's distillation steps after each aggregation")
+    lr: float = option(2e-4, flag="--distill-lr", parse=positive_float, help="the server's distillation learning rate")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.teacher is None:
+            changed = [flag_of(f) for f in fields(self) if f.name != "teacher" and getattr(self, f.name) != _field_default(f)]
+            if changed:
+                raise LLMPruneError(f"{changed[0]} needs --teacher", "pass --teacher MODEL (e.g. --teacher source), "
+                                    f"or leave {changed[0]} out")
+
+    @property
+    def on_server(self) -> bool:
+        return self.teacher is not None and self.where in ("server", "both")
+
+    @property
+    def on_devices(self) -> bool:
+        return self.teacher is not None and self.where in ("device", "both")
+
+
 # section attribute of RecoverConfig -> its class: the order of --help's groups and of the run config
 SECTIONS: dict[str, type] = {"data": DataConfig, "training": TrainingConfig, "fleet": FleetConfig,
-                             "privacy": PrivacyConfig}
+                             "privacy": PrivacyConfig, "distill": DistillConfig}
 
 
 def _default_policy() -> PolicyConfig:
@@ -173,6 +232,7 @@ class RecoverConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     policy: PolicyConfig = field(default_factory=_default_policy)
     seed: int = option(0, parse=non_negative_int, help="seed for sampling, partitions, LoRA init and training (0 or more)")
     inject_faults: tuple[Fault, ...] = option((), parse=parse_faults, cli=False, resume="free",

@@ -57,6 +57,7 @@ class RoundJob:
     windows: torch.Tensor
     dropout: float = 0.0
     emulation: DeviceEmulation | None = None
+    teacher: str | None = None        # the teacher's model spec on this device (the instruction says when)
 
 
 @dataclass
@@ -79,14 +80,46 @@ def run_round(job: RoundJob, models: Any = None) -> RoundResult:
     emulation = job.emulation or DeviceEmulation()
     before = current_rss_mb() if models is None else models.rss_before_first_load(job.path)
     model = models.get(job.path) if models is not None else _load(job.path)
+    teacher = _teacher(job, torch.float32, models)
     reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
     emulation.baseline_mb = before
     gain: dict = {}
-    trained, loss = train_lora(model, job.arrays, job.windows, **train_options(job.instruction, job.dropout),
-                               on_step=emulation.after_step, gain=gain)
+    options = train_options(job.instruction, job.dropout)
+    loss_fn = _loss_fn(job, model, teacher, options["batch_size"])
+    trained, loss = train_lora(model, job.arrays, job.windows, **options, on_step=emulation.after_step, gain=gain,
+                               **({"loss_fn": loss_fn} if loss_fn is not None else {}))
     peak = window_peak_rss_mb()
     return RoundResult(trained, loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before,
                                        "loss-first": gain["loss_first"], "loss-last": gain["loss_last"]})
+
+
+def _teacher(job: RoundJob, dtype: torch.dtype, models: Any = None):
+    """The round's teacher when the instruction asks for one (kept between rounds on a fleet device)."""
+    if job.instruction.teacher is None:
+        return None
+    from .distill import Teacher
+
+    spec = job.teacher or job.instruction.teacher
+    if models is not None:
+        return models.teacher(spec, job.path, dtype)
+    return Teacher.load(spec, job.path, dtype)
+
+
+def _loss_fn(job: RoundJob, model, teacher, batch_size: int, lean: bool = False):
+    """The round's loss: with a teacher, next-token loss mixed with KL to it (a vocabulary slice at
+    a time); else the lean vocabulary-sliced loss, or None (train_lora's position-chunked default)."""
+    from .fleet import vocab_chunk
+
+    chunk = vocab_chunk(batch_size * (job.windows.shape[1] - 1), model.config.hidden_size)
+    if teacher is not None:
+        from .distill import distillation_loss
+
+        return distillation_loss(teacher, job.instruction.distill_alpha, job.instruction.distill_temperature, chunk)
+    if lean:
+        from .client_model import chunked_vocab_loss
+
+        return lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk)
+    return None
 
 
 def _load(path: str):
@@ -102,8 +135,7 @@ def _lean_round(job: RoundJob) -> RoundResult:
     base weights in client-dtype, the vocabulary table as asked), train LoRA on it with the
     vocabulary-sliced loss, free it. The peak counts the load; the model-dependent part is the
     peak minus the RSS just before the load."""
-    from .client_model import chunked_vocab_loss, free_model, trim_heap
-    from .fleet import vocab_chunk
+    from .client_model import free_model, trim_heap
 
     instruction = job.instruction
     held = instruction.device_model.held()
@@ -113,18 +145,20 @@ def _lean_round(job: RoundJob) -> RoundResult:
     before = current_rss_mb()
     reset_peak_rss()
     model = instruction.device_model.load(job.path, _DTYPES[instruction.client_dtype], instruction.client_embedding)
-    chunk = vocab_chunk(options["batch_size"] * (job.windows.shape[1] - 1), model.config.hidden_size)
+    teacher = _teacher(job, _DTYPES[instruction.client_dtype])
     emulation = job.emulation or DeviceEmulation()
     emulation.baseline_mb = before
     gain: dict = {}
     try:
         trained, loss = train_lora(model, held.to_local(job.arrays), job.windows, **options,
                                    on_step=emulation.after_step, gain=gain,
-                                   loss_fn=lambda m, ids: chunked_vocab_loss(m, ids, vocab_chunk=chunk))
+                                   loss_fn=_loss_fn(job, model, teacher, options["batch_size"], lean=True))
     finally:
         peak = window_peak_rss_mb()
         free_model(model)
-        del model
+        if teacher is not None:
+            free_model(teacher.model)
+        del model, teacher
     return RoundResult(held.to_global(trained), loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before,
                                                        "loss-first": gain["loss_first"],
                                                        "loss-last": gain["loss_last"]})
@@ -136,12 +170,21 @@ class ModelCache:
 
     def __init__(self) -> None:
         self.models: dict[str, Any] = {}
+        self.teachers: dict[tuple, Any] = {}
         self.before: float | None = None
 
     def rss_before_first_load(self, path: str) -> float:
         if self.before is None:
             self.before = current_rss_mb()
         return self.before
+
+    def teacher(self, spec: str, student: str, dtype: torch.dtype):
+        from .distill import Teacher
+
+        key = (spec, student, dtype)
+        if key not in self.teachers:
+            self.teachers = {key: Teacher.load(spec, student, dtype)}
+        return self.teachers[key]
 
     def get(self, path: str):
         if path not in self.models:

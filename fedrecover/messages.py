@@ -65,6 +65,9 @@ class TrainInstruction:
     device_model: DeviceModel | None = None
     client_dtype: str = "float32"
     client_embedding: str = "same"
+    teacher: str | None = None                # distil from this model on the device (its memory admits it)
+    distill_alpha: float = 0.0
+    distill_temperature: float = 1.0
     extra: dict = field(default_factory=dict)  # entries a wrapper adds (Flower's DP clipping norm)
 
     def to_config(self) -> dict:
@@ -76,6 +79,9 @@ class TrainInstruction:
         if self.device_model is not None:
             out.update({"device-model": self.device_model.kind, "device-model-spec": self.device_model.to_json(),
                         "client-dtype": self.client_dtype, "client-embedding": self.client_embedding})
+        if self.teacher is not None:
+            out.update({"teacher": self.teacher, "distill-alpha": self.distill_alpha,
+                        "distill-temperature": self.distill_temperature})
         return out
 
     @classmethod
@@ -83,14 +89,16 @@ class TrainInstruction:
         config = dict(config)
         kind = config.get("device-model")
         known = {"server-round", "seed", "local-steps", "scale", "batch-size", "lr", "uniform-weights", "model-path",
-                 "device-model", "device-model-spec", "client-dtype", "client-embedding"}
+                 "device-model", "device-model-spec", "client-dtype", "client-embedding", "teacher", "distill-alpha",
+                 "distill-temperature"}
         return cls(int(config["server-round"]), int(config["seed"]), int(config["local-steps"]),
                    float(config["scale"]), int(config["batch-size"]), float(config["lr"]),
                    bool(config.get("uniform-weights", False)),
                    str(config["model-path"]) if "model-path" in config else None,
                    DeviceModel.from_message(str(kind), str(config["device-model-spec"])) if kind else None,
                    str(config.get("client-dtype", "float32")), str(config.get("client-embedding", "same")),
-                   {k: v for k, v in config.items() if k not in known})
+                   str(config["teacher"]) if "teacher" in config else None, float(config.get("distill-alpha", 0.0)),
+                   float(config.get("distill-temperature", 1.0)), {k: v for k, v in config.items() if k not in known})
 
     def to_message(self, node: int, arrays: Arrays) -> tuple[Message, int]:
         """The message to `node` and the bytes of the adapter it carries (what bytes_down counts)."""

@@ -47,6 +47,24 @@ def check_plan(model_dir: str, cfg: RecoverConfig) -> list[dict]:
     return [p.to_dict() for p in plans]
 
 
+def check_teacher(model_dir: str, cfg: RecoverConfig) -> None:
+    """--teacher: a model whose vocabulary lines up with the student's, that fits the server when
+    the server distils, and the server's text when it distils; all from configs, no weights read."""
+    from .distill import check_fits_server, resolve_teacher, vocabulary_link
+
+    d = cfg.distill
+    if d.teacher is None:
+        return
+    spec = resolve_teacher(d.teacher, model_dir)
+    vocabulary_link(spec, model_dir)
+    if d.on_server:
+        check_fits_server(spec, model_dir)
+    if d.data:
+        import llmprune
+
+        llmprune.load_texts(d.data)
+
+
 def check_resumable(state: Path, cfg: RecoverConfig, model_dir: str) -> None:
     """--resume: the saved state must be readable and match, before any data or Flower work."""
     from .lora import module_shapes
@@ -72,6 +90,7 @@ def preflight(model_dir: str, data: list[str], cfg: RecoverConfig, out: Path, st
         raise LLMPruneError("no --data given", "pass one or more text files, folders or HF dataset names")
     check_output_dir(out, overwrite, marker="pruning_report.json")
     check_plan(model_dir, cfg)
+    check_teacher(model_dir, cfg)
     if not resume and (state / "state.json").exists() and not overwrite:
         raise LLMPruneError(f"'{state}' holds rounds of an earlier run",
                             "pass --resume to continue it, or --overwrite to start over")

@@ -47,7 +47,7 @@ def _read(fd: int) -> tuple[dict, dict]:
 def encode_job(job) -> tuple[dict, dict]:
     """A RoundJob as a JSON header and named arrays (the adapter under `a/`, the windows)."""
     emulation = job.emulation
-    header = {"path": job.path, "instruction": job.instruction.to_config(), "dropout": job.dropout,
+    header = {"path": job.path, "instruction": job.instruction.to_config(), "dropout": job.dropout, "teacher": job.teacher,
               "emulation": None if emulation is None else [emulation.speed, emulation.oom_mb, emulation.baseline_mb]}
     return header, {**{f"a/{k}": v for k, v in job.arrays.items()}, "windows": job.windows.numpy()}
 
@@ -61,7 +61,8 @@ def decode_job(header: dict, tensors: dict):
     emulation = None if header["emulation"] is None else DeviceEmulation(*header["emulation"])
     arrays = {k[2:]: v for k, v in tensors.items() if k.startswith("a/")}
     return RoundJob(header["path"], TrainInstruction.from_config(header["instruction"]), arrays,
-                    torch.from_numpy(tensors["windows"]), header["dropout"], emulation)
+                    torch.from_numpy(tensors["windows"]), header["dropout"], emulation,
+                    header["teacher"])
 
 
 def _read_exactly(fd: int, size: int) -> bytes:

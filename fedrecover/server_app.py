@@ -19,6 +19,7 @@ from flwr.serverapp import Grid, ServerApp
 from llmprune.errors import LLMPruneError
 
 from .config import RecoverConfig, RunSettings, parse_run_config
+from .distill import open_distillation
 from .lora import modules_of
 from .messages import Identity, IdentityQuery
 from .policies import get_policy
@@ -118,6 +119,7 @@ def open_run(grid: Grid, context: Context, overrides: dict | None, simulation: b
     run.nodes = discover(grid, nodes, None if deadline is None else max(cfg.fleet.node_timeout, deadline), stop)
     run.replan(policy)
     run.windows = eval_windows(cfg, settings, run.tokenizer)
+    run.distillation = open_distillation(cfg, settings.model, run.tokenizer, run.windows)
     run.state = start_state(run)
     policy.start(run)
     policy.load_state_dict(run.state.policy or {})
@@ -151,6 +153,7 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
         "final_eval_perplexity": state.rounds[-1]["eval_perplexity"] if state.rounds else state.initial_eval_perplexity,
         "model_bytes": model_bytes, "adapter_bytes": int(sum(a.nbytes for a in state.arrays.values())),
         "aggregation": cfg.training.aggregation, "policy": cfg.policy.name,
+        "distill": run.distillation.report() if run.distillation is not None else None,
         "config": {**cfg.to_run_config(), **settings.to_run_config()},
         "server_seconds": round(time.perf_counter() - started, 2), "server_peak_rss_mb": round(peak_rss_mb(), 1),
     }
@@ -160,7 +163,8 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
 
 
 def server_paths(cfg: RecoverConfig, settings: RunSettings, root: str | None) -> tuple[RecoverConfig, RunSettings]:
-    """On a fleet, the server-side paths of a run config (model, out, state-dir, fleet, eval-data)
+    """On a fleet, the server-side paths of a run config (model, out, state-dir, fleet, eval-data,
+    a teacher folder, distill data)
     resolved inside the operator's root (LLMPRUNE_SERVER_ROOT; relative paths are relative to it);
     anything outside it, a data-cache, or an overwrite of a folder that is not an earlier output
     is refused with one line."""
@@ -187,12 +191,29 @@ def server_paths(cfg: RecoverConfig, settings: RunSettings, root: str | None) ->
                        state_dir=inside("state-dir", settings.state_dir) if settings.state_dir else "")
     fleet = replace(cfg.fleet, file=inside("fleet.file", cfg.fleet.file) if cfg.fleet.file else None)
     data = replace(cfg.data, eval_data=inside("data.eval-data", cfg.data.eval_data) if cfg.data.eval_data else None)
-    cfg = replace(cfg, fleet=fleet, data=data)
+    teacher = cfg.distill.teacher
+    if teacher is not None and not _names_no_server_path(teacher, base):
+        teacher = inside("distill.teacher", teacher)
+    distill = replace(cfg.distill, teacher=teacher,
+                      data=inside("distill.data", cfg.distill.data) if cfg.distill.data else None)
+    cfg = replace(cfg, fleet=fleet, data=data, distill=distill)
     out = settings.out_dir
     if settings.overwrite and out.exists() and any(out.iterdir()) and not (out / "metrics.json").is_file():
         raise LLMPruneError(f"overwrite=true would replace '{out}', which is not an output of llmprune recover",
                             "choose another out, or remove that folder on the server yourself")
     return cfg, settings
+
+
+def _names_no_server_path(teacher: str, base: Path) -> bool:
+    """A teacher spec that is not a path on the server: 'source' (the checkpoint names it), a
+    packaged model, or a hub id (org/name) that is no folder under the root."""
+    from llmprune.models import PACKAGED_MODELS
+
+    from .distill import SOURCE
+
+    if teacher == SOURCE or teacher in PACKAGED_MODELS:
+        return True
+    return teacher.count("/") == 1 and not teacher.startswith((".", "/", "~")) and not (base / teacher).exists()
 
 
 def check_some_round_applied(rows: list[dict], timeout: float | None, state_path: Path) -> None:

@@ -3,7 +3,8 @@
 
     the policy begins the round -> sample -> the policy says what each device gets -> instructions
     (each device's view of the global adapter) -> the transport sends and collects -> aggregate
-    (+ central DP) -> the policy observes -> evaluate -> the round's row -> checkpoint
+    (+ central DP) -> the server distils (--teacher) -> the policy observes -> evaluate -> the
+    round's row -> checkpoint
 
 `RunContext` is everything one run shares (config, Flower grid, the server's model, the fleet plan,
 the round state, the stop event): no module-level state."""
@@ -55,6 +56,7 @@ class RunContext:
     plan: FleetPlan | None = None
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     state: RoundState | None = None
+    distillation: Any = None               # distill.Distillation when --teacher is given
 
     def replan(self, policy: Any) -> None:
         """The fleet plan (and the adapter's module shapes) for the current model."""
@@ -80,6 +82,7 @@ class Sent:
     messages: list
     assignments: dict[int, Assignment]        # partition id -> assignment
     bytes_down: dict[int, int]                # partition id -> adapter bytes sent
+    taught: set[int] = field(default_factory=set)  # partition ids told to distil from the teacher
 
 
 class LoraStrategy:
@@ -108,6 +111,9 @@ class LoraStrategy:
             collected = self.transport.exchange(server_round, sent.messages, run.plan.partitions, state.arrays,
                                                 run.plan.rank, needed)
             new, loss = self.aggregate(server_round, collected, needed, state.arrays)
+            if new is not None and run.distillation is not None and run.distillation.server is not None:
+                new, distilled = run.distillation.server.refine(run.model, new, run.cfg.scale, server_round)
+                notes.update(distilled)
             if new is not None:
                 state.arrays = new
             else:
@@ -139,15 +145,18 @@ class LoraStrategy:
         """Each sampled node's message: its view of the global adapter (its modules, its rank, as
         the aggregation hands it out) and its TrainInstruction."""
         run = self.run
-        messages, given, down = [], {}, {}
+        sent = Sent([], {}, {})
         for node, assignment in assignments.items():
             pid = run.plan.partitions[node]
             view = self.aggregation.client_view(run.state.arrays, assignment.modules(run.shapes), assignment.rank,
                                                 run.plan.init)
-            msg, down[pid] = self.instruction(server_round, pid, assignment).to_message(node, view)
-            messages.append(msg)
-            given[pid] = assignment
-        return Sent(messages, given, down)
+            instruction = self.instruction(server_round, pid, assignment)
+            msg, sent.bytes_down[pid] = instruction.to_message(node, view)
+            sent.messages.append(msg)
+            sent.assignments[pid] = assignment
+            if instruction.teacher is not None:
+                sent.taught.add(pid)
+        return sent
 
     def instruction(self, server_round: int, pid: int, assignment: Assignment) -> TrainInstruction:
         cfg, run = self.run.cfg, self.run
@@ -156,12 +165,16 @@ class LoraStrategy:
             device_model = DeviceModel.submodel(Submodel.full(len({int(m.split(".", 1)[0]) for m in run.shapes})))
         # a declared speed scales the steps; an emulated one is the device's secret (it just runs slower)
         speed = 1.0 if cfg.fleet.emulate_speed else assignment.speed
+        distil = run.distillation
+        teacher = distil.for_device(assignment.memory_mb, assignment.estimate_mb) if distil is not None else None
         return TrainInstruction(
             server_round=server_round, seed=int(np.random.default_rng([cfg.seed, server_round, pid]).integers(2**31)),
             local_steps=max(1, round(cfg.training.local_steps * speed)), scale=cfg.scale,
             batch_size=cfg.training.batch_size, lr=cfg.training.lr, uniform_weights=self.dp is not None,
             model_path=run.model_path, device_model=device_model, client_dtype=cfg.fleet.client_dtype,
-            client_embedding=cfg.fleet.client_embedding, extra=self.dp.instruction_extra() if self.dp else {})
+            client_embedding=cfg.fleet.client_embedding, teacher=teacher,
+            distill_alpha=distil.alpha if teacher else 0.0, distill_temperature=distil.temperature if teacher else 1.0,
+            extra=self.dp.instruction_extra() if self.dp else {})
 
     def aggregate(self, server_round: int, collected: Collected, needed: int,
                   previous: Arrays) -> tuple[Arrays | None, float | None]:
@@ -206,6 +219,8 @@ class LoraStrategy:
                "bytes_down": sent.bytes_down.get(pid), "bytes_up": reply.bytes_up,
                **{k: round(v, 4) for k, v in (("loss_first", reply.loss_first), ("loss_last", reply.loss_last))
                   if v is not None}}
+        if self.run.distillation is not None:
+            row["teacher"] = pid in sent.taught
         return {**row, **self.policy.client_report(pid)}
 
     def failure_row(self, pid: int, why: str, sent: Sent) -> dict:

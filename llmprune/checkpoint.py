@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 MODELING_FILE = "modeling_llmprune.py"
 REPORT_FILE = "pruning_report.json"
+VOCAB_FILE = "vocabulary.json"     # a trimmed vocabulary: the original id of every kept id
 PRUNED_CLASS = "PrunedCausalLM"
 FORMAT_VERSION = 1
 
@@ -436,3 +437,25 @@ def model_class(config) -> type:
 
 def is_pruned_config(config) -> bool:
     return bool(getattr(config, "llmprune", None))
+
+
+def load_vocabulary_map(folder: str | Path) -> dict | None:
+    """vocabulary.json of a checkpoint folder (None when the vocabulary was not pruned), checked:
+    a JSON object whose kept_ids are strictly increasing non-negative ints."""
+    path = Path(folder) / VOCAB_FILE
+    if not path.is_file():
+        return None
+    fix = "re-create the checkpoint with llmprune compress --vocab, or delete the file if the vocabulary is whole"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LLMPruneError(f"{path} is not readable JSON ({exc})", fix) from exc
+    kept = data.get("kept_ids") if isinstance(data, dict) else None
+    if not isinstance(kept, list) or not kept or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
+        raise LLMPruneError(f"{path} has no list of integer kept_ids", fix)
+    if any(b <= a for a, b in zip(kept, kept[1:])) or kept[0] < 0:
+        raise LLMPruneError(f"{path}: kept_ids are not strictly increasing non-negative ids", fix)
+    size = data.get("original_vocab_size")
+    if isinstance(size, int) and kept[-1] >= size:
+        raise LLMPruneError(f"{path}: kept id {kept[-1]} is beyond original_vocab_size {size}", fix)
+    return data

@@ -61,3 +61,15 @@ def window_peak_rss_mb() -> float:
     except OSError:
         pass
     return peak_rss_mb()
+
+
+def available_mb() -> float | None:
+    """Memory the OS can give this process now (Linux MemAvailable), MiB; None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None

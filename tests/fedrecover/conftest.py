@@ -51,6 +51,15 @@ def pruned_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dense_ckpt(tmp_path_factory) -> Path:
+    """The tiny llama `pruned_ckpt` was pruned from, saved: the teacher of the distillation tests."""
+    out = tmp_path_factory.mktemp("fedrecover") / "dense"
+    tiny_model("llama").save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def text_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fedrecover-data") / "client_text.txt"
     path.write_text(varied_text(), encoding="utf-8")
