@@ -18,22 +18,32 @@ from __future__ import annotations
 
 import json
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_results  # noqa: E402
 
-EVAL = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs-tutorial": "pydocs/tutorial.txt"}
+EVAL = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs-tutorial": "pydocs/tutorial.txt",
+        # out of every calibration, client and server text: Python source every install carries
+        "python-source": str(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py")}
 PYDOCS_TRAIN = ("howto.txt", "faq.txt", "reference.txt")
+DISTILL_TEXT = "pydocs/library.txt"   # the server's own text: no client holds it, no evaluation reads it
+DISTILL_ARMS = ("server", "device")
 
 
-def evaluate(model: str, args, work: Path, tag: str) -> dict:
-    out = {}
+def evaluate(model: str, args, work: Path, tag: str, known: dict | None = None) -> dict:
+    """Perplexity and bits per byte on each evaluation text (those `known` already has are kept)."""
+    out = dict(known or {})
     for name, rel in EVAL.items():
+        if name in out:
+            continue
         res, _ = run_json(["eval", "--model", model, "--data", str(SHARED / rel), "--seq-len", "512",
                            "--max-windows", str(args.eval_windows)], work / f"eval-{tag}-{name}.log")
         out[name] = round(res["perplexity"], 3)
+        if res.get("bits_per_byte") is not None:
+            out[f"{name}-bpb"] = round(res["bits_per_byte"], 4)
     return out
 
 
@@ -124,6 +134,8 @@ def main() -> int:
     p = recovery_parser(__doc__, "recover", rounds=3, local_steps=15, batch_size=4, max_windows=600, eval_windows=8)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--aggregation", default="fedavg")
+    p.add_argument("--distill", nargs="*", default=list(DISTILL_ARMS), choices=DISTILL_ARMS,
+                   help="distillation arms to run (--teacher source, the server's text pydocs/library.txt)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = load_results(args.results) if args.resume else {}
@@ -167,6 +179,22 @@ def main() -> int:
 
     fed = step("federated", federated)
     step("centralized", centralized)
+    for key, model in (("dense", args.model), ("pruned", str(pruned))):      # texts added since they were measured
+        if set(EVAL) - set(runs[key]["perplexity"]):
+            runs[key]["perplexity"] = evaluate(model, args, args.work, key, runs[key]["perplexity"])
+            save_results(args.results, results)
+
+    def distilled(where: str) -> dict:
+        out = args.work / f"distill-{where}"
+        flags = ["--aggregation", args.aggregation, "--teacher", "source", "--distill", where, "--distill-data",
+                 str(SHARED / DISTILL_TEXT), "--distill-lr", str(args.lr)]
+        metrics, seconds = run_json(recover_args(args, pruned, data, out, args.clients, args.rounds, args.local_steps,
+                                                 "domain") + flags, args.work / f"distill-{where}.log")
+        return {"metrics": metrics, "wall_seconds": round(seconds, 1), **device_cost(metrics, args.local_steps),
+                "perplexity": evaluate(str(out), args, args.work, f"distill-{where}")}
+
+    for where in args.distill:
+        step(f"distill-{where}", lambda where=where: distilled(where))
     if "curve" not in results:
         import llmprune.fedrecover as fr
 
@@ -180,11 +208,21 @@ def main() -> int:
     return 0
 
 
+def device_cost(metrics: dict, local_steps: int) -> dict:
+    """What the devices paid: the largest measured peak, and seconds per local step (mean)."""
+    seconds = [x for r in metrics["rounds"] for x in r["client_seconds"]]
+    return {"client_peak_rss_mb": round(max(x for r in metrics["rounds"] for x in r["client_peak_rss_mb"]), 1),
+            "client_seconds_per_step": round(sum(seconds) / len(seconds) / local_steps, 2),
+            "server_distill_seconds": round(sum(r.get("distill_seconds", 0.0) for r in metrics["rounds"]), 1)}
+
+
 def summarize(results: dict, fed: dict) -> None:
     runs = results["runs"]
     m = fed["metrics"]
     summary = {}
-    for name in EVAL:
+    for name in runs["federated"]["perplexity"]:
+        if name.endswith("-bpb"):
+            continue
         dense, pruned = runs["dense"]["perplexity"][name], runs["pruned"]["perplexity"][name]
         fedp, cent = runs["federated"]["perplexity"][name], runs["centralized"]["perplexity"][name]
         summary[name] = {"gap_closed": round((pruned - fedp) / (pruned - dense), 3) if pruned != dense else None,
@@ -208,6 +246,40 @@ def current_estimate(results: dict) -> float:
     batch, seq = (int(x) for x in setup["batch"].split("x"))
     model = meta_model(str(ROOT / "bench/work/recover/pruned-0.2"))
     return training_memory_mb(model, setup["lora_rank"], 10**6, batch, seq, TARGET_MODULES)[0]
+
+
+def distill_table(results: dict) -> list[str]:
+    """The distillation arms beside plain federated LoRA: perplexity and its ratio to dense on each
+    text, what the devices paid."""
+    runs = results["runs"]
+    arms = [(k, label) for k, label in (("federated", "plain LoRA"), ("distill-server", "server-side distillation"),
+                                        ("distill-device", "on-device distillation")) if k in runs]
+    if len(arms) < 2:
+        return []
+    dense = runs["dense"]["perplexity"]
+
+    def cell(ppl: dict, name: str) -> str:
+        return f"{ppl[name]:.2f} ({ppl[name] / dense[name]:.2f}×)" if name in ppl else "—"
+
+    rows = ["", "### Distillation from the dense model (`--teacher source`)", "",
+            f"Same fleet, rounds and device steps as above; the server distils on `{DISTILL_TEXT}` (no client holds it, "
+            "no evaluation reads it), 10 steps per round at the clients' lr; on-device, every device holds the teacher "
+            "(no memory declared) and mixes KL (alpha 0.9, T 1) into its loss. Perplexity (× dense); `argparse.py` is out "
+            "of every training text.", "",
+            "| arm | WikiText-2 test | Python docs tutorial | argparse.py | device peak MB | device s/step | "
+            "server distillation s |", "|---|---|---|---|---|---|---|",
+            f"| pruned 0.2 | {cell(runs['pruned']['perplexity'], 'wikitext2')} | "
+            f"{cell(runs['pruned']['perplexity'], 'pydocs-tutorial')} | {cell(runs['pruned']['perplexity'], 'python-source')}"
+            " | | | |"]
+    for key, label in arms:
+        run, ppl = runs[key], runs[key]["perplexity"]
+        cost = run if "client_peak_rss_mb" in run else device_cost(run["metrics"], results["setup"]["local_steps"])
+        rows.append(f"| {label} | {cell(ppl, 'wikitext2')} | {cell(ppl, 'pydocs-tutorial')} | {cell(ppl, 'python-source')} "
+                    f"| {cost['client_peak_rss_mb']:.0f} | {cost['client_seconds_per_step']:.2f} | "
+                    f"{cost['server_distill_seconds']:.0f} |")
+    rows += ["", "Targets (issue 20): ≤ 1.15× dense on WikiText-2 and ≤ 1.3× on Python docs at the same device steps. "
+             "Timings with nothing else running on the 2 cores unless a note says otherwise."]
+    return rows
 
 
 def render(results: dict, doc: Path, plot: Path) -> None:
@@ -245,7 +317,7 @@ def render(results: dict, doc: Path, plot: Path) -> None:
         f"| 0 (pruned) | {runs['pruned']['perplexity']['wikitext2']:.2f} | "
         f"{runs['pruned']['perplexity']['pydocs-tutorial']:.2f} |",
         *[f"| {r['round']} | {r['wikitext2']:.2f} | {r['pydocs-tutorial']:.2f} |" for r in results["curve"]],
-        "", "![perplexity per round](img/recover_ppl.png)",
+        "", "![perplexity per round](img/recover_ppl.png)", *distill_table(results),
     ]
     _replace_section(doc, "recover", "\n".join(body))
     try:

@@ -105,10 +105,15 @@ class CompressConfig:
 
     def _check_budget(self) -> None:
         vocab_only = self.vocab is not None and self.of == "decoder" and self.ratio == 0
+        if self.vocab is not None and self.of == "total" and self.ratio == 0:
+            raise LLMPruneError("--ratio 0 --of total asks the whole model to lose nothing",
+                                "drop --of total to prune the vocabulary only (--ratio 0 --vocab K), or give --ratio above 0")
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not (
                 0.0 < float(self.ratio) < 1.0 or vocab_only):
             raise LLMPruneError(f"--ratio must be between 0 and 1, exclusive (got {self.ratio}; 0 only with --vocab)",
                                 "pass e.g. --ratio 0.2")
+        if vocab_only:
+            self._check_no_decoder_flags()
         if self.of not in BUDGET_SCOPES:
             raise LLMPruneError(f"unknown --of '{self.of}'", f"choose one of: {', '.join(BUDGET_SCOPES)}")
         if self.vocab is not None and (isinstance(self.vocab, bool) or not isinstance(self.vocab, (int, float))):
@@ -122,6 +127,17 @@ class CompressConfig:
         if self.vocab_data is not None and self.vocab is None and self.of == "decoder":
             raise LLMPruneError("--vocab-data ranks the vocabulary, but no --vocab was given",
                                 "pass --vocab K or --vocab FRACTION, or drop --vocab-data")
+
+    def _check_no_decoder_flags(self) -> None:
+        """--ratio 0 prunes the vocabulary only: a decoder setting would be silently ignored."""
+        given = [flag for flag, changed in (
+            ("--method", self.method != "comp"), ("--prune-heads", self.prune_heads),
+            ("--head-ratio", self.head_ratio is not None), ("--layer-share", self.layer_share is not None),
+            ("--allocation", self.allocation is not None), ("--fit", self.fit != "refit"),
+            ("--selection", self.selection != "energy"), ("--intercept", self.intercept)) if changed]
+        if given:
+            raise LLMPruneError(f"{given[0]} prunes the decoder, but --ratio 0 prunes the vocabulary only",
+                                f"drop {given[0]}, or give a --ratio above 0")
 
     @property
     def prunes_vocabulary(self) -> bool:

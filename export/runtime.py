@@ -20,7 +20,8 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 
 def model_file(path: str | os.PathLike, prefer_ort: bool = False) -> Path:
-    """The model file of an export folder (model.onnx, or model.ort when preferred and present)."""
+    """The model file of an export folder: model.onnx (else model.ort), or model.ort when preferred
+    (an error when the folder has none: a user who asked for the mobile format must not time the other)."""
     check_utf8_path(path, "ONNX path")
     path = Path(path)
     kind = special_file_kind(path)
@@ -30,6 +31,9 @@ def model_file(path: str | os.PathLike, prefer_ort: bool = False) -> Path:
         return path
     if not path.is_dir():
         raise LLMPruneError(f"ONNX path '{path}' does not exist", "pass a folder written by `llmprune export`")
+    if prefer_ort and not (path / "model.ort").is_file():
+        raise LLMPruneError(f"'{path}' holds no model.ort (--ort-format asked for it)",
+                            "export with `llmprune export --ort`, or drop --ort-format to run model.onnx")
     names = ("model.ort", "model.onnx") if prefer_ort else ("model.onnx", "model.ort")
     for name in names:
         if (path / name).is_file():

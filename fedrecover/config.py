@@ -126,6 +126,9 @@ class FleetConfig:
 
     def __post_init__(self) -> None:
         coerce_fields(self)
+        if self.emulate_speed and not self.file:
+            raise LLMPruneError("--emulate-speed needs --fleet (it emulates the speed and oom_mb of its devices)",
+                                "pass --fleet FILE, or leave --emulate-speed out")
 
     def min_replies(self, sampled: int) -> int:
         if self.min_clients is not None:
@@ -339,6 +342,7 @@ def flat_fields() -> dict[str, tuple[str | None, dataclasses.Field]]:
 
 def _from_flat(cls, policy: str, settings: dict) -> RecoverConfig:
     known, policy_class = flat_fields(), get_policy(policy)
+    settings = {**policy_class.defaults, **settings}
     own = {dest_of(f): f for f in fields(policy_class.config_class)}
     parts: dict[str | None, dict] = {}
     for name, value in settings.items():

@@ -163,15 +163,22 @@ def distillation_loss(teacher: Teacher, alpha: float, temperature: float, vocab_
 # --- checks and memory ------------------------------------------------------------------------------
 
 def resolve_teacher(spec: str, student_dir: str) -> str:
-    """The teacher's model spec: `source` is the model the checkpoint was pruned from."""
+    """The teacher's model spec: `source` is the model the checkpoint was pruned from (its
+    config.llmprune names it, else its pruning report's `model`)."""
     if spec != SOURCE:
         return spec
-    config = json.loads((Path(student_dir) / "config.json").read_text(encoding="utf-8"))
+    from llmprune.checkpoint import REPORT_FILE
+
+    folder = Path(student_dir)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     source = (config.get("llmprune") or {}).get("source")
-    if not source:
+    if not source and (folder / REPORT_FILE).is_file():
+        report = json.loads((folder / REPORT_FILE).read_text(encoding="utf-8"))
+        source = report.get("model") if isinstance(report, dict) else None
+    if not source or not isinstance(source, str):
         raise LLMPruneError(f"--teacher source: '{student_dir}' does not name the model it was pruned from",
                             "pass the dense model itself, e.g. --teacher path/to/dense-model")
-    return str(source)
+    return source
 
 
 def vocabulary_link(spec: str, student_dir: str) -> torch.Tensor | None:

@@ -33,6 +33,9 @@ RUNTIME_OVERHEAD_MB = 500.0      # Python, torch, transformers, peft, flwr: ~430
 LOSS_CHUNK = 64                  # positions whose full-vocabulary logits exist at once
 ADAM_BYTES_PER_PARAM = 16        # fp32 weight + grad + two Adam moments
 DEVICE_KEYS = ("name", "memory_mb", "speed", "count", "rank", "depth", "oom_mb")
+# Bounds of a fleet file's numbers: past them a typo, not a device (a count of 1e9 would build a
+# billion plans; a speed of 1e9 a billion local steps).
+MAX_MEMORY_MB, MAX_SPEED, MAX_COUNT = 16 * 2**20, 100.0, 10_000
 
 
 @dataclass
@@ -73,6 +76,17 @@ class Assignment:
         return top_layer_modules(shapes, self.depth)
 
 
+def _number(path: Path, name: str, key: str, value, high: float) -> float | None:
+    """A device's number: an int or float (not text, not a boolean), finite, above 0 and at most
+    `high`; None when the key is absent."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= high:
+        raise LLMPruneError(f"fleet file '{path}': device '{name}' has {key} = {value!r}",
+                            f"give {key} as a number above 0 and at most {high:g}")
+    return float(value)
+
+
 def load_fleet(path: str | Path) -> list[Device]:
     path = Path(path)
     try:
@@ -88,11 +102,17 @@ def load_fleet(path: str | Path) -> list[Device]:
     rows = data if isinstance(data, list) else data.get("devices", data.get("device"))
     if not isinstance(rows, list) or not rows:
         raise LLMPruneError(f"fleet file '{path}' lists no devices", "add [[device]] entries with name and memory_mb")
-    devices = []
+    devices, names = [], set()
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise LLMPruneError(f"fleet file '{path}': device {i + 1} is not a table", "see docs/recover.md for the format")
-        name = str(row.get("name", f"device-{i + 1}"))
+        name = row.get("name", f"device-{i + 1}")
+        if not isinstance(name, str) or not name.strip():
+            raise LLMPruneError(f"fleet file '{path}': device {i + 1} has name = {name!r}", "give each device a name as text")
+        if name in names:
+            raise LLMPruneError(f"fleet file '{path}': two devices are named '{name}'",
+                                "give each device its own name (count = N makes N devices of one entry)")
+        names.add(name)
         unknown = [k for k in row if k not in DEVICE_KEYS]
         if unknown:
             raise LLMPruneError(f"fleet file '{path}': device '{name}' has unknown key '{unknown[0]}'",
@@ -105,20 +125,13 @@ def load_fleet(path: str | Path) -> list[Device]:
                                     f"give {key} as a whole number of at least 1, or leave it out to let the "
                                     "memory estimate choose")
             fixed[key] = value
+        memory = _number(path, name, "memory_mb", row.get("memory_mb"), MAX_MEMORY_MB)
+        oom = _number(path, name, "oom_mb", row.get("oom_mb"), MAX_MEMORY_MB)
+        speed = _number(path, name, "speed", row.get("speed", 1.0), MAX_SPEED)
         count = row.get("count", 1)
-        if isinstance(count, bool) or isinstance(count, float) or (isinstance(count, str) and not count.strip().isdigit()):
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= MAX_COUNT:
             raise LLMPruneError(f"fleet file '{path}': device '{name}' has count = {count!r}",
-                                "give count as a whole number of at least 1")
-        try:
-            memory = float(row["memory_mb"]) if "memory_mb" in row else None
-            oom = float(row["oom_mb"]) if "oom_mb" in row else None
-            speed, count = float(row.get("speed", 1.0)), int(count)
-        except (TypeError, ValueError):
-            raise LLMPruneError(f"fleet file '{path}': device '{name}' has a non-numeric memory_mb, oom_mb, speed or count",
-                                "use numbers") from None
-        if (memory is not None and memory <= 0) or (oom is not None and oom <= 0) or speed <= 0 or count < 1:
-            raise LLMPruneError(f"fleet file '{path}': device '{name}' needs memory_mb > 0, speed > 0, count >= 1",
-                                "fix the device entry")
+                                f"give count as a whole number from 1 to {MAX_COUNT}")
         for k in range(count):
             devices.append(Device(name if count == 1 else f"{name}-{k + 1}", memory, speed, fixed["rank"], fixed["depth"],
                                   oom))

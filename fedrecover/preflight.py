@@ -88,6 +88,9 @@ def preflight(model_dir: str, data: list[str], cfg: RecoverConfig, out: Path, st
     check_checkpoint(model_dir)
     if not data:
         raise LLMPruneError("no --data given", "pass one or more text files, folders or HF dataset names")
+    if resume and not overwrite and out.is_dir() and any(out.iterdir()):
+        raise LLMPruneError(f"--out '{out}' holds the model of the run being resumed, which had finished",
+                            "pass --resume --overwrite (and more --rounds) to continue it: the model is replaced at the end")
     check_output_dir(out, overwrite, marker="pruning_report.json")
     check_plan(model_dir, cfg)
     check_teacher(model_dir, cfg)

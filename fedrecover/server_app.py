@@ -180,15 +180,18 @@ def server_paths(cfg: RecoverConfig, settings: RunSettings, root: str | None) ->
     if settings.data_cache:
         raise LLMPruneError("run-config key 'data-cache' is for the simulation only", "leave data-cache empty on a fleet")
 
-    def inside(key: str, value: str) -> str:
+    def inside(key: str, value: str, output: bool = False) -> str:
         path = (base / value).resolve()        # an absolute value stays absolute; symlinks and .. are resolved
-        if not path.is_relative_to(base):
-            raise LLMPruneError(f"run-config key '{key}' = '{value}' is outside the server root "
-                                f"'{base}'", f"use a path inside {SERVER_ROOT_ENV} ('{base}'), e.g. a relative one")
+        # an output must lie below the root, not be it: its temporary and .rounds siblings go beside it
+        if not path.is_relative_to(base) or (output and path == base):
+            where = "the server root itself" if path == base else "outside the server root"
+            raise LLMPruneError(f"run-config key '{key}' = '{value}' is {where} '{base}'",
+                                f"use a path inside {SERVER_ROOT_ENV} ('{base}'), e.g. a relative one")
         return str(path)
 
-    settings = replace(settings, model=inside("model", settings.model or "."), out=inside("out", settings.out or "recovered"),
-                       state_dir=inside("state-dir", settings.state_dir) if settings.state_dir else "")
+    settings = replace(settings, model=inside("model", settings.model or "."),
+                       out=inside("out", settings.out or "recovered", output=True),
+                       state_dir=inside("state-dir", settings.state_dir, output=True) if settings.state_dir else "")
     fleet = replace(cfg.fleet, file=inside("fleet.file", cfg.fleet.file) if cfg.fleet.file else None)
     data = replace(cfg.data, eval_data=inside("data.eval-data", cfg.data.eval_data) if cfg.data.eval_data else None)
     teacher = cfg.distill.teacher

@@ -278,6 +278,10 @@ def load_tokenizer(spec: str | os.PathLike | ModelSource | None = None):
     from .integrity import check_tokenizer_fits
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
+    if source.kind == "folder" and not has_tokenizer_files(source.path):
+        raise LLMPruneError(f"'{printable(source.path)}' has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
+                            "copy the tokenizer files of the model it came from into it, or pass tokenizer= "
+                            "when saving it (e.g. prune(..., tokenizer=tok))")
     try:
         if source.kind == "gguf":  # one file: tokenizer and embedding agree by construction
             return gguf_tokenizer(source.path)

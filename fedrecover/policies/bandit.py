@@ -72,6 +72,7 @@ class BanditPolicy(SubmodelPolicy):
     summary = ("FedSpine: a per-device UCB bandit over (submodel size, LoRA rank) arms, learning from each "
                "round's loss gain per second")
     learns_memory = True
+    defaults = {**SubmodelPolicy.defaults, "aggregation": "hetlora"}   # its arms have mixed ranks
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

@@ -61,6 +61,9 @@ class Policy:
     fleet_deployable: ClassVar[bool] = True     # runs on a real fleet, not only in simulation
     fixed_rounds: ClassVar[bool] = False        # --resume must keep --rounds (steps are spread over them)
     learns_memory: ClassVar[bool] = False       # plans devices that declare no memory_mb itself
+    # settings of the other sections (by flag name) this policy is meant to run with, taken where the
+    # user gave none (RecoverConfig.of, hence `llmprune recover`): a policy's defaults combine
+    defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, cfg: Any) -> None:
         self.cfg, self.config = cfg, cfg.policy

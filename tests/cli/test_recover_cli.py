@@ -345,3 +345,17 @@ def test_ctrl_c_ends_the_run_promptly_and_says_what_is_kept(checkpoint, data_fil
     assert state.exists() and not out.exists()
     time.sleep(1)
     assert _group_members(pgid) == [], "processes of the run are left"
+
+
+def test_a_teacher_of_another_vocabulary_and_a_distill_flag_without_teacher(capfd, checkpoint, data_file, tmp_path):
+    from llmprune.testing import tiny_model
+
+    other = tmp_path / "other-teacher"
+    tiny_model("llama", vocab_size=400).save_pretrained(other)
+    out = tmp_path / "out"
+    assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
+                                    "--teacher", other), "the teacher has 400 tokens", "use a teacher with")
+    assert nothing_written(out)
+    assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
+                                    "--distill", "device"), "--distill needs --teacher")
+    assert nothing_written(out)

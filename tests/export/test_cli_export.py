@@ -118,6 +118,12 @@ def test_generate_without_export(tmp_path, capsys):
     assert_one_line_error(result, "holds no model.onnx")
 
 
+def test_generate_ort_format_needs_a_model_ort(tmp_path, capsys):
+    (tmp_path / "model.onnx").write_bytes(b"")       # an export without --ort: only model.onnx
+    result = _main(capsys, "generate", "--onnx", tmp_path, "--prompt", "hi", "--ort-format")
+    assert_one_line_error(result, "holds no model.ort", "drop --ort-format")
+
+
 def test_generate_genai_needs_onnx(capsys):
     result = _main(capsys, "generate", "--model", "x", "--genai", "--prompt", "hi")
     assert_one_line_error(result, "--genai runs an ONNX export")

@@ -59,11 +59,12 @@ def test_sections_build_the_same_config_as_flag_names():
     assert RecoverConfig.of(lora_rank=8).scale == 2.0 and RecoverConfig.of(lora_rank=8, lora_alpha=4).scale == 0.5
     assert [RecoverConfig().fleet.min_replies(n) for n in (1, 2, 3, 4)] == [1, 1, 2, 2]
     assert RecoverConfig.of(min_clients=3).fleet.min_replies(2) == 2
-    assert list(SECTIONS) == ["data", "training", "fleet", "privacy"]
+    assert list(SECTIONS) == ["data", "training", "fleet", "privacy", "distill"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"clients": 0}, "--clients: 0 must be at least 1"),
+    ({"emulate_speed": True}, "--emulate-speed needs --fleet"),
     ({"fraction": 0.0}, "--fraction: 0.0 must be in (0, 1]"),
     ({"partition": "dirichlet:-1"}, "unknown partition 'dirichlet:-1'"),
     ({"partition": "domain:2"}, "unknown partition 'domain:2'"),
@@ -89,7 +90,7 @@ def test_bad_settings_are_one_line_errors(kwargs, message):
     ({"policy": "bandit", "fleet": "f.toml", "arm_sizes": ""}, "arm grid is empty"),
     ({"policy": "bandit", "fleet": "f.toml", "arm_sizes": "0.5,1.5"}, "--arm-sizes"),
     ({"policy": "bandit", "fleet": "f.toml", "arm_ranks": "2,16", "aggregation": "hetlora"}, "a rank above --lora-rank 8"),
-    ({"policy": "bandit", "fleet": "f.toml", "arm_ranks": "2,4"}, "needs an aggregation of mixed ranks"),
+    ({"policy": "bandit", "fleet": "f.toml", "arm_ranks": "2,4", "aggregation": "fedavg"}, "needs an aggregation of mixed ranks"),
     ({"policy": "submodels", "fleet": "f.toml", "submodel_granularity": "block"}, "'block' is not one of layer"),
     ({"policy": "devft"}, "--policy devft needs --devft-stages"),
     ({"policy": "devft", "devft_stages": "2,1"}, "does not grow"),
@@ -151,3 +152,12 @@ def test_aggregation_registry_drives_validation():
     assert [n for n, a in AGGREGATIONS.items() if a.mixed_ranks] == ["hetlora", "flexlora"]
     with pytest.raises(LLMPruneError, match="secure aggregation only sums uploads.*use fedavg or hetlora"):
         RecoverConfig.of(secagg=True, aggregation="flexlora")
+
+
+def test_a_policys_defaults_combine_and_the_users_flags_win():
+    bandit = RecoverConfig.of(policy="bandit", fleet="f.toml")
+    assert (bandit.training.aggregation, bandit.fleet.client_dtype, bandit.fleet.client_embedding) == \
+        ("hetlora", "bfloat16", "int8")
+    sub = RecoverConfig.of(policy="submodels", fleet="f.toml", client_dtype="float32")
+    assert (sub.training.aggregation, sub.fleet.client_dtype, sub.fleet.client_embedding) == ("fedavg", "float32", "int8")
+    assert RecoverConfig.of().fleet.client_dtype == "float32"

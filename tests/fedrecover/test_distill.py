@@ -118,12 +118,22 @@ def test_a_teacher_that_does_not_fit_the_server_is_refused(monkeypatch, pruned_c
     check_teacher(str(pruned_ckpt), RecoverConfig.of(teacher=str(dense_ckpt), distill="device"))  # devices hold it
 
 
-def test_teacher_source_needs_a_checkpoint_that_names_its_source(pruned_ckpt):
+def test_teacher_source_is_the_model_the_report_names(pruned_ckpt, tmp_path):
+    import json
+    import shutil
+
+    from llmprune.checkpoint import REPORT_FILE
     from llmprune.fedrecover.distill import resolve_teacher
 
+    student = tmp_path / "student"
+    shutil.copytree(pruned_ckpt, student)
+    report = json.loads((student / REPORT_FILE).read_text())
+    (student / REPORT_FILE).write_text(json.dumps({**report, "model": "gemma-3-270m"}))
+    assert resolve_teacher("source", str(student)) == "gemma-3-270m"
+    (student / REPORT_FILE).write_text(json.dumps({k: v for k, v in report.items() if k != "model"}))
     with pytest.raises(LLMPruneError, match="does not name the model it was pruned from"):
-        resolve_teacher("source", str(pruned_ckpt))
-    assert resolve_teacher("some/model", str(pruned_ckpt)) == "some/model"
+        resolve_teacher("source", str(student))
+    assert resolve_teacher("some/model", str(student)) == "some/model"
 
 
 @pytest.mark.parametrize("flags,problem", [

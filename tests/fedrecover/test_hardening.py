@@ -215,6 +215,13 @@ def root(tmp_path):
     ({"model": "pruned"}, {"fleet": "/etc/passwd"}, "run-config key 'fleet.file' = '/etc/passwd' is outside"),
     ({"model": "pruned"}, {"eval_data": "../secret/t.txt"}, "run-config key 'data.eval-data' = '../secret/t.txt'"),
     ({"model": "pruned", "data_cache": "/tmp/p.npz"}, {}, "'data-cache' is for the simulation only"),
+    # the root itself as an output: its .rounds and temporary siblings would land outside it
+    ({"model": "pruned", "out": "."}, {}, "run-config key 'out' = '.' is the server root itself"),
+    ({"model": "pruned", "out": "inner/.."}, {}, "run-config key 'out' = 'inner/..' is the server root itself"),
+    ({"model": "pruned", "state_dir": "."}, {}, "run-config key 'state-dir' = '.' is the server root itself"),
+    ({"model": "pruned"}, {"teacher": "/etc/dense"}, "run-config key 'distill.teacher' = '/etc/dense' is outside"),
+    ({"model": "pruned"}, {"teacher": "pruned", "distill_data": "../secret/t.txt"},
+     "run-config key 'distill.data' = '../secret/t.txt' is outside"),
     ({"model": "pruned", "out": "pruned", "overwrite": True}, {}, "is not an output of llmprune recover"),
 ])
 def test_fleet_run_config_paths_must_stay_inside_the_server_root(root, settings, config, message):

@@ -216,3 +216,13 @@ def test_tokenizers_return_only_what_the_decoders_take(checkpoint, tmp_path):
     from transformers import AutoTokenizer
 
     assert set(AutoTokenizer.from_pretrained(tmp_path / "tok")("x")) == {"input_ids", "attention_mask"}
+
+
+def test_a_folder_without_tokenizer_files_is_one_line_naming_the_fix(tmp_path):
+    from llmprune.errors import LLMPruneError
+    from llmprune.models import load_tokenizer
+    from llmprune.testing import tiny_model
+
+    tiny_model("llama").save_pretrained(tmp_path)              # what prune(..., out=) writes without tokenizer=
+    with pytest.raises(LLMPruneError, match="has no tokenizer files .* pass tokenizer= when saving it"):
+        load_tokenizer(str(tmp_path))
