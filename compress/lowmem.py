@@ -23,6 +23,7 @@ from llmprune.checkpoint import (
     MODELING_FILE,
     REPORT_FILE,
     atomic_output_dir,
+    carried_files,
     check_modeling_file,
     is_pruned_config,
     layer_shape,
@@ -202,6 +203,8 @@ class StreamedSource:
     def write(self, report: dict, sink: Path, out, overwrite: bool, calibration, plan) -> None:
         self.tokenizer.save_pretrained(sink)
         (sink / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str))
+        for name, text in carried_files(self.folder).items():
+            (sink / name).write_text(text, encoding="utf-8")
         scrub_foreign_code(sink)  # no foreign code or auto_map (the tokenizer config keeps the source's)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from llmprune.arch import adapter_for, base_model
-from llmprune.checkpoint import save_pruned
+from llmprune.checkpoint import carried_files, save_pruned
 from llmprune.evaluate import window_nll
 from llmprune.params import parameter_breakdown
 
@@ -208,7 +208,8 @@ class InMemorySource:
 
     def write(self, report: dict, sink, out, overwrite: bool, calibration: Calibration, plan: Plan) -> None:
         if out is not None:
-            save_pruned(self.model, self.tokenizer, out, report, layer_map=report["layer_map"], overwrite=overwrite)
+            save_pruned(self.model, self.tokenizer, out, report, layer_map=report["layer_map"], overwrite=overwrite,
+                        extra_files=carried_files(self.description))
 
 
 class _CopyPass:

@@ -233,7 +233,7 @@ def check_some_round_applied(rows: list[dict], timeout: float | None, state_path
 
 def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: dict, source: str, overwrite: bool) -> None:
     """Fold the adapter into the weights and write a checkpoint like compress's, with metrics.json."""
-    from llmprune.checkpoint import REPORT_FILE, save_pruned
+    from llmprune.checkpoint import REPORT_FILE, carried_files, save_pruned
 
     from .lora import merge_lora
 
@@ -244,7 +244,7 @@ def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: 
     report["recovery"].update(source=str(source), rounds=len(metrics["rounds"]),
                               modules=len(modules_of(arrays)))
     save_pruned(model, tokenizer, out, report=report, overwrite=overwrite,
-                extra_files={"metrics.json": json.dumps(metrics, indent=2, default=str)})
+                extra_files={"metrics.json": json.dumps(metrics, indent=2, default=str), **carried_files(source)})
 
 
 def build_server_app(overrides: dict | None = None, *, simulation: bool = False,

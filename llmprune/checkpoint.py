@@ -458,4 +458,25 @@ def load_vocabulary_map(folder: str | Path) -> dict | None:
     size = data.get("original_vocab_size")
     if isinstance(size, int) and kept[-1] >= size:
         raise LLMPruneError(f"{path}: kept id {kept[-1]} is beyond original_vocab_size {size}", fix)
+    rows = _config_vocab_size(Path(folder))
+    if rows is not None and rows != len(kept):
+        raise LLMPruneError(f"{path} lists {len(kept)} kept ids but the model's embedding has {rows} rows", fix)
     return data
+
+
+def _config_vocab_size(folder: Path) -> int | None:
+    """config.json's vocab_size (None where the folder has no readable one)."""
+    try:
+        size = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return None
+    return size if isinstance(size, int) and not isinstance(size, bool) else None
+
+
+def carried_files(source: str | os.PathLike | None) -> dict[str, str]:
+    """Files of a source checkpoint folder that a model derived from it keeps: its vocabulary map
+    (a decoder-pruned or recovered trimmed checkpoint still has the trimmed vocabulary, and `info`,
+    export and a later --vocab read the map)."""
+    if source is None or not Path(source).is_dir() or load_vocabulary_map(source) is None:
+        return {}
+    return {VOCAB_FILE: (Path(source) / VOCAB_FILE).read_text(encoding="utf-8")}

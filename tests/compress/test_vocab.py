@@ -493,6 +493,15 @@ def test_broken_vocabulary_maps_are_refused(tmp_path, content, message):
         load_vocabulary_map(tmp_path)
 
 
+def test_a_vocabulary_map_that_disagrees_with_the_embedding_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"vocab_size": 3}')
+    (tmp_path / VOCAB_FILE).write_text('{"kept_ids": [0, 1, 5, 9]}')
+    with pytest.raises(LLMPruneError, match="lists 4 kept ids but the model's embedding has 3 rows"):
+        load_vocabulary_map(tmp_path)
+    (tmp_path / "config.json").write_text('{"vocab_size": 4}')
+    assert load_vocabulary_map(tmp_path)["kept_ids"] == [0, 1, 5, 9]
+
+
 # ---------------------------------------------------------------------------- the real Gemma-3 tokenizer
 
 

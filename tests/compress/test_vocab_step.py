@@ -96,6 +96,9 @@ def test_pruning_an_already_pruned_vocabulary_maps_ids_to_the_first_vocabulary(t
     tok = llmprune.load_tokenizer(tmp_path / "second")
     pieces = tok.convert_ids_to_tokens(list(range(280)))
     assert pieces == dense_tok.convert_ids_to_tokens(second["kept_ids"])
+    # pruning only the decoder of a trimmed checkpoint keeps its vocabulary map, as it keeps its vocabulary
+    compress(str(tmp_path / "second"), CompressConfig(**SMALL, ratio=0.2), calib=calib_texts, out=tmp_path / "third")
+    assert json.loads((tmp_path / "third" / VOCAB_FILE).read_text()) == second
 
 
 def test_the_same_inputs_give_the_same_vocabulary(tiny_ckpt, tmp_path, calib_texts):
