@@ -36,23 +36,40 @@ def state_dir_for(out: str | os.PathLike) -> Path:
     return out.parent / f"{out.name}.rounds"
 
 
-def prepare_data(model_dir: str, data: list[str], cfg: RecoverConfig, path: Path) -> dict:
+def prepare_data(model_dir: str, data: list[str], cfg: RecoverConfig, path: Path, resume: bool = False) -> dict:
     """Tokenize and partition once, before Flower starts, so bad data fails early and every
     simulated client reads its share from one file."""
     import llmprune
 
-    from .partition import build_client_data
+    from .partition import ClientData, build_client_data
 
     tokenizer = llmprune.load_tokenizer(model_dir)
     d = cfg.data
     client_data = build_client_data(tokenizer, list(data), cfg.fleet.clients, d.partition, d.seq_len, cfg.seed,
                                     d.max_windows, d.eval_data, d.eval_windows)
+    if resume and path.is_file():
+        check_same_data(ClientData.load(path), client_data)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.npz")
     client_data.save(tmp)
     os.replace(tmp, path)
     return {"clients": client_data.stats,
             "eval_windows": 0 if client_data.eval_windows is None else int(client_data.eval_windows.shape[0])}
+
+
+def check_same_data(saved, now) -> None:
+    """--resume: the clients' windows (and the evaluation's) must be the saved run's, or the
+    resumed rounds would train on other data than the rounds before them."""
+    import numpy as np
+
+    def same(a, b) -> bool:
+        return (a is None) == (b is None) and (a is None or np.array_equal(np.asarray(a), np.asarray(b)))
+
+    parts_same = len(saved.partitions) == len(now.partitions) and all(
+        np.array_equal(a, b) for a, b in zip(saved.partitions, now.partitions))
+    if not (same(saved.windows, now.windows) and parts_same and same(saved.eval_windows, now.eval_windows)):
+        raise LLMPruneError("cannot resume: the client data differs from the saved run's (--data, or a file in it, "
+                            "changed)", "resume with the same --data, unchanged, or start a new --out")
 
 
 def run_config(model_dir: str, cfg: RecoverConfig, out: Path, state: Path, *, resume: bool, overwrite: bool) -> dict:
@@ -72,7 +89,7 @@ def recover(model_dir: str | os.PathLike, data: list[str], config: RecoverConfig
     preflight(model_dir, list(data), config, out, state, resume=resume, overwrite=overwrite)
     before = _snapshot(out, state)
     try:
-        data_stats = prepare_data(model_dir, data, config, state / PARTITIONS_FILE)
+        data_stats = prepare_data(model_dir, data, config, state / PARTITIONS_FILE, resume)
         overrides = run_config(model_dir, config, out, state, resume=resume, overwrite=overwrite)
         run_simulation(config.fleet.clients, overrides, verbose, threading.Event())
     except KeyboardInterrupt:

@@ -36,7 +36,22 @@ def _identity(cfg: RecoverConfig, model: str) -> dict:
     """The settings a resumed run must share with the run it continues: every field declared
     `resume="match"` (config.py), the rounds when the policy spreads its steps over them, and the
     checkpoint."""
-    return {**cfg.resume_identity(), "model": str(model)}
+    out = {**cfg.resume_identity(), "model": str(model)}
+    if cfg.fleet.file:   # the path as typed is not enough: an edited fleet file plans other devices
+        out[FLEET_CONTENT] = _file_digest(cfg.fleet.file)
+    return out
+
+
+def _file_digest(path: str) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+FLEET_CONTENT = "content of --fleet"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -4,6 +4,8 @@ distillation step, and the bad inputs of --teacher."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,8 @@ def test_a_trimmed_student_reads_the_teachers_rows_of_its_kept_ids(tmp_path, den
 
     student = tmp_path / "trimmed"
     shutil.copytree(dense_ckpt, student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "vocab_size": 5}))     # a student of 5 kept ids
     (student / "vocabulary.json").write_text(json.dumps({"original_vocab_size": 320, "kept_ids": [0, 1, 2, 7, 300]}))
     assert vocabulary_link(str(dense_ckpt), str(student)).tolist() == [0, 1, 2, 7, 300]
     assert vocabulary_link(str(dense_ckpt), str(dense_ckpt)) is None
@@ -188,5 +192,13 @@ def test_a_distilled_run_resumes_as_it_would_have_gone_on(taught_run, pruned_ckp
     out = tmp_path / "recovered"
     copy_run(ref, out)
     cut_back_to(out, 1)
+    fleet = Path(distill["fleet"])
+    text = fleet.read_text()
+    fleet.write_text(text.replace('"roomy"', '"roomier"'))        # the same path, other devices: refused
+    try:
+        with pytest.raises(LLMPruneError, match=r"settings differ from the saved run \(content of --fleet\)"):
+            run_recover(pruned_ckpt, [text_file], out, **distill, resume=True)
+    finally:
+        fleet.write_text(text)
     got = run_recover(pruned_ckpt, [text_file], out, **distill, resume=True)
     assert_resumed_equal(ref, got)

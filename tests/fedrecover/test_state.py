@@ -15,7 +15,7 @@ from llmprune.errors import LLMPruneError
 from llmprune.fedrecover import RecoverConfig, state_dir_for
 from llmprune.fedrecover.state import STATE_FILE, RoundState, load_state, save_state
 
-from .conftest import BASIC, SMALL, copy_run, cut_back_to, run_recover
+from .conftest import BASIC, SMALL, copy_run, cut_back_to, run_recover, varied_text
 
 MODEL = "/models/pruned"
 
@@ -87,6 +87,10 @@ def test_resumed_run_equals_the_uninterrupted_run(basic_run, pruned_ckpt, text_f
     assert json.loads((state / STATE_FILE).read_text())["round"] == 1
     with pytest.raises(LLMPruneError, match="holds rounds of an earlier run"):
         run_recover(pruned_ckpt, [text_file], out, **BASIC)
+    other = tmp_path / "other.txt"                          # other data: refused before Flower starts
+    other.write_text(varied_text(seed=5), encoding="utf-8")
+    with pytest.raises(LLMPruneError, match="cannot resume: the client data differs from the saved run's"):
+        run_recover(pruned_ckpt, [other], out, **BASIC, resume=True)
     resumed = run_recover(pruned_ckpt, [text_file], out, **BASIC, resume=True)
 
     ref = basic_run.metrics
