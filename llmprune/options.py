@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -107,9 +108,12 @@ def _float(text) -> float:
     try:
         if isinstance(text, bool):
             raise ValueError
-        return float(text)
+        value = float(text)
     except (TypeError, ValueError):
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not math.isfinite(value):       # no setting means infinity or nan; a timeout says "none" instead
+        raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
+    return value
 
 
 def positive_float(text) -> float:

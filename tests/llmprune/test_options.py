@@ -52,3 +52,14 @@ def test_help_shows_the_default_and_cli_false_fields_are_not_flags():
     assert "--hidden" not in text
     assert [f.name for f in cli_fields(Knobs)] == ["ratio", "name", "share", "steps", "heads", "modules"]
     assert help_of(Knobs, "hidden") == "not a flag"
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", float("inf")])
+def test_no_number_setting_takes_infinity_or_nan(text):
+    import argparse
+
+    from llmprune.options import non_negative_float, positive_float
+
+    for parse in (positive_float, non_negative_float):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(text)
