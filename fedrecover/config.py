@@ -166,15 +166,6 @@ def _weight(text) -> float:
     return value
 
 
-def _temperature(text) -> float:
-    import argparse
-
-    value = positive_float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{value} must be finite")
-    return value
-
-
 @dataclass
 class DistillConfig:
     """Distillation from a teacher (the dense model): on the server after each aggregation, and on
@@ -190,7 +181,7 @@ class DistillConfig:
              "plain LoRA; both")
     alpha: float = option(0.9, flag="--distill-alpha", parse=_weight,
                           help="weight of the KL to the teacher in the loss (the rest is next-token loss)")
-    temperature: float = option(1.0, flag="--distill-temperature", parse=_temperature,
+    temperature: float = option(1.0, flag="--distill-temperature", parse=positive_float,
                                 help="softmax temperature of teacher and student in the KL")
     data: str | None = option(None, flag="--distill-data", default_text="the evaluation text",
                               help="the server's distillation text file (--distill server/both)")
