@@ -41,6 +41,10 @@ def check_plan(model_dir: str, cfg: RecoverConfig) -> list[dict]:
     plan that fits (or the error says which device and what budget it needs)."""
     policy = get_policy(cfg.policy.name)(cfg)
     model = meta_model(model_dir)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and cfg.data.seq_len > positions:
+        raise LLMPruneError(f"--seq-len {cfg.data.seq_len} is beyond the model's {positions} positions",
+                            f"pass --seq-len {positions} or less")
     policy.check_model(model, model_dir)
     plans = policy.plan_devices(model, cfg.fleet.clients)   # the ServerApp's planner, on the meta model
     check_ranks(cfg.training.aggregation, policy.adapter_ranks([p for p in plans if not p.refused]))

@@ -359,3 +359,11 @@ def test_a_teacher_of_another_vocabulary_and_a_distill_flag_without_teacher(capf
     assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
                                     "--distill", "device"), "--distill needs --teacher")
     assert nothing_written(out)
+
+
+def test_a_window_longer_than_the_models_positions(capfd, checkpoint, data_file, tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(*run_main(capfd, "--model", checkpoint("llama"), "--data", data_file, "--out", out, *SMALL,
+                                    "--seq-len", "4096"), "--seq-len 4096 is beyond the model's 256 positions",
+                          "pass --seq-len 256 or less")
+    assert nothing_written(out)
