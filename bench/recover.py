@@ -29,8 +29,25 @@ EVAL = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs-tutorial": "pydocs/tutor
         # out of every calibration, client and server text: Python source every install carries
         "python-source": str(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py")}
 PYDOCS_TRAIN = ("howto.txt", "faq.txt", "reference.txt")
-DISTILL_TEXT = "pydocs/library.txt"   # the server's own text: no client holds it, no evaluation reads it
-DISTILL_ARMS = ("server", "device")
+# The distillation arms: flags, and the server's own text (no client holds it, no evaluation reads it):
+# `library` the Python library reference alone; `mixed` paragraphs of it interleaved with WikiText-2
+# test from 200 kB on (the evaluation reads its first 8 x 512 tokens, about 20 kB).
+DISTILL_ARMS = {"server": (["--distill", "server"], "library"), "device": (["--distill", "device"], None),
+                "server-mixed": (["--distill", "server"], "mixed")}
+WIKI_SKIP = 200_000
+
+
+def server_text(kind: str, work: Path) -> Path:
+    library = SHARED / "pydocs/library.txt"
+    if kind == "library":
+        return library
+    path = work / "server-text-mixed.txt"
+    if not path.is_file():
+        wiki = (SHARED / "wikitext2/wiki.test.raw").read_text(encoding="utf-8")[WIKI_SKIP:].split("\n\n")
+        lib = library.read_text(encoding="utf-8").split("\n\n")
+        mixed = [p for pair in zip(wiki, lib) for p in pair if p.strip()]
+        path.write_text("\n\n".join(mixed), encoding="utf-8")
+    return path
 
 
 def evaluate(model: str, args, work: Path, tag: str, known: dict | None = None) -> dict:
@@ -134,8 +151,9 @@ def main() -> int:
     p = recovery_parser(__doc__, "recover", rounds=3, local_steps=15, batch_size=4, max_windows=600, eval_windows=8)
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--aggregation", default="fedavg")
-    p.add_argument("--distill", nargs="*", default=list(DISTILL_ARMS), choices=DISTILL_ARMS,
-                   help="distillation arms to run (--teacher source, the server's text pydocs/library.txt)")
+    p.add_argument("--distill", nargs="*", default=list(DISTILL_ARMS), choices=tuple(DISTILL_ARMS),
+                   help="distillation arms to run (--teacher source): server (on pydocs/library.txt), device, "
+                        "server-mixed (on library paragraphs interleaved with WikiText-2 test beyond the evaluated part)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = load_results(args.results) if args.resume else {}
@@ -184,17 +202,19 @@ def main() -> int:
             runs[key]["perplexity"] = evaluate(model, args, args.work, key, runs[key]["perplexity"])
             save_results(args.results, results)
 
-    def distilled(where: str) -> dict:
-        out = args.work / f"distill-{where}"
-        flags = ["--aggregation", args.aggregation, "--teacher", "source", "--distill", where, "--distill-data",
-                 str(SHARED / DISTILL_TEXT), "--distill-lr", str(args.lr)]
+    def distilled(arm: str) -> dict:
+        out = args.work / f"distill-{arm}"
+        flags, text = DISTILL_ARMS[arm]
+        flags = ["--aggregation", args.aggregation, "--teacher", "source", *flags]
+        if text is not None:
+            flags += ["--distill-data", str(server_text(text, args.work)), "--distill-lr", str(args.lr)]
         metrics, seconds = run_json(recover_args(args, pruned, data, out, args.clients, args.rounds, args.local_steps,
-                                                 "domain") + flags, args.work / f"distill-{where}.log")
+                                                 "domain") + flags, args.work / f"distill-{arm}.log")
         return {"metrics": metrics, "wall_seconds": round(seconds, 1), **device_cost(metrics, args.local_steps),
-                "perplexity": evaluate(str(out), args, args.work, f"distill-{where}")}
+                "perplexity": evaluate(str(out), args, args.work, f"distill-{arm}")}
 
-    for where in args.distill:
-        step(f"distill-{where}", lambda where=where: distilled(where))
+    for arm in args.distill:
+        step(f"distill-{arm}", lambda arm=arm: distilled(arm))
     if "curve" not in results:
         import llmprune.fedrecover as fr
 
@@ -252,7 +272,9 @@ def distill_table(results: dict) -> list[str]:
     """The distillation arms beside plain federated LoRA: perplexity and its ratio to dense on each
     text, what the devices paid."""
     runs = results["runs"]
-    arms = [(k, label) for k, label in (("federated", "plain LoRA"), ("distill-server", "server-side distillation"),
+    arms = [(k, label) for k, label in (("federated", "plain LoRA"),
+                                        ("distill-server", "server-side distillation on the library reference"),
+                                        ("distill-server-mixed", "server-side distillation on library + WikiText text"),
                                         ("distill-device", "on-device distillation")) if k in runs]
     if len(arms) < 2:
         return []
@@ -262,8 +284,10 @@ def distill_table(results: dict) -> list[str]:
         return f"{ppl[name]:.2f} ({ppl[name] / dense[name]:.2f}×)" if name in ppl else "—"
 
     rows = ["", "### Distillation from the dense model (`--teacher source`)", "",
-            f"Same fleet, rounds and device steps as above; the server distils on `{DISTILL_TEXT}` (no client holds it, "
-            "no evaluation reads it), 10 steps per round at the clients' lr; on-device, every device holds the teacher "
+            "Same fleet, rounds and device steps as above; the server distils on its own text (no client holds it, no "
+            "evaluation reads it): `pydocs/library.txt`, or its paragraphs interleaved with WikiText-2 test from 200 kB "
+            "on (the evaluation reads the first ~20 kB), 10 steps per round at the clients' lr; on-device, every device "
+            "holds the teacher "
             "(no memory declared) and mixes KL (alpha 0.9, T 1) into its loss. Perplexity (× dense); `argparse.py` is out "
             "of every training text.", "",
             "| arm | WikiText-2 test | Python docs tutorial | argparse.py | device peak MB | device s/step | "

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if args.debug else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     _quiet_third_party(args.debug)
+    from llmprune.model_card import set_command
+
+    set_command(sys.argv[1:] if argv is None else list(argv))
     try:
         return args.run(args) or 0
     except LLMPruneError as exc:

@@ -17,6 +17,7 @@ from llmprune.arch import adapter_for
 from llmprune.checkpoint import atomic_output_dir, check_output_dir
 from llmprune.data import cut_windows, tokenize_stream
 from llmprune.errors import LLMPruneError
+from llmprune.model_card import CARD_FILE, card_text
 from llmprune.paths import check_writable_output, find_write_error, write_error
 
 from .config import DEFAULT_EVAL_TEXT, ExportConfig
@@ -60,10 +61,11 @@ def _eos(model):
 
 
 def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLike | None = None, tokenizer=None,
-                eval_texts: list[str] | None = None) -> ExportResult:
+                eval_texts: list[str] | None = None, source: str | None = None) -> ExportResult:
     """Export an in-memory causal LM (dense or pruned) to ONNX with KV cache, check it against
     PyTorch, optionally quantize, convert and describe it for onnxruntime-genai; writes `out`
-    atomically and returns the report (also in out/export_report.json)."""
+    atomically and returns the report (also in out/export_report.json) with a model card
+    (README.md); `source`: the model spec it was loaded from, for the card."""
     config = config or ExportConfig()
     if out is None:
         raise LLMPruneError("no output folder given", "pass out=... (--out)")
@@ -73,7 +75,7 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
     check_opset(config.opset)
     model.eval()
     try:
-        return _export(model, config, out, tokenizer, eval_texts)
+        return _export(model, config, out, tokenizer, eval_texts, source)
     except LLMPruneError:
         raise
     except Exception as exc:  # disk full, read-only...: one line; the temporary folder is already gone
@@ -83,9 +85,9 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
         raise write_error(out, cause) from exc
 
 
-def _export(model, config: ExportConfig, out, tokenizer, eval_texts) -> ExportResult:
+def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str | None) -> ExportResult:
     start = time.perf_counter()
-    report: dict = {"model": _model_facts(model),
+    report: dict = {"source": source, "model": _model_facts(model),
                     "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
                     "variants": {}}
     with atomic_output_dir(out, config.overwrite, marker=REPORT_FILE) as tmp:
@@ -120,6 +122,7 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts) -> ExportRe
             variant["size_vs_fp32"] = variant["sizes"]["onnx_bytes"] / fp32_bytes
         report["seconds"] = round(time.perf_counter() - start, 3)
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (tmp / CARD_FILE).write_text(card_text(report, Path(out)), encoding="utf-8")
     return ExportResult(Path(out), report)
 
 
@@ -234,4 +237,4 @@ def export_checkpoint(spec, config: ExportConfig | None = None, out=None, eval_d
     check_opset(config.opset)
     model, tokenizer = load(spec, dtype=torch.float32)
     texts = load_texts(eval_data) if eval_data else None
-    return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts)
+    return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts, source=str(spec))

@@ -291,6 +291,10 @@ def save_pruned(model: nn.Module, tokenizer, out: str | os.PathLike, report: dic
             tokenizer.save_pretrained(tmp)
         (tmp / MODELING_FILE).write_text(modeling_source(model))
         (tmp / REPORT_FILE).write_text(json.dumps(report if report is not None else {}, indent=2, default=_jsonable))
+        if report:
+            from .model_card import CARD_FILE, card_text
+
+            (tmp / CARD_FILE).write_text(card_text(report, Path(out)), encoding="utf-8")
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         scrub_foreign_code(tmp)

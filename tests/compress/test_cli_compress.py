@@ -54,6 +54,9 @@ def test_compress_json_then_eval(llmprune_cli, tiny_ckpt, calib_file, tmp_path, 
     assert report["config"]["calib_samples"] == 4 and report["calibration"]["windows"] == 4
     assert json.loads((out / "pruning_report.json").read_text())["ratio_achieved"] == report["ratio_achieved"]
     assert leftovers(out) == []
+    card = (out / "README.md").read_text()           # the model card: the command that made it, the measured
+    assert f"llmprune compress --model {tiny_ckpt('llama')} --ratio 0.3" in card
+    assert f"| parameters | {report['params_after']['total']:,} of {report['params_before']['total']:,}" in card
     model = llmprune.load_model(out)
     assert [l.mlp.down_proj.in_features for l in model.model.layers] == [
         r["neurons_after"] for r in report["layers"] if not r["dropped"]]
