@@ -21,6 +21,12 @@ def add_model_argument(parser: argparse.ArgumentParser, positional: bool = False
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype (default float32)")
 
 
+def add_push_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--push-to-hub", metavar="REPO", default=None,
+                        help="also upload the output folder (with its model card) to this Hugging Face model repo; "
+                             "checked before any work: offline it is an error and nothing is written")
+
+
 def torch_dtype(name: str):
     import torch
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import emit_json
+from .common import add_push_argument, emit_json
 
 
 def ratio_type(text: str) -> float:
@@ -30,6 +30,7 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier compress/recover output in --out (one with "
                    "pruning_report.json; any other non-empty folder is refused)")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    add_push_argument(p)
     p.set_defaults(run=run)
 
 

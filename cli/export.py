@@ -3,7 +3,7 @@ optionally quantized (int8 / int4), converted to .ort and described for onnxrunt
 
 from __future__ import annotations
 
-from .common import emit_json
+from .common import add_push_argument, emit_json
 
 
 def add_parser(sub) -> None:
@@ -18,6 +18,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-data", default=None, help="text for the quantized perplexity change (file, folder or HF "
                    "dataset; default: a built-in paragraph)")
     p.add_argument("--json", action="store_true", help="print the export report as JSON on stdout")
+    add_push_argument(p)
     p.set_defaults(run=run)
 
 

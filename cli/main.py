@@ -71,7 +71,17 @@ def main(argv: list[str] | None = None) -> int:
 
     set_command(sys.argv[1:] if argv is None else list(argv))
     try:
-        return args.run(args) or 0
+        repo = getattr(args, "push_to_hub", None)
+        if repo:
+            from llmprune.hub import check_hub
+
+            check_hub(repo)                  # before any work: offline, nothing is written
+        code = args.run(args) or 0
+        if repo and code == 0:
+            from llmprune.hub import push_folder
+
+            logging.getLogger("llmprune").info("pushed to %s", push_folder(args.out, repo))
+        return code
     except LLMPruneError as exc:
         if args.debug:
             raise

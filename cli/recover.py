@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import emit_json
+from .common import add_push_argument, emit_json
 
 EXAMPLES = """examples:
   # 4 simulated devices, 3 rounds, every device trains LoRA on every layer
@@ -54,6 +54,7 @@ def add_parser(sub) -> None:
     run_group.add_argument("--resume", action="store_true", help="continue the run whose rounds are in OUT.rounds/")
     run_group.add_argument("--overwrite", action="store_true", help="replace a non-empty --out and earlier rounds")
     run_group.add_argument("--json", action="store_true", help="print metrics as JSON on stdout")
+    add_push_argument(p)
     p.set_defaults(run=run)
 
 

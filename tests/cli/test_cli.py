@@ -277,3 +277,21 @@ def test_eval_gemma_main_job(gemma, shared_data, tmp_path):
     expected = math.exp(sum(losses) / len(losses))
     assert out["perplexity"] == pytest.approx(expected, rel=1e-4)
     assert 20 < out["perplexity"] < 27
+
+
+@pytest.mark.parametrize("command", ["compress", "recover", "export"])
+@pytest.mark.parametrize("repo, env, message", [
+    ("me/pruned", {"HF_HUB_OFFLINE": "1"}, "--push-to-hub: this machine is offline (HF_HUB_OFFLINE is set)"),
+    ("not a repo", {}, "--push-to-hub 'not a repo' is not a repo id"),
+])
+def test_push_to_hub_offline_or_malformed_is_one_line_before_any_work(command, repo, env, message, checkpoint,
+                                                                     data_file, tmp_path):
+    out = tmp_path / "out"
+    args = {"compress": ["--model", checkpoint("llama"), "--ratio", "0.2", "--calib", data_file],
+            "recover": ["--model", checkpoint("llama"), "--data", data_file],
+            "export": ["--model", checkpoint("llama")]}[command]
+    result = run_main(command, *map(str, args), "--out", str(out), "--push-to-hub", repo, cwd=tmp_path, env=env)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0] and " — " in lines[0], result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
