@@ -38,6 +38,8 @@ def run(args) -> int:
         equal = sum(r["equal"] for r in gen["prompts"])
         ppl = v["perplexity"]
         ppl_text = f"ppl {ppl['onnx']:.3f}" + (f" ({ppl['change']:+.2%} vs fp32)" if "change" in ppl else "")
+        if ppl.get("bits_per_byte") is not None:
+            ppl_text += f", {ppl['bits_per_byte']:.4f} bits/byte"
         size = v["sizes"]["onnx_bytes"] / 2**20
         print(f"{name:5s} {size:9.1f} MiB ({v['size_vs_fp32']:.0%} of fp32) | "
               f"max |logit diff| {v['logits']['max_abs_logit_diff']:.2g}"

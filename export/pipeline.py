@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,32 +91,38 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
     report: dict = {"source": source, "model": _model_facts(model),
                     "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
                     "variants": {}}
-    with atomic_output_dir(out, config.overwrite, marker=REPORT_FILE) as tmp:
+    step = _Steps(config)
+    with atomic_output_dir(out, config.overwrite, marker=REPORT_FILE) as tmp, step:
         t = time.perf_counter()
-        facts = export_fp32(model, tmp, config.opset)
+        with step("trace and write the fp32 ONNX"):
+            facts = export_fp32(model, tmp, config.opset)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         report["export_seconds"] = round(time.perf_counter() - t, 3)
         report["dedupe"] = {k: facts[k] for k in ("raw_bytes", "bytes")} | {
             "removed": facts["dedupe"]["removed"], "bytes_saved": facts["dedupe"]["bytes_saved"]}
         report["opset"] = facts["opset"]
-        checks = _ParityInputs.build(model, tokenizer, eval_texts, config)
-        fp32 = OnnxCausalLM(tmp, threads=config.threads)
-        report["variants"]["fp32"] = _check_fp32(model, fp32, checks, config)
+        with step("check fp32 against PyTorch (logits, greedy tokens, perplexity)"):
+            checks = _ParityInputs.build(model, tokenizer, eval_texts, config)
+            fp32 = OnnxCausalLM(tmp, threads=config.threads)
+            report["variants"]["fp32"] = _check_fp32(model, fp32, checks, config)
         folders = {"fp32": tmp}
         for mode in config.modes:
-            report["variants"][mode], folders[mode] = _write_quantized(model, mode, tmp, checks, config,
-                                                                       report["variants"]["fp32"]["perplexity"])
+            with step(f"quantize {mode} and check it"):
+                report["variants"][mode], folders[mode] = _write_quantized(model, mode, tmp, checks, config,
+                                                                           report["variants"]["fp32"]["perplexity"])
         if config.genai:
             if tokenizer is None:
                 raise LLMPruneError("--genai needs the tokenizer files", "export a checkpoint folder that has a tokenizer")
-            for folder in folders.values():
-                write_genai_config(folder, model.config, fp32.input_names, config.max_context,
-                                   getattr(model, "generation_config", None))
+            with step("write the onnxruntime-genai config"):
+                for folder in folders.values():
+                    write_genai_config(folder, model.config, fp32.input_names, config.max_context,
+                                       getattr(model, "generation_config", None))
         for name, folder in folders.items():
             if config.ort:
-                report["variants"][name]["ort"] = _convert_and_check_ort(folder, fp32 if name == "fp32" else None,
-                                                                         checks.ids, config.threads)
+                with step(f"convert {name} to .ort and check it"):
+                    report["variants"][name]["ort"] = _convert_and_check_ort(folder, fp32 if name == "fp32" else None,
+                                                                             checks.ids, config.threads)
             report["variants"][name]["sizes"] = _sizes(folder)
         fp32_bytes = report["variants"]["fp32"]["sizes"]["onnx_bytes"]
         for variant in report["variants"].values():
@@ -124,6 +131,31 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / CARD_FILE).write_text(card_text(report, Path(out)), encoding="utf-8")
     return ExportResult(Path(out), report)
+
+
+class _Steps:
+    """The export's long steps as they happen: a progress bar over the planned steps (the current
+    one named), and each step's time in the log."""
+
+    def __init__(self, config: ExportConfig) -> None:
+        from tqdm import tqdm
+
+        total = 2 + len(config.modes) + bool(config.genai) + (1 + len(config.modes)) * bool(config.ort)
+        self.bar = tqdm(total=total, desc="export", unit="step", disable=None)
+
+    @contextmanager
+    def __call__(self, name: str):
+        self.bar.set_postfix_str(name)
+        started = time.perf_counter()
+        yield
+        self.bar.update(1)
+        log.info("export: %s: %.1f s", name, time.perf_counter() - started)
+
+    def __enter__(self) -> _Steps:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def _model_facts(model) -> dict:

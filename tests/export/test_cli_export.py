@@ -37,6 +37,9 @@ def test_export_cli_writes_checked_folder(cli_export):
     for folder in (out, out / "int4"):
         assert {"model.onnx", "model.ort", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert int4["sizes"]["onnx_bytes"] < fp32["sizes"]["onnx_bytes"] / 2
+    for step in ("trace and write the fp32 ONNX", "check fp32 against PyTorch", "quantize int4 and check it",
+                 "write the onnxruntime-genai config", "convert int4 to .ort and check it"):
+        assert f"export: {step}" in result.stderr                 # each long step is shown, with its time
     card = (out / "README.md").read_text()                 # the model card, from the report
     assert f"ONNX export (KV cache) of `{report['source']}`" in card and "| int4 |" in card and "llmprune export" in card
     assert int4["perplexity"]["change"] is not None
