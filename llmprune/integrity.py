@@ -21,9 +21,22 @@ SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_lay
 _IGNORED_UNEXPECTED = ("rotary_emb.inv_freq",)
 
 
-def read_config_json(folder: str | Path, fix: str = RECREATE) -> dict:
-    """config.json of a folder, which must be a JSON object."""
-    path = Path(folder) / "config.json"
+# The JSON files a checkpoint folder may hold besides config.json: each must be a JSON object, or the
+# library reading it fails deep inside with a message that names neither the file nor the fix.
+CHECKPOINT_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                         "vocabulary.json", "pruning_report.json", "export_report.json", "metrics.json")
+
+
+def check_json_files(folder: str | Path, fix: str = RECREATE) -> None:
+    """Every JSON file of a checkpoint folder (CHECKPOINT_JSON_FILES) that is present is whole."""
+    for name in CHECKPOINT_JSON_FILES:
+        if (Path(folder) / name).is_file():
+            read_config_json(folder, fix, name)
+
+
+def read_config_json(folder: str | Path, fix: str = RECREATE, name: str = "config.json") -> dict:
+    """config.json (or another JSON file) of a folder, which must be a JSON object."""
+    path = Path(folder) / name
     try:
         raw = path.read_bytes()
     except OSError as exc:

@@ -184,8 +184,12 @@ def load_config(spec: str | os.PathLike | ModelSource | None):
 def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32):
     """Load a causal LM from a folder, .gguf file, hub id or packaged name, in eval mode. A folder's
     weights must match its config (see `_load_checked`)."""
+    from .integrity import check_json_files
+
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
     config = load_config(source)
+    if source.kind == "folder":
+        check_json_files(source.path, source.fix)   # generation_config.json and the rest: whole, or one line
     try:
         if source.kind == "gguf":
             model = _load_gguf_model(Path(source.path), dtype)
@@ -237,12 +241,13 @@ def check_checkpoint(spec: str | os.PathLike | ModelSource) -> None:
     hand the folder to other processes (recover's clients)."""
     from llmprune.checkpoint import check_modeling_file, is_pruned_config, stock_class
 
-    from .integrity import check_tensor_names
+    from .integrity import check_json_files, check_tensor_names
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
     config = load_config(source)
     if source.kind != "folder":
         return
+    check_json_files(source.path, source.fix)
     if is_pruned_config(config):
         check_modeling_file(source.path, stock_class(config))
     klass, stored = _checked_class(source, config)
@@ -275,9 +280,11 @@ def load_tokenizer(spec: str | os.PathLike | ModelSource | None = None):
     from transformers import AutoTokenizer
 
     from .gguf_tokenizer import gguf_tokenizer
-    from .integrity import check_tokenizer_fits
+    from .integrity import check_json_files, check_tokenizer_fits
 
     source = spec if isinstance(spec, ModelSource) else resolve_model_spec(spec)
+    if source.kind == "folder":
+        check_json_files(source.path, source.fix)
     if source.kind == "folder" and not has_tokenizer_files(source.path):
         raise LLMPruneError(f"'{printable(source.path)}' has no tokenizer files ({', '.join(TOKENIZER_FILES)})",
                             "copy the tokenizer files of the model it came from into it, or pass tokenizer= "

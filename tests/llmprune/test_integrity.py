@@ -94,3 +94,16 @@ def test_find_write_error_looks_through_wrappers():
 
 def test_printable_escapes_undecodable_bytes():
     assert printable("/tmp/x\udcff") == "/tmp/x\\udcff"
+
+
+@pytest.mark.parametrize("name", ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                                  "generation_config.json", "pruning_report.json"])
+def test_a_checkpoint_json_file_cut_short_is_one_line_naming_it(checkpoint, tmp_path, name):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint("llama"), folder)
+    path = folder / name
+    text = path.read_text() if path.is_file() else '{"a": 1}'
+    path.write_text(text[: max(1, len(text) // 2)])
+    for load in (llmprune.load_tokenizer, llmprune.load_model):
+        with pytest.raises(LLMPruneError, match=f"'{path}' is not valid JSON"):
+            load(folder)
