@@ -133,13 +133,14 @@ def calibration_windows(tokenizer, texts: list[str], cfg: CompressConfig) -> tup
     return calib, held_out, True
 
 
-def use_error_allocation(cfg: CompressConfig, calib_tokens: int, widths: list[int]) -> bool:
-    """Whether the neurons per layer follow the error curves (see MIN_TOKENS_PER_NEURON)."""
+def use_error_allocation(cfg: CompressConfig, calib_tokens: int, widths: list[int], say: bool = True) -> bool:
+    """Whether the neurons per layer follow the error curves (see MIN_TOKENS_PER_NEURON); `say`:
+    log the fallback (once per run: calibration asks first, the plan asks again)."""
     if cfg.effective_allocation != "error":
         return False
     widest = max(widths)
     if cfg.allocation is None and calib_tokens < MIN_TOKENS_PER_NEURON * widest:
-        log.info("allocation: uniform (%d calibration tokens < %d per neuron × %d neurons; "
+        (log.info if say else log.debug)("allocation: uniform (%d calibration tokens < %d per neuron × %d neurons; "
                  "pass --allocation error to force it)", calib_tokens, MIN_TOKENS_PER_NEURON, widest)
         return False
     return True

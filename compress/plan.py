@@ -81,7 +81,7 @@ def _curves_for(calibration: Calibration, cfg: CompressConfig) -> dict[int, np.n
     from .calibrate import use_error_allocation
 
     widths = [b.width for b in calibration.layers]
-    if not use_error_allocation(cfg, calibration.calib_ids.numel(), widths):
+    if not use_error_allocation(cfg, calibration.calib_ids.numel(), widths, say=False):
         return None
     if calibration.curves is None:
         raise LLMPruneError("this calibration has no error curves (it was made for the uniform allocation)",
