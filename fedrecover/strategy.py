@@ -130,7 +130,8 @@ class LoraStrategy:
             state.policy = policy.state_dict()
             self.checkpoint(state)
             log.info("round %d: %d/%d clients, train loss %s, eval ppl %s, %.1f s", server_round,
-                     len(collected.replies), len(sent.messages), loss, perplexity, row["seconds"])
+                     len(collected.replies), len(sent.messages), "-" if loss is None else f"{loss:.4f}",
+                     "-" if perplexity is None else f"{perplexity:.2f}", row["seconds"])
 
     def sample(self, server_round: int) -> list[int]:
         """Seeded by (seed, round) over partition ids, so a resumed run samples what the
