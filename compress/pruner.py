@@ -169,7 +169,8 @@ class InMemorySource:
         self.model, self.tokenizer = model, tokenizer
         self.layers = list(adapter_for(model).decoder_layers(model))
         self.layer_map = list((getattr(model.config, "llmprune", None) or {}).get("layer_map", range(len(self.layers))))
-        self.description = description or type(model).__name__
+        # what it was loaded from when the caller does not say (transformers records it): the card's source
+        self.description = description or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.params_before = parameter_breakdown(model)
 
     def calibrate(self, calib: torch.Tensor, held_out: torch.Tensor, cfg: CompressConfig, want_curves: bool) -> dict:

@@ -28,12 +28,29 @@ def source_licence(source: str | None) -> tuple[str, str]:
     of the source folder's own card (ours or the model's publisher's), else unknown."""
     if source in PACKAGED_LICENCES:
         return PACKAGED_LICENCES[source]
+    packaged = _packaged_name(source)
+    if packaged:                             # the packaged model's converted cache folder
+        return PACKAGED_LICENCES[packaged]
     if source and (Path(source) / CARD_FILE).is_file():
         for line in (Path(source) / CARD_FILE).read_text(encoding="utf-8", errors="replace").splitlines()[:30]:
             if line.startswith("license:"):
                 value = line.split(":", 1)[1].strip()
                 return value, f"the card of the source model ({source})"
     return "unknown", f"the source model's own licence ({source or 'not recorded'}) applies"
+
+
+def _packaged_name(source: str | None) -> str | None:
+    from .models import cache_dir
+
+    if not source:
+        return None
+    for name in PACKAGED_LICENCES:
+        try:
+            if Path(source).resolve() == (cache_dir() / "models" / name).resolve():
+                return name
+        except OSError:
+            return None
+    return None
 
 
 def card_text(report: dict, folder: str | Path) -> str:

@@ -29,7 +29,8 @@ def test_the_readme_python_examples_run_as_written(readme_examples):
     lines = readme_examples.stdout.splitlines()
     perplexity, tokens = lines[0].split()
     assert 15 < float(perplexity) < 35 and tokens == "2048"  # the dense model on 4x512 windows: ~23.08
-    assert (readme_examples.work / "pruned" / "config.json").is_file()  # compress(out="pruned/") wrote it
+    assert (readme_examples.work / "pruned-py" / "config.json").is_file()  # compress(out="pruned-py/") wrote it
+    assert "license: gemma" in (readme_examples.work / "pruned-py" / "README.md").read_text()  # its model card
     cuts = [line.split() for line in lines if line.startswith(("0.1 ", "0.3 "))]
     assert [c[0] for c in cuts] == ["0.1", "0.3"]
     assert abs(float(cuts[0][1]) - 0.1) < 0.02 and abs(float(cuts[1][1]) - 0.3) < 0.02

@@ -19,7 +19,7 @@ def test_comp_on_gemma_saves_a_checkpoint_that_loads_both_ways(readme_examples, 
     from transformers import AutoModelForCausalLM
 
     assert readme_examples.returncode == 0, readme_examples.stderr[-4000:]
-    folder = readme_examples.work / "pruned"
+    folder = readme_examples.work / "pruned-py"
     report = json.loads((folder / "pruning_report.json").read_text())
     assert abs(report["ratio_achieved"] - 0.2) < 0.01
     assert report["params_after"]["embeddings"] == report["params_before"]["embeddings"]

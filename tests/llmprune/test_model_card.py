@@ -46,3 +46,9 @@ def test_an_exports_card_lists_every_variant_and_inherits_the_licence_of_its_sou
 
 def test_a_source_without_a_known_licence_says_so():
     assert source_licence(None)[0] == "unknown" and source_licence("/nowhere")[0] == "unknown"
+
+
+def test_a_model_loaded_from_the_packaged_cache_folder_has_the_packaged_licence(monkeypatch, tmp_path):
+    monkeypatch.setenv("LLMPRUNE_CACHE_DIR", str(tmp_path))
+    assert source_licence(str(tmp_path / "models" / "gemma-3-270m"))[0] == "gemma"
+    assert source_licence(str(tmp_path / "models" / "other"))[0] == "unknown"
