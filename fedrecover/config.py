@@ -166,6 +166,9 @@ def _weight(text) -> float:
     return value
 
 
+SERVER_ONLY = ("data", "windows", "steps", "lr")     # DistillConfig fields of the server's step
+
+
 @dataclass
 class DistillConfig:
     """Distillation from a teacher (the dense model): on the server after each aggregation, and on
@@ -197,6 +200,11 @@ class DistillConfig:
             if changed:
                 raise LLMPruneError(f"{changed[0]} needs --teacher", "pass --teacher MODEL (e.g. --teacher source), "
                                     f"or leave {changed[0]} out")
+        elif self.where == "device":       # the server's own step is off: its settings would be ignored
+            server = [flag_of(f) for f in fields(self) if f.name in SERVER_ONLY and getattr(self, f.name) != _field_default(f)]
+            if server:
+                raise LLMPruneError(f"{server[0]} sets the server's distillation, but --distill device has none",
+                                    f"pass --distill both, or leave {server[0]} out")
 
     @property
     def on_server(self) -> bool:

@@ -145,6 +145,8 @@ def test_teacher_source_is_the_model_the_report_names(pruned_ckpt, tmp_path):
     (dict(teacher="t", distill_alpha=1.5), "--distill-alpha"),
     (dict(teacher="t", distill_temperature="inf"), "--distill-temperature"),
     (dict(teacher="t", distill="phone"), "--distill"),
+    (dict(teacher="t", distill="device", distill_data="x.txt"), "--distill-data sets the server's distillation"),
+    (dict(teacher="t", distill="device", distill_steps=3), "--distill-steps sets the server's distillation"),
 ])
 def test_bad_distillation_settings_are_one_line_errors(flags, problem):
     from llmprune.fedrecover.config import RecoverConfig
