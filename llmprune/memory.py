@@ -53,23 +53,23 @@ def reset_peak_rss() -> bool:
 def window_peak_rss_mb() -> float:
     """The RSS high-water mark since the last `reset_peak_rss` (VmHWM), in MiB; the process peak
     where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_rss_mb()
+    hwm = _proc_kib("/proc/self/status", "VmHWM:")
+    return hwm / 1024 if hwm is not None else peak_rss_mb()
 
 
 def available_mb() -> float | None:
     """Memory the OS can give this process now (Linux MemAvailable), MiB; None where unknown."""
+    available = _proc_kib("/proc/meminfo", "MemAvailable:")
+    return available / 1024 if available is not None else None
+
+
+def _proc_kib(path: str, key: str) -> int | None:
+    """The kB value of `key` in a /proc file of `key value kB` lines (None without /proc)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(key):
+                    return int(line.split()[1])
     except OSError:
         pass
     return None
