@@ -309,7 +309,8 @@ def distill_table(results: dict) -> list[str]:
                     f"| {cost['client_peak_rss_mb']:.0f} | {cost['client_seconds_per_step']:.2f} | "
                     f"{cost['server_distill_seconds']:.0f} |")
     rows += ["", "Targets (issue 20): ≤ 1.15× dense on WikiText-2 and ≤ 1.3× on Python docs at the same device steps. "
-             "Timings with nothing else running on the 2 cores unless a note says otherwise."]
+             "Timings with nothing else running on the 2 cores unless a note says otherwise.",
+             *[f"- {note}" for note in results.get("distill_notes", [])]]
     return rows
 
 
