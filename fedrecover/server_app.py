@@ -242,7 +242,7 @@ def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: 
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     report["recovery"] = {k: metrics[k] for k in ("initial_eval_perplexity", "final_eval_perplexity", "aggregation")}
     report["recovery"].update(source=str(source), rounds=len(metrics["rounds"]),
-                              modules=len(modules_of(arrays)), config=metrics["config"])
+                              modules=len(modules_of(arrays)), config=metrics.get("config"))
     save_pruned(model, tokenizer, out, report=report, overwrite=overwrite,
                 extra_files={"metrics.json": json.dumps(metrics, indent=2, default=str), **carried_files(source)})
 

@@ -151,7 +151,7 @@ def test_the_bandit_state_is_saved_with_the_round_and_resume_continues_it(bandit
     assert all(sum(b["plays"]) == 2 for b in two["policy"]["bandits"].values())   # 2 rounds, every device sampled
     out = tmp_path / "recovered"
     copy_run(ref, out)
-    with pytest.raises(LLMPruneError, match=r"holds the model of the run being resumed .* pass --resume --overwrite"):
+    with pytest.raises(LLMPruneError, match=r"holds the model of the run being resumed.* pass --resume --overwrite"):
         run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **{**BANDIT, "rounds": 3}, resume=True)
     got = run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **{**BANDIT, "rounds": 3}, resume=True,
                       overwrite=True)

@@ -329,7 +329,9 @@ def test_override_strings():
                            arm_sizes="0.5,1")
     assert run_config_overrides("/m", "/o", cfg) == ("model='/m' out='/o' policy.name='bandit' data.seq-len=32 "
                                                      "training.rounds=1 training.aggregation='hetlora' "
-                                                     "fleet.clients=2 fleet.file='f.toml' policy.bandit.arm-sizes='0.5,1'")
+                                                     "fleet.clients=2 fleet.file='f.toml' fleet.client-dtype='bfloat16' "
+                                                     "fleet.client-embedding='int8' policy.bandit.arm-sizes='0.5,1'")
+    # (the bandit's defaults, lean devices, travel in the overrides: the app's pyproject says float32)
     assert run_config_overrides("/m", "/o", resume=True) == "model='/m' out='/o' resume=true"
     with pytest.raises(ValueError, match="not run-config keys"):
         run_config_overrides("/m", "/o", learning_rate=1)

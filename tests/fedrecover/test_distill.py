@@ -141,7 +141,7 @@ def test_teacher_source_is_the_model_the_report_names(pruned_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("flags,problem", [
-    (dict(distill_alpha=0.5), "--distill-alpha needs --teacher"),
+    (dict(distill_alpha=0.7), "--distill-alpha needs --teacher"),
     (dict(teacher="t", distill_alpha=1.5), "--distill-alpha"),
     (dict(teacher="t", distill_temperature="inf"), "--distill-temperature"),
     (dict(teacher="t", distill="phone"), "--distill"),
