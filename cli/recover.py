@@ -81,7 +81,6 @@ def config_from_flags(args):
 
 def run(args) -> int:
     import contextlib
-    import logging
     import sys
 
     from llmprune.fedrecover import recover
@@ -95,11 +94,7 @@ def run(args) -> int:
     if args.json:
         emit_json(metrics)
         return 0
-    rows = metrics["rounds"]
-    log = logging.getLogger("llmprune.recover")
-    for row in rows:
-        log.info("round %d: %d/%d clients, loss %s, ppl %s, up %.2f MB", row["round"], row["clients_returned"],
-                 row["clients_sampled"], row["train_loss"], row["eval_perplexity"], row["bytes_up"] / 1e6)
+    rows = metrics["rounds"]      # each round was logged as it ended
     sys.stdout.write(
         f"recovered {args.model} -> {result.out} in {len(rows)} rounds: eval perplexity "
         f"{metrics['initial_eval_perplexity']} -> {metrics['final_eval_perplexity']}; "

@@ -197,11 +197,13 @@ class DeviceBandit:
         """The arms playable this round, cheapest first: allowed, under the ceiling, not backed off."""
         return [a for a in self.allowed if a <= self.ceiling and server_round >= self.backoff_until[a]]
 
-    def choose(self, server_round: int) -> int:
-        """The arm to play this round (does not change the bandit: call `update` with the outcome)."""
+    def choose(self, server_round: int) -> int | None:
+        """The arm to play this round, or None when every arm it may play is backed off (the
+        device rests: replaying an arm that just failed would only fail again). Does not change
+        the bandit: call `update` with the outcome."""
         candidates = self.candidates(server_round)
-        if not candidates:  # everything is backed off: the cheapest arm is the least likely to fail again
-            return self.allowed[0]
+        if not candidates:
+            return None
         unplayed = [a for a in candidates if self.plays[a] == 0]
         if unplayed:  # UCB needs one play of each arm; the cheapest first is the safest
             return unplayed[0]

@@ -153,6 +153,17 @@ def _secagg_if_asked(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
+def failed_reply(msg: Message, exc: BaseException) -> Message:
+    """The reply of a round that failed in a way a device can (out of memory, a setting it cannot
+    honour): the cause in one line for the server, instead of Flower logging the traceback on both
+    sides and the server reading it from its last line."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+
+
 def build_client_app(overrides: dict | None = None) -> ClientApp:
     """The ClientApp; `overrides` are run-config entries a simulation passes in directly."""
     app = ClientApp(mods=[_secagg_if_asked, _dp_clip_if_asked])
@@ -173,7 +184,10 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         if is_legacy_fit(msg):  # a SecAgg+ round: the legacy fit protocol, masked by the mod
             return secagg_train(msg, lambda instruction, arrays: device.train(context, instruction, arrays))
         instruction, arrays = TrainInstruction.from_message(msg)
-        return device.train(context, instruction, arrays).reply_to(msg)
+        try:
+            return device.train(context, instruction, arrays).reply_to(msg)
+        except (MemoryError, LLMPruneError) as exc:
+            return failed_reply(msg, exc)
 
     return app
 

@@ -72,7 +72,7 @@ def check_teacher(model_dir: str, cfg: RecoverConfig) -> None:
 def check_resumable(state: Path, cfg: RecoverConfig, model_dir: str) -> None:
     """--resume: the saved state must be readable and match, before any data or Flower work."""
     from .lora import module_shapes
-    from .state import load_state
+    from .state import check_policy_state, load_state
 
     policy = get_policy(cfg.policy.name)(cfg)
     model = meta_model(policy.resume_model_dir(model_dir, state))   # prune-tune: the latest re-pruned checkpoint
@@ -81,7 +81,8 @@ def check_resumable(state: Path, cfg: RecoverConfig, model_dir: str) -> None:
     trained = {m for p in plans if not p.refused for m in policy.adapter_modules(shapes, p)}
     expected = {f"{m}.{part}": np.empty((shapes[m][0], 1) if part == "B" else (1, shapes[m][1]), np.float32)
                 for m in trained for part in ("A", "B")}
-    load_state(state, cfg, model=str(Path(model_dir).resolve()), expected=expected)
+    saved = load_state(state, cfg, model=str(Path(model_dir).resolve()), expected=expected)
+    check_policy_state(policy, saved, model, state)
 
 
 def preflight(model_dir: str, data: list[str], cfg: RecoverConfig, out: Path, state: Path, *,

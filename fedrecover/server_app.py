@@ -23,7 +23,7 @@ from .distill import open_distillation
 from .lora import modules_of
 from .messages import Identity, IdentityQuery
 from .policies import get_policy
-from .state import RoundState, load_state, save_state
+from .state import RoundState, check_policy_state, load_state, save_state
 from .strategy import LoraStrategy, RunContext
 from .transport import PlainTransport, RunStopped, SecAggTransport, send_and_receive
 
@@ -121,6 +121,8 @@ def open_run(grid: Grid, context: Context, overrides: dict | None, simulation: b
     run.windows = eval_windows(cfg, settings, run.tokenizer)
     run.distillation = open_distillation(cfg, settings.model, run.tokenizer, run.windows)
     run.state = start_state(run)
+    if settings.resume:
+        check_policy_state(policy, run.state, run.model, settings.state_path)
     policy.start(run)
     policy.load_state_dict(run.state.policy or {})
     return run, policy

@@ -28,7 +28,7 @@ def run_simulation(clients: int, overrides: dict, verbose: bool, stop: threading
                "init_args": {"num_cpus": cpus, "include_dashboard": False,
                              "logging_level": "info" if verbose else "error", "log_to_driver": verbose}}
     _quiet_flower(verbose)
-    with ray_environment():
+    with ray_environment(), _ray_notes_shown(verbose):
         try:
             flower_simulation(build_server_app(overrides, simulation=True, stop=stop), build_client_app(overrides),
                               num_supernodes=clients, backend_config=backend, verbose_logging=verbose)
@@ -36,6 +36,21 @@ def run_simulation(clients: int, overrides: dict, verbose: bool, stop: threading
             stop.set()              # the ServerApp thread stops waiting for replies
             shutdown_ray()
             raise
+
+
+@contextlib.contextmanager
+def _ray_notes_shown(verbose: bool):
+    """Ray's driver prints its services' notes ("(raylet) Task ClientAppActor.terminate failed ...",
+    in colour) whatever its log settings; they say nothing a user can act on, so only --debug shows
+    them. Ray has no public switch: the flag its printer reads is set for the run and restored."""
+    import ray._private.worker as ray_worker
+
+    saved = getattr(ray_worker, "_worker_logs_enabled", True)
+    ray_worker._worker_logs_enabled = verbose
+    try:
+        yield
+    finally:
+        ray_worker._worker_logs_enabled = saved
 
 
 @contextlib.contextmanager

@@ -111,6 +111,15 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: d
     return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"), policy)
 
 
+def check_policy_state(policy, state: RoundState, model, folder: Path) -> None:
+    """A saved policy state the policy cannot continue on `model` is a one-line error (the round
+    files were edited or damaged: the settings that shaped it already matched)."""
+    problem = policy.state_problem(state.policy or {}, model)
+    if problem:
+        raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable (the saved {policy.name} state: {problem})",
+                            "start over with --overwrite (the saved rounds are replaced), or pass another --out")
+
+
 def saved_round(folder: Path) -> int:
     """The last round saved in `folder` (0 when there is none; load_state refuses a bad file later)."""
     try:

@@ -108,8 +108,8 @@ class LoraStrategy:
             sampled = self.sample(server_round)
             sent = self.instructions(server_round, policy.assign(server_round, sampled))
             needed = run.cfg.fleet.min_replies(len(sent.messages))
-            collected = self.transport.exchange(server_round, sent.messages, run.plan.partitions, state.arrays,
-                                                run.plan.rank, needed)
+            collected = Collected([]) if not sent.messages else self.transport.exchange(   # all sampled devices rest
+                server_round, sent.messages, run.plan.partitions, state.arrays, run.plan.rank, needed)
             new, loss = self.aggregate(server_round, collected, needed, state.arrays)
             if new is not None and run.distillation is not None and run.distillation.server is not None:
                 new, distilled = run.distillation.server.refine(run.model, new, run.cfg.scale, server_round)

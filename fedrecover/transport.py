@@ -78,7 +78,7 @@ class PlainTransport:
         for r in replies:
             if r.has_error():
                 reason = (r.error.reason or "").strip().splitlines()
-                log.warning("round %d: client on node %d failed: %s", server_round, r.metadata.src_node_id,
+                log.warning("round %d: client %d failed: %s", server_round, partitions[r.metadata.src_node_id],
                             reason[-1][:300] if reason else r.error.code)
                 failures[partitions[r.metadata.src_node_id]] = failure_kind(r.error.reason or "")
         if len(messages) > len(replies):

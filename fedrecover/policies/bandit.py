@@ -7,6 +7,7 @@ reward is the device's loss gain per second of its round, less a straggler penal
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,9 @@ from llmprune.options import non_negative_float, option
 from ..bandit import Arm, DeviceBandit, arm_grid, parse_numbers, round_rewards
 from ..fleet import Assignment, Device, UnitCosts, assign_submodels, cycled, fleet_devices, submodel_memory_mb
 from .base import RoundOutcome
-from .submodels import SubmodelConfig, SubmodelPolicy, draw_submodel
+from .submodels import SCHEDULE_STATE, SubmodelConfig, SubmodelPolicy, draw_submodel
+
+log = logging.getLogger(__name__)
 
 
 def _sizes(text) -> tuple[float, ...]:
@@ -39,6 +42,11 @@ class BanditConfig(SubmodelConfig):
                                 help="bandit: weight of the UCB exploration bonus")
     straggler_weight: float = option(0.5, flag="--straggler-weight", parse=non_negative_float,
                                      help="bandit: reward penalty per unit of round time beyond the round's median")
+
+
+# one device's bandit (bandit.DeviceBandit.state_dict)
+BANDIT_STATE = {"arms": [[float]], "allowed": [int], "declared": int, "plays": [int], "sums": [float],
+                "failures": [int], "backoff_until": [int], "ceiling": int}
 
 
 def arm_ranks(cfg: Any) -> list[int]:
@@ -73,6 +81,7 @@ class BanditPolicy(SubmodelPolicy):
                "round's loss gain per second")
     learns_memory = True
     defaults = {**SubmodelPolicy.defaults, "aggregation": "hetlora"}   # its arms have mixed ranks
+    state_schema = {"schedule": SCHEDULE_STATE, "scale": float, "bandits": {str: BANDIT_STATE}}
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -136,11 +145,25 @@ class BanditPolicy(SubmodelPolicy):
         self.scale = 0.0
         self.arm_played: dict[int, int] = {}
         self.reports: dict[int, dict] = {}
+        self.resting: set[int] = set()
+
+    def begin_round(self, run, server_round: int) -> dict:
+        """A device whose every playable arm is backed off rests this round (the round's row names it)."""
+        devices = {pid: a.device for pid, a in run.plan.clients.values()}
+        self.resting = {int(k) for k, b in self.bandits.items() if b.choose(server_round) is None}
+        if not self.resting:
+            return {}
+        names = sorted(devices[pid] for pid in self.resting)
+        log.info("round %d: %s rest(s): every arm it may play is backed off after failing", server_round,
+                 ", ".join(names))
+        return {"resting": names}
 
     def assign(self, server_round: int, nodes: list[int]) -> dict[int, Assignment]:
         out = {}
         for node in nodes:
             pid, plan = self.run.plan.clients[node]
+            if pid in self.resting:
+                continue
             arm = self.bandits[str(pid)].choose(server_round)
             out[node] = draw_submodel(self.schedule, self.unit_costs, plan, server_round, pid, self.arm_units[arm],
                                       self.arms[arm].rank, self.cfg.seed)
@@ -178,6 +201,27 @@ class BanditPolicy(SubmodelPolicy):
             self.scale = float(state["scale"])
             for key, saved in state["bandits"].items():
                 self.bandits[key].load_state_dict(saved)
+
+    def state_problem(self, state: dict, model) -> str | None:
+        """Beyond the shape: the unit schedule fits the model, one bandit per client, each over
+        this run's arm grid with one entry per arm."""
+        problem = super().state_problem(state, model)      # the shape and the unit schedule
+        if problem:
+            return problem
+        grid = [[arm.size, arm.rank] for arm in arms_of(self.cfg)]
+        clients = {str(i) for i in range(self.cfg.fleet.clients)}
+        if not set(state["bandits"]) <= clients:
+            return f"'bandits' are for clients {sorted(state['bandits'])}, the run has {self.cfg.fleet.clients}"
+        for key, saved in state["bandits"].items():
+            if saved["arms"] != grid:
+                return f"'bandits.{key}.arms' is not this run's arm grid {grid}"
+            lengths = {k: len(saved[k]) for k in ("plays", "sums", "failures", "backoff_until")}
+            if any(n != len(grid) for n in lengths.values()):
+                return f"'bandits.{key}' does not hold one entry per arm ({lengths}, {len(grid)} arms)"
+            if not saved["allowed"] or any(not 0 <= a < len(grid) for a in saved["allowed"]) \
+                    or saved["ceiling"] not in saved["allowed"] or min(saved["plays"] + saved["failures"]) < 0:
+                return f"'bandits.{key}' has arms, counts or a ceiling outside the grid"
+        return None
 
 
 POLICY = BanditPolicy

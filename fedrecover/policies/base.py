@@ -3,6 +3,7 @@ config class; every hook it may need is declared here as a no-op (or the fixed p
 so a policy overrides only what it changes. The round loop (strategy.py) calls them in order:
 
     before Flower starts   check_config(cfg), check_model(meta model), plan_devices, adapter_modules/ranks
+    on --resume, before    state_problem(saved state): its shape (state_schema) and the policy's rules
     on the server, once    open(run) -> [the fleet plan is made] -> start(run) -> load_state_dict(saved)
     every round            begin_round -> assign -> [send, collect, aggregate] -> observe -> eval_view
                            -> client_report (per device row) -> state_dict (saved with the round)
@@ -13,6 +14,7 @@ settings; a policy changes the run only in `open` and `begin_round`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -64,6 +66,8 @@ class Policy:
     # settings of the other sections (by flag name) this policy is meant to run with, taken where the
     # user gave none (RecoverConfig.of, hence `llmprune recover`): a policy's defaults combine
     defaults: ClassVar[dict[str, Any]] = {}
+    # the shape of state_dict()'s output (see schema_problem); None: the policy saves no state
+    state_schema: ClassVar[Any] = None
 
     def __init__(self, cfg: Any) -> None:
         self.cfg, self.config = cfg, cfg.policy
@@ -140,3 +144,43 @@ class Policy:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved round's state ({} for a fresh run)."""
+
+    def state_problem(self, state: dict, model: nn.Module) -> str | None:
+        """What makes a saved state impossible to continue on `model` (its module tree may be on the
+        meta device), or None; checked on --resume before anything starts (a policy with rules
+        beyond the shape extends it)."""
+        if self.state_schema is None:
+            return None
+        if not state:
+            return "is missing"
+        return schema_problem(state, self.state_schema)
+
+
+def schema_problem(value: Any, schema: Any, path: str = "") -> str | None:
+    """Where `value` (parsed JSON) departs from `schema`, or None. A schema is int, float (finite)
+    or str; [item] a list of items; {str: item} an object of any keys; a dict of fixed keys."""
+    where = f"'{path}'" if path else "it"
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            return f"{where} is not an object"
+        fields = [(k, schema[str]) for k in value] if set(schema) == {str} else list(schema.items())
+        for key, item in fields:
+            if key not in value:
+                return f"{where} has no '{key}'"
+            problem = schema_problem(value[key], item, f"{path}.{key}" if path else key)
+            if problem:
+                return problem
+        return None
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return f"{where} is not a list"
+        return next((p for i, v in enumerate(value) if (p := schema_problem(v, schema[0], f"{path}[{i}]"))), None)
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {int: numeric and isinstance(value, int), float: numeric and math.isfinite(value),
+          str: isinstance(value, str)}[schema]
+    return None if ok else f"{where} is {json_kind(value)}, not {'a finite number' if schema is float else schema.__name__}"
+
+
+def json_kind(value: Any) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)

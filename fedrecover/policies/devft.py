@@ -63,6 +63,7 @@ class StagePolicy(Policy):
     summary = "DevFT: staged growth, devices train a model of fused representative layers that grows each stage"
     lean_devices = True
     fixed_rounds = True
+    state_schema = {"stages": [str]}
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -118,6 +119,17 @@ class StagePolicy(Policy):
 
     def state_dict(self) -> dict:
         return {"stages": [s.to_json() for s in self.stages]}
+
+    def state_problem(self, state: dict, model) -> str | None:
+        problem = super().state_problem(state, model)
+        if problem:
+            return problem
+        for i, text in enumerate(state["stages"]):
+            try:
+                Stage.from_json(text)
+            except LLMPruneError:
+                return f"'stages[{i}]' is not a stage description"
+        return None if state["stages"] else "'stages' is empty"
 
     def load_state_dict(self, state: dict) -> None:
         if state and state.get("stages"):   # the saved grouping wins: a resumed run trains what it trained

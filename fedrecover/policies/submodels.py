@@ -30,6 +30,25 @@ class SubmodelConfig(PolicyConfig):
         help="what a submodel drops: whole layers, or attention and MLP blocks apart")
 
 
+# the unit draw's state (grouping.UnitSchedule.state_dict)
+SCHEDULE_STATE = {"groups": [[int]], "importance": [float], "granularity": str, "staleness": [int]}
+
+
+def schedule_problem(saved: dict, granularity: str, units: int) -> str | None:
+    """What keeps a saved unit schedule (shape already checked) from continuing a run of `units`
+    units at `granularity`, or None."""
+    from ..grouping import UnitSchedule
+
+    if saved["granularity"] != granularity or len(saved["importance"]) != units:
+        return (f"'schedule' is for {len(saved['importance'])} units at {saved['granularity']!r} granularity, "
+                f"the run has {units} at {granularity!r}")
+    try:
+        UnitSchedule.from_state_dict(saved)
+    except ValueError as exc:
+        return f"'schedule' is inconsistent ({exc})"
+    return None
+
+
 def draw_submodel(schedule, costs, assignment: Assignment, server_round: int, partition_id: int, count: int,
                   rank: int, seed: int, correction: float = 1.0) -> Assignment:
     """This round's cut for one device: `count` units drawn by the schedule (seeded by seed, round
@@ -77,6 +96,7 @@ class SubmodelPolicy(Policy):
     # the point is that a device smaller than the model takes part: its frozen weights in bfloat16
     # and its vocabulary table in int8 (a 1000 MB phone needs both for a 0.2-pruned Gemma-3-270M)
     defaults = {"client_dtype": "bfloat16", "client_embedding": "int8"}
+    state_schema = {"schedule": SCHEDULE_STATE, "units": {str: int}, "correction": {str: float}}
 
     def __init__(self, cfg: Any) -> None:
         super().__init__(cfg)
@@ -153,6 +173,10 @@ class SubmodelPolicy(Policy):
             self.schedule.load_state_dict(state["schedule"])
             self.units.update({k: int(v) for k, v in state["units"].items()})
             self.correction = {k: float(v) for k, v in state["correction"].items()}
+
+    def state_problem(self, state: dict, model) -> str | None:
+        return super().state_problem(state, model) or schedule_problem(state["schedule"], self.granularity,
+                                                                       len(self.costs(model).weights))
 
 
 def check_sublayer_skip_on_random(meta) -> None:

@@ -5,6 +5,7 @@ the round checkpoint), DevFT stages (fused layers, LoRA handed to group members)
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -99,7 +100,23 @@ def bandit_run(pruned_ckpt, text_file, tmp_path_factory):
     # big: declared, everything fits; slow: half speed; ghost: undeclared, and its true limit is below any model
     fleet = write_fleet(tmp, [{"name": "big", "memory_mb": 1e6}, {"name": "slow", "memory_mb": 1e6, "speed": 0.5},
                               {"name": "ghost", "oom_mb": 1}])
-    return run_recover(pruned_ckpt, [text_file], tmp / "recovered", fleet=fleet, **BANDIT), fleet, tmp
+    records = RecordsAbove(logging.WARNING)
+    logging.getLogger().addHandler(records)
+    try:
+        run = run_recover(pruned_ckpt, [text_file], tmp / "recovered", fleet=fleet, **BANDIT)
+    finally:
+        logging.getLogger().removeHandler(records)
+    run.warnings = records.lines
+    return run, fleet, tmp
+
+
+class RecordsAbove(logging.Handler):
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(f"{record.name}: {record.getMessage()}")
 
 
 def test_the_bandit_plays_arms_learns_rewards_and_backs_off_a_failing_device(bandit_run):
@@ -107,16 +124,24 @@ def test_the_bandit_plays_arms_learns_rewards_and_backs_off_a_failing_device(ban
     rounds = run.metrics["rounds"]
     for row in rounds:
         by_device = {c["device"]: c for c in row["clients"]}
-        assert set(by_device) == {"big", "slow"}, row      # the ghost fails every round (out of memory)
-        assert [f["device"] for f in row["failures"]] == ["ghost"] and row["failures"][0]["failed"] == "oom"
-        assert row["failures"][0]["arm"] == "0.34x1"        # undeclared: the smallest arm, never grown after failing
-        for c in by_device.values():
+        assert set(by_device) == {"big", "slow"}, row
+    # the ghost runs out of memory in round 1, on the smallest arm (undeclared: it starts there) ...
+    assert [f["device"] for f in rounds[0]["failures"]] == ["ghost"] and rounds[0]["failures"][0]["failed"] == "oom"
+    assert rounds[0]["failures"][0]["arm"] == "0.34x1" and rounds[0]["failures"][0]["reward"]["reward"] == -1.0
+    # ... so every arm it may play is backed off for 2 rounds: it rests instead of failing again
+    assert rounds[1]["failures"] == [] and rounds[1]["resting"] == ["ghost"] and "resting" not in rounds[0]
+    # and the server heard why in one line, not a traceback
+    failed = [line for line in run.warnings if "failed" in line]
+    assert failed == [f"llmprune.fedrecover.transport: round 1: client 2 failed: MemoryError: out of memory: "
+                      f"training needed {failed[0].split('needed ')[1].split(' MB')[0]} MB at step 1, the device has 1 MB"]
+    assert not any("Traceback" in line or line.startswith("flwr") for line in run.warnings), run.warnings
+    for row in rounds:
+        for c in row["clients"]:
             reward = c["reward"]
             assert c["arm"] in {"0.34x1", "0.34x4", "1x1", "1x4"} and reward["failed"] == ""
             assert reward["gain"] == pytest.approx(c["loss_first"] - c["loss_last"], abs=1e-4)
             assert reward["rate"] == pytest.approx(reward["gain"] / reward["seconds"], abs=2e-6)
             assert -1.0 <= reward["reward"] <= 1.0
-        assert row["failures"][0]["reward"]["reward"] == -1.0
     # a declared device explores its arms cheapest first: round 1 plays the smallest arm
     assert rounds[0]["clients"][0]["arm"] == "0.34x1"
 
@@ -148,7 +173,8 @@ def test_the_bandit_state_is_saved_with_the_round_and_resume_continues_it(bandit
     ref, fleet, _ = bandit_run
     two = json.loads((state_dir_for(ref.out) / "state.json").read_text())
     assert two["policy"]["scale"] > 0 and set(two["policy"]["bandits"]) == {"0", "1", "2"}
-    assert all(sum(b["plays"]) == 2 for b in two["policy"]["bandits"].values())   # 2 rounds, every device sampled
+    # 2 rounds, every device sampled; the ghost (client 2) rested in round 2
+    assert {k: sum(b["plays"]) for k, b in two["policy"]["bandits"].items()} == {"0": 2, "1": 2, "2": 1}
     out = tmp_path / "recovered"
     copy_run(ref, out)
     with pytest.raises(LLMPruneError, match=r"holds the model of the run being resumed.* pass --resume --overwrite"):
@@ -157,11 +183,67 @@ def test_the_bandit_state_is_saved_with_the_round_and_resume_continues_it(bandit
                       overwrite=True)
     three = json.loads((state_dir_for(out) / "state.json").read_text())
     assert len(got.metrics["rounds"]) == 3
-    # round 3 continued the saved bandits: each device has one more play than after round 2, not one in total
+    # round 3 continued the saved bandits: each device has one more play than after round 2, not one in total,
+    # and the ghost still rests (its back-off runs to round 4)
     for key, bandit in two["policy"]["bandits"].items():
-        assert sum(three["policy"]["bandits"][key]["plays"]) == sum(bandit["plays"]) + 1
+        assert sum(three["policy"]["bandits"][key]["plays"]) == sum(bandit["plays"]) + (key != "2")
+    assert got.metrics["rounds"][2]["resting"] == ["ghost"]
     # the rounds before the resume are kept as they were
     assert got.metrics["rounds"][:2] == two["rounds"]
+
+
+def corrupt_policy_state(out, change) -> None:
+    """Edit the policy state the last round file carries (the one --resume reads)."""
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    from llmprune.fedrecover import state_dir_for
+    from llmprune.fedrecover.state import POLICY_KEY
+
+    folder = state_dir_for(out)
+    path = folder / f"round-{json.loads((folder / 'state.json').read_text())['round']:03d}.safetensors"
+    with safe_open(str(path), "np") as f:
+        policy = json.loads(f.metadata()[POLICY_KEY])
+    change(policy)
+    save_file(load_file(str(path)), str(path), metadata={POLICY_KEY: json.dumps(policy)})
+
+
+def _set(path: str, value):
+    def change(policy: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            policy = policy[key]
+        policy[last] = value
+    return change
+
+
+@pytest.mark.parametrize("change, named", [
+    (_set("bandits.0.plays", "many"), "'bandits.0.plays' is not a list"),
+    (_set("bandits.1.sums", [0.1, float("nan")]), "'bandits.1.sums[1]' is a number, not a finite number"),
+    (_set("bandits.0.arms", [[0.5, 1], [1, 4]]), "'bandits.0.arms' is not this run's arm grid"),
+    (_set("bandits.2.ceiling", 9), "'bandits.2' has arms, counts or a ceiling outside the grid"),
+    (_set("bandits.0.plays", [1]), "'bandits.0' does not hold one entry per arm"),
+    (lambda policy: policy["bandits"].update({"7": policy["bandits"]["0"]}), "'bandits' are for clients"),
+    (_set("schedule.staleness", [0, -1, 0]), "'schedule' is inconsistent"),
+    (_set("schedule.importance", [0.1]), "'schedule' is for 1 units"),
+    (lambda policy: policy.pop("scale"), "has no 'scale'"),
+    (lambda policy: policy.clear(), "the saved bandit state: is missing"),
+])
+def test_a_corrupted_bandit_state_is_refused_before_anything_starts(bandit_run, pruned_ckpt, text_file, tmp_path,
+                                                                    change, named):
+    from .conftest import run_recover
+
+    ref, fleet, _ = bandit_run
+    out = tmp_path / "recovered"
+    copy_run(ref, out)
+    corrupt_policy_state(out, change)
+    with pytest.raises(LLMPruneError) as err:
+        run_recover(pruned_ckpt, [text_file], out, fleet=fleet, **{**BANDIT, "rounds": 3}, resume=True,
+                    overwrite=True)
+    message = str(err.value)
+    assert "is unreadable (the saved bandit state: " in message and named in message, message
+    assert "--overwrite" in message and "\n" not in message
+    assert (out / "adapter_model.safetensors").exists() or any(out.iterdir())   # nothing replaced
 
 
 # ---------------------------------------------------------------- DevFT in a simulation
@@ -197,6 +279,22 @@ def test_devft_stages_grow_and_hand_the_lora_to_group_members(devft_run):
         for key in (k for k in r1 if k.startswith(f"{a0}.")):
             assert np.array_equal(r2[f"{layer}.{key.split('.', 1)[1]}"], r1[key])
     assert all(isinstance(r["eval_perplexity"], float) for r in m["rounds"])
+
+
+@pytest.mark.parametrize("change, named", [
+    (_set("stages", ["not a stage"]), "'stages[0]' is not a stage description"),
+    (_set("stages", "1,2,all"), "'stages' is not a list"),
+])
+def test_a_corrupted_devft_state_is_refused_before_anything_starts(devft_run, pruned_ckpt, text_file, tmp_path,
+                                                                   change, named):
+    from .conftest import run_recover
+
+    out = tmp_path / "out"
+    copy_run(devft_run, out)
+    corrupt_policy_state(out, change)
+    with pytest.raises(LLMPruneError, match="the saved devft state: ") as err:
+        run_recover(pruned_ckpt, [text_file], out, **DEVFT, resume=True, overwrite=True)
+    assert named in str(err.value)
 
 
 def test_devft_resumes_across_a_stage_change_exactly(devft_run, pruned_ckpt, text_file, tmp_path):

@@ -193,10 +193,10 @@ def test_backoff_is_capped_and_cheaper_arms_untouched():
     assert bandit.state_dict()["failures"] == [0, 3, 0]
 
 
-def test_all_backed_off_falls_back_to_smallest_allowed():
+def test_a_device_whose_arms_are_all_backed_off_rests_until_the_back_off_ends():
     bandit = DeviceBandit(grid3(), [1, 2], declared=True, backoff_rounds=3)
     bandit.update(1, -1.0, 1, failed="oom")
-    assert bandit.candidates(2) == [] and bandit.choose(2) == 1
+    assert bandit.candidates(2) == [] and [bandit.choose(r) for r in (2, 3, 4)] == [None, None, None]
     assert bandit.choose(5) == 2  # 1 + 1 + 3: both back, 2 is unplayed
 
 
@@ -219,7 +219,8 @@ def test_undeclared_grows_one_arm_per_success_and_drops_after_failure():
     bandit.update(1, 0.2, 4)  # ceiling success: back up to 3, still backed off until 3 + 1 + 2
     assert bandit.ceiling == 3 and bandit.candidates(5) == [0, 1] and bandit.candidates(6) == [0, 1, 3]
     bandit.update(0, -1.0, 6, failed="oom")  # never below the smallest allowed arm
-    assert bandit.ceiling == 0 and bandit.choose(7) == 0  # everything backed off: the smallest
+    assert bandit.ceiling == 0 and bandit.choose(7) is None  # everything backed off: the device rests
+    assert bandit.choose(9) == 0                              # 6 + 1 + 2: the smallest is back
 
 
 def test_undeclared_starts_at_smallest_allowed():
@@ -277,6 +278,8 @@ def play(bandit: DeviceBandit, rounds: range, draws: np.ndarray) -> list[int]:
     for rnd in rounds:
         arm = bandit.choose(rnd)
         chosen.append(arm)
+        if arm is None:           # every playable arm backed off: the device rests this round
+            continue
         reward, fail = draws[rnd - 1, arm]
         failed = "oom" if fail < 0.15 else ""
         bandit.update(arm, -1.0 if failed else float(reward), rnd, failed=failed)
