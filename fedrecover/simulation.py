@@ -1,6 +1,7 @@
 """Flower's simulation on this machine, and the processes it leaves: the Ray set-up (one CPU per
 client, workers at normal priority, token authentication), the ServerApp and ClientApp run with
-`run_simulation`, and on Ctrl-C the run's stop event set, Ray shut down and its processes killed."""
+`run_simulation`, and on Ctrl-C the run's stop event set, Ray shut down and its processes killed; a
+watchdog (reaper.py) ends them when this process is killed outright."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def run_simulation(clients: int, overrides: dict, verbose: bool, stop: threading
                "init_args": {"num_cpus": cpus, "include_dashboard": False,
                              "logging_level": "info" if verbose else "error", "log_to_driver": verbose}}
     _quiet_flower(verbose)
-    with ray_environment(), _ray_notes_shown(verbose):
+    with ray_environment(), _ray_notes_shown(verbose), watchdog():
         try:
             flower_simulation(build_server_app(overrides, simulation=True, stop=stop), build_client_app(overrides),
                               num_supernodes=clients, backend_config=backend, verbose_logging=verbose)
@@ -36,6 +37,29 @@ def run_simulation(clients: int, overrides: dict, verbose: bool, stop: threading
             stop.set()              # the ServerApp thread stops waiting for replies
             shutdown_ray()
             raise
+
+
+@contextlib.contextmanager
+def watchdog():
+    """reaper.py watching this process for the run: if it is killed outright, the processes it
+    started (Ray's services, agents and workers) are ended too; told `done` when the run ends here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .reaper import DONE
+
+    proc = subprocess.Popen([sys.executable, "-I", "-S", str(Path(__file__).with_name("reaper.py")), str(os.getpid())],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            proc.stdin.write(DONE)
+            proc.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
 
 
 @contextlib.contextmanager
@@ -100,35 +124,15 @@ def shutdown_ray() -> None:
             pass
 
 
-def _descendants(pid: int) -> list[int]:
-    """Child processes of `pid`, recursively, from /proc (Linux; elsewhere none)."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = [e for e in os.listdir("/proc") if e.isdigit()]
-    except OSError:
-        return []
-    for entry in entries:
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def kill_children(grace: float = 3.0) -> None:
     """Terminate this process's remaining child processes (Ray's GCS, raylet, workers), then kill
     what is left after `grace` seconds."""
     import signal
     import time
 
-    pids = _descendants(os.getpid())
+    from .reaper import descendants
+
+    pids = descendants(os.getpid())
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
             with contextlib.suppress(OSError):

@@ -347,6 +347,56 @@ def test_ctrl_c_ends_the_run_promptly_and_says_what_is_kept(checkpoint, data_fil
     assert _group_members(pgid) == [], "processes of the run are left"
 
 
+def test_a_run_killed_outright_leaves_no_process_behind(checkpoint, data_file, tmp_path):
+    """SIGKILL to `llmprune recover` alone (no clean-up can run in it): its watchdog ends Ray's
+    services, agents and workers within seconds, then itself."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from ..conftest import llmprune_command
+
+    state = tmp_path / "out.rounds" / "state.json"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(llmprune_command() + ["-q", "recover", "--model", str(checkpoint("llama")), "--data",
+                                                  str(data_file), "--out", str(tmp_path / "out"), *SMALL[:2],
+                                                  "--rounds", "500", *SMALL[4:]],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    pgid = proc.pid
+    try:
+        deadline = time.monotonic() + 600
+        while not state.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.5)
+        watchdogs = [pid for pid in _all_pids() if f"reaper.py {proc.pid}" in _cmdline(pid)]
+        assert len(watchdogs) == 1 and [p for p in _group_members(pgid) if p != proc.pid]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30       # the watchdog's grace is 3 s; a busy machine is slower
+        while (_group_members(pgid) or os.path.exists(f"/proc/{watchdogs[0]}")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _group_members(pgid) == [], "processes of the killed run are left"
+        assert not os.path.exists(f"/proc/{watchdogs[0]}"), "the watchdog is left"
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+
+
+def _all_pids() -> list[int]:
+    import os
+
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 def test_a_teacher_of_another_vocabulary_and_a_distill_flag_without_teacher(capfd, checkpoint, data_file, tmp_path):
     from llmprune.testing import tiny_model
 
