@@ -144,8 +144,9 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
     strategy = LoraStrategy(run, policy, transport_for(run),
                             checkpoint=lambda state: save_state(settings.state_path, state, cfg, model=settings.model))
     done, total = run.state.round, cfg.training.rounds
+    # a fleet's console is `flwr log`, read line by line: the round lines, not a redrawn bar
     strategy.run_rounds(range(done + 1, total + 1), lambda it: tqdm(it, desc="rounds", unit="round", initial=done,
-                                                                    total=total))
+                                                                    total=total, disable=not simulation))
     state = run.state
     check_some_round_applied(state.rounds, cfg.fleet.round_deadline(simulation), settings.state_path)
     metrics = {
@@ -249,6 +250,21 @@ def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: 
                 extra_files={"metrics.json": json.dumps(metrics, indent=2, default=str), **carried_files(source)})
 
 
+def log_to_console() -> None:
+    """On a fleet the ServerApp runs in Flower's process, where `flwr log` shows what it writes to
+    its console: llmprune's INFO lines (planning, each round) go there unless the host process set
+    up logging itself."""
+    import sys
+
+    package = logging.getLogger("llmprune")
+    if logging.getLogger().handlers or package.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    package.addHandler(handler)
+    package.setLevel(logging.INFO)
+
+
 def build_server_app(overrides: dict | None = None, *, simulation: bool = False,
                      stop: threading.Event | None = None) -> ServerApp:
     """The ServerApp; `stop` (a simulation's) ends its waits when the run is interrupted."""
@@ -256,6 +272,8 @@ def build_server_app(overrides: dict | None = None, *, simulation: bool = False,
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if not simulation:
+            log_to_console()
         run_server(grid, context, overrides, simulation=simulation, stop=stop)
 
     return app

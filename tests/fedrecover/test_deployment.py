@@ -267,6 +267,9 @@ def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> dict:
         assert metrics["aggregation"] == "hetlora"
     llmprune.load_model(out)
     fleet.mark("merged model loads")
+    fleet.cli("flwr-log", ["flwr", "log", str(run_id), CONNECTION, "--show"], timeout=60)
+    shown = (fleet.logs / "flwr-log.log").read_text()
+    assert "llmprune.fedrecover.strategy: round 1: 2/2 clients" in shown, shown[-3000:]   # the operator's view
     return metrics
 
 
