@@ -148,6 +148,7 @@ class PruneTunePolicy(Policy):
         follows, the fleet is planned again, and the devices load the new checkpoint."""
         if server_round not in self.events:
             return {}
+        import llmprune
         from llmprune.checkpoint import save_pruned
 
         from ..prune_tune import prune_step
@@ -158,6 +159,9 @@ class PruneTunePolicy(Policy):
         folder = self.folder(run.settings.state_path, server_round)
         save_pruned(run.model, run.tokenizer, folder, report={**(step.report or {}), "prune_tune": step.to_dict()},
                     overwrite=True)
+        # the rounds train on the checkpoint as saved, not on the model in memory: a resumed run
+        # reads that same file, so both paths give the same bits (docs/recover.md promises it)
+        run.model = llmprune.load(str(folder))[0].eval()
         self.steps.append(step.to_dict())
         log.info("round %d: pruned to decoder ratio %.4f (target %.4f), %d layers, %.0f s", server_round,
                  step.ratio_achieved, step.ratio_target, step.layers_after, step.seconds)
