@@ -268,12 +268,32 @@ def render_deploy(results: dict, docs: Path) -> None:
                 verdict = "" if t.get("met") is None else (" ✅ met" if t["met"] else " ❌ not met")
                 cells.append(shown + verdict)
             lines.append(f"| {label} | {goal} | {' | '.join(cells)} |")
+    lines += _across_runs(rows, Path(__file__).resolve().parent / "results" / "export.json")
     img = _plot_deploy(rows, docs / "img" / "deploy.png")
     if img:
         lines += ["", f"![bits per byte on WikiText-2 against file size and decode bytes/s](img/{img.name})"]
     else:
         lines += ["", "(No plot: matplotlib is not installed.)"]
     _replace_section(docs / "benchmarks.md", "deploy", "\n".join(lines))
+
+
+def _across_runs(rows: dict, export_results: Path) -> list[str]:
+    """A sentence on the same kind of artifact decoding at another speed in the export section's run:
+    speeds compare within one table (one run, one load), not across tables."""
+    import json
+
+    here = next((r.get("decode_tokens_per_s") for r in rows.values()
+                 if r.get("artifact") == "decoder-0.2" and r.get("precision") == "int4"), None)
+    try:
+        there = json.loads(export_results.read_text())["summary"]["pruned:int4"]["decode_tokens_per_s"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    if not here or not there:
+        return []
+    return ["", f"Decode speeds compare within one table. The export section measured a pruned-0.2 int4 artifact of "
+                f"the same recipe at {there:.1f} tokens/s in its own run; this run measured {here:.1f} "
+                f"({here / there - 1:+.0%}): runs on this shared 2-core machine, at other loads and on other days, differ "
+                "by that much."]
 
 
 def _plot_deploy(rows: dict, path: Path) -> Path | None:

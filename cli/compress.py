@@ -22,8 +22,9 @@ def add_parser(sub) -> None:
     p.add_argument("--model", default=None, help="HF folder, .gguf, hub id or 'gemma-3-270m' (default)")
     p.add_argument("--ratio", type=ratio_type, required=True, help=help_of(CompressConfig, "ratio"))
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--calib", default="self", help="calibration data: file, folder, HF dataset name, or 'self' (default: "
-                   "text the model generates)")
+    p.add_argument("--calib", default="python-docs", help="calibration data: file, folder, HF dataset name, "
+                   "'python-docs' (default: the Python language reference this interpreter carries, real text on any "
+                   "machine) or 'self' (text the model samples itself; slow). Text of your own domain is best")
     # Every other knob: flags generated from CompressConfig's fields (their help and defaults live there).
     add_config_arguments(p, CompressConfig, exclude=("ratio",))
     p.add_argument("--refit", dest="fit", action="store_const", const="refit", help="same as --fit refit")
@@ -71,6 +72,12 @@ def print_summary(report: dict, out) -> None:
         print(f"layers dropped: {report['layers_dropped'] or 'none'} | calibration loss dense {loss['dense']:.4f} -> "
               f"pruned {loss['pruned']:.4f}" + (f" (before tuning {loss['pruned_before_tuning']:.4f})"
                                                 if loss.get("pruned_before_tuning") is not None else ""))
+    source, calib = report.get("calibration_data"), report.get("calibration") or {}
+    if source:
+        size = f" ({calib['windows']}×{calib['seq_len']} tokens)" if calib.get("windows") else ""
+        hint = (" — the Python language reference; for a model tuned to your text pass --calib FILE"
+                if source == "python-docs" else "")
+        print(f"calibrated on {source}{size}{hint}")
     shares = (report.get("budget") or {}).get("removed")
     if shares and report["budget"].get("of") == "total":
         print("budget: " + ", ".join(f"{name} {part['share']:.0%}" for name, part in shares.items()))

@@ -99,12 +99,12 @@ def _describe(calib) -> str:
     return str(calib) if isinstance(calib, (str, os.PathLike)) else "texts"
 
 
-def calibrate(model: Model, calib: str | os.PathLike | list[str] = "self", config: CompressConfig | None = None, *,
+def calibrate(model: Model, calib: str | os.PathLike | list[str] = "python-docs", config: CompressConfig | None = None, *,
               tokenizer=None, _source_obj=None) -> Calibration:
     """Score once: one streamed calibration pass over `model` (a loaded nn.Module with its
     `tokenizer`, or any spec `llmprune.load` takes; with config.low_memory a safetensors folder).
-    `calib`: texts, a data spec (see `llmprune.load_texts`) or 'self'. The calibration size defaults
-    to 16×256 for 'self' and 32×512 for data, as on the command line."""
+    `calib`: texts, a data spec (see `llmprune.load_texts`; default `python-docs`) or 'self'. The
+    calibration size defaults to 16×256 for 'self' and 32×512 for data, as on the command line."""
     cfg = (config or CompressConfig()).with_calibration_defaults(calib)
     _refuse_self_when_streamed(calib, cfg)
     source = _source_obj or _source(model, cfg, tokenizer)
@@ -147,11 +147,12 @@ def _check_cut(calibration: Calibration, cfg: CompressConfig) -> None:
 
 
 def compress(model: Model = None, config: CompressConfig | None = None, *, tokenizer=None,
-             calib: str | os.PathLike | list[str] = "self", out: str | os.PathLike | None = None,
+             calib: str | os.PathLike | list[str] = "python-docs", out: str | os.PathLike | None = None,
              overwrite: bool = False) -> CompressResult:
     """Prune a model (an nn.Module with its tokenizer, or any spec `llmprune.load` takes) by
     `config.ratio` of its decoder parameters: `calibrate` then `prune`. `calib` is a data spec (see
-    `llmprune.load_texts`), `'self'` (text the model generates, for offline use) or a list of texts.
+    `llmprune.load_texts`; default `python-docs`, the Python language reference this interpreter
+    carries), `'self'` (text the model generates) or a list of texts.
     With `out`, the pruned checkpoint is written there (atomically) and the result's report says where."""
     cfg = (config or CompressConfig()).with_calibration_defaults(calib)
     if out is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 from pathlib import Path
 
 from llmprune.checkpoint import save_pruned
@@ -87,6 +88,7 @@ def _check_split(cfg: CompressConfig, selection: VocabularySelection, vocab_remo
                             " --of total", "pass a larger --vocab or --ratio, or drop --vocab to let the budget choose")
     if decoder_ratio > MAX_DECODER_RATIO:
         most = (vocab_removed + MAX_DECODER_RATIO * params["decoder_layers"]) / params["total"]
+        most = math.floor(most * 100) / 100      # rounded down: the ratio suggested is one that is accepted
         raise LLMPruneError(f"--ratio {cfg.ratio} --of total would remove {decoder_ratio:.0%} of the decoder layers"
                             f" after the vocabulary ({selection.size} ids kept)", f"pass --ratio {most:.2f} or less")
 

@@ -33,9 +33,12 @@ def load_texts(
 
     `spec` is a .txt/.raw/.tokens file, a .json/.jsonl file (a `text` field, or
     instruction/input/output records rendered with `template`), a folder of those, an HF dataset
-    spec `name[:config][:split]` (e.g. `wikitext:wikitext-2-raw-v1:test`), or `self`: text the
-    model generates itself from its BOS token (seeded), for fully offline calibration."""
+    spec `name[:config][:split]` (e.g. `wikitext:wikitext-2-raw-v1:test`), `python-docs` (the
+    Python language reference this interpreter carries: real English text on every machine), or
+    `self`: text the model generates itself from its BOS token (seeded)."""
     spec = str(spec)
+    if spec == PYTHON_DOCS:
+        return python_docs_texts()
     if spec == "self":
         if model is None or tokenizer is None:
             raise LLMPruneError("data 'self' needs the model and its tokenizer", "pass model= and tokenizer=")
@@ -61,6 +64,22 @@ def load_texts(
     if not texts or not any(t.strip() for t in texts):
         raise LLMPruneError(f"data '{spec}' is empty", "give a file or dataset with text in it")
     return texts
+
+
+PYTHON_DOCS = "python-docs"
+
+
+def python_docs_texts() -> list[str]:
+    """The Python language reference every CPython install carries (`pydoc_data.topics`, the text
+    `help()` shows, under the PSF licence): about 465,000 characters of English prose and grammar,
+    one document per topic in a fixed order. Offline calibration text that is real writing, not
+    the model's own samples."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise LLMPruneError("this Python install has no pydoc_data (its documentation was left out)",
+                            "pass --calib FILE (text of the domain the model will see), or --calib self") from None
+    return [topics[name] for name in sorted(topics)]
 
 
 def _looks_like_path(spec: str) -> bool:

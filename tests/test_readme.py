@@ -179,3 +179,83 @@ def test_every_command_in_the_docs_parses_and_its_settings_hold():
             check_parses(command)
         except SystemExit:
             pytest.fail(f"docs/{page}: llmprune {' '.join(written)} does not parse")
+
+
+# ---------------------------------------------------------------- numbers quoted in README and docs
+RESULTS = REPO / "bench" / "results"
+# Figures written by hand in README.md and docs/ must be measured ones: every decimal number with at
+# least 3 significant digits is looked up in bench/results/*.json (as written, as a percentage, or
+# rounded to the digits shown). docs/benchmarks.md is written by the benchmarks themselves.
+NOT_FIGURES = {
+    ("README.md", "3.10"): "a Python version",
+    ("docs/models.md", "4.58"): "a transformers version",
+    ("docs/compress.md", "0.999"): "a --vocab setting in an example",
+    ("docs/recover.md", "60.0"): "a default in a code example",
+    ("docs/export.md", "212.4"): "the shape of a log line",
+}
+# Sections that are their own record: a one-off study no benchmark regenerates (its numbers are not
+# in bench/results); the reason is shown in the page itself.
+STUDIES = {("docs/export.md", "## int4 and int8 on Gemma-3-270M: what was measured")}
+
+
+def measured_numbers() -> list[float]:
+    found: list[float] = []
+
+    def walk(x) -> None:
+        if isinstance(x, bool):
+            return
+        if isinstance(x, (int, float)):
+            found.append(float(x))
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+        elif isinstance(x, str):
+            found.extend(float(m) for m in re.findall(r"\d+\.\d+|\d+", x))
+
+    import json
+
+    for path in sorted(RESULTS.glob("*.json")):
+        walk(json.loads(path.read_text()))
+    return found
+
+
+def quoted_figures() -> list[tuple[str, str, str]]:
+    """(page, number, line) of each figure written in README.md and docs/*.md."""
+    pages = [README] + [p for p in sorted((REPO / "docs").glob("*.md")) if p.name != "benchmarks.md"]
+    out = []
+    for page in pages:
+        name = str(page.relative_to(REPO))
+        text = page.read_text(encoding="utf-8")
+        for heading in [h for p, h in STUDIES if p == name]:
+            start = text.index(heading)
+            end = text.find("\n## ", start + len(heading))
+            text = text[:start] + (text[end:] if end != -1 else "")
+        for line in text.splitlines():
+            for number in re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])", line):
+                if len(number.replace(".", "").lstrip("0")) >= 3 and (name, number) not in NOT_FIGURES:
+                    out.append((name, number, line.strip()))
+    return out
+
+
+def is_measured(number: str, measured: list[float]) -> bool:
+    digits = len(number.split(".")[1])
+    quoted = float(number)
+    return any(abs(round(v * scale, digits) - quoted) < 0.5 * 10**-digits + 1e-12
+               for v in measured for scale in (1.0, 100.0))
+
+
+def test_every_figure_quoted_in_the_readme_and_docs_is_a_measured_one():
+    measured = measured_numbers()
+    figures = quoted_figures()
+    assert len(figures) > 10
+    missing = [f"{page}: {number} in '{line[:120]}'" for page, number, line in figures if not is_measured(number, measured)]
+    assert not missing, "figures not found in bench/results:\n" + "\n".join(missing)
+
+
+def test_the_figure_check_fails_on_a_figure_nobody_measured():
+    measured = measured_numbers()
+    assert is_measured("38.90", measured)            # comp@0.2 on WikiText-2 (bench/results/compress.json)
+    assert not is_measured("38.91", measured) and not is_measured("57.8", measured)

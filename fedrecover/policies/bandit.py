@@ -103,8 +103,10 @@ class BanditPolicy(SubmodelPolicy):
         --skip-unfit left out (reported with the other refused devices)."""
         costs, devices = self.costs(model), fleet_devices(self.cfg)
         left_out = self.unfit_devices(costs, devices)
+        # a device plays the arms' ranks, never more: the plan's rank is the largest arm's (a single
+        # --arm-ranks below --lora-rank is then one rank, which any aggregation takes)
         fits = iter(assign_submodels(costs, [d for d in devices if d.name not in left_out],
-                                     self.cfg.training.lora_rank, self.cfg.fleet.skip_unfit))
+                                     max(arm_ranks(self.cfg)), self.cfg.fleet.skip_unfit))
         plans = [Assignment(d.name, d.memory_mb, d.speed, 0, 0, 0.0, 0, refused="no bandit arm fits its memory_mb")
                  if d.name in left_out else next(fits) for d in devices]
         return cycled(plans, count)

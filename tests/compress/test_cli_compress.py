@@ -321,3 +321,15 @@ def test_a_tampered_modeling_file_is_refused(tiny_ckpt, calib_file, tmp_path):
         assert_one_line_error(result, "modeling_llmprune.py' is not the modeling file llmprune writes",
                               "never load this folder with trust_remote_code=True")
         assert not (tmp_path / "again").exists()
+
+
+def test_compress_without_calib_reads_python_docs_and_says_how_to_calibrate_for_a_domain(tiny_ckpt, tmp_path):
+    from ..conftest import run_main
+
+    out = tmp_path / "pruned"
+    done = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.2", "--out", out, "--calib-samples", "4",
+                    "--calib-seq-len", "32", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert ("calibrated on python-docs (4×32 tokens) — the Python language reference; for a model tuned to your text "
+            "pass --calib FILE") in done.stdout
+    assert json.loads((out / "pruning_report.json").read_text())["calibration_data"] == "python-docs"

@@ -183,3 +183,19 @@ def test_the_api_returns_the_rebuilt_tokenizer_with_the_model(tiny_ckpt, calib_t
     assert set(ids) == {"input_ids", "attention_mask"}
     assert np.all(ids["input_ids"].numpy() < 300)
     result.model.generate(**ids, max_new_tokens=3, do_sample=False)
+
+
+def test_the_ratio_an_of_total_error_suggests_is_accepted(tiny_ckpt, calib_texts):
+    """--ratio R --of total past what the decoder can give names the largest ratio that fits,
+    rounded down, so passing it is accepted."""
+    import re
+
+    from llmprune.compress.vocab_step import plan_vocabulary
+    from llmprune.errors import LLMPruneError
+
+    model, tok = llmprune.load(tiny_ckpt("llama"))
+    with pytest.raises(LLMPruneError) as err:
+        plan_vocabulary(model, tok, calib_texts, CompressConfig(**{**SMALL, "ratio": 0.99, "of": "total"}))
+    suggested = float(re.search(r"pass --ratio (\d\.\d\d) or less", str(err.value)).group(1))
+    plan = plan_vocabulary(model, tok, calib_texts, CompressConfig(**{**SMALL, "ratio": suggested, "of": "total"}))
+    assert 0.9 < plan.decoder_ratio <= 0.95

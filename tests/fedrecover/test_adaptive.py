@@ -390,3 +390,13 @@ def test_prune_tune_gives_what_it_gave_before_the_reshaping(prune_tune_run):
     from .conftest import assert_pinned
 
     assert_pinned(prune_tune_run, "prune_tune")
+
+
+def test_a_bandit_of_one_rank_below_lora_rank_runs_under_fedavg(tmp_path, pruned_ckpt):
+    """Its devices play only that rank, so the plan is of one rank, which fedavg takes."""
+    from llmprune.fedrecover.preflight import check_plan
+
+    fleet = write_fleet(tmp_path, [{"name": "big", "memory_mb": 1e6}, {"name": "small", "memory_mb": 1e6}])
+    cfg = RecoverConfig.of(fleet=fleet, policy="bandit", aggregation="fedavg", arm_ranks="2", lora_rank=4,
+                           batch_size=2, seq_len=32, clients=2, **LEAN)
+    assert {p["rank"] for p in check_plan(str(pruned_ckpt), cfg)} == {2}

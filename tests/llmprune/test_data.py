@@ -255,3 +255,18 @@ def test_max_windows_zero_is_an_error(tokenizer):
     seq_len < 1."""
     with pytest.raises(LLMPruneError, match="at least 1"):
         token_windows(tokenizer, [TINY_TEXT], 16, max_windows=0)
+
+
+def test_python_docs_is_the_language_reference_this_python_carries(monkeypatch):
+    import pydoc_data.topics
+    import sys
+
+    import llmprune
+    from llmprune.errors import LLMPruneError
+
+    texts = llmprune.load_texts("python-docs")
+    assert texts == [pydoc_data.topics.topics[k] for k in sorted(pydoc_data.topics.topics)]
+    assert len(texts) > 50 and sum(map(len, texts)) > 100_000 and "Assignment statements" in "".join(texts)
+    monkeypatch.setitem(sys.modules, "pydoc_data.topics", None)       # a Python built without its docs
+    with pytest.raises(LLMPruneError, match="no pydoc_data .* pass --calib FILE"):
+        llmprune.load_texts("python-docs")
