@@ -135,8 +135,13 @@ class GenaiCausalLM:
         if not config_path.is_file():
             raise LLMPruneError(f"'{folder}' holds no {GENAI_FILE}", "export with --genai")
         self._og = og
-        self.model = og.Model(str(folder))
-        self.tokenizer = og.Tokenizer(self.model)
+        try:
+            self.model = og.Model(str(folder))
+            self.tokenizer = og.Tokenizer(self.model)
+        except RuntimeError as exc:       # a damaged graph, weights or config: its own first line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise LLMPruneError(f"onnxruntime-genai cannot load '{folder}' ({first})",
+                                "re-run `llmprune export --genai`") from None
         try:
             self.tokenizer.update_options(add_special_tokens="true")
         except Exception:  # noqa: BLE001 - older releases have no options; BOS is added below

@@ -37,8 +37,21 @@ def model_file(path: str | os.PathLike, prefer_ort: bool = False) -> Path:
     names = ("model.ort", "model.onnx") if prefer_ort else ("model.onnx", "model.ort")
     for name in names:
         if (path / name).is_file():
+            check_export_files(path)
             return path / name
     raise LLMPruneError(f"'{path}' holds no model.onnx", "pass a folder written by `llmprune export`")
+
+
+# The JSON files of an export folder the runtimes read (besides the checkpoint's own kinds).
+EXPORT_JSON_FILES = ("config.json", "genai_config.json")
+
+
+def check_export_files(folder: Path) -> None:
+    """Every JSON file of an export folder is whole: a truncated one is one line naming it, not an
+    error deep inside the tokenizer, transformers or onnxruntime-genai."""
+    from llmprune.integrity import CHECKPOINT_JSON_FILES, check_json_files
+
+    check_json_files(folder, "export the model again with `llmprune export`", EXPORT_JSON_FILES + CHECKPOINT_JSON_FILES)
 
 
 class OnnxCausalLM:

@@ -27,9 +27,9 @@ CHECKPOINT_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tok
                          "vocabulary.json", "pruning_report.json", "export_report.json", "metrics.json")
 
 
-def check_json_files(folder: str | Path, fix: str = RECREATE) -> None:
-    """Every JSON file of a checkpoint folder (CHECKPOINT_JSON_FILES) that is present is whole."""
-    for name in CHECKPOINT_JSON_FILES:
+def check_json_files(folder: str | Path, fix: str = RECREATE, names: tuple[str, ...] = CHECKPOINT_JSON_FILES) -> None:
+    """Every JSON file of a checkpoint folder (`names`) that is present is whole."""
+    for name in names:
         if (Path(folder) / name).is_file():
             read_config_json(folder, fix, name)
 

@@ -260,3 +260,26 @@ def test_dense_checkpoint_folder(checkpoint, tmp_path):
     assert result.report["model"]["pruned_layers"] is None and result.report["model"]["num_hidden_layers"] == 4
     assert (tmp_path / "onnx" / "tokenizer.json").is_file()
     assert OnnxCausalLM(tmp_path / "onnx", threads=1).num_layers == 4
+
+
+@pytest.mark.parametrize("damaged, genai", [
+    ("config.json", False), ("tokenizer.json", False), ("tokenizer_config.json", True),
+    ("generation_config.json", False), ("genai_config.json", True), ("model.onnx", False), ("model.onnx", True),
+])
+def test_a_damaged_file_of_an_export_folder_is_one_line_naming_it(pruned_export, tmp_path, damaged, genai):
+    """generate on an export folder with one file cut short: one line, exit 2, the file or the
+    loader named, never a traceback from the tokenizer, transformers or onnxruntime(-genai)."""
+    import shutil
+
+    from ..conftest import run_main
+
+    _, result = pruned_export("gemma3_text", quantize="int4", ort=True, genai=True)
+    folder = shutil.copytree(result.path / "int4", tmp_path / "int4")
+    path = folder / damaged
+    path.write_bytes(path.read_bytes()[:min(200, path.stat().st_size // 2)])
+    done = run_main("generate", "--onnx", folder, *(["--genai"] if genai else []), "--prompt", "The quick",
+                    "--max-new-tokens", "4", cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr
+    named = "onnxruntime" if damaged == "model.onnx" else f"{damaged}' is not valid JSON"
+    assert lines[0].startswith("llmprune generate: error: ") and named in lines[0] and "export" in lines[0], lines[0]
