@@ -59,14 +59,20 @@ def run(args) -> int:
 
 def print_summary(report: dict, out) -> None:
     before, after = report["params_before"], report["params_after"]
-    print(f"{report['method']}: removed {report['ratio_achieved']:.1%} of decoder parameters "
-          f"({before['decoder_layers']:,} -> {after['decoder_layers']:,}); total {before['total']:,} -> {after['total']:,} "
-          f"(-{report['total_reduction']:.1%})")
+    if before["decoder_layers"] == after["decoder_layers"]:
+        print(f"removed {report['total_reduction']:.1%} of the model's parameters ({before['total']:,} -> "
+              f"{after['total']:,}); the decoder layers are untouched")
+    else:
+        print(f"{report['method']}: removed {report['ratio_achieved']:.1%} of decoder parameters "
+              f"({before['decoder_layers']:,} -> {after['decoder_layers']:,}); total {before['total']:,} -> "
+              f"{after['total']:,} (-{report['total_reduction']:.1%})")
     vocab = report.get("vocabulary")
     if vocab:
         growth = vocab["tokens_per_byte_after"] / vocab["tokens_per_byte_before"] - 1
-        print(f"vocabulary: {vocab['kept']:,} of {vocab['before']:,} ids kept, covering {vocab['coverage']:.2%} of the "
-              f"ranking text's tokens ({growth:+.1%} tokens on it), {vocab['seconds']:.1f} s")
+        ranked = f" ranked on {vocab['data']}," if vocab.get("data") else ""
+        print(f"vocabulary: {vocab['kept']:,} of {vocab['before']:,} ids kept,{ranked} covering {vocab['coverage']:.2%} "
+              f"of its tokens ({growth:+.1%} tokens on it), {vocab['seconds']:.1f} s — keep more with --vocab K, "
+              "rank on your own text with --vocab-data FILE")
     loss = report.get("calibration_loss")
     if loss:
         print(f"layers dropped: {report['layers_dropped'] or 'none'} | calibration loss dense {loss['dense']:.4f} -> "

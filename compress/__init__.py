@@ -195,6 +195,7 @@ def _compress_with_vocabulary(source, calib, cfg: CompressConfig, out, overwrite
     new_tokenizer, vocab_json = vocab_step.cut_vocabulary(model, tokenizer, plan.selection, source.description)
     vocab_step.finish_report(report, model, plan, vocab_json, texts, (tokenizer, new_tokenizer), shapes, layer_map,
                              time.perf_counter() - vocab_start)
+    report["vocabulary"]["data"] = _describe(cfg.vocab_data if cfg.vocab_data is not None else calib)
     report["seconds"] = time.perf_counter() - start
     if out is not None:
         report["out"] = str(out)

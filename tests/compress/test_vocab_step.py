@@ -114,8 +114,12 @@ def test_the_cli_prunes_the_vocabulary_and_reports_it(tiny_ckpt, calib_file, tmp
     run = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0", "--vocab", "0.9", "--calib",
                    calib_file, "--out", out, "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
     assert run.returncode == 0, run.stderr
-    assert "vocabulary:" in run.stdout and "ids kept, covering" in run.stdout
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("removed ") and lines[0].endswith("; the decoder layers are untouched")
+    assert lines[1].startswith("vocabulary: ") and f"ids kept, ranked on {calib_file}, covering" in lines[1]
+    assert lines[1].endswith("keep more with --vocab K, rank on your own text with --vocab-data FILE")
     report = json.loads((out / "pruning_report.json").read_text())
+    assert report["vocabulary"]["data"] == str(calib_file)
     assert report["vocabulary"]["coverage"] >= 0.9 and report["method"] == "vocab"
     assert (out / VOCAB_FILE).is_file() and leftovers(out) == []
 
