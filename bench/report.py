@@ -6,13 +6,18 @@ import re
 from pathlib import Path
 
 
-def _replace_section(doc: Path, name: str, body: str) -> None:
+def _replace_section(doc: Path, name: str, body: str, first: bool = False) -> None:
+    """Write a generated section between its markers; a new one goes at the end, or with `first`
+    before the first section (after the page's introduction)."""
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     text = doc.read_text() if doc.is_file() else ("# Benchmarks\n\nMeasured on this project's 2-core CPU machine; "
                                                   "every number below was written by a script in `bench/`.\n")
     block = f"{begin}\n{body.rstrip()}\n{end}"
     if begin in text:
         text = re.sub(re.escape(begin) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S)
+    elif first and "\n## " in text:
+        at = text.index("\n## ") + 1
+        text = text[:at] + block + "\n\n" + text[at:]
     else:
         text = text.rstrip() + "\n\n" + block + "\n"
     doc.write_text(text)
@@ -269,6 +274,7 @@ def render_deploy(results: dict, docs: Path) -> None:
                 cells.append(shown + verdict)
             lines.append(f"| {label} | {goal} | {' | '.join(cells)} |")
     lines += _across_runs(rows, Path(__file__).resolve().parent / "results" / "export.json")
+    render_recipes(results, docs)
     img = _plot_deploy(rows, docs / "img" / "deploy.png")
     if img:
         lines += ["", f"![bits per byte on WikiText-2 against file size and decode bytes/s](img/{img.name})"]
@@ -294,6 +300,48 @@ def _across_runs(rows: dict, export_results: Path) -> list[str]:
                 f"the same recipe at {there:.1f} tokens/s in its own run; this run measured {here:.1f} "
                 f"({here / there - 1:+.0%}): runs on this shared 2-core machine, at other loads and on other days, differ "
                 "by that much."]
+
+
+# Goals of the recipes table: (goal, the most MiB every file the runtime needs may take).
+RECIPE_GOALS = (("phone, at most 100 MB", 100), ("phone, at most 150 MB", 150), ("desktop CPU, at most 350 MB", 350))
+
+
+def render_recipes(results: dict, docs: Path) -> None:
+    """The table docs/benchmarks.md opens with: for each size goal, the measured artifact of
+    bench/deploy.py with the lowest mean bits per byte over its three texts that fits, with the
+    commands that make it. Nothing is estimated: an artifact not measured is not a candidate."""
+    setup, rows = results.get("setup", {}), results.get("summary", {}).get("rows", {})
+    dense = rows.get("dense:fp32")
+    ok = [r for r in rows.values() if not r.get("error") and r.get("file_bytes") and r.get("bits_per_byte")]
+    if not ok or not dense:
+        return
+
+    def mean_bpb(r: dict) -> float:
+        return sum(r["bits_per_byte"][k] for k, _ in _DEPLOY_TEXTS) / len(_DEPLOY_TEXTS)
+
+    lines = ["## Recipes: for this goal, these settings", "",
+             f"Each row is an artifact `bench/deploy.py` made and measured ({setup.get('model')}, ONNX Runtime on "
+             f"{setup.get('measure', {}).get('threads')} CPU threads; files = every file the runtime needs): among the "
+             "measured artifacts that fit the goal, the one with the lowest mean bits per byte over WikiText-2 test, "
+             "the Python docs and Python source (change against the dense fp32 model in brackets). The vocabulary "
+             "was ranked on WikiText-2 valid and the Python docs (`--vocab-data`): rank on text like yours.", "",
+             "| goal | compress | export | files MB | bits/byte WikiText-2 | Python docs | Python source | "
+             "decode bytes/s |", "|---|---|---|---|---|---|---|---|"]
+    for goal, limit in RECIPE_GOALS:
+        fits = [r for r in ok if r["file_bytes"] <= limit * 1e6]
+        if not fits:
+            lines.append(f"| {goal} | no measured artifact fits | | | | | | |")
+            continue
+        best = min(fits, key=mean_bpb)
+        flags = (setup.get("artifacts") or {}).get(best["artifact"])
+        compress = "— (the dense model)" if not flags else f"`llmprune compress {' '.join(flags)} --vocab-data ...`"
+        cells = [f"{best['bits_per_byte'][k]:.3f} ({best['bits_per_byte'][k] / dense['bits_per_byte'][k] - 1:+.1%})"
+                 for k, _ in _DEPLOY_TEXTS]
+        lines.append(f"| {goal} | {compress} | `llmprune export --quantize {best['precision']}` "
+                     f"({best['precision']}) | {best['file_bytes'] / 1e6:.1f} | {' | '.join(cells)} | "
+                     f"{best['decode_bytes_per_s']:.0f} |")
+    lines += ["", "The same table, any budget: the deploy section below lists every measured artifact."]
+    _replace_section(docs / "benchmarks.md", "recipes", "\n".join(lines), first=True)
 
 
 def _plot_deploy(rows: dict, path: Path) -> Path | None:
