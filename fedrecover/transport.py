@@ -49,8 +49,8 @@ def send_and_receive(grid: Grid, messages: list[Message], timeout: float | None,
 @dataclass
 class Collected:
     """What came back in one round: the replies of the devices that answered, why the others did
-    not (partition id -> oom | crash | timeout), the bytes uploaded, and (SecAgg+ only) the
-    average the server learnt instead of the uploads."""
+    not (partition id -> oom | crash | timeout; under SecAgg+ `dropped`, the reason unseen), the
+    bytes uploaded, and (SecAgg+ only) the average the server learnt instead of the uploads."""
 
     replies: list[TrainReply]
     failures: dict[int, str] = field(default_factory=dict)
@@ -111,4 +111,8 @@ class SecAggTransport:
             average = None
         per_client = up // max(len(metrics), 1)
         replies = [TrainReply.from_metrics(m, bytes_up=per_client) for m in metrics]
-        return Collected(replies, {}, up, per_client, average, summed=True)
+        # the masked protocol does not say why a device dropped out, only that its share is missing
+        returned = {r.partition_id for r in replies}
+        failures = {partitions[m.metadata.dst_node_id]: "dropped" for m in messages
+                    if partitions[m.metadata.dst_node_id] not in returned}
+        return Collected(replies, failures, up, per_client, average, summed=True)

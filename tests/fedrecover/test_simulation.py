@@ -274,3 +274,12 @@ def test_plan_dp_gives_what_it_gave_before_the_reshaping(basic_run):
     from .conftest import assert_pinned
 
     assert_pinned(basic_run, "plan_dp")
+
+
+def test_a_device_that_drops_out_of_a_secagg_round_is_a_failure_of_the_round(pruned_ckpt, text_file, tmp_path):
+    """SecAgg+ shows the server only the sum: the round still names the sampled device whose share
+    is missing (`dropped`), so policies learn from it as from a plain round's crash."""
+    run = run_recover(pruned_ckpt, [text_file], tmp_path / "out", clients=3, secagg=True, inject_faults="crash:2")
+    row = run.metrics["rounds"][0]
+    assert row["clients_sampled"] == 3 and row["clients_returned"] == 2 and row["applied"]
+    assert [(f["partition-id"], f["failed"]) for f in row["failures"]] == [(2, "dropped")]
