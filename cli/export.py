@@ -45,5 +45,6 @@ def run(args) -> int:
               f"max |logit diff| {v['logits']['max_abs_logit_diff']:.2g}"
               f" | greedy {gen['tokens']} tokens equal to PyTorch on {equal}/{len(gen['prompts'])} prompts | {ppl_text}"
               + (f" | {v['ort']['file']}" if "ort" in v else ""))
-    print(f"{report['seconds']:.0f} s -> {printable(result.path)}")
+    rss = f", peak RSS {report['peak_rss_mb']:.0f} MiB" if report.get("peak_rss_mb") else ""
+    print(f"{report['seconds']:.0f} s{rss} -> {printable(result.path)}")
     return 0

@@ -18,6 +18,7 @@ from llmprune.arch import adapter_for
 from llmprune.checkpoint import atomic_output_dir, check_output_dir
 from llmprune.data import cut_windows, tokenize_stream
 from llmprune.errors import LLMPruneError
+from llmprune.memory import peak_rss_mb
 from llmprune.model_card import CARD_FILE, card_text
 from llmprune.paths import check_writable_output, find_write_error, write_error
 
@@ -128,6 +129,7 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
         for variant in report["variants"].values():
             variant["size_vs_fp32"] = variant["sizes"]["onnx_bytes"] / fp32_bytes
         report["seconds"] = round(time.perf_counter() - start, 3)
+        report["peak_rss_mb"] = round(peak_rss_mb(), 1)      # this process's, model load and every check included
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / CARD_FILE).write_text(card_text(report, Path(out)), encoding="utf-8")
     return ExportResult(Path(out), report)

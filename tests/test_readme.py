@@ -137,6 +137,10 @@ def test_the_readme_tour_runs_top_to_bottom(tmp_path, shared_data):
             continue
         done = run_main(*command, cwd=work)          # in this process: no interpreter start per command
         assert done.returncode == 0, f"llmprune {' '.join(command)}\n{done.stderr[-3000:]}"
+        if command[0] == "export":    # its summary: each variant's size and quality, then time, peak RSS, where
+            last = done.stdout.strip().splitlines()[-1]
+            assert re.fullmatch(r"\d+ s, peak RSS \d+ MiB -> onnx/?", last), done.stdout
+            assert "bits/byte" in done.stdout and "of fp32" in done.stdout
     assert (work / "onnx" / "int4").is_dir() and (work / "recovered" / "metrics.json").is_file()
 
 

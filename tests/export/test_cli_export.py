@@ -33,6 +33,7 @@ def test_export_cli_writes_checked_folder(cli_export):
     fp32, int4 = report["variants"]["fp32"], report["variants"]["int4"]
     assert fp32["logits"]["max_abs_logit_diff"] < 1e-4 and fp32["generation"]["all_equal"]
     assert report["model"]["num_hidden_layers"] == 3
+    assert 50 < report["peak_rss_mb"] < 20_000        # the export process's own peak, model load included
     assert [l["intermediate_size"] for l in report["model"]["pruned_layers"]] == [96, 40, 128]
     for folder in (out, out / "int4"):
         assert {"model.onnx", "model.ort", "config.json", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
