@@ -18,7 +18,7 @@ from llmprune.arch import adapter_for
 from llmprune.checkpoint import atomic_output_dir, check_output_dir
 from llmprune.data import cut_windows, tokenize_stream
 from llmprune.errors import LLMPruneError
-from llmprune.memory import peak_rss_mb
+from llmprune.memory import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
 from llmprune.model_card import CARD_FILE, card_text
 from llmprune.paths import check_writable_output, find_write_error, write_error
 
@@ -130,6 +130,7 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
             variant["size_vs_fp32"] = variant["sizes"]["onnx_bytes"] / fp32_bytes
         report["seconds"] = round(time.perf_counter() - start, 3)
         report["peak_rss_mb"] = round(peak_rss_mb(), 1)      # this process's, model load and every check included
+        report["steps"] = step.record
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / CARD_FILE).write_text(card_text(report, Path(out)), encoding="utf-8")
     return ExportResult(Path(out), report)
@@ -144,14 +145,18 @@ class _Steps:
 
         total = 2 + len(config.modes) + bool(config.genai) + (1 + len(config.modes)) * bool(config.ort)
         self.bar = tqdm(total=total, desc="export", unit="step", disable=None)
+        self.record: list[dict] = []      # each step's seconds and the RSS high-water mark within it
 
     @contextmanager
     def __call__(self, name: str):
         self.bar.set_postfix_str(name)
         started = time.perf_counter()
+        measured = reset_peak_rss()
         yield
         self.bar.update(1)
-        log.info("export: %s: %.1f s", name, time.perf_counter() - started)
+        seconds, peak = time.perf_counter() - started, window_peak_rss_mb() if measured else None
+        self.record.append({"step": name, "seconds": round(seconds, 2), "peak_rss_mb": peak and round(peak, 1)})
+        log.info("export: %s: %.1f s%s", name, seconds, f", peak RSS {peak:.0f} MiB" if peak else "")
 
     def __enter__(self) -> _Steps:
         return self
