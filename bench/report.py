@@ -73,32 +73,201 @@ def _pyplot():
     return plt
 
 
+def pareto_front(points, minimise_x: bool) -> list:
+    """The keys of the points no other point beats, sorted by x (ties keep the input order).
+    `points` are (x, y, key); y is always minimised, x is minimised or (minimise_x=False) maximised.
+    A point is beaten when another is at least as good on both axes and better on one, so two
+    points at the same (x, y) both stay on the frontier."""
+    sign = 1 if minimise_x else -1
+
+    def beats(a, b) -> bool:
+        return sign * a[0] <= sign * b[0] and a[1] <= b[1] and (sign * a[0] < sign * b[0] or a[1] < b[1])
+
+    front = [p for p in points if not any(beats(q, p) for q in points)]
+    return [key for _, _, key in sorted(front, key=lambda p: p[0])]
+
+
+def _overlap(a, b) -> float:
+    """Area shared by two (x0, y0, x1, y1) boxes."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def place_labels(anchors, sizes, obstacles, bounds, gap: float = 4.0) -> list[tuple[float, float]]:
+    """Greedy, deterministic label placement in display units: for each label in turn, the first
+    candidate box around its anchor (right/left/above/below, nearest first) that stays inside
+    `bounds` and overlaps neither the obstacles nor the labels placed before it; when none is free,
+    the candidate with the least overlap. Returns each label's lower-left corner."""
+    placed: list[tuple[float, float, float, float]] = []
+    corners = []
+    for (ax_, ay), (w, h) in zip(anchors, sizes):
+        best, best_cost = None, None
+        for d in (gap, 3 * gap, 6 * gap, 10 * gap):
+            for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)):
+                x0 = ax_ + (d if dx > 0 else -w - d if dx < 0 else -w / 2)
+                y0 = ay + (d if dy > 0 else -h - d if dy < 0 else -h / 2)
+                box = (x0, y0, x0 + w, y0 + h)
+                outside = w * h - _overlap(box, bounds)
+                cost = outside * 10 + sum(_overlap(box, o) for o in [*obstacles, *placed])
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = box, cost
+                if cost == 0:
+                    break
+            if best_cost == 0:
+                break
+        placed.append(best)
+        corners.append((best[0], best[1]))
+    return corners
+
+
+def _label_points(ax, items, obstacles, fontsize: float = 7) -> None:
+    """Write `items` (x, y, text, bold) next to their data points without overlapping each other,
+    the `obstacles` (display boxes) or the axes' edge. Call after the figure's layout is final."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    texts = [ax.text(0, 0, t, fontsize=fontsize, fontweight="bold" if bold else "normal") for _, _, t, bold in items]
+    sizes = [(b.width, b.height) for b in (t.get_window_extent(renderer) for t in texts)]
+    for t in texts:
+        t.remove()
+    anchors = [tuple(ax.transData.transform((x, y))) for x, y, _, _ in items]
+    bounds = tuple(ax.get_window_extent(renderer).extents)
+    for (x, y, text, bold), (ax_, ay), (x0, y0) in zip(items, anchors, place_labels(anchors, sizes, obstacles, bounds)):
+        ax.annotate(text, (x, y), xytext=((x0 - ax_) * 72 / fig.dpi, (y0 - ay) * 72 / fig.dpi), textcoords="offset points",
+                    ha="left", va="bottom", fontsize=fontsize, fontweight="bold" if bold else "normal", zorder=5)
+
+
+def _point_boxes(ax, xy, half: float = 6.0) -> list[tuple[float, float, float, float]]:
+    """Display boxes around data points (markers) for label placement to avoid."""
+    out = []
+    for x, y in xy:
+        px, py = ax.transData.transform((x, y))
+        out.append((px - half, py - half, px + half, py + half))
+    return out
+
+
+def _segment_boxes(ax, xs, ys, minimise_x: bool, half: float = 1.5) -> list[tuple[float, float, float, float]]:
+    """Display boxes around the axis-aligned segments of the frontier's step line."""
+    corners = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        corners.append((x, y))
+        if i + 1 < len(xs):
+            corners.append((xs[i + 1], y) if minimise_x else (x, ys[i + 1]))
+    pts = [ax.transData.transform(c) for c in corners]
+    return [(min(a[0], b[0]) - half, min(a[1], b[1]) - half, max(a[0], b[0]) + half, max(a[1], b[1]) + half)
+            for a, b in zip(pts, pts[1:])]
+
+
+def _draw_front(ax, front_xy, minimise_x: bool, label: str | None = "Pareto frontier") -> None:
+    """The frontier as a step line (the edge of the region its points beat) with its points ringed."""
+    if not front_xy:
+        return
+    xs, ys = [p[0] for p in front_xy], [p[1] for p in front_xy]
+    ax.step(xs, ys, where="post" if minimise_x else "pre", color="black", linewidth=1.1, alpha=0.7, zorder=1,
+            label=label)
+    ax.scatter(xs, ys, s=190, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4,
+               label=None if label is None else "on the frontier")
+
+
+_METHOD_MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h")
+
+
+def _compress_series(runs: dict) -> dict[str, list[tuple[float, dict]]]:
+    """Method -> [(ratio, perplexity by corpus)] sorted by ratio, for the plain `method@ratio` runs
+    (variants in brackets and failed runs are in the table only)."""
+    series: dict[str, list[tuple[float, dict]]] = {}
+    for key, r in runs.items():
+        if "@" in key and "[" not in key and "error" not in r and r.get("method") and r.get("perplexity"):
+            series.setdefault(r["method"], []).append((r["ratio"], r["perplexity"]))
+    return {m: sorted(series[m], key=lambda p: p[0]) for m in sorted(series)}
+
+
+def dodge(single: list, taken: set, front: set, step: float = 8.0) -> dict:
+    """Sideways offsets (points) for markers that share a ratio, so none hides another: `single`
+    are the (ratio, key) of the marker-only methods, `taken` the ratios a line already has a point
+    at, `front` the keys on the Pareto frontier. A frontier marker stays on its true x (offset 0),
+    and so does a marker alone at its ratio; the rest take -step, +step, -2*step, ... in order."""
+    out: dict = {}
+    for ratio in sorted({r for r, _ in single}):
+        keys = sorted((k for r, k in single if r == ratio), key=lambda k: (k not in front, str(k)))
+        slots = [0.0] if ratio not in taken and keys[0] not in front else []
+        if keys[0] in front:
+            out[keys.pop(0)] = 0.0
+        i = 1
+        while len(slots) < len(keys):
+            slots += [-i * step, i * step]
+            i += 1
+        out.update(zip(keys, slots))
+    return out
+
+
+def _compress_points(series: dict, corpus: str) -> dict[str, list[tuple[float, float]]]:
+    return {m: [(ratio, ppl[corpus]) for ratio, ppl in runs if ppl.get(corpus) is not None] for m, runs in series.items()}
+
+
+def _compress_panel(ax, series: dict, corpus: str, dense: float | None, styles: dict, first: bool) -> None:
+    """One corpus: a line per method measured at several ratios, markers only for a method measured
+    at one (spread sideways where they share a ratio), the dense model as a labelled reference line,
+    and the Pareto frontier of all of them."""
+    from matplotlib.transforms import ScaledTranslation
+
+    by_method = _compress_points(series, corpus)
+    pts = [(x, y, (m, x)) for m, xy in by_method.items() for x, y in xy]
+    front = pareto_front(pts, minimise_x=False)
+    lines = {x for xy in by_method.values() if len(xy) > 1 for x, _ in xy}
+    shift = dodge([(xy[0][0], (m, xy[0][0])) for m, xy in by_method.items() if len(xy) == 1], lines, set(front))
+    for m, xy in by_method.items():
+        color, marker = styles[m]
+        many = len(xy) > 1
+        dx = 0.0 if many or not xy else shift.get((m, xy[0][0]), 0.0)
+        ax.plot([p[0] for p in xy], [p[1] for p in xy], marker=marker, color=color, markersize=7,
+                linestyle="-" if many else "none", linewidth=2.5 if m == "comp" else 1.3,
+                markerfacecolor=color if many else "none", markeredgewidth=1.6, label=m, zorder=3,
+                transform=ax.transData + ScaledTranslation(dx / 72, 0, ax.figure.dpi_scale_trans))
+    where = {k: (x, y) for x, y, k in pts}
+    _draw_front(ax, [where[k] for k in front], minimise_x=False, label="Pareto frontier" if first else None)
+    if dense is not None:
+        ax.axhline(dense, color="grey", linestyle="--", linewidth=1.2, label="dense (nothing removed)" if first else None)
+        ax.annotate(f"dense: {dense:.1f}", (1, dense), xycoords=("axes fraction", "data"), xytext=(-4, -3),
+                    textcoords="offset points", ha="right", va="top", fontsize=8, color="dimgrey")
+    _compress_axes(ax, [x for x, _, _ in pts], [y for _, y, _ in pts] + ([dense] if dense is not None else []))
+
+
+def _compress_axes(ax, xs: list, ys: list) -> None:
+    ax.set_yscale("log")
+    if ys:  # explicit: the sideways-shifted markers do not count in matplotlib's autoscaling
+        ax.set_ylim(min(ys) / 1.7, max(ys) * 1.7)
+    ratios = sorted(set(xs))
+    if ratios:
+        ax.set_xticks(ratios)
+        span = (ratios[-1] - ratios[0]) or 0.1
+        ax.set_xlim(ratios[0] - 0.15 * span, ratios[-1] + 0.15 * span)
+    ax.set_xlabel("fraction of decoder parameters removed (higher = smaller)")
+    ax.set_ylabel("perplexity (log, lower is better)")
+    ax.grid(alpha=0.3)
+
+
 def _plot_compress(runs: dict, path: Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
+    series = _compress_series(runs)
+    if not series:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {m: (plt.get_cmap("tab10")(i % 10), _METHOD_MARKERS[i % len(_METHOD_MARKERS)]) for i, m in enumerate(series)}
     dense = runs.get("dense", {}).get("perplexity", {})
-    for ax, corpus, title in zip(axes, ("wikitext2", "pydocs"), ("WikiText-2 test", "Python docs (out of domain)")):
-        methods = sorted({r["method"] for k, r in runs.items() if "@" in k and "[" not in k and "error" not in r})
-        for m in methods:
-            pts = sorted((r["ratio"], r["perplexity"][corpus]) for k, r in runs.items()
-                         if r.get("method") == m and "[" not in k and "error" not in r)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m, linewidth=2.5 if m == "comp" else 1.2)
-        if corpus in dense:
-            ax.axhline(dense[corpus], color="grey", linestyle="--", label="dense")
-        ax.set_yscale("log")
-        ax.set_xlabel("fraction of decoder parameters removed")
-        ax.set_ylabel("perplexity (log)")
+    fig, axes = plt.subplots(1, 2, figsize=(12.5, 4.4))
+    for i, (ax, corpus, title) in enumerate(zip(axes, ("wikitext2", "pydocs"),
+                                                ("WikiText-2 test", "Python docs (out of domain)"))):
+        _compress_panel(ax, series, corpus, dense.get(corpus), styles, first=i == 0)
         ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 0.83, 1))
+    handles, labels = axes[0].get_legend_handles_labels()
+    title = "method (line: several ratios;\nmarker only: one ratio, spread\nsideways where ratios coincide)"
+    fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.835, 0.93), fontsize=8, frameon=False,
+               title=title, title_fontsize=8, alignment="left")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
 
 def render_scale(result: dict, docs: Path) -> None:
     gib = 2**30
@@ -344,43 +513,84 @@ def render_recipes(results: dict, docs: Path) -> None:
     _replace_section(docs / "benchmarks.md", "recipes", "\n".join(lines), first=True)
 
 
+_PRECISION_MARKERS = {"fp32": "o", "int8": "s", "int4": "^"}
+
+
+def _deploy_panel(ax, points: list, field: str, colors: dict) -> list:
+    """One panel of deploy.png: every artifact, the Pareto frontier (lower bits per byte and a
+    smaller file, or a faster decode). Returns the frontier's points to label as (x, y, text, bold),
+    every point's (x, y) and whether x is minimised."""
+    xy = [(r[field] / 2**20 if field == "file_bytes" else r[field], r["bits_per_byte"]["wikitext2"], r)
+          for r in points if r.get(field) is not None]
+    for x, y, r in xy:
+        star = r["artifact"] == "dense" and r["precision"] == "int4"
+        ax.scatter([x], [y], color=colors[r["artifact"]], marker="*" if star else _PRECISION_MARKERS.get(r["precision"], "o"),
+                   s=230 if star else 45, edgecolors="black" if star else "none", zorder=3)
+    minimise_x = field == "file_bytes"
+    front = [xy[i] for i in pareto_front([(x, y, i) for i, (x, y, _) in enumerate(xy)], minimise_x)]
+    _draw_front(ax, [(x, y) for x, y, _ in front], minimise_x)
+    if minimise_x:
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylabel("bits per byte, WikiText-2 test (lower is better)")
+    ax.grid(alpha=0.3)
+    items = [(x, y, f"{r['artifact']} {r['precision']}", r["artifact"] == "dense" and r["precision"] == "int4")
+             for x, y, r in front]
+    return items, [(x, y) for x, y, _ in xy], minimise_x
+
+
+def _deploy_legends(fig, colors: dict) -> None:
+    """Three legends right of the panels, one under the other: colour = artifact, marker =
+    precision, and the marks (dense int4, the frontier)."""
+    from matplotlib.lines import Line2D
+
+    def dot(**kw):
+        return Line2D([], [], linestyle="none", **{"markersize": 8, **kw})
+
+    groups = [("artifact (colour)", [dot(marker="o", color=c) for c in colors.values()], list(colors)),
+              ("precision (marker)", [dot(marker=m, color="dimgrey") for m in _PRECISION_MARKERS.values()],
+               list(_PRECISION_MARKERS)),
+              ("marks", [dot(marker="*", color=colors.get("dense", "grey"), markeredgecolor="black", markersize=13),
+                         Line2D([], [], color="black", alpha=0.7),
+                         dot(marker="o", markerfacecolor="none", markeredgecolor="black", markersize=12)],
+               ["dense int4 (baseline of the targets)", "Pareto frontier", "on the frontier (labelled)"])]
+    renderer, top = fig.canvas.get_renderer(), 0.95
+    for title, handles, labels in groups:
+        leg = fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.805, top), fontsize=8, title=title,
+                         title_fontsize=8, alignment="left", frameon=False)
+        box = leg.get_window_extent(renderer).transformed(fig.transFigure.inverted())
+        top = box.y0 - 0.01
+
+
 def _plot_deploy(rows: dict, path: Path) -> Path | None:
     plt = _pyplot()
     if plt is None:
         return None
-    points = [r for r in rows.values() if not r.get("error") and r["bits_per_byte"].get("wikitext2") is not None]
+    points = [r for r in rows.values() if not r.get("error") and (r.get("bits_per_byte") or {}).get("wikitext2") is not None]
     if not points:
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     artifacts = list(dict.fromkeys(r["artifact"] for r in points))
-    colors = {a: plt.get_cmap("tab10")(i) for i, a in enumerate(artifacts)}
-    markers = {"fp32": "o", "int8": "s", "int4": "^"}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
-    for ax, (field, xlabel) in zip(axes, (("file_bytes", "file MiB (log)"), ("decode_bytes_per_s", "decode bytes of text / s"))):
-        for r in points:
-            x = r.get(field)
-            if x is None:
-                continue
-            x = x / 2**20 if field == "file_bytes" else x
-            y = r["bits_per_byte"]["wikitext2"]
-            star = r["artifact"] == "dense" and r["precision"] == "int4"
-            ax.scatter([x], [y], color=colors[r["artifact"]], marker="*" if star else markers.get(r["precision"], "o"),
-                       s=260 if star else 40, edgecolors="black" if star else "none", zorder=3 if star else 2,
-                       label=f"{r['artifact']} {r['precision']}")
-            ax.annotate(f"{r['artifact']} {r['precision']}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6.5,
-                        fontweight="bold" if star else "normal")
-        if field == "file_bytes":
-            from matplotlib.ticker import FuncFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-            ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    colors = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(artifacts)}
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5.2))
+    panels = (("file_bytes", "file MiB (log; smaller is better)", "quality vs size"),
+              ("decode_bytes_per_s", "decode bytes of text / s (higher is better)", "quality vs decode speed"))
+    drawn = []
+    for ax, (field, xlabel, title) in zip(axes, panels):
+        drawn.append(_deploy_panel(ax, points, field, colors))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("bits per byte, WikiText-2 test (lower is better)")
-        ax.grid(alpha=0.3)
-    axes[0].set_title("quality vs size (★ = dense int4)")
-    axes[1].set_title("quality vs decode speed (★ = dense int4)")
-    fig.tight_layout()
+        ax.set_title(title)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    _deploy_legends(fig, colors)
+    for ax, (items, every, minimise_x) in zip(axes, drawn):
+        xs, ys = [x for x, _, _, _ in items], [y for _, y, _, _ in items]
+        obstacles = (_point_boxes(ax, every, half=8) + _point_boxes(ax, zip(xs, ys), half=11)
+                     + _segment_boxes(ax, xs, ys, minimise_x))
+        _label_points(ax, items, obstacles)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
