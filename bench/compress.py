@@ -44,7 +44,8 @@ def evaluate(model: str, windows: int, work: Path) -> dict:
 
 def compress_run(key: str, extra: list[str], ratio: float, args, work: Path) -> dict:
     out_dir = work / key
-    report, wall = run_json(["compress", "--model", args.model, "--ratio", str(ratio), "--out", str(out_dir), "--overwrite",
+    report, wall = run_json(["compress", "--model", args.model, "--ratio", str(ratio), "--of", "decoder", "--out", str(out_dir),
+                             "--overwrite",
                              "--calib", str(SHARED / "wikitext2/wiki.valid.tokens"), "--calib-samples", str(args.calib_samples),
                              "--calib-seq-len", str(args.calib_seq_len), "--seed", "0", *extra], work / f"{key}.log")
     row = {

@@ -5,9 +5,11 @@ Artifacts (each `llmprune compress` with --calib wikitext2/wiki.valid.tokens (de
 it prunes the vocabulary, --vocab-data a folder of wiki.valid.tokens + pydocs howto/faq/library/reference,
 never tutorial.txt; compress refuses --vocab-data without --vocab):
   dense                  the packaged model, not compressed
-  decoder-0.2            --ratio 0.2
+  decoder-0.2            --ratio 0.2 --of decoder
   vocab-16k/32k/64k      --ratio 0 --vocab 16000 / 32000 / 64000 (the vocabulary only)
-  vocab-32k+decoder-0.2  --ratio 0.2 --vocab 32000
+  vocab-32k+decoder-0.2  --ratio 0.2 --of decoder --vocab 32000
+  target-150/100         --target-mb 150 / 100 (int4; the plan chooses the vocabulary and the decoder cut,
+                         measured on the held-out tail of the calibration text)
 Steps, each in its own process (wall time and peak RSS its own; 1-minute load average before/after):
   compress:NAME          the compression (not for dense)
   export:NAME            `llmprune export --quantize int8 int4 --eval-windows 1 --eval-seq-len 64`
@@ -49,7 +51,8 @@ from common import ROOT, SHARED, load_results, run_cli_measured, run_measured, s
 PRECISIONS = ("fp32", "int8", "int4")
 VOCAB_SIZES = {"16k": 16000, "32k": 32000, "64k": 64000}
 SMOKE_VOCAB_SIZES = {"16k": 280, "32k": 300, "64k": 310}  # of the tiny tokenizer's 320 ids
-ARTIFACTS = ("dense", "decoder-0.2", "vocab-16k", "vocab-32k", "vocab-64k", "vocab-32k+decoder-0.2")
+TARGET_ARMS = ("target-150", "target-100")   # --target-mb 150 / 100 (int4): the plan chooses vocabulary and cut
+ARTIFACTS = ("dense", "decoder-0.2", "vocab-16k", "vocab-32k", "vocab-64k", "vocab-32k+decoder-0.2", *TARGET_ARMS)
 VOCAB_ONLY = ("vocab-16k", "vocab-32k", "vocab-64k")
 VOCAB_DATA = ("wikitext2/wiki.valid.tokens", "pydocs/howto.txt", "pydocs/faq.txt", "pydocs/library.txt",
               "pydocs/reference.txt")
@@ -167,7 +170,9 @@ def _folder_files(folder: Path) -> dict[str, int]:
 
 
 def _compress_args(name: str, vocab_sizes: dict[str, int]) -> list[str]:
-    args = ["--ratio", "0.2"] if "decoder-0.2" in name else ["--ratio", "0"]
+    if name.startswith("target-"):
+        return ["--target-mb", name.split("-")[1]]
+    args = ["--ratio", "0.2", "--of", "decoder"] if "decoder-0.2" in name else ["--ratio", "0"]
     if name.startswith("vocab-"):
         args += ["--vocab", str(vocab_sizes[name.split("-")[1].split("+")[0]])]
     return args
@@ -284,7 +289,7 @@ def main() -> int:
     def compress(name: str) -> dict:
         report, wall, rss = run_cli_measured(
             ["compress", "--model", model, *_compress_args(name, vocab_sizes), "--out", str(work / name), "--overwrite",
-             *calib, *(["--vocab-data", str(vocab_data)] if name.startswith("vocab-") else []), "--seed", "0"],
+             *calib, *(["--vocab-data", str(vocab_data)] if name.startswith(("vocab-", "target-")) else []), "--seed", "0"],
             work / f"compress-{name}.log")
         vocab = report.get("vocabulary") or {}
         return {"wall_seconds": wall, "peak_rss_mb": rss, "compress_seconds": report["seconds"],
@@ -387,7 +392,7 @@ def summarize(results: dict) -> dict:
             k: (r - 1 if (r := ratio(row["bits_per_byte"][k], (dense.get("bits_per_byte") or {}).get(k))) is not None else None)
             for k in TEXTS}
     targets: dict = {}
-    for name in VOCAB_ONLY:
+    for name in (*VOCAB_ONLY, *TARGET_ARMS):
         row = rows.get(f"{name}:int4")
         values = {"file_ratio": None, "decode_bytes_per_s_ratio": None, "bpb_change_wikitext2": None,
                   "bpb_change_pydocs": None, "bpb_change_python_source": None}
@@ -417,7 +422,7 @@ def print_summary(summary: dict, results_path: Path, docs: Path) -> None:
         tps = "—" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}"
         bps = "—" if r["decode_bytes_per_s"] is None else f"{r['decode_bytes_per_s']:.0f}"
         print(f"  {key:30s} {fb:>8s} MiB  {sv:>5s}  bpb {bpb}  {tps} tok/s  {bps} B/s")
-    print("[deploy] targets (vocabulary-only int4 vs dense int4):")
+    print("[deploy] targets (vocabulary-only and --target-mb int4 vs dense int4):")
     for name, t in summary["targets"].items():
         parts = []
         for k, x in t.items():

@@ -2,7 +2,7 @@
 PyTorch eager on the same models and llama.cpp (llama-cpp-python) on the original Q4_K_M GGUF.
 
 Steps, each in its own process (so its wall time and peak RSS are its own):
-  compress   `llmprune compress --ratio 0.2 --calib wiki.valid.tokens` (the pruned model)
+  compress   `llmprune compress --ratio 0.2 --of decoder --calib wiki.valid.tokens` (the pruned model)
   export     `llmprune export --quantize int8 int4 --eval-data wiki.test.raw` for dense and pruned:
              file sizes, parity, perplexity (PyTorch, ONNX fp32, int8, int4) on 4×512 windows (+BOS)
   measure    per engine × model × precision: prefill latency of 512 tokens, greedy decode of 128 new
@@ -243,7 +243,8 @@ def main() -> int:
 
     def compress() -> dict:
         report, wall, rss = run_cli_measured(
-            ["compress", "--model", args.model, "--ratio", str(args.ratio), "--out", str(pruned_dir), "--overwrite",
+            ["compress", "--model", args.model, "--ratio", str(args.ratio), "--of", "decoder", "--out", str(pruned_dir),
+             "--overwrite",
              "--calib", str(SHARED / "wikitext2/wiki.valid.tokens"), "--seed", "0"], args.work / "compress.log")
         return {"wall_seconds": wall, "peak_rss_mb": rss, "compress_seconds": report["seconds"],
                 "ratio_achieved": report["ratio_achieved"], "total_reduction": report["total_reduction"],

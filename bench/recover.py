@@ -69,7 +69,7 @@ def evaluate(model: str, args, work: Path, tag: str, known: dict | None = None) 
 def pruned_checkpoint(args, work: Path) -> Path:
     out = work / "pruned-0.2"
     if not (out / "config.json").is_file():
-        run_json(["compress", "--model", args.model, "--ratio", "0.2", "--method", "comp", "--calib",
+        run_json(["compress", "--model", args.model, "--ratio", "0.2", "--of", "decoder", "--method", "comp", "--calib",
                   str(SHARED / "wikitext2/wiki.valid.tokens"), "--calib-samples", "32", "--calib-seq-len", "512",
                   "--seed", "0", "--out", str(out), "--overwrite"], work / "compress.log")
     return out

@@ -288,7 +288,7 @@ def render_export(results: dict, docs: Path) -> None:
     setup, steps, summary = results.get("setup", {}), results.get("steps", {}), results.get("summary", {})
     mib = 2**20
     lines = ["## export: Gemma-3-270M on ONNX Runtime (CPU), PyTorch and llama.cpp", "",
-             f"Dense and pruned-{setup.get('ratio')} (`llmprune compress --ratio {setup.get('ratio')}`, calibration "
+             f"Dense and pruned-{setup.get('ratio')} (`llmprune compress --ratio {setup.get('ratio')} --of decoder`, calibration "
              f"{setup.get('calib')}) exported with `llmprune export --quantize int8 int4`. Perplexity: "
              f"{setup.get('eval')}, the same token windows for every engine. Prefill: one "
              f"{setup.get('prefill_tokens')}-token prompt (median of 3). Decode: {setup.get('decode')} (median of 2). "
@@ -385,8 +385,10 @@ def render_deploy(results: dict, docs: Path) -> None:
     src = setup.get("python_source", {})
     base = [r["rss_after_imports_mb"] for r in rows.values() if r.get("rss_after_imports_mb")]
     lines = [f"## deploy: vocabulary pruning vs quantizing the dense model ({setup.get('model')}, ONNX Runtime CPU)", "",
-             f"Six artifacts — dense, decoder-0.2 (`--ratio 0.2`), vocab-16k/32k/64k (`--ratio 0 --vocab "
-             f"{'/'.join(str(sizes.get(k, k)) for k in ('16k', '32k', '64k'))}`) and vocab-32k+decoder-0.2 — compressed "
+             f"The artifacts — dense, decoder-0.2 (`--ratio 0.2 --of decoder`), vocab-16k/32k/64k (`--ratio 0 --vocab "
+             f"{'/'.join(str(sizes.get(k, k)) for k in ('16k', '32k', '64k'))}`), vocab-32k+decoder-0.2 and "
+             "target-150/100 (`--target-mb 150` / `100`: the plan chooses, measured on the calibration text's held-out "
+             "tail) — compressed "
              f"with calibration {setup.get('calib')} and the vocabulary ranked on WikiText-2 valid + Python docs "
              f"(howto, faq, library, reference; not tutorial), each exported with `llmprune export {setup.get('export')}` "
              f"and measured in a fresh process on ONNX Runtime with {m.get('threads')} intra-op threads "
@@ -429,7 +431,8 @@ def render_deploy(results: dict, docs: Path) -> None:
                 "bpb_change_wikitext2": "bits/byte change vs dense int4, WikiText-2",
                 "bpb_change_pydocs": "bits/byte change vs dense int4, Python docs",
                 "bpb_change_python_source": "bits/byte change vs dense int4, Python source (out of domain)"}
-        lines += ["", "Targets of the issue, vocabulary-only int4 against dense int4 (computed, not asserted):", "",
+        lines += ["", "Targets of the issues, vocabulary-only and --target-mb int4 against dense int4 (computed, not "
+                  "asserted):", "",
                   f"| target | goal | {' | '.join(names)} |", "|---|---|" + "---|" * len(names)]
         for k, label in what.items():
             goal = targets[names[0]].get(k, {}).get("target") or "shown"

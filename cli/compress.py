@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("compress", help="prune a model (COMP or a baseline) and write a checkpoint", description=__doc__)
     p.add_argument("--model", default=None, help="HF folder, .gguf, hub id or 'gemma-3-270m' (default)")
-    p.add_argument("--ratio", type=ratio_type, required=True, help=help_of(CompressConfig, "ratio"))
+    p.add_argument("--ratio", type=ratio_type, default=None, help=help_of(CompressConfig, "ratio") + "; or --target-mb")
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument("--calib", default="python-docs", help="calibration data: file, folder, HF dataset name, "
                    "'python-docs' (default: the Python language reference this interpreter carries, real text on any "
@@ -39,8 +39,17 @@ def build_config(args):
     """The config the flags describe, with the calibration size resolved for --calib exactly as
     the Python API resolves it."""
     from llmprune.compress import CompressConfig
+    from llmprune.errors import LLMPruneError
     from llmprune.options import config_from_args
 
+    if args.ratio is None and args.target_mb is None:
+        raise LLMPruneError("no size given", "pass --ratio R (a fraction of the model, e.g. 0.2) or --target-mb MB "
+                                             "(the exported artifact's size, e.g. 100)")
+    if args.target_mb is not None:
+        for flag, given in (("--ratio", args.ratio is not None), ("--of", args.of is not None)):
+            if given:
+                raise LLMPruneError(f"{flag} and --target-mb both set how much to remove",
+                                    f"pass --target-mb alone (it chooses the cut), or drop it and keep {flag}")
     return config_from_args(CompressConfig, args).with_calibration_defaults(args.calib)
 
 
@@ -84,7 +93,26 @@ def print_summary(report: dict, out) -> None:
         hint = (" — the Python language reference; for a model tuned to your text pass --calib FILE"
                 if source == "python-docs" else "")
         print(f"calibrated on {source}{size}{hint}")
+    if report.get("target"):
+        print_target(report["target"])
     shares = (report.get("budget") or {}).get("removed")
-    if shares and report["budget"].get("of") == "total":
+    if shares and report["budget"].get("of") in ("total", "target-mb"):
         print("budget: " + ", ".join(f"{name} {part['share']:.0%}" for name, part in shares.items()))
     print(f"{report['seconds']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {out}")
+
+
+def print_target(target: dict) -> None:
+    """What --target-mb tried, what it chose and the size it predicts."""
+    mb = 1_000_000
+    for c in target["candidates"]:
+        fit = (f"vocabulary {c['vocab']:,} ids, {c['predicted_bytes'] / mb:.1f} MB: {c['heldout_bpb']:.4f} bits/byte"
+               if c["vocab"] is not None else "the cut alone costs more than the best plan: stop" if c["stopped"]
+               else "does not fit")
+        alone = "" if c["decoder_ratio"] == 0 else f" (the cut alone {c['decoder_only_bpb']:.4f})"
+        print(f"  decoder -{c['decoder_ratio']:.0%}: {fit}{alone}")
+    chosen, pred = target["chosen"], target["predicted"]
+    print(f"target {target['mb']:g} MB {target['precision']}: chose decoder -{chosen['decoder_ratio']:.0%} and "
+          f"{chosen['vocab']:,} ids, {chosen['heldout_bpb']:.4f} bits/byte on held-out calibration text (dense "
+          f"{target['heldout']['dense_bpb']:.4f}); predicted {pred['total'] / mb:.1f} MB (weights "
+          f"{pred['weights'] / mb:.1f}, tokenizer and config {pred['files'] / mb:.1f}, graph {pred['graph'] / mb:.1f}) "
+          f"— export with `{target['export']}`")

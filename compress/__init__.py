@@ -6,6 +6,7 @@ Score once, cut many: `calibrate` measures everything a cut needs in one streame
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 
@@ -105,7 +106,8 @@ def calibrate(model: Model, calib: str | os.PathLike | list[str] = "python-docs"
     `tokenizer`, or any spec `llmprune.load` takes; with config.low_memory a safetensors folder).
     `calib`: texts, a data spec (see `llmprune.load_texts`; default `python-docs`) or 'self'. The
     calibration size defaults to 16×256 for 'self' and 32×512 for data, as on the command line."""
-    cfg = (config or CompressConfig()).with_calibration_defaults(calib)
+    cfg = (config or CompressConfig(of="decoder")).with_calibration_defaults(calib)
+    _refuse_vocabulary(cfg, "calibrate")
     _refuse_self_when_streamed(calib, cfg)
     source = _source_obj or _source(model, cfg, tokenizer)
     calibration = run_calibration(source, _texts(calib, source, cfg), cfg)
@@ -123,12 +125,22 @@ def prune(model: Model, calibration: Calibration, plan_or_ratio: Plan | float | 
     sets fit, heads, method...; with `out` the checkpoint is written there, atomically."""
     ratio = plan_or_ratio if isinstance(plan_or_ratio, (int, float)) else None
     cfg = cut_config(calibration, ratio, config)
+    _refuse_vocabulary(cfg, "prune")
     _check_cut(calibration, cfg)
     if out is not None:
         check_output_dir(out, overwrite)  # fail on a bad --out before any heavy work
     source = _source_obj or _source(model, cfg, tokenizer, need_tokenizer=False)
     plans = [plan_or_ratio] if isinstance(plan_or_ratio, Plan) else candidate_plans(calibration, cfg, source.can_search)
     return prune_with(source, calibration, plans, cfg, out=out, overwrite=overwrite)
+
+
+def _refuse_vocabulary(cfg: CompressConfig, name: str) -> None:
+    """calibrate/prune cut the decoder (score once, cut many); a budget that also takes vocabulary
+    rows ranks them on text first, which compress() does."""
+    if cfg.prunes_vocabulary:
+        raise LLMPruneError(f"{name}() cuts the decoder only, but this config also prunes the vocabulary "
+                            f"(of='{cfg.of}', vocab={cfg.vocab!r})",
+                            "pass CompressConfig(of='decoder', ...) without vocab, or call compress()")
 
 
 def _check_cut(calibration: Calibration, cfg: CompressConfig) -> None:
@@ -150,7 +162,9 @@ def compress(model: Model = None, config: CompressConfig | None = None, *, token
              calib: str | os.PathLike | list[str] = "python-docs", out: str | os.PathLike | None = None,
              overwrite: bool = False) -> CompressResult:
     """Prune a model (an nn.Module with its tokenizer, or any spec `llmprune.load` takes) by
-    `config.ratio` of its decoder parameters: `calibrate` then `prune`. `calib` is a data spec (see
+    `config.ratio` of its parameters — of the whole model by default, the vocabulary rows the
+    ranking text never uses first (`of='total'`), or of the decoder layers (`of='decoder'`:
+    `calibrate` then `prune`). `calib` is a data spec (see
     `llmprune.load_texts`; default `python-docs`, the Python language reference this interpreter
     carries), `'self'` (text the model generates) or a list of texts.
     With `out`, the pruned checkpoint is written there (atomically) and the result's report says where."""
@@ -161,6 +175,8 @@ def compress(model: Model = None, config: CompressConfig | None = None, *, token
         raise LLMPruneError("--low-memory writes the checkpoint as it goes", "pass --out")
     _refuse_self_when_streamed(calib, cfg)
     source = _source(model, cfg, tokenizer)  # shared by both calls: the model is loaded once
+    if cfg.target_mb is not None:
+        return _compress_to_size(source, calib, cfg, out, overwrite)
     if cfg.prunes_vocabulary:
         return _compress_with_vocabulary(source, calib, cfg, out, overwrite)
     calibration = calibrate(model, calib, cfg, _source_obj=source)
@@ -191,13 +207,66 @@ def _compress_with_vocabulary(source, calib, cfg: CompressConfig, out, overwrite
         report["config"], report["ratio_requested"] = cfg.to_dict(), cfg.ratio
     else:
         report = vocab_step.vocabulary_only_report(model, cfg, source.description)
+    return _cut_vocabulary(model, tokenizer, report, plan, texts, (shapes, layer_map), source, calib, cfg, out,
+                           overwrite, start)
+
+
+def _cut_vocabulary(model, tokenizer, report: dict, plan, texts: list[str], before: tuple, source, calib,
+                    cfg: CompressConfig, out, overwrite: bool, start: float) -> CompressResult:
+    """The vocabulary rows and the tokenizer, then the report and the checkpoint (written once)."""
+    import time
+
+    from . import vocab_step
+
     vocab_start = time.perf_counter()
     new_tokenizer, vocab_json = vocab_step.cut_vocabulary(model, tokenizer, plan.selection, source.description)
-    vocab_step.finish_report(report, model, plan, vocab_json, texts, (tokenizer, new_tokenizer), shapes, layer_map,
+    vocab_step.finish_report(report, model, plan, vocab_json, texts, (tokenizer, new_tokenizer), *before,
                              time.perf_counter() - vocab_start)
     report["vocabulary"]["data"] = _describe(cfg.vocab_data if cfg.vocab_data is not None else calib)
+    if cfg.target_mb is not None:
+        from .target import describe_fit
+
+        report["target"].update(describe_fit(model, new_tokenizer, cfg))
     report["seconds"] = time.perf_counter() - start
     if out is not None:
         report["out"] = str(out)
         vocab_step.save_with_vocabulary(model, new_tokenizer, out, report, vocab_json, overwrite)
     return CompressResult(model=model, report=report, tokenizer=new_tokenizer)
+
+
+def _compress_to_size(source, calib, cfg: CompressConfig, out, overwrite: bool) -> CompressResult:
+    """--target-mb: the plan that fits, chosen by measured cost (compress/target.py), then the
+    decoder cut it chose and its vocabulary."""
+    import time
+
+    from llmprune.data import load_texts
+    from llmprune.params import layer_shapes
+
+    from . import target, vocab_step
+
+    start = time.perf_counter()
+    model, tokenizer = source.model, source.tokenizer
+    fit_texts, heldout = target.split_heldout(_texts(calib, source, cfg))
+    ranking = load_texts(cfg.vocab_data) if cfg.vocab_data is not None else fit_texts
+    budget = int(cfg.target_mb * target.artifact.MB)
+    target.check_reachable(model, tokenizer, ranking, budget, cfg.precision)
+    before = (layer_shapes(model), vocab_step.current_layer_map(model))
+    decoder_cfg = dataclasses.replace(cfg, of="decoder", vocab=None, vocab_data=None, target_mb=None, precision="int4")
+    calibration = None
+
+    def cut(ratio: float):
+        nonlocal calibration
+        if calibration is None:
+            calibration = calibrate(model, fit_texts, decoder_cfg, _source_obj=source)
+            calibration.calibration_data = _describe(calib)
+        result = prune(copy.deepcopy(model), calibration, ratio, config=dataclasses.replace(decoder_cfg, ratio=ratio))
+        return result.model, result.report
+
+    found = target.search(model, tokenizer, ranking, budget, cfg.precision, cut,
+                          target.heldout_measure(tokenizer, heldout))
+    report = found.prune_report or vocab_step.vocabulary_only_report(model, cfg, source.description)
+    report["config"], report["ratio_requested"] = cfg.to_dict(), None
+    report["target"] = found.describe(cfg, heldout)
+    plan = vocab_step.VocabularyPlan(found.selection, found.chosen.decoder_ratio, {"of": "target-mb"})
+    return _cut_vocabulary(found.model, tokenizer, report, plan, ranking, before, source, calib, cfg, out,
+                           overwrite, start)

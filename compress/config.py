@@ -7,8 +7,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import asdict, dataclass
 
+from llmprune.artifact import PRECISIONS
 from llmprune.errors import LLMPruneError
-from llmprune.options import option
+from llmprune.options import option, positive_float
 
 from .methods import METHODS, PruningMethod, get_method, method_names
 
@@ -42,13 +43,23 @@ def vocab_size(text: str) -> int | float:
 class CompressConfig:
     """What to remove and how (each field's help says what it means)."""
 
-    ratio: float = option(0.2, help="fraction of parameters to remove, in (0, 1): of the decoder layers (embeddings "
-                                    "and LM head are only pruned by --vocab), or of the whole model with --of total; "
-                                    "0 with --vocab prunes the vocabulary only")
-    of: str = option("decoder", choices=BUDGET_SCOPES,
-                     help="what --ratio is a fraction of: decoder (the decoder layers' parameters) or total (the whole "
-                          "model: the budget is split between vocabulary rows, whole layers and neurons, the "
-                          "vocabulary rows the data never uses going first)")
+    ratio: float = option(0.2, help="fraction of parameters to remove, in (0, 1): of the whole model (--of total, "
+                                    "the default) or of the decoder layers (--of decoder); 0 with --vocab prunes the "
+                                    "vocabulary only")
+    of: str | None = option(None, choices=BUDGET_SCOPES,
+                            default_text="total; decoder with --low-memory or --ratio 0",
+                            help="what --ratio is a fraction of: total (the whole model: the budget is split between "
+                                 "vocabulary rows, whole layers and neurons, the vocabulary rows the data never uses "
+                                 "going first; measured best at the same size) or decoder (the decoder layers' "
+                                 "parameters only; embeddings and LM head untouched unless --vocab)")
+    target_mb: float | None = option(None, parse=positive_float, metavar="MB",
+                                     help="instead of --ratio: fit the exported artifact (every file the runtime "
+                                          "needs) in MB megabytes (10^6 bytes) at --precision; the plan trades "
+                                          "vocabulary rows against decoder cuts by their measured cost in bits per "
+                                          "byte of held-out calibration text, and prints its predicted size")
+    precision: str = option("int4", choices=PRECISIONS,
+                            help="the export --target-mb plans for: int4 or int8 (`llmprune export --quantize "
+                                 "int4|int8`) or fp32 (no --quantize)")
     vocab: int | float | None = option(None, parse=vocab_size, metavar="K|FRACTION",
                                        help="also prune the vocabulary: keep K token ids (a whole number), or the "
                                             "fewest covering FRACTION (0 < F <= 1, e.g. 0.999) of the tokens of "
@@ -90,7 +101,9 @@ class CompressConfig:
     batch_size: int = option(4, cli=False, help="calibration windows per forward call")
 
     def __post_init__(self) -> None:
+        self._resolve_scope()
         self._check_budget()
+        self._check_target()
         self._check_choices()
         self._parse_layer_share()
         if self.head_ratio is not None and not 0.0 <= self.head_ratio < 1.0:
@@ -102,6 +115,12 @@ class CompressConfig:
         if self.low_memory and not self.pruning_method.low_memory:
             raise LLMPruneError(f"--method {self.method} has no --low-memory path (it needs the whole model in memory)",
                                 f"drop --low-memory, or choose one of: {', '.join(low_memory_methods())}")
+
+    def _resolve_scope(self) -> None:
+        """--of unset: the whole model, except where only the decoder can be counted (--low-memory
+        loads one decoder layer at a time; --ratio 0 --vocab prunes the vocabulary alone)."""
+        if self.of is None:
+            self.of = "decoder" if self.low_memory or self.ratio == 0 else "total"
 
     def _check_budget(self) -> None:
         vocab_only = self.vocab is not None and self.of == "decoder" and self.ratio == 0
@@ -139,9 +158,27 @@ class CompressConfig:
             raise LLMPruneError(f"{given[0]} prunes the decoder, but --ratio 0 prunes the vocabulary only",
                                 f"drop {given[0]}, or give a --ratio above 0")
 
+    def _check_target(self) -> None:
+        """--target-mb chooses the vocabulary and the decoder ratio itself."""
+        if self.precision not in PRECISIONS:
+            raise LLMPruneError(f"unknown --precision '{self.precision}'", f"choose one of: {', '.join(PRECISIONS)}")
+        if self.target_mb is None:
+            if self.precision != "int4":
+                raise LLMPruneError("--precision sets the export --target-mb plans for, but no --target-mb was given",
+                                    "add --target-mb MB, or drop --precision")
+            return
+        if isinstance(self.target_mb, bool) or not isinstance(self.target_mb, (int, float)) or not (
+                0 < self.target_mb < float("inf")):
+            raise LLMPruneError(f"--target-mb must be a positive number of megabytes (got {self.target_mb!r})",
+                                "pass e.g. --target-mb 100")
+        for flag, given in (("--vocab", self.vocab is not None), ("--low-memory", self.low_memory)):
+            if given:
+                raise LLMPruneError(f"{flag} cannot be combined with --target-mb (the plan chooses the vocabulary "
+                                    "and the decoder cut in memory)", f"drop {flag}, or use --ratio instead of --target-mb")
+
     @property
     def prunes_vocabulary(self) -> bool:
-        return self.vocab is not None or self.of == "total"
+        return self.vocab is not None or self.of == "total" or self.target_mb is not None
 
     def _check_choices(self) -> None:
         get_method(self.method)  # raises the one-line error naming the choices

@@ -353,8 +353,9 @@ def select_vocabulary(tokenizer, texts: list[str], size: int | float) -> Vocabul
     counts = token_counts(tokenizer, texts, index.size)[: index.size]
     total = int(counts.sum())
     if total < MIN_DATA_TOKENS:
-        raise LLMPruneError(f"the vocabulary data has only {total} tokens, too few to rank tokens"
-                            f" (at least {MIN_DATA_TOKENS})", "pass more --vocab-data text")
+        raise LLMPruneError(f"the text ranking the vocabulary (--vocab-data, else --calib) has only {total} tokens, "
+                            f"too few to rank tokens (at least {MIN_DATA_TOKENS})",
+                            "pass more --vocab-data or --calib text, or --of decoder to leave the vocabulary alone")
     order = _order(index, counts, _in_alphabet(index, texts))
     if isinstance(size, numbers.Integral):
         kept = _close(index, index.forced)

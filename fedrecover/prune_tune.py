@@ -48,7 +48,7 @@ RATIO_TOLERANCE = 1e-3
 # fixed head fraction would compound step after step (0.5 twice keeps a quarter of the heads) and
 # alone can exceed a small step's budget; without it the heads follow each step's relative ratio.
 _STEP_OWNED = ("ratio", "of", "vocab", "vocab_data", "low_memory", "head_ratio", "seed", "calib_samples",
-               "calib_seq_len")
+               "calib_seq_len", "target_mb", "precision")
 
 
 def decoder_params(model: nn.Module) -> int:
@@ -214,7 +214,7 @@ def compress_config_for(report: dict | None, seed: int = 0, calib_samples: int |
     saved = saved if isinstance(saved, dict) else {}
     names = {f.name for f in dataclasses.fields(CompressConfig)}
     kwargs = {k: v for k, v in saved.items() if k in names and k not in _STEP_OWNED}
-    kwargs["seed"] = seed
+    kwargs["seed"], kwargs["of"] = seed, "decoder"       # a step prunes the decoder (never the vocabulary)
     kwargs["calib_samples"] = calib_samples if calib_samples is not None else saved.get("calib_samples")
     kwargs["calib_seq_len"] = calib_seq_len if calib_seq_len is not None else saved.get("calib_seq_len")
     return CompressConfig(**kwargs)

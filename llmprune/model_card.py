@@ -98,6 +98,10 @@ def _checkpoint_card(report: dict, folder: Path) -> str:
     if vocab:
         rows.append(f"| vocabulary | {vocab.get('kept'):,} of {vocab.get('original'):,} ids "
                     f"(covering {100 * (vocab.get('coverage') or 0):.2f}% of the ranking text) |")
+    target = report.get("target") or {}
+    if target.get("predicted"):
+        rows.append(f"| export size (`{target.get('export')}`), predicted | "
+                    f"{target['predicted']['total'] / 1e6:.1f} MB for a {target.get('mb'):g} MB target |")
     loss = report.get("calibration_loss") or {}
     if loss.get("dense") is not None and loss.get("pruned") is not None:
         rows.append(f"| calibration loss (held-out windows) | {loss['pruned']:.4f} (dense {loss['dense']:.4f}) |")

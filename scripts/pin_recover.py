@@ -118,7 +118,7 @@ def main() -> None:
     text = tmp / "client_text.txt"
     text.write_text(varied_text(), encoding="utf-8")
     ckpts = {"pruned": tmp / "pruned", "dense": tiny_checkpoint(tmp / "dense", "llama")}
-    cc = CompressConfig(ratio=0.4, layer_share=0.7, prune_heads=True, head_ratio=0.5, intercept=True,
+    cc = CompressConfig(ratio=0.4, of="decoder", layer_share=0.7, prune_heads=True, head_ratio=0.5, intercept=True,
                         calib_samples=4, calib_seq_len=32, loss_windows=2)
     compress(tiny_model("llama"), cc, tokenizer=tiny_tokenizer(), calib=[varied_text(4000, seed=1)], out=ckpts["pruned"])
     results = {}

@@ -144,7 +144,7 @@ def test_bad_adaptive_settings_are_one_line_before_anything_starts(capfd, checkp
 
         model = tmp_path / "pruned"
         dense = tiny_checkpoint(tmp_path / "dense")
-        compress(str(dense), CompressConfig(ratio=0.4, calib_samples=2, calib_seq_len=16, loss_windows=1),
+        compress(str(dense), CompressConfig(ratio=0.4, of="decoder", calib_samples=2, calib_seq_len=16, loss_windows=1),
                  calib=[TINY_TEXT * 4], out=model)
         capfd.readouterr()          # compress's own progress bars are not the run's output
     out = tmp_path / "out"

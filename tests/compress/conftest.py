@@ -20,8 +20,9 @@ ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 REPO = Path(__file__).resolve().parents[2]
 WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext2" / "wiki.valid.tokens"
 
-# Small calibration: 4 windows × 32 tokens, loss measured on 2 held-out windows.
-SMALL = {"calib_samples": 4, "calib_seq_len": 32, "loss_windows": 2}
+# Small calibration: 4 windows × 32 tokens, loss measured on 2 held-out windows; the budget counts
+# the decoder (these tests are of decoder pruning; --of total has its own in test_vocab_step.py).
+SMALL = {"calib_samples": 4, "calib_seq_len": 32, "loss_windows": 2, "of": "decoder"}
 
 
 def _calibration_text() -> str:

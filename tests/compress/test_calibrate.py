@@ -118,3 +118,12 @@ def test_calibration_windows_must_fit_the_models_positions(seq_len, bos, error):
         with pytest.raises(LLMPruneError, match=error.replace("(", r"\(")):
             check_positions(cfg, config, tok)
     check_positions(cfg, SimpleNamespace(), tok)  # a config without the field: nothing to check
+
+
+def test_calibrate_and_prune_cut_the_decoder_only(small_config, tok, calib_texts):
+    model = tiny_model("llama")
+    with pytest.raises(LLMPruneError, match=r"calibrate\(\) cuts the decoder only.*of='total'.*compress\(\)"):
+        calibrate(model, calib_texts, small_config(of="total"), tokenizer=tok)
+    calibration = calibrate(model, calib_texts, small_config(), tokenizer=tok)
+    with pytest.raises(LLMPruneError, match=r"prune\(\) cuts the decoder only.*vocab=300"):
+        prune(model, calibration, config=small_config(vocab=300))

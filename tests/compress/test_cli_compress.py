@@ -49,7 +49,8 @@ def test_compress_json_then_eval(llmprune_cli, tiny_ckpt, calib_file, tmp_path, 
                           "--calib-samples", "4", "--calib-seq-len", "32", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert abs(report["ratio_achieved"] - 0.3) <= 0.01
+    # The default budget counts the whole model (--of total): unused vocabulary rows, then the decoder.
+    assert report["config"]["of"] == "total" and abs(report["total_reduction"] - 0.3) <= 0.01
     assert report["method"] == "comp" and report["out"] == str(out)
     assert report["config"]["calib_samples"] == 4 and report["calibration"]["windows"] == 4
     assert json.loads((out / "pruning_report.json").read_text())["ratio_achieved"] == report["ratio_achieved"]
@@ -91,9 +92,13 @@ def test_failing_run_leaves_no_output(tiny_ckpt, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("A few words only. " * 5)
     out = tmp_path / "never"
+    result = run_main("compress", "--model", tiny_ckpt("qwen2"), "--ratio", "0.2", "--of", "decoder", "--out", out,
+                      "--calib", short, "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
+    assert_one_line_error(result, "too little calibration text", "4×32")
+    # The default budget (--of total) ranks the vocabulary on the same text first, and says so.
     result = run_main("compress", "--model", tiny_ckpt("qwen2"), "--ratio", "0.2", "--out", out, "--calib", short,
                       "--calib-samples", "4", "--calib-seq-len", "32", cwd=tmp_path)
-    assert_one_line_error(result, "too little calibration text", "4×32")
+    assert_one_line_error(result, "(--vocab-data, else --calib) has only", "--of decoder")
     assert not out.exists()
     assert leftovers(out) == []
 
@@ -103,8 +108,9 @@ def test_failing_run_with_overwrite_keeps_the_old_folder(tiny_ckpt, calib_file, 
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     (out / "pruning_report.json").write_text("{}")  # an earlier compress output: --overwrite may replace it
-    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.8", "--method", "wanda-sp", "--out", out,
-                      "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32", "--overwrite", cwd=tmp_path)
+    result = run_main("compress", "--model", tiny_ckpt("llama"), "--ratio", "0.8", "--of", "decoder", "--method",
+                      "wanda-sp", "--out", out, "--calib", calib_file, "--calib-samples", "4", "--calib-seq-len", "32",
+                      "--overwrite", cwd=tmp_path)
     assert_one_line_error(result, "no MLP neuron", progress=True)
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "pruning_report.json"]
     assert leftovers(out) == []

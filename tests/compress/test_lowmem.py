@@ -26,7 +26,8 @@ def text(request):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_low_memory_equals_in_memory(arch, text, tmp_path):
     src = tiny_checkpoint(tmp_path / "src", arch)
-    kw = dict(ratio=0.35, calib_samples=4, calib_seq_len=32, loss_windows=2, layer_share=0.9, prune_heads=True, head_ratio=0.5)
+    kw = dict(ratio=0.35, of="decoder", calib_samples=4, calib_seq_len=32, loss_windows=2, layer_share=0.9, prune_heads=True,
+              head_ratio=0.5)
     a = compress(str(src), CompressConfig(**kw), calib=[text], out=tmp_path / "a").report
     b = compress(str(src), CompressConfig(low_memory=True, **kw), calib=[text], out=tmp_path / "b").report
     assert b["low_memory"] and a["layers_dropped"] == b["layers_dropped"] != []

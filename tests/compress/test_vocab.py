@@ -308,7 +308,7 @@ def test_bad_sizes_are_refused(orig, size, message):
 
 
 def test_too_little_data_is_refused(orig):
-    with pytest.raises(LLMPruneError, match=r"only \d+ tokens, too few to rank tokens .* pass more --vocab-data text"):
+    with pytest.raises(LLMPruneError, match=r"only \d+ tokens, too few to rank tokens .* pass more --vocab-data or --calib text"):
         select_vocabulary(orig, ["a few words"], 300)
     with pytest.raises(LLMPruneError, match="only 0 tokens"):
         select_vocabulary(orig, [], 0.9)

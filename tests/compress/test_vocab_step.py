@@ -76,7 +76,7 @@ def test_a_whole_model_budget_is_met_and_split(tiny_ckpt, tmp_path, calib_texts)
 def test_a_small_whole_model_budget_takes_only_unused_vocabulary_rows(tiny_ckpt, tmp_path):
     texts = ["the cat sat on the mat. " * 200]  # uses few ids: many rows are free
     model, tok = llmprune.load(tiny_ckpt("llama"))
-    result = compress(model, CompressConfig(**SMALL, ratio=0.02, of="total"), tokenizer=tok, calib=texts)
+    result = compress(model, CompressConfig(**{**SMALL, "ratio": 0.02, "of": "total"}), tokenizer=tok, calib=texts)
     report = result.report
     assert report["budget"]["decoder_ratio"] == 0.0 and report["ratio_achieved"] == 0.0
     assert report["vocabulary"]["coverage"] == 1.0
@@ -136,7 +136,7 @@ def test_the_cli_prunes_the_vocabulary_and_reports_it(tiny_ckpt, calib_file, tmp
      ["--prune-heads prunes the decoder, but --ratio 0", "drop --prune-heads"]),
     (["--ratio", "0", "--vocab", "300", "--method", "wanda-sp"], ["--method prunes the decoder"]),
     (["--ratio", "0", "--vocab", "300", "--layer-share", "0.5"], ["--layer-share prunes the decoder"]),
-    (["--ratio", "0.2", "--vocab-data", "x.txt"], ["no --vocab was given"]),
+    (["--ratio", "0.2", "--of", "decoder", "--vocab-data", "x.txt"], ["no --vocab was given"]),
     (["--ratio", "0.2", "--vocab", "300", "--low-memory"], ["--low-memory"]),
     (["--ratio", "0.01", "--of", "total", "--vocab", "260"], ["alone removes", "--of total"]),
     (["--ratio", "0.2", "--of", "everything"], ["everything"]),
@@ -203,3 +203,10 @@ def test_the_ratio_an_of_total_error_suggests_is_accepted(tiny_ckpt, calib_texts
     suggested = float(re.search(r"pass --ratio (\d\.\d\d) or less", str(err.value)).group(1))
     plan = plan_vocabulary(model, tok, calib_texts, CompressConfig(**{**SMALL, "ratio": suggested, "of": "total"}))
     assert 0.9 < plan.decoder_ratio <= 0.95
+
+
+def test_the_budget_counts_the_whole_model_unless_only_the_decoder_can_be_counted():
+    assert CompressConfig().of == "total" and CompressConfig().prunes_vocabulary
+    assert CompressConfig(low_memory=True).of == "decoder"       # one decoder layer at a time: no vocabulary path
+    assert CompressConfig(ratio=0, vocab=300).of == "decoder"    # the vocabulary alone
+    assert CompressConfig(of="decoder").of == "decoder" and not CompressConfig(of="decoder").prunes_vocabulary

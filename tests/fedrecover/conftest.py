@@ -39,7 +39,7 @@ def pruned_ckpt(tmp_path_factory) -> Path:
     from llmprune.compress import CompressConfig, compress
 
     out = tmp_path_factory.mktemp("fedrecover") / "pruned"
-    cfg = CompressConfig(ratio=0.4, layer_share=0.7, prune_heads=True, head_ratio=0.5, intercept=True,
+    cfg = CompressConfig(ratio=0.4, of="decoder", layer_share=0.7, prune_heads=True, head_ratio=0.5, intercept=True,
                          calib_samples=4, calib_seq_len=32, loss_windows=2)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)        # the checkpoint scripts/pin_recover.py pinned (recover_pins.json)

@@ -203,7 +203,7 @@ def _setup(seed: int = 0, **overrides):
 def _config(**overrides):
     from llmprune.compress import CompressConfig
 
-    return CompressConfig(**{**dict(prune_heads=True, layer_share=0.7, calib_samples=4, calib_seq_len=32,
+    return CompressConfig(**{**dict(of="decoder", prune_heads=True, layer_share=0.7, calib_samples=4, calib_seq_len=32,
                                     loss_windows=2), **overrides})
 
 

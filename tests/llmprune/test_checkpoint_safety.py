@@ -274,7 +274,8 @@ def test_compress_writes_no_foreign_code(foreign_source, tmp_path, low_memory):
     from llmprune.compress import CompressConfig, compress
     from llmprune.testing import TINY_TEXT
 
-    cfg = CompressConfig(ratio=0.2, calib_samples=2, calib_seq_len=32, loss_windows=1, low_memory=low_memory)
+    cfg = CompressConfig(ratio=0.2, of="decoder", calib_samples=2, calib_seq_len=32, loss_windows=1,
+                         low_memory=low_memory)
     out = tmp_path / "out"
     compress(str(foreign_source), cfg, calib=[TINY_TEXT * 10], out=out)
     _assert_only_our_code(out)

@@ -1,0 +1,230 @@
+"""`compress --target-mb M`: the plan whose exported artifact fits in M megabytes, chosen by
+measured cost rather than by a fixed order.
+
+Two things shrink an artifact: vocabulary rows (each costs the bytes of its table row; dropping it
+splits the text that used it into pieces the model never saw) and the decoder (COMP's cut: whole
+layers and neurons, split by calibration loss). For each decoder ratio on a grid the plan keeps
+the most vocabulary rows that still fit (the size predicted by `llmprune.artifact`, the tokenizer
+files rebuilt and measured), then measures the candidate — the cut model with that vocabulary —
+in bits per byte of held-out text (the tail of the calibration text, never calibrated on, so
+tokenizers compare). The candidate with the fewest bits per byte wins. Larger cuts are not tried
+once the decoder cut alone costs more than the best candidate: a smaller vocabulary only adds.
+
+Bookkeeping (the held-out split, the search, the report) is here; the cut is `prune`, the
+vocabulary's maths `vocab.py`, the sizes `llmprune/artifact.py`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+
+from llmprune import artifact
+from llmprune.errors import LLMPruneError
+
+from .vocab import rebuild_tokenizer, select_vocabulary, slice_vocabulary
+
+log = logging.getLogger(__name__)
+
+DECODER_STEPS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)   # decoder ratios tried, smallest first
+HELDOUT_CHARS = 12_000                          # the calibration text's tail the plan is measured on
+HELDOUT_SEQ_LEN = 256
+MIN_CHARS = 10_000                              # calibration text --target-mb needs (a fifth at most held out)
+
+
+@dataclass
+class Candidate:
+    """One plan tried: a decoder ratio, the vocabulary that fits beside it, and what it measured."""
+
+    decoder_ratio: float
+    vocab: int | None = None            # ids kept (None: the plan cannot fit at this ratio)
+    predicted_bytes: int | None = None
+    heldout_bpb: float | None = None    # bits per byte of the held-out text, this vocabulary
+    decoder_only_bpb: float | None = None  # the cut with the whole vocabulary
+    stopped: bool = False               # the cut alone cost more than the best plan: not completed
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class TargetResult:
+    chosen: Candidate
+    model: object                       # the decoder-cut model of the chosen plan (vocabulary not cut yet)
+    prune_report: dict | None           # prune's report for that cut (None: decoder untouched)
+    selection: object                   # the VocabularySelection that fits beside it
+    candidates: list[Candidate] = field(default_factory=list)
+    dense_bpb: float = math.nan
+
+    def describe(self, cfg, heldout: str) -> dict:
+        """The report's `target` entry (the predicted sizes are added once the vocabulary is cut)."""
+        return {"mb": cfg.target_mb, "precision": cfg.precision, "bytes": int(cfg.target_mb * artifact.MB),
+                "chosen": self.chosen.to_dict(), "candidates": [c.to_dict() for c in self.candidates],
+                "heldout": {"characters": len(heldout), "seq_len": HELDOUT_SEQ_LEN, "dense_bpb": self.dense_bpb},
+                "decoder_steps": list(DECODER_STEPS)}
+
+
+def describe_fit(model, tokenizer, cfg) -> dict:
+    """The artifact predicted for the finished model, and whether it fits the budget."""
+    predicted = artifact.predict_bytes(model, tokenizer, cfg.precision)
+    return {"predicted": predicted, "fits": predicted["total"] <= int(cfg.target_mb * artifact.MB),
+            "export": "llmprune export" + ("" if cfg.precision == "fp32" else f" --quantize {cfg.precision}")}
+
+
+def split_heldout(texts: list[str], chars: int = HELDOUT_CHARS) -> tuple[list[str], str]:
+    """(the texts to calibrate and rank on, the held-out tail): the last `chars` characters of the
+    texts taken together, cut at a line break when there is one."""
+    total = sum(len(t) for t in texts)
+    if total < MIN_CHARS:
+        raise LLMPruneError(f"--target-mb measures its plan on held-out calibration text, but the calibration text "
+                            f"has {total:,} characters (at least {MIN_CHARS:,} needed)",
+                            "pass more --calib text, or use --ratio")
+    kept, tail, need = list(texts), [], min(chars, total // 5)
+    while need > 0:
+        last = kept.pop()
+        if len(last) <= need:
+            tail.insert(0, last)
+            need -= len(last)
+            continue
+        cut = last.rfind("\n", 0, len(last) - need)
+        cut = cut if cut > 0 else len(last) - need
+        kept.append(last[:cut])
+        tail.insert(0, last[cut:])
+        need = 0
+    return kept, "\n".join(tail)
+
+
+def heldout_bpb(model, tokenizer, text: str) -> float:
+    """Bits per byte of `text` under (model, tokenizer): every window of the text, so two
+    tokenizers cover the same bytes."""
+    from llmprune.data import token_windows
+    from llmprune.evaluate import perplexity
+
+    windows = token_windows(tokenizer, [text], HELDOUT_SEQ_LEN)
+    return perplexity(model, windows, batch_size=4, progress=False, tokenizer=tokenizer).bits_per_byte
+
+
+def fitting_vocabulary(model, tokenizer, texts: list[str], budget: int, precision: str) -> tuple | None:
+    """The most vocabulary ids (ranked on `texts`) with which `model` fits `budget` bytes at
+    `precision`: (selection, rebuilt tokenizer, predicted bytes), or None when even the smallest
+    vocabulary does not fit. The weights give the first guess; the tokenizer files, rebuilt and
+    measured, move it down until it fits, then up by the room left."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    per_row = artifact.row_bytes(model, precision)
+    full = artifact.weight_bytes(model, precision) + artifact.graph_bytes(model, precision)
+    files_full = artifact.files_bytes(model, tokenizer)
+    floor = minimum_vocabulary(tokenizer, texts)
+    size = min(rows, int((budget - full + rows * per_row - files_full * 0.1) // per_row))
+    best = None
+    for _ in range(8):
+        if size < floor:
+            break
+        selection = select_vocabulary(tokenizer, texts, int(size))
+        new_tok = rebuild_tokenizer(tokenizer, selection.kept_ids) if selection.size < rows else tokenizer
+        predicted = int(full - (rows - selection.size) * per_row + _files_bytes_at(model, new_tok, selection.size))
+        if predicted > budget:
+            if best is not None:
+                break                        # the step up overshot: keep the last fit
+            size = selection.size - math.ceil((predicted - budget) / per_row) - 1
+            continue
+        best = (selection, new_tok, predicted)
+        room = int((budget - predicted) // per_row)
+        if selection.size == rows or room < 2:
+            break
+        size = min(rows, selection.size + room - 1)
+    return best
+
+
+def _files_bytes_at(model, tokenizer, vocab: int) -> int:
+    """The runtime files with the config saying `vocab` ids (without slicing the model)."""
+    config = copy.copy(model.config)
+    config.vocab_size = vocab
+    shell = type("Shell", (), {"config": config, "generation_config": getattr(model, "generation_config", None)})
+    return artifact.files_bytes(shell, tokenizer)
+
+
+def minimum_vocabulary(tokenizer, texts: list[str]) -> int:
+    """The fewest ids any pruned vocabulary keeps (special and byte tokens and what builds them)."""
+    from .vocab import _build_index, _close, tokenizer_json
+
+    index = _build_index(tokenizer_json(tokenizer))
+    return len(_close(index, index.forced))
+
+
+def heldout_measure(tokenizer, text: str):
+    """measure(model, selection) for `search`: held-out bits per byte, the vocabulary of
+    `selection` applied to a sliced copy (None: the model's whole vocabulary)."""
+    def measure(model, selection) -> float:
+        if selection is None or selection.size == model.get_input_embeddings().weight.shape[0]:
+            return heldout_bpb(model, tokenizer, text)
+        trimmed = copy.deepcopy(model)
+        slice_vocabulary(trimmed, selection.kept_ids)
+        return heldout_bpb(trimmed, rebuild_tokenizer(tokenizer, selection.kept_ids), text)
+
+    return measure
+
+
+def smallest_artifact(model, tokenizer, texts: list[str], precision: str) -> int:
+    """Bytes of the smallest artifact the grid can make, estimated before any cut: the largest
+    decoder cut (the decoder's bytes shrink by the ratio) with the smallest vocabulary."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    table = artifact.row_bytes(model, precision) * rows
+    decoder = artifact.weight_bytes(model, precision) - table
+    share = minimum_vocabulary(tokenizer, texts) / rows
+    return int(decoder * (1 - DECODER_STEPS[-1]) + table * share + artifact.graph_bytes(model, precision)
+               + artifact.files_bytes(model, tokenizer) * share)
+
+
+def check_reachable(model, tokenizer, texts: list[str], budget: int, precision: str) -> None:
+    """Refuse a budget below the smallest artifact, before calibrating."""
+    smallest = smallest_artifact(model, tokenizer, texts, precision)
+    if budget < smallest:
+        raise_too_small(budget, smallest, precision)
+
+
+def raise_too_small(budget: int, smallest: int, precision: str) -> None:
+    raise LLMPruneError(f"--target-mb {budget / artifact.MB:g} is below the smallest {precision} artifact this model "
+                        f"can make (about {smallest / artifact.MB:.1f} MB: the decoder cut by {DECODER_STEPS[-1]:.0%}, "
+                        "the smallest vocabulary)",
+                        f"pass --target-mb {math.ceil(smallest / artifact.MB * 1.02 * 10) / 10:g} or more"
+                        + (", or a lower --precision" if precision != "int4" else ""))
+
+
+def search(model, tokenizer, texts: list[str], budget: int, precision: str, cut, measure) -> TargetResult:
+    """Try the decoder ratios in order. `cut(ratio)` returns (a decoder-cut copy, prune's report);
+    `measure(model, selection)` the bits per byte of a model with a vocabulary (None: all of it)."""
+    import time
+
+    dense_bpb = measure(model, None)
+    best: TargetResult | None = None
+    tried: list[Candidate] = []
+    for ratio in DECODER_STEPS:
+        start = time.perf_counter()
+        cand = Candidate(ratio)
+        tried.append(cand)
+        cut_model, report = (model, None) if ratio == 0 else cut(ratio)
+        cand.decoder_only_bpb = dense_bpb if ratio == 0 else measure(cut_model, None)
+        if best is not None and cand.decoder_only_bpb >= best.chosen.heldout_bpb:
+            cand.stopped, cand.seconds = True, time.perf_counter() - start
+            log.info("target: the decoder cut by %.0f%% alone costs %.4f bits/byte, more than the best plan (%.4f): "
+                     "larger cuts are not tried", 100 * ratio, cand.decoder_only_bpb, best.chosen.heldout_bpb)
+            break
+        fit = fitting_vocabulary(cut_model, tokenizer, texts, budget, precision)
+        if fit is not None:
+            selection, _, cand.predicted_bytes = fit
+            cand.vocab = selection.size
+            cand.heldout_bpb = measure(cut_model, selection)
+            if best is None or cand.heldout_bpb < best.chosen.heldout_bpb:
+                best = TargetResult(cand, cut_model, report, selection)
+        cand.seconds = time.perf_counter() - start
+        log.info("target: decoder -%.0f%%, vocabulary %s: %s bits/byte", 100 * ratio,
+                 f"{cand.vocab:,} ids" if cand.vocab is not None else "does not fit",
+                 f"{cand.heldout_bpb:.4f}" if cand.heldout_bpb is not None else "—")
+        if ratio == 0 and cand.vocab == model.get_input_embeddings().weight.shape[0]:
+            break                                   # the whole model fits: nothing to trade
+    if best is None:
+        raise_too_small(budget, smallest_artifact(model, tokenizer, texts, precision), precision)
+    best.candidates, best.dense_bpb = tried, dense_bpb
+    return best
