@@ -415,6 +415,8 @@ def render_deploy(results: dict, docs: Path) -> None:
         if r.get("error"):
             lines.append(f"| {r['artifact']} | {r['precision']} | failed: {r['error'][:80]} | | | | | | | | |")
             continue
+        if r.get("decode_tokens_per_s") is None and None in r["bits_per_byte"].values():
+            continue                                   # exported, not measured at this precision
         cells = []
         for text, _ in _DEPLOY_TEXTS:
             bpb, change = r["bits_per_byte"].get(text), r["bpb_change_vs_dense"].get(text)
@@ -484,7 +486,8 @@ def render_recipes(results: dict, docs: Path) -> None:
     commands that make it. Nothing is estimated: an artifact not measured is not a candidate."""
     setup, rows = results.get("setup", {}), results.get("summary", {}).get("rows", {})
     dense = rows.get("dense:fp32")
-    ok = [r for r in rows.values() if not r.get("error") and r.get("file_bytes") and r.get("bits_per_byte")]
+    ok = [r for r in rows.values() if not r.get("error") and r.get("file_bytes") and r.get("bits_per_byte")
+          and None not in r["bits_per_byte"].values()]          # exported but not measured: not a candidate
     if not ok or not dense:
         return
 

@@ -12,6 +12,11 @@ from .onnx import load_model_proto, save_model_proto, untie_initializers
 
 log = logging.getLogger(__name__)
 
+# Block fitting of the 4-bit layers: rtn (round to nearest, min/max), hqq (fitted scale and float
+# zero point: a slow ONNX Runtime kernel) and k_quant (ONNX Runtime's data-free search of each
+# block's scale and integer zero point: the same layout and kernel as rtn).
+INT4_ALGORITHMS = ("rtn", "hqq", "k_quant")
+
 
 def quantize_int8(src: Path, dst: Path, block_size: int = 32, quantize_embedding: bool = True,
                   accuracy_level: int | None = 4) -> dict:
@@ -58,8 +63,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     head_name = head.name if head is not None else None
     head_weight = head.input[1] if head is not None else None
     tables = embedding_tables(proto, untied)
-    if algorithm not in ("rtn", "hqq"):
-        raise LLMPruneError(f"unknown int4 algorithm '{algorithm}'", "use rtn or hqq")
+    if algorithm not in INT4_ALGORITHMS:
+        raise LLMPruneError(f"unknown int4 algorithm '{algorithm}'", f"use one of: {', '.join(INT4_ALGORITHMS)}")
     wide_names = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name
                   and any(w in n.name for w in wide)]
     if layer_bits:
@@ -146,8 +151,13 @@ def _nbits_pass(proto, bits: int, block_size: int, symmetric: bool, accuracy_lev
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     axes = (("MatMul", 0), ("Gather", 1))
-    algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=(op_type,), quant_axes=axes) \
-        if algorithm == "hqq" else None
+    algo = None
+    if algorithm == "hqq":
+        algo = HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=(op_type,), quant_axes=axes)
+    elif algorithm == "k_quant" and bits == 4:      # ORT's k-quant search is written for 4 bits
+        from onnxruntime.quantization.matmul_nbits_quantizer import KQuantWeightOnlyQuantConfig
+
+        algo = KQuantWeightOnlyQuantConfig(op_types_to_quantize=(op_type,))
     quantizer = MatMulNBitsQuantizer(
         proto, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
         op_types_to_quantize=(op_type,), quant_axes=axes, nodes_to_exclude=exclude, algo_config=algo,
