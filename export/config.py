@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmprune.artifact import WIDE
 from llmprune.errors import LLMPruneError
 from llmprune.options import option, positive_float, positive_int
 
@@ -58,8 +59,14 @@ class ExportConfig:
     symmetric: bool = option(
         False, help="int4: blocks without zero points (default: a zero point per block, measured more accurate)")
     keep_8bit: tuple[str, ...] = option(
-        ("down_proj", "v_proj"), nargs="*", metavar="NAME",
-        help="int4: MatMuls whose node name contains one of these stay 8-bit (none: give no NAME)")
+        WIDE, nargs="*", metavar="NAME",
+        help="int4: MatMuls whose node name contains one of these stay 8-bit (none: give no NAME); the MLP's and "
+             "v_proj by default: measured +2.5% perplexity over fp32 on Gemma-3-270M with k_quant, against +11% "
+             "with only down_proj and v_proj")
+    int4_fit: str = option(
+        "k_quant", choices=("k_quant", "rtn"),
+        help="int4: how each 4-bit block's scale and zero point are chosen: k_quant (ONNX Runtime's data-free "
+             "search; same layout and kernel) or rtn (round to nearest from the block's min and max)")
     table_bits: int = option(
         8, choices=(4, 8), help="int4: bits of the vocabulary table (LM head and tied embedding, stored once)")
     ort: bool = option(False, help="also write model.ort (ONNX Runtime Mobile) beside each model.onnx")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from llmprune.artifact import WIDE
 from llmprune.errors import LLMPruneError
 
-from .onnx import load_model_proto, save_model_proto, untie_initializers
+from .onnx import load_model_proto, save_model_proto, stdout_to_log, untie_initializers
 
 log = logging.getLogger(__name__)
 
@@ -33,17 +34,18 @@ def quantize_int8(src: Path, dst: Path, block_size: int = 32, quantize_embedding
 
 def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding: bool = True,
                   accuracy_level: int | None = 4, symmetric: bool = False, table_bits: int = 8,
-                  layer_bits: int = 4, embedding_bits: int | None = None, algorithm: str = "rtn",
-                  wide: tuple[str, ...] = ("down_proj", "v_proj")) -> dict:
+                  layer_bits: int = 4, embedding_bits: int | None = None, algorithm: str = "k_quant",
+                  wide: tuple[str, ...] = WIDE) -> dict:
     """Block-wise 4-bit decoder layers: every MatMul of the layers becomes MatMulNBits (block
     `block_size`, `symmetric` or with zero points). The vocabulary table gets `table_bits` (8 or
     4; 0 keeps it fp32), symmetric, same blocks: the LM head MatMul becomes MatMulNBits of that
     width and, with `quantize_embedding`, the embedding Gather a GatherBlockQuantized — for a tied
     table one that reads the LM head's quantized weight, so the table is stored once.
     `wide` names MatMuls (substrings of node names, e.g. 'down_proj') kept at 8 bits.
-    `algorithm` 'hqq' fits each block's scale and zero point (half-quadratic, no data) instead of
-    rounding to nearest: measured more accurate but its float zero points take a slow kernel
-    in ONNX Runtime (about 25x slower per MatMul), so it is not offered in ExportConfig.
+    `algorithm` (the 4-bit blocks): 'k_quant' (default) searches each block's scale and integer
+    zero point (ONNX Runtime's, data-free; the same layout and kernel as 'rtn', round to nearest
+    from min and max); 'hqq' fits them half-quadratically but its float zero points take a slow
+    kernel in ONNX Runtime (about 25x slower per MatMul), so it is not offered in ExportConfig.
     `layer_bits=0` and `embedding_bits` (default: `table_bits`) are there to measure where the
     error comes from."""
     try:
@@ -69,7 +71,12 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
                   and any(w in n.name for w in wide)]
     if layer_bits:
         skip = ([head_name] if head_name else []) + wide_names
-        proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip, algorithm)
+        if algorithm == "k_quant":    # ORT packs its zero points in pairs of whole blocks: other widths get rtn
+            uneven = _uneven_matmuls(proto, block_size)
+            proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip + uneven,
+                                algorithm)
+        proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip,
+                            "rtn" if algorithm == "k_quant" else algorithm)
     if wide_names:
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in wide_names]
         proto = _nbits_pass(proto, 8, block_size, True, accuracy_level, "MatMul", others)
@@ -85,6 +92,14 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
             "algorithm": algorithm, "wide": {"patterns": list(wide), "matmuls": len(wide_names)},
             "lm_head": head_name, "untied": len(untied), "tied_table_shared": shared,
             "embedding_repacked_uint8": repacked}
+
+
+def _uneven_matmuls(proto, block_size: int) -> list[str]:
+    """MatMuls whose constant weight's input dimension is not an even number of blocks (ONNX
+    Runtime's k_quant packs two blocks' zero points a byte and fails on the others)."""
+    inits = {i.name: list(i.dims) for i in proto.graph.initializer}
+    return [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+            and inits[n.input[1]] and inits[n.input[1]][0] % (2 * block_size)]
 
 
 def _quantize_embedding_tables(proto, tables, untied: dict, head_weight: str | None, embedding_bits: int,
@@ -162,7 +177,8 @@ def _nbits_pass(proto, bits: int, block_size: int, symmetric: bool, accuracy_lev
         proto, bits=bits, block_size=block_size, is_symmetric=symmetric, accuracy_level=accuracy_level,
         op_types_to_quantize=(op_type,), quant_axes=axes, nodes_to_exclude=exclude, algo_config=algo,
     )
-    with np.errstate(divide="ignore", invalid="ignore"):
+    logging.getLogger("neural_compressor").setLevel(logging.WARNING)
+    with np.errstate(divide="ignore", invalid="ignore"), stdout_to_log():   # k_quant prints a progress bar
         quantizer.process()
     return quantizer.model.model
 
@@ -314,5 +330,5 @@ def quantize(mode: str, src: Path, dst: Path, config=None) -> dict:
             return quantize_int8(src, dst, c.block_size, c.quantize_embedding, c.accuracy_level)
         if mode == "int4":
             return quantize_int4(src, dst, c.block_size, c.quantize_embedding, c.accuracy_level, c.symmetric,
-                                 c.table_bits, wide=tuple(c.keep_8bit))
+                                 c.table_bits, algorithm=c.int4_fit, wide=tuple(c.keep_8bit))
     raise LLMPruneError(f"unknown quantization '{mode}'", "use int8 or int4")
