@@ -86,3 +86,14 @@ def recovery_parser(doc: str, name: str, *, rounds: int, local_steps: int, batch
     p.add_argument("--results", type=Path, default=ROOT / f"bench/results/{name}.json")
     p.add_argument("--work", type=Path, default=ROOT / f"bench/work/{name}")
     return p
+
+
+def evaluate_texts(model: str, corpora: dict[str, str], windows: int, work: Path) -> dict:
+    """`llmprune eval` of a model on each corpus (path under ../shared/data), 512-token windows:
+    perplexity and bits per byte by corpus name."""
+    scores = {}
+    for name, rel in corpora.items():
+        out, _ = run_json(["eval", "--model", model, "--data", str(SHARED / rel), "--seq-len", "512",
+                           "--max-windows", str(windows)], work / f"eval-{name}.log")
+        scores[name] = {"perplexity": out["perplexity"], "bits_per_byte": out["bits_per_byte"]}
+    return scores

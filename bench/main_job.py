@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLMPRUNE, ROOT, SHARED, load_results, run_json, run_measured, save_results  # noqa: E402
+from common import LLMPRUNE, ROOT, SHARED, evaluate_texts, load_results, run_json, run_measured, save_results  # noqa: E402
 
 CORPORA = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs": "pydocs/library.txt"}
 # name -> (flags after `compress --ratio R --out DIR`, R, the row's label)
@@ -43,12 +43,7 @@ ARMS = {
 
 
 def evaluate(model: str, windows: int, work: Path) -> dict:
-    scores = {}
-    for name, rel in CORPORA.items():
-        out, _ = run_json(["eval", "--model", model, "--data", str(SHARED / rel), "--seq-len", "512",
-                           "--max-windows", str(windows)], work / f"eval-{name}.log")
-        scores[name] = {"perplexity": out["perplexity"], "bits_per_byte": out["bits_per_byte"]}
-    return scores
+    return evaluate_texts(model, CORPORA, windows, work)
 
 
 def readme_eval(work: Path) -> dict:

@@ -21,26 +21,21 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LLMPRUNE, ROOT, SHARED, load_results, run_json, run_measured, save_results  # noqa: E402
+from common import LLMPRUNE, ROOT, SHARED, evaluate_texts, load_results, run_json, run_measured, save_results  # noqa: E402
+
+from llmprune import artifact  # noqa: E402
 
 CORPORA = {"wikitext2": "wikitext2/wiki.test.raw", "pydocs": "pydocs/library.txt"}
 CALIBS = {"python-docs": [], "wikitext": ["--calib", str(SHARED / "wikitext2/wiki.valid.tokens")]}
-RUNTIME_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "tokenizer.model")
 
 
 def evaluate(model: str, windows: int, work: Path) -> dict:
-    scores = {}
-    for name, rel in CORPORA.items():
-        out, _ = run_json(["eval", "--model", model, "--data", str(SHARED / rel), "--seq-len", "512",
-                           "--max-windows", str(windows)], work / f"eval-{name}.log")
-        scores[name] = {"perplexity": out["perplexity"], "bits_per_byte": out["bits_per_byte"]}
-    return scores
+    return evaluate_texts(model, CORPORA, windows, work)
 
 
 def artifact_bytes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir())
-            if p.is_file() and (p.suffix in (".onnx", ".onnx_data") or p.name in RUNTIME_FILES)}
+            if p.is_file() and (p.suffix in (".onnx", ".onnx_data") or p.name in artifact.RUNTIME_FILES)}
 
 
 def compress(flags: list[str], out: Path, work: Path, name: str) -> dict:

@@ -106,7 +106,8 @@ def heldout_bpb(model, tokenizer, text: str) -> float:
     return perplexity(model, windows, batch_size=4, progress=False, tokenizer=tokenizer).bits_per_byte
 
 
-def fitting_vocabulary(model, tokenizer, texts: list[str], budget: int, precision: str) -> tuple | None:
+def fitting_vocabulary(model, tokenizer, texts: list[str], budget: int, precision: str,
+                       floor: int | None = None) -> tuple | None:
     """The most vocabulary ids (ranked on `texts`) with which `model` fits `budget` bytes at
     `precision`: (selection, rebuilt tokenizer, predicted bytes), or None when even the smallest
     vocabulary does not fit. The weights give the first guess; the tokenizer files, rebuilt and
@@ -115,7 +116,7 @@ def fitting_vocabulary(model, tokenizer, texts: list[str], budget: int, precisio
     per_row = artifact.row_bytes(model, precision)
     full = artifact.weight_bytes(model, precision) + artifact.graph_bytes(model, precision)
     files_full = artifact.files_bytes(model, tokenizer)
-    floor = minimum_vocabulary(tokenizer, texts)
+    floor = minimum_vocabulary(tokenizer, texts) if floor is None else floor
     size = min(rows, int((budget - full + rows * per_row - files_full * 0.1) // per_row))
     best = None
     for _ in range(8):
@@ -198,6 +199,7 @@ def search(model, tokenizer, texts: list[str], budget: int, precision: str, cut,
     import time
 
     dense_bpb = measure(model, None)
+    floor = minimum_vocabulary(tokenizer, texts)         # the index over every merge: built once
     best: TargetResult | None = None
     tried: list[Candidate] = []
     for ratio in DECODER_STEPS:
@@ -211,7 +213,7 @@ def search(model, tokenizer, texts: list[str], budget: int, precision: str, cut,
             log.info("target: the decoder cut by %.0f%% alone costs %.4f bits/byte, more than the best plan (%.4f): "
                      "larger cuts are not tried", 100 * ratio, cand.decoder_only_bpb, best.chosen.heldout_bpb)
             break
-        fit = fitting_vocabulary(cut_model, tokenizer, texts, budget, precision)
+        fit = fitting_vocabulary(cut_model, tokenizer, texts, budget, precision, floor)
         if fit is not None:
             selection, _, cand.predicted_bytes = fit
             cand.vocab = selection.size
