@@ -305,7 +305,9 @@ def main() -> int:
         report, wall, rss = run_cli_measured(
             ["export", "--model", checkpoint(name), "--out", str(out), "--overwrite", *EXPORT_ARGS],
             work / f"export-{name}.log")
-        row = {"wall_seconds": wall, "peak_rss_mb": rss, "export_seconds": report["export_seconds"],
+        # the export resets the kernel's high-water mark per step: its report holds the process's true peak
+        row = {"wall_seconds": wall, "peak_rss_mb": max(rss, report.get("peak_rss_mb") or 0),
+               "export_seconds": report["export_seconds"],
                "seconds": report["seconds"], "folder": str(out), "vocab_size": report["model"]["vocab_size"],
                "parameters": report["model"]["parameters"], "variants": {}}
         for prec, v in report["variants"].items():

@@ -257,7 +257,9 @@ def main() -> int:
             ["export", "--model", models[name], "--out", str(out), "--overwrite", "--quantize", "int8", "int4",
              "--eval-data", str(SHARED / rel), "--eval-windows", str(n_windows), "--eval-seq-len", str(seq)],
             args.work / f"export-{name}.log")
-        row = {"wall_seconds": wall, "peak_rss_mb": rss, "export_seconds": report["export_seconds"],
+        # the export resets the kernel's high-water mark per step: its report holds the process's true peak
+        row = {"wall_seconds": wall, "peak_rss_mb": max(rss, report.get("peak_rss_mb") or 0),
+               "export_seconds": report["export_seconds"],
                "seconds": report["seconds"], "folder": str(out), "dedupe": report["dedupe"], "variants": {}}
         for prec, v in report["variants"].items():
             row["variants"][prec] = {

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -16,12 +15,22 @@ import torch
 from llmprune.arch import adapter_for
 from llmprune.errors import LLMPruneError
 
+from .weights import (
+    PROTOBUF_LIMIT,
+    add_initializer,
+    drop_initializers,
+    model_file_bytes,
+    split_weights,
+    take_weights,
+    weights_kept_out,
+    write_model,
+)
+
 log = logging.getLogger(__name__)
 
 TASK = "text-generation-with-past"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
-PROTOBUF_LIMIT = 2_000_000_000  # bytes: above this the weights go to external data
 _MIN_DEDUPE_ELEMENTS = 1024
 
 
@@ -113,7 +122,9 @@ def raw_export(model, out: Path, opset: int | None = None) -> None:
         with as_stock_class(model), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
                 stdout_to_log():
             warnings.simplefilter("ignore")
-            onnx_export_from_model(model, out, task=TASK, opset=opset, do_validation=False)
+            # no_post_process: optimum's own tied-weight check loads the whole model again (8.1 GB
+            # peak for Gemma-3-270M); dedupe_initializers does that work on the kept weights.
+            onnx_export_from_model(model, out, task=TASK, opset=opset, do_validation=False, no_post_process=True)
     except LLMPruneError:
         raise
     except Exception as exc:  # noqa: BLE001 - optimum/torch raise many types; one clear line for the user
@@ -133,22 +144,17 @@ def raw_export(model, out: Path, opset: int | None = None) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def _digest(array: np.ndarray) -> str:
-    return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def dedupe_initializers(model_proto) -> dict:
+def dedupe_initializers(graph, arrays: dict[str, np.ndarray]) -> dict:
     """Stores each weight once. An initializer equal to another is replaced by it. For the tied
     LM head, which the exporter writes as a transposed copy of the embedding table for its MatMul,
     the embedding lookup is rewritten to read the LM head's [hidden, vocab] matrix instead —
     Gather(axis=1) then a Transpose of the (small) gathered activations — so the file, and ONNX
-    Runtime's memory, hold the table once and no weight is transposed at load time. Returns what
-    was removed."""
-    from onnx import helper, numpy_helper
+    Runtime's memory, hold the table once and no weight is transposed at load time. `arrays`
+    holds every initializer's data by name. Returns what was removed."""
+    from onnx import helper
 
-    graph = model_proto.graph
-    _fold_transposed_initializers(graph)  # optimum's own tie (a Transpose node) -> a plain copy, handled below
-    replace, transposed = _find_copies(graph)
+    _fold_transposed_initializers(graph, arrays)  # optimum's own tie (a Transpose node) -> a plain copy, handled below
+    replace, transposed = _find_copies(graph, arrays)
     if not replace and not transposed:
         return {"removed": [], "bytes_saved": 0}
     for node in graph.node:
@@ -165,10 +171,8 @@ def dedupe_initializers(model_proto) -> dict:
         else:  # fall back: a Transpose node of the kept table yields the removed name
             prefix.append(helper.make_node("Transpose", [original], [copy], name=f"llmprune_tied_{len(prefix)}", perm=[1, 0]))
             removed.add(copy)
-    saved = sum(numpy_helper.to_array(i).nbytes for i in graph.initializer if i.name in removed)
-    keep = [i for i in graph.initializer if i.name not in removed]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
+    saved = sum(arrays[name].nbytes for name in removed)
+    drop_initializers(graph, arrays, removed)
     if prefix:
         nodes = list(graph.node)
         del graph.node[:]
@@ -177,30 +181,37 @@ def dedupe_initializers(model_proto) -> dict:
             "bytes_saved": int(saved)}
 
 
-def _find_copies(graph) -> tuple[dict[str, str], dict[str, str]]:
+def _fingerprint(array: np.ndarray) -> tuple | None:
+    """A key equal for equal arrays and for an array and its transpose: the element bits' XOR and
+    sum (exact and order-free), computed without copying; None for element types it skips."""
+    if array.itemsize not in (1, 2, 4, 8):
+        return None
+    bits = array.view(np.dtype(f"u{array.itemsize}"))
+    return (array.dtype.str, tuple(sorted(array.shape)), int(np.bitwise_xor.reduce(bits, axis=None)),
+            int(bits.sum(dtype=np.uint64)))
+
+
+def _find_copies(graph, arrays: dict[str, np.ndarray]) -> tuple[dict[str, str], dict[str, str]]:
     """Large initializers equal to an earlier one (name -> kept name), and those equal to an
     earlier one's transpose (name -> kept name)."""
-    from onnx import numpy_helper
-
-    seen: dict[tuple, str] = {}
-    arrays: dict[str, np.ndarray] = {}
+    seen: dict[tuple, list[str]] = {}
     replace: dict[str, str] = {}
     transposed: dict[str, str] = {}
     for init in graph.initializer:
-        if int(np.prod(init.dims)) < _MIN_DEDUPE_ELEMENTS:
+        arr = arrays[init.name]
+        key = _fingerprint(arr) if arr.size >= _MIN_DEDUPE_ELEMENTS else None
+        if key is None:
             continue
-        arr = numpy_helper.to_array(init)
-        key = (arr.dtype.str, arr.shape, _digest(arr))
-        if key in seen and np.array_equal(arrays[seen[key]], arr):
-            replace[init.name] = seen[key]
-            continue
-        if arr.ndim == 2:
-            t_key = (arr.dtype.str, arr.shape[::-1], _digest(arr.T))
-            if t_key in seen and np.array_equal(arrays[seen[t_key]], arr.T):
-                transposed[init.name] = seen[t_key]
-                continue
-        seen[key] = init.name
-        arrays[init.name] = arr
+        for other in seen.get(key, []):
+            kept = arrays[other]
+            if kept.shape == arr.shape and np.array_equal(kept, arr):
+                replace[init.name] = other
+                break
+            if arr.ndim == 2 and kept.shape == arr.shape[::-1] and np.array_equal(kept, arr.T):
+                transposed[init.name] = other
+                break
+        else:
+            seen.setdefault(key, []).append(init.name)
     return replace, transposed
 
 
@@ -231,21 +242,15 @@ def _gather_through_transpose(graph, copy: str, original: str, input_ranks: dict
     return True
 
 
-def _fold_transposed_initializers(graph) -> int:
+def _fold_transposed_initializers(graph, arrays: dict[str, np.ndarray]) -> int:
     """Transpose nodes of 2-D initializers become initializers (ONNX Runtime would do the same
     at load time, holding both copies in memory)."""
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in graph.initializer}
     folded = 0
     for node in list(graph.node):
-        if node.op_type != "Transpose" or node.input[0] not in inits or len(inits[node.input[0]].dims) != 2:
+        source = arrays.get(node.input[0]) if node.op_type == "Transpose" else None
+        if source is None or source.ndim != 2 or list(_attr(node, "perm", [1, 0])) != [1, 0]:
             continue
-        perm = _attr(node, "perm", [1, 0])
-        if list(perm) != [1, 0]:
-            continue
-        arr = numpy_helper.to_array(inits[node.input[0]]).T
-        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), node.output[0]))
+        add_initializer(graph, arrays, node.output[0], np.ascontiguousarray(source.T))
         graph.node.remove(node)
         folded += 1
     return folded
@@ -260,12 +265,13 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def untie_initializers(model_proto) -> dict[str, str]:
+def untie_initializers(model_proto, keep_lookups_of: str | None = None) -> dict[str, str]:
     """The reverse of dedupe for tied tables: the embedding lookup reads its own [vocab, hidden]
     table again (and a Transpose-node copy becomes an initializer), so weight-only quantizers,
-    which need a constant MatMul weight and an axis-0 Gather table, take both. Returns
-    {embedding table: the [hidden, vocab] LM-head weight it was tied to} (Transpose-node copies
-    as {copy: source})."""
+    which need a constant MatMul weight and an axis-0 Gather table, take both. Lookups of
+    `keep_lookups_of` stay as they are (the quantizer rewires them to the head's quantized
+    weight). Returns {embedding table: the [hidden, vocab] LM-head weight it was tied to}
+    (Transpose-node copies as {copy: source})."""
     from onnx import numpy_helper
 
     graph = model_proto.graph
@@ -275,6 +281,8 @@ def untie_initializers(model_proto) -> dict[str, str]:
         if node.op_type == "Transpose" and node.name.startswith("llmprune_tied_lookup_"):
             gather = next(n for n in graph.node if node.input[0] in n.output)
             table = gather.input[0]
+            if table == keep_lookups_of:
+                continue
             name = f"{table}_llmprune_embedding"
             if name not in inits:
                 arr = numpy_helper.to_array(inits[table]).T
@@ -333,15 +341,22 @@ def folder_size(folder: Path, suffixes=(".onnx", ".onnx_data")) -> int:
 
 
 def export_fp32(model, out: Path, opset: int | None = None) -> dict:
-    """Raw optimum export into `out`, then tied/duplicate weights stored once. Returns facts for the report."""
-    raw_export(model, out, opset)
+    """Raw optimum export into `out` (the graph; its weights kept in memory), then tied/duplicate
+    weights stored once and the model written, each weight streamed from memory. Returns facts
+    for the report."""
+    import onnx
+
+    kept: dict = {}
+    with weights_kept_out(kept) as keeping:
+        raw_export(model, out, opset)
     path = out / MODEL_FILE
     if not path.is_file():
         raise LLMPruneError("the ONNX exporter wrote no model.onnx", "rerun with --debug")
-    before = folder_size(out)
-    proto = load_model_proto(path)
-    dedupe = dedupe_initializers(proto)
-    if dedupe["removed"]:
-        save_model_proto(proto, path)
-    after = folder_size(out)
-    return {"raw_bytes": before, "bytes": after, "dedupe": dedupe, "opset": int(proto.opset_import[0].version)}
+    proto = onnx.load(str(path), load_external_data=not keeping)
+    arrays = take_weights(proto, kept) if keeping else split_weights(proto)
+    kept.clear()
+    raw = model_file_bytes(proto, arrays)
+    dedupe = dedupe_initializers(proto.graph, arrays)
+    write_model(proto, arrays, path)
+    return {"raw_bytes": raw, "bytes": folder_size(out), "dedupe": dedupe,
+            "opset": int(proto.opset_import[0].version)}

@@ -107,6 +107,8 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
             checks = _ParityInputs.build(model, tokenizer, eval_texts, config)
             fp32 = OnnxCausalLM(tmp, threads=config.threads)
             report["variants"]["fp32"] = _check_fp32(model, fp32, checks, config)
+            input_names = fp32.input_names
+            del fp32      # the fp32 session holds a copy of every weight: not kept through quantization
         folders = {"fp32": tmp}
         for mode in config.modes:
             with step(f"quantize {mode} and check it"):
@@ -117,19 +119,18 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
                 raise LLMPruneError("--genai needs the tokenizer files", "export a checkpoint folder that has a tokenizer")
             with step("write the onnxruntime-genai config"):
                 for folder in folders.values():
-                    write_genai_config(folder, model.config, fp32.input_names, config.max_context,
+                    write_genai_config(folder, model.config, input_names, config.max_context,
                                        getattr(model, "generation_config", None))
         for name, folder in folders.items():
             if config.ort:
                 with step(f"convert {name} to .ort and check it"):
-                    report["variants"][name]["ort"] = _convert_and_check_ort(folder, fp32 if name == "fp32" else None,
-                                                                             checks.ids, config.threads)
+                    report["variants"][name]["ort"] = _convert_and_check_ort(folder, checks.ids, config.threads)
             report["variants"][name]["sizes"] = _sizes(folder)
         fp32_bytes = report["variants"]["fp32"]["sizes"]["onnx_bytes"]
         for variant in report["variants"].values():
             variant["size_vs_fp32"] = variant["sizes"]["onnx_bytes"] / fp32_bytes
         report["seconds"] = round(time.perf_counter() - start, 3)
-        report["peak_rss_mb"] = round(peak_rss_mb(), 1)      # this process's, model load and every check included
+        report["peak_rss_mb"] = round(step.process_peak_mb(), 1)  # this process's, model load and every check included
         report["steps"] = step.record
         (tmp / REPORT_FILE).write_text(json.dumps(report, indent=2, default=str) + "\n")
         (tmp / CARD_FILE).write_text(card_text(report, Path(out)), encoding="utf-8")
@@ -146,6 +147,7 @@ class _Steps:
         total = 2 + len(config.modes) + bool(config.genai) + (1 + len(config.modes)) * bool(config.ort)
         self.bar = tqdm(total=total, desc="export", unit="step", disable=None)
         self.record: list[dict] = []      # each step's seconds and the RSS high-water mark within it
+        self.peak_before = peak_rss_mb()  # resetting the high-water mark per step also resets the process's
 
     @contextmanager
     def __call__(self, name: str):
@@ -157,6 +159,11 @@ class _Steps:
         seconds, peak = time.perf_counter() - started, window_peak_rss_mb() if measured else None
         self.record.append({"step": name, "seconds": round(seconds, 2), "peak_rss_mb": peak and round(peak, 1)})
         log.info("export: %s: %.1f s%s", name, seconds, f", peak RSS {peak:.0f} MiB" if peak else "")
+
+    def process_peak_mb(self) -> float:
+        """The process's peak RSS so far: the most of the peak before the first step and each
+        step's (the kernel's own figure restarts at every step's reset)."""
+        return max([self.peak_before, peak_rss_mb()] + [r["peak_rss_mb"] for r in self.record if r["peak_rss_mb"]])
 
     def __enter__(self) -> _Steps:
         return self
@@ -252,12 +259,12 @@ def _write_quantized(model, mode: str, tmp: Path, checks: _ParityInputs, config:
     return variant, qdir
 
 
-def _convert_and_check_ort(folder: Path, session: OnnxCausalLM | None, ids: torch.Tensor, threads) -> dict:
+def _convert_and_check_ort(folder: Path, ids: torch.Tensor, threads) -> dict:
     """model.ort beside model.onnx, and its largest logit difference from the .onnx session."""
     t = time.perf_counter()
     convert_to_ort(folder)
     ort = OnnxCausalLM(folder, threads=threads, prefer_ort=True)
-    onnx_logits, _ = (session or OnnxCausalLM(folder, threads=threads)).forward(ids.numpy())
+    onnx_logits, _ = OnnxCausalLM(folder, threads=threads).forward(ids.numpy())
     ort_logits, _ = ort.forward(ids.numpy())
     return {"file": ort.path.name, "seconds": round(time.perf_counter() - t, 3),
             "max_abs_logit_diff_vs_onnx": float(abs(ort_logits - onnx_logits).max())}

@@ -59,14 +59,17 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
             raise LLMPruneError(f"{what} bits must be 4, 8 or 0 for fp32 (got {bits})", "use --table-bits 8 or 4")
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
 
+    if algorithm not in INT4_ALGORITHMS:
+        raise LLMPruneError(f"unknown int4 algorithm '{algorithm}'", f"use one of: {', '.join(INT4_ALGORITHMS)}")
     proto = load_model_proto(src)
-    untied = untie_initializers(proto)
     head = lm_head_matmul(proto)
     head_name = head.name if head is not None else None
     head_weight = head.input[1] if head is not None else None
+    # A tied table the LM head's quantized weight will serve is not copied back out for its lookup
+    # (a transposed copy of the largest matrix, only to be dropped): the lookup is rewired later.
+    share_later = bool(head_weight and embedding_bits and embedding_bits == table_bits and _tied_lookups(proto, head_weight))
+    untied = untie_initializers(proto, keep_lookups_of=head_weight if share_later else None)
     tables = embedding_tables(proto, untied)
-    if algorithm not in INT4_ALGORITHMS:
-        raise LLMPruneError(f"unknown int4 algorithm '{algorithm}'", f"use one of: {', '.join(INT4_ALGORITHMS)}")
     wide_names = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name
                   and any(w in n.name for w in wide)]
     if layer_bits:
@@ -83,8 +86,13 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     if table_bits and head_name:
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name]
         proto = _nbits_pass(proto, table_bits, block_size, True, accuracy_level, "MatMul", others)
-    proto, shared = _quantize_embedding_tables(proto, tables, untied, head_weight, embedding_bits, table_bits,
-                                               block_size, symmetric)
+    shared = share_tied_lookups(proto, head_weight, block_size, table_bits) if share_later else 0
+    if share_later and _tied_lookups(proto, head_weight):    # not shareable after all: the copy, as for other tables
+        untied |= untie_initializers(proto)
+        tables = embedding_tables(proto, untied)
+    proto, shared_copies = _quantize_embedding_tables(proto, tables, untied, head_weight, embedding_bits, table_bits,
+                                                      block_size, symmetric)
+    shared += shared_copies
     repacked = repack_int4_gathers(proto)
     save_model_proto(proto, dst)
     return {"mode": "int4", "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
@@ -185,42 +193,80 @@ def _nbits_pass(proto, bits: int, block_size: int, symmetric: bool, accuracy_lev
 
 def share_tied_table(proto, tied: dict[str, str], block_size: int, bits: int) -> int:
     """For a tied embedding, the lookup reads the LM head's MatMulNBits weight instead of a copy
-    of its own, so the table is stored once. MatMulNBits keeps B as uint8
-    [vocab, hidden/block, block·bits/8] (4 bits: two values a byte, implicit zero point 8; 8 bits:
-    implicit zero point 128) with one scale a block: as GatherBlockQuantized data that is the same
-    table, gathered on axis 0 and dequantized along the last axis; its [batch, seq, blocks, block]
-    output is reshaped to [batch, seq, hidden]."""
+    of its own, so the table is stored once (see `_shared_lookup`). `tied`: {the lookup's table:
+    the head's weight}."""
+    nodes = list(proto.graph.node)
+    shared = 0
+    for table, weight in tied.items():
+        gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == table]
+        new = _shared_lookup(proto, weight, gathers[0].input[1], gathers[0].output[0], table, block_size, bits) \
+            if len(gathers) == 1 else None
+        if new is None:
+            continue
+        at = nodes.index(gathers[0])
+        nodes[at:at + 1] = new
+        shared += 1
+    if shared:
+        _replace_nodes(proto, nodes)
+    return shared
+
+
+def _shared_lookup(proto, weight: str, indices: str, output: str, prefix: str, block_size: int, bits: int):
+    """The nodes that look `indices` up in the LM head's quantized weight (`weight` quantized by
+    MatMulNBits) into `output`, or None when the head is not in that form. MatMulNBits keeps B as
+    uint8 [vocab, hidden/block, block·bits/8] (4 bits: two values a byte, implicit zero point 8;
+    8 bits: implicit zero point 128) with one scale a block: as GatherBlockQuantized data that is
+    the same table, gathered on axis 0 and dequantized along the last axis; its [batch, seq,
+    blocks, block] output is reshaped to [batch, seq, hidden]."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    nodes = list(graph.node)
+    matmuls = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{weight}_Q{bits}" and len(n.input) == 3]
+    data = next((i for i in graph.initializer if matmuls and i.name == matmuls[0].input[1]), None)
+    if len(matmuls) != 1 or data is None or len(data.dims) != 3 or data.dims[2] * 8 != block_size * bits:
+        return None
+    vocab, blocks = int(data.dims[0]), int(data.dims[1])
+    shape_3d = numpy_helper.from_array(np.array([vocab, blocks, 1], np.int64), f"{prefix}_llmprune_scales_shape")
+    shape_out = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}_llmprune_hidden_shape")
+    graph.initializer.extend([shape_3d, shape_out])
+    scales_3d, gathered = f"{prefix}_llmprune_scales_3d", f"{output}_llmprune_blocks"
+    return [
+        helper.make_node("Reshape", [matmuls[0].input[2], shape_3d.name], [scales_3d], name=f"{prefix}_llmprune_scales_reshape"),
+        helper.make_node("GatherBlockQuantized", [data.name, indices, scales_3d], [gathered],
+                         name=f"{prefix}_llmprune_shared_lookup", domain="com.microsoft",
+                         gather_axis=0, quantize_axis=2, block_size=block_size, bits=bits),
+        helper.make_node("Reshape", [gathered, shape_out.name], [output], name=f"{prefix}_llmprune_hidden"),
+    ]
+
+
+def _tied_lookups(proto, weight: str) -> list[tuple]:
+    """The embedding lookups export wrote for a table tied to the LM head `weight` ([hidden, vocab]):
+    (Gather on axis 1 of `weight`, the Transpose of its output to [..., hidden])."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    pairs = []
+    for node in proto.graph.node:
+        gather = producer.get(node.input[0]) if node.op_type == "Transpose" else None
+        if node.name.startswith("llmprune_tied_lookup_") and gather is not None and gather.op_type == "Gather" \
+                and gather.input[0] == weight:
+            pairs.append((gather, node))
+    return pairs
+
+
+def share_tied_lookups(proto, weight: str, block_size: int, bits: int) -> int:
+    """The lookups of a table tied to the LM head (`_tied_lookups`) read the head's quantized
+    weight, as `share_tied_table` does for an untied copy, without that copy ever being made.
+    Returns how many were rewired."""
+    nodes = list(proto.graph.node)
     shared = 0
-    for table, weight in tied.items():
-        gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == table]
-        matmuls = [n for n in nodes if n.op_type == "MatMulNBits" and n.input[1] == f"{weight}_Q{bits}" and len(n.input) == 3]
-        if len(gathers) != 1 or len(matmuls) != 1:
+    for k, (gather, transpose) in enumerate(_tied_lookups(proto, weight)):
+        new = _shared_lookup(proto, weight, gather.input[1], transpose.output[0], f"{weight}_lookup{k}", block_size, bits)
+        if new is None:
             continue
-        gather, matmul = gathers[0], matmuls[0]
-        data = inits[matmul.input[1]]
-        if len(data.dims) != 3 or data.dims[2] * 8 != block_size * bits:
-            continue
-        vocab, blocks = int(data.dims[0]), int(data.dims[1])
-        scales = matmul.input[2]
-        shape_3d = numpy_helper.from_array(np.array([vocab, blocks, 1], np.int64), f"{table}_llmprune_scales_shape")
-        shape_out = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{table}_llmprune_hidden_shape")
-        graph.initializer.extend([shape_3d, shape_out])
-        scales_3d, gathered = f"{table}_llmprune_scales_3d", f"{gather.output[0]}_llmprune_blocks"
-        new = [
-            helper.make_node("Reshape", [scales, shape_3d.name], [scales_3d], name=f"{table}_llmprune_scales_reshape"),
-            helper.make_node("GatherBlockQuantized", [matmul.input[1], gather.input[1], scales_3d], [gathered],
-                             name=f"{table}_llmprune_shared_lookup", domain="com.microsoft",
-                             gather_axis=0, quantize_axis=2, block_size=block_size, bits=bits),
-            helper.make_node("Reshape", [gathered, shape_out.name], [gather.output[0]], name=f"{table}_llmprune_hidden"),
-        ]
-        at = nodes.index(gather)
+        at = nodes.index(transpose)
         nodes[at:at + 1] = new
+        if not any(gather.output[0] in n.input for n in nodes):
+            nodes.remove(gather)
         shared += 1
     if shared:
         _replace_nodes(proto, nodes)
