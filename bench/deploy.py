@@ -163,6 +163,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def keep_8bit_args(keep_8bit: list[str] | None) -> list[str]:
+    """The export's --keep-8bit for a --target-mb plan that chose a layout other than the default."""
+    from llmprune.artifact import WIDE
+
+    return [] if keep_8bit is None or tuple(keep_8bit) == WIDE else ["--keep-8bit", *keep_8bit]
+
+
 def _folder_files(folder: Path) -> dict[str, int]:
     """The files ONNX Runtime and the tokenizer need from one variant folder (its sub-folders are
     other variants; the export report is not needed to run)."""
@@ -298,12 +305,13 @@ def main() -> int:
                 "params_before": report["params_before"]["total"], "params_after": report["params_after"]["total"],
                 "vocabulary": {k: vocab.get(k) for k in ("original", "kept", "requested", "forced", "coverage",
                                                          "tokens_per_byte_before", "tokens_per_byte_after")} if vocab else None,
-                "folder": str(work / name)}
+                "folder": str(work / name), "keep_8bit": ((report.get("target") or {}).get("chosen") or {}).get("keep_8bit")}
 
     def export(name: str) -> dict:
         out = work / f"{name}-onnx"
         report, wall, rss = run_cli_measured(
-            ["export", "--model", checkpoint(name), "--out", str(out), "--overwrite", *EXPORT_ARGS],
+            ["export", "--model", checkpoint(name), "--out", str(out), "--overwrite", *EXPORT_ARGS,
+             *keep_8bit_args(steps.get(f"compress:{name}", {}).get("keep_8bit"))],
             work / f"export-{name}.log")
         # the export resets the kernel's high-water mark per step: its report holds the process's true peak
         row = {"wall_seconds": wall, "peak_rss_mb": max(rss, report.get("peak_rss_mb") or 0),

@@ -51,10 +51,13 @@ def compress(flags: list[str], out: Path, work: Path, name: str) -> dict:
             "ratio_achieved": report.get("ratio_achieved"), "layers_dropped": report.get("layers_dropped")}
 
 
-def export(model: Path, out: Path, work: Path, name: str, precision: str) -> dict:
+def export(model: Path, out: Path, work: Path, name: str, precision: str, keep_8bit: list[str] | None) -> dict:
+    from llmprune.artifact import WIDE
+
     load = os.getloadavg()[0]
-    report, wall = run_json(["export", "--model", str(model), "--out", str(out), "--overwrite", "--quantize", precision],
-                            work / f"export-{name}.log")
+    layout = [] if keep_8bit is None or tuple(keep_8bit) == WIDE else ["--keep-8bit", *keep_8bit]
+    report, wall = run_json(["export", "--model", str(model), "--out", str(out), "--overwrite", "--quantize", precision,
+                             *layout], work / f"export-{name}.log")
     files = artifact_bytes(out / precision if precision != "fp32" else out)
     return {"files": files, "bytes": sum(files.values()), "wall_seconds": round(wall, 1), "load_before": round(load, 2),
             "peak_rss_mb": report.get("peak_rss_mb")}
@@ -64,7 +67,7 @@ def run_target(mb: float, calib: str, args, work: Path) -> dict:
     name = f"target-{mb:g}-{calib}"
     out = work / name
     row = compress(["--target-mb", f"{mb:g}", "--precision", args.precision, *CALIBS[calib]], out, work, name)
-    row["export"] = export(out, work / f"{name}-onnx", work, name, args.precision)
+    row["export"] = export(out, work / f"{name}-onnx", work, name, args.precision, row["target"]["chosen"].get("keep_8bit"))
     predicted = row["target"]["predicted"]["total"]
     row["export"]["vs_predicted"] = row["export"]["bytes"] / predicted - 1
     row["scores"] = evaluate(str(out), args.eval_windows, work)

@@ -101,6 +101,14 @@ def print_summary(report: dict, out) -> None:
     print(f"{report['seconds']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MiB -> {out}")
 
 
+def _layout_note(candidate: dict, precision: str) -> str:
+    """', 8-bit down_proj+v_proj' when a candidate is not export's default int4 layout."""
+    from llmprune.artifact import WIDE
+
+    wide = tuple(candidate.get("keep_8bit") or WIDE)
+    return "" if precision != "int4" or wide == WIDE else f", 8-bit {'+'.join(wide) or 'none'}"
+
+
 def print_target(target: dict) -> None:
     """What --target-mb tried, what it chose and the size it predicts."""
     mb = 1_000_000
@@ -109,10 +117,11 @@ def print_target(target: dict) -> None:
                if c["vocab"] is not None else "the cut alone costs more than the best plan: stop" if c["stopped"]
                else "does not fit")
         alone = "" if c["decoder_ratio"] == 0 else f" (the cut alone {c['decoder_only_bpb']:.4f})"
-        print(f"  decoder -{c['decoder_ratio']:.0%}: {fit}{alone}")
+        print(f"  decoder -{c['decoder_ratio']:.0%}{_layout_note(c, target['precision'])}: {fit}{alone}")
     chosen, pred = target["chosen"], target["predicted"]
-    print(f"target {target['mb']:g} MB {target['precision']}: chose decoder -{chosen['decoder_ratio']:.0%} and "
-          f"{chosen['vocab']:,} ids, {chosen['heldout_bpb']:.4f} bits/byte on held-out calibration text (dense "
-          f"{target['heldout']['dense_bpb']:.4f}); predicted {pred['total'] / mb:.1f} MB (weights "
+    print(f"target {target['mb']:g} MB {target['precision']}: chose decoder -{chosen['decoder_ratio']:.0%}"
+          f"{_layout_note(chosen, target['precision'])} and {chosen['vocab']:,} ids, {chosen['heldout_bpb']:.4f} bits/byte "
+          f"on held-out calibration text as it will be stored (dense {target['heldout']['dense_bpb']:.4f}); "
+          f"predicted {pred['total'] / mb:.1f} MB (weights "
           f"{pred['weights'] / mb:.1f}, tokenizer and config {pred['files'] / mb:.1f}, graph {pred['graph'] / mb:.1f}) "
           f"— export with `{target['export']}`")

@@ -226,7 +226,7 @@ def _cut_vocabulary(model, tokenizer, report: dict, plan, texts: list[str], befo
     if cfg.target_mb is not None:
         from .target import describe_fit
 
-        report["target"].update(describe_fit(model, new_tokenizer, cfg))
+        report["target"].update(describe_fit(model, new_tokenizer, cfg, report["target"]["chosen"]["keep_8bit"]))
     report["seconds"] = time.perf_counter() - start
     if out is not None:
         report["out"] = str(out)

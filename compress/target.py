@@ -1,14 +1,17 @@
 """`compress --target-mb M`: the plan whose exported artifact fits in M megabytes, chosen by
 measured cost rather than by a fixed order.
 
-Two things shrink an artifact: vocabulary rows (each costs the bytes of its table row; dropping it
-splits the text that used it into pieces the model never saw) and the decoder (COMP's cut: whole
-layers and neurons, split by calibration loss). For each decoder ratio on a grid the plan keeps
-the most vocabulary rows that still fit (the size predicted by `llmprune.artifact`, the tokenizer
-files rebuilt and measured), then measures the candidate — the cut model with that vocabulary —
-in bits per byte of held-out text (the tail of the calibration text, never calibrated on, so
-tokenizers compare). The candidate with the fewest bits per byte wins. Larger cuts are not tried
-once the decoder cut alone costs more than the best candidate: a smaller vocabulary only adds.
+Three things shrink an artifact: vocabulary rows (each costs the bytes of its table row; dropping
+it splits the text that used it into pieces the model never saw), the decoder (COMP's cut: whole
+layers and neurons, split by calibration loss) and, at int4, how many MatMuls keep 8 bits (export's
+--keep-8bit: the MLP and v_proj by default, down_proj and v_proj alone in the lean layout). For each
+decoder ratio on a grid and each layout the plan keeps the most vocabulary rows that still fit (the
+size predicted by `llmprune.artifact`, the tokenizer files rebuilt and measured), then measures the
+candidate — the cut model with that vocabulary, its weights rounded as the export will store them
+(`llmprune.quant_sim`) — in bits per byte of held-out text (the tail of the calibration text, never
+calibrated on, so tokenizers compare). The candidate with the fewest bits per byte wins. Larger
+cuts are not tried once the decoder cut alone costs more than the best candidate: a smaller
+vocabulary only adds.
 
 Bookkeeping (the held-out split, the search, the report) is here; the cut is `prune`, the
 vocabulary's maths `vocab.py`, the sizes `llmprune/artifact.py`."""
@@ -38,6 +41,7 @@ class Candidate:
     """One plan tried: a decoder ratio, the vocabulary that fits beside it, and what it measured."""
 
     decoder_ratio: float
+    keep_8bit: list[str] = field(default_factory=lambda: list(artifact.WIDE))   # the export's layout
     vocab: int | None = None            # ids kept (None: the plan cannot fit at this ratio)
     predicted_bytes: int | None = None
     heldout_bpb: float | None = None    # bits per byte of the held-out text, this vocabulary
@@ -66,11 +70,14 @@ class TargetResult:
                 "decoder_steps": list(DECODER_STEPS)}
 
 
-def describe_fit(model, tokenizer, cfg) -> dict:
+def describe_fit(model, tokenizer, cfg, keep_8bit: list[str] | None = None) -> dict:
     """The artifact predicted for the finished model, and whether it fits the budget."""
-    predicted = artifact.predict_bytes(model, tokenizer, cfg.precision)
-    return {"predicted": predicted, "fits": predicted["total"] <= int(cfg.target_mb * artifact.MB),
-            "export": "llmprune export" + ("" if cfg.precision == "fp32" else f" --quantize {cfg.precision}")}
+    wide = tuple(keep_8bit) if keep_8bit is not None else artifact.WIDE
+    predicted = artifact.predict_bytes(model, tokenizer, cfg.precision, wide=wide)
+    command = "llmprune export" + ("" if cfg.precision == "fp32" else f" --quantize {cfg.precision}")
+    if cfg.precision == "int4" and wide != artifact.WIDE:
+        command += " --keep-8bit " + " ".join(wide)
+    return {"predicted": predicted, "fits": predicted["total"] <= int(cfg.target_mb * artifact.MB), "export": command}
 
 
 def split_heldout(texts: list[str], chars: int = HELDOUT_CHARS) -> tuple[list[str], str]:
@@ -107,14 +114,15 @@ def heldout_bpb(model, tokenizer, text: str) -> float:
 
 
 def fitting_vocabulary(model, tokenizer, texts: list[str], budget: int, precision: str,
-                       floor: int | None = None) -> tuple | None:
+                       floor: int | None = None, wide: tuple[str, ...] | None = None) -> tuple | None:
     """The most vocabulary ids (ranked on `texts`) with which `model` fits `budget` bytes at
-    `precision`: (selection, rebuilt tokenizer, predicted bytes), or None when even the smallest
-    vocabulary does not fit. The weights give the first guess; the tokenizer files, rebuilt and
-    measured, move it down until it fits, then up by the room left."""
+    `precision` (`wide`: the MatMuls kept at 8 bits): (selection, rebuilt tokenizer, predicted
+    bytes), or None when even the smallest vocabulary does not fit. The weights give the first
+    guess; the tokenizer files, rebuilt and measured, move it down until it fits, then up by the
+    room left."""
     rows = model.get_input_embeddings().weight.shape[0]
     per_row = artifact.row_bytes(model, precision)
-    full = artifact.weight_bytes(model, precision) + artifact.graph_bytes(model, precision)
+    full = artifact.weight_bytes(model, precision, wide=wide) + artifact.graph_bytes(model, precision)
     files_full = artifact.files_bytes(model, tokenizer)
     floor = minimum_vocabulary(tokenizer, texts) if floor is None else floor
     size = min(rows, int((budget - full + rows * per_row - files_full * 0.1) // per_row))
@@ -155,14 +163,20 @@ def minimum_vocabulary(tokenizer, texts: list[str]) -> int:
 
 
 def heldout_measure(tokenizer, text: str):
-    """measure(model, selection) for `search`: held-out bits per byte, the vocabulary of
-    `selection` applied to a sliced copy (None: the model's whole vocabulary)."""
-    def measure(model, selection) -> float:
-        if selection is None or selection.size == model.get_input_embeddings().weight.shape[0]:
+    """measure(model, selection, layout) for `search`: held-out bits per byte of a copy of `model`
+    with the vocabulary of `selection` (None: all of it) and its weights rounded as `layout`
+    (an artifact.Layout) stores them."""
+    from llmprune.quant_sim import simulate
+
+    def measure(model, selection, layout) -> float:
+        whole = selection is None or selection.size == model.get_input_embeddings().weight.shape[0]
+        if whole and not layout.layer_bits and not layout.table_bits:
             return heldout_bpb(model, tokenizer, text)
         trimmed = copy.deepcopy(model)
+        if whole:
+            return heldout_bpb(simulate(trimmed, layout), tokenizer, text)
         slice_vocabulary(trimmed, selection.kept_ids)
-        return heldout_bpb(trimmed, rebuild_tokenizer(tokenizer, selection.kept_ids), text)
+        return heldout_bpb(simulate(trimmed, layout), rebuild_tokenizer(tokenizer, selection.kept_ids), text)
 
     return measure
 
@@ -172,7 +186,7 @@ def smallest_artifact(model, tokenizer, texts: list[str], precision: str) -> int
     decoder cut (the decoder's bytes shrink by the ratio) with the smallest vocabulary."""
     rows = model.get_input_embeddings().weight.shape[0]
     table = artifact.row_bytes(model, precision) * rows
-    decoder = artifact.weight_bytes(model, precision) - table
+    decoder = artifact.weight_bytes(model, precision, wide=artifact.keep_8bit_options(precision)[-1]) - table
     share = minimum_vocabulary(tokenizer, texts) / rows
     return int(decoder * (1 - DECODER_STEPS[-1]) + table * share + artifact.graph_bytes(model, precision)
                + artifact.files_bytes(model, tokenizer) * share)
@@ -194,39 +208,52 @@ def raise_too_small(budget: int, smallest: int, precision: str) -> None:
 
 
 def search(model, tokenizer, texts: list[str], budget: int, precision: str, cut, measure) -> TargetResult:
-    """Try the decoder ratios in order. `cut(ratio)` returns (a decoder-cut copy, prune's report);
-    `measure(model, selection)` the bits per byte of a model with a vocabulary (None: all of it)."""
+    """Try the decoder ratios in order, and at each the layouts `precision` has. `cut(ratio)`
+    returns (a decoder-cut copy, prune's report); `measure(model, selection, layout)` the bits per
+    byte of a model with a vocabulary (None: all of it) at a layout."""
     import time
 
-    dense_bpb = measure(model, None)
+    layouts = [artifact.layout(precision, wide=wide) for wide in artifact.keep_8bit_options(precision)]
+    rows = model.get_input_embeddings().weight.shape[0]
+    dense_bpb = measure(model, None, layouts[0])
     floor = minimum_vocabulary(tokenizer, texts)         # the index over every merge: built once
     best: TargetResult | None = None
     tried: list[Candidate] = []
     for ratio in DECODER_STEPS:
         start = time.perf_counter()
-        cand = Candidate(ratio)
-        tried.append(cand)
         cut_model, report = (model, None) if ratio == 0 else cut(ratio)
-        cand.decoder_only_bpb = dense_bpb if ratio == 0 else measure(cut_model, None)
-        if best is not None and cand.decoder_only_bpb >= best.chosen.heldout_bpb:
-            cand.stopped, cand.seconds = True, time.perf_counter() - start
+        alone = dense_bpb if ratio == 0 else measure(cut_model, None, layouts[0])
+        if best is not None and alone >= best.chosen.heldout_bpb:
+            tried.append(Candidate(ratio, decoder_only_bpb=alone, stopped=True, seconds=time.perf_counter() - start))
             log.info("target: the decoder cut by %.0f%% alone costs %.4f bits/byte, more than the best plan (%.4f): "
-                     "larger cuts are not tried", 100 * ratio, cand.decoder_only_bpb, best.chosen.heldout_bpb)
+                     "larger cuts are not tried", 100 * ratio, alone, best.chosen.heldout_bpb)
             break
-        fit = fitting_vocabulary(cut_model, tokenizer, texts, budget, precision, floor)
-        if fit is not None:
-            selection, _, cand.predicted_bytes = fit
-            cand.vocab = selection.size
-            cand.heldout_bpb = measure(cut_model, selection)
-            if best is None or cand.heldout_bpb < best.chosen.heldout_bpb:
-                best = TargetResult(cand, cut_model, report, selection)
-        cand.seconds = time.perf_counter() - start
-        log.info("target: decoder -%.0f%%, vocabulary %s: %s bits/byte", 100 * ratio,
-                 f"{cand.vocab:,} ids" if cand.vocab is not None else "does not fit",
-                 f"{cand.heldout_bpb:.4f}" if cand.heldout_bpb is not None else "—")
-        if ratio == 0 and cand.vocab == model.get_input_embeddings().weight.shape[0]:
+        for lay in layouts:
+            cand = Candidate(ratio, keep_8bit=list(lay.wide), decoder_only_bpb=alone)
+            tried.append(cand)
+            best = _try_layout(cand, cut_model, report, lay, best, (tokenizer, texts, budget, precision, floor), measure)
+            cand.seconds, start = time.perf_counter() - start, time.perf_counter()
+            if cand.vocab in (None, rows):
+                break                   # a leaner layout helps only where the vocabulary had to give way
+        if ratio == 0 and tried[0].vocab == rows:
             break                                   # the whole model fits: nothing to trade
     if best is None:
         raise_too_small(budget, smallest_artifact(model, tokenizer, texts, precision), precision)
     best.candidates, best.dense_bpb = tried, dense_bpb
+    return best
+
+
+def _try_layout(cand: Candidate, cut_model, report, lay, best: TargetResult | None, fitting: tuple, measure):
+    """Fit the vocabulary beside `cut_model` at layout `lay`, measure it; the better of it and `best`."""
+    tokenizer, texts, budget, precision, floor = fitting
+    fit = fitting_vocabulary(cut_model, tokenizer, texts, budget, precision, floor, wide=lay.wide)
+    if fit is not None:
+        selection, _, cand.predicted_bytes = fit
+        cand.vocab = selection.size
+        cand.heldout_bpb = measure(cut_model, selection, lay)
+        if best is None or cand.heldout_bpb < best.chosen.heldout_bpb:
+            best = TargetResult(cand, cut_model, report, selection)
+    log.info("target: decoder -%.0f%%, 8-bit %s, vocabulary %s: %s bits/byte", 100 * cand.decoder_ratio,
+             "+".join(lay.wide) or "none", f"{cand.vocab:,} ids" if cand.vocab is not None else "does not fit",
+             f"{cand.heldout_bpb:.4f}" if cand.heldout_bpb is not None else "—")
     return best

@@ -23,6 +23,9 @@ MB = 1_000_000  # --target-mb counts decimal megabytes, as file managers and app
 # MatMuls int4 keeps at 8 bits (ExportConfig.keep_8bit's default): the MLP and v_proj (measured on
 # Gemma-3-270M: +2.5% perplexity over fp32 with k_quant, +8.6% bytes, against +11% with down/v only).
 WIDE = ("down_proj", "v_proj", "gate_proj", "up_proj")
+# The smaller int4 layout (the MLP's gate/up at 4 bits too; +10.5% perplexity instead of +2.5%, 8%
+# fewer bytes on the dense Gemma-3-270M): what --target-mb also weighs when a budget is tight.
+LEAN_WIDE = ("down_proj", "v_proj")
 # The graph beyond its weights (nodes, names, shape constants, the rotary tables), per decoder layer:
 # measured on the exports of Gemma-3-270M (bench/deploy.py: 930 kB fp32, 960 kB int4 for 18 layers;
 # tiny llama, qwen3 and gemma3 exports: 43-56 kB a layer, so the estimate is good to ~20 kB a layer).
@@ -40,16 +43,23 @@ class Layout:
     table_bits: int      # the vocabulary table: LM head, and the lookup (shared when tied)
     zero_points: bool    # layer blocks carry a zero point (int4's default, asymmetric)
     block: int = 32
+    wide: tuple[str, ...] = WIDE   # MatMuls (name substrings) at wide_bits: export's --keep-8bit
 
 
 LAYOUTS = {"fp32": Layout(0, 0, 0, False), "int8": Layout(8, 8, 8, False), "int4": Layout(4, 8, 8, True)}
 
 
-def layout(precision: str, block: int = 32) -> Layout:
+def layout(precision: str, block: int = 32, wide: tuple[str, ...] | None = None) -> Layout:
     if precision not in LAYOUTS:
         raise LLMPruneError(f"unknown precision '{precision}'", f"choose one of: {', '.join(PRECISIONS)}")
     base = LAYOUTS[precision]
-    return Layout(base.layer_bits, base.wide_bits, base.table_bits, base.zero_points, block)
+    return Layout(base.layer_bits, base.wide_bits, base.table_bits, base.zero_points, block,
+                  WIDE if wide is None else tuple(wide))
+
+
+def keep_8bit_options(precision: str) -> list[tuple[str, ...]]:
+    """The --keep-8bit sets a plan may choose between at `precision` (the default first)."""
+    return [WIDE, LEAN_WIDE] if precision == "int4" else [WIDE]
 
 
 def matrix_bytes(rows: int, cols: int, bits: int, block: int, zero_points: bool = False) -> int:
@@ -67,17 +77,17 @@ def gather_int8_bytes(rows: int, cols: int, block: int) -> int:
     return rows * cols + 4 * rows * math.ceil(cols / block)
 
 
-def weight_bytes(model: nn.Module, precision: str, block: int = 32) -> int:
-    """The weights' bytes in the exported ONNX at `precision` (export's defaults)."""
-    lay = layout(precision, block)
+def weight_bytes(model: nn.Module, precision: str, block: int = 32, wide: tuple[str, ...] | None = None) -> int:
+    """The weights' bytes in the exported ONNX at `precision` (export's defaults; `wide`: its --keep-8bit)."""
+    lay = layout(precision, block, wide)
     adapter = adapter_for(model)
     counted: set[int] = set()
     total = 0
     for layer in adapter.decoder_layers(model):
         for name, module in layer.named_modules():
             if isinstance(module, nn.Linear):
-                bits = lay.wide_bits if any(w in name for w in WIDE) else lay.layer_bits
-                zp = lay.zero_points and not any(w in name for w in WIDE)
+                bits = lay.wide_bits if any(w in name for w in lay.wide) else lay.layer_bits
+                zp = lay.zero_points and not any(w in name for w in lay.wide)
                 total += matrix_bytes(module.out_features, module.in_features, bits, block, zp)
                 counted.add(id(module.weight))
     total += _table_bytes(model, lay, counted)
@@ -129,8 +139,9 @@ def files_bytes(model: nn.Module, tokenizer) -> int:
         return sum(p.stat().st_size for p in Path(tmp).iterdir() if p.name in RUNTIME_FILES)
 
 
-def predict_bytes(model: nn.Module, tokenizer, precision: str, block: int = 32) -> dict:
+def predict_bytes(model: nn.Module, tokenizer, precision: str, block: int = 32,
+                  wide: tuple[str, ...] | None = None) -> dict:
     """The predicted artifact: weights, graph, runtime files and their total, in bytes."""
-    parts = {"weights": weight_bytes(model, precision, block), "graph": graph_bytes(model, precision),
+    parts = {"weights": weight_bytes(model, precision, block, wide), "graph": graph_bytes(model, precision),
              "files": files_bytes(model, tokenizer)}
     return {**parts, "total": sum(parts.values()), "precision": precision}

@@ -41,13 +41,14 @@ def cutter(calib_texts, tok):
     return model, cut
 
 
-def _constructed(per_decoder: float, per_row: float, dense_params: int, rows: int):
+def _constructed(per_decoder: float, per_row: float, dense_params: int, rows: int, lean: float = 10.0):
     """A measured cost built by hand: bits per byte grow by `per_decoder` per fraction of the decoder
-    removed and by `per_row` per vocabulary row dropped."""
-    def measure(model, selection) -> float:
+    removed, by `per_row` per vocabulary row dropped and by `lean` in the lean int4 layout."""
+    def measure(model, selection, layout) -> float:
         layers = sum(p.numel() for layer in model.model.layers for p in layer.parameters())
         kept = rows if selection is None else selection.size
-        return 1.0 + per_decoder * (1 - layers / dense_params) + per_row * (rows - kept)
+        extra = lean if layout.wide != artifact.WIDE else 0.0
+        return 1.0 + per_decoder * (1 - layers / dense_params) + per_row * (rows - kept) + extra
     return measure
 
 
@@ -61,7 +62,12 @@ def test_the_plan_trades_by_measured_cost_per_byte(cutter, tok, calib_texts):
     assert cheap_rows.chosen.decoder_ratio == 0 and cheap_rows.chosen.vocab < rows
     dear_rows = target.search(model, tok, calib_texts, budget, "int4", cut, _constructed(0.01, 1.0, dense_layers, rows))
     assert dear_rows.chosen.decoder_ratio > 0 and dear_rows.chosen.vocab > cheap_rows.chosen.vocab
-    for found in (cheap_rows, dear_rows):
+    lean_cheap = target.search(model, tok, calib_texts, budget, "int4", cut,
+                               _constructed(5.0, 1.0, dense_layers, rows, lean=1e-3))
+    assert lean_cheap.chosen.decoder_ratio == 0 and lean_cheap.chosen.vocab == rows
+    assert lean_cheap.chosen.keep_8bit == list(artifact.LEAN_WIDE)
+    assert cheap_rows.chosen.keep_8bit == dear_rows.chosen.keep_8bit == list(artifact.WIDE)
+    for found in (cheap_rows, dear_rows, lean_cheap):
         assert found.chosen.predicted_bytes <= budget
         # the chosen plan is the cheapest of the candidates that fit
         fitting = [c for c in found.candidates if c.heldout_bpb is not None]
@@ -71,7 +77,7 @@ def test_the_plan_trades_by_measured_cost_per_byte(cutter, tok, calib_texts):
 def test_a_budget_the_whole_model_fits_prunes_nothing(cutter, tok, calib_texts):
     model, cut = cutter
     budget = artifact.predict_bytes(model, tok, "fp32")["total"] + 1000
-    found = target.search(model, tok, calib_texts, budget, "fp32", cut, lambda m, s: 1.0)
+    found = target.search(model, tok, calib_texts, budget, "fp32", cut, lambda m, s, lay: 1.0)
     assert found.chosen.decoder_ratio == 0 and found.chosen.vocab == model.get_input_embeddings().weight.shape[0]
     assert [c.decoder_ratio for c in found.candidates] == [0.0]
 

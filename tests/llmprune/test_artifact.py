@@ -66,3 +66,15 @@ def test_matrix_bytes_follow_matmulnbits_layout():
     assert artifact.matrix_bytes(10, 70, 4, 32, zero_points=True) == 10 * 3 * 16 + 10 * 3 * 4 + 10 * 2
     with pytest.raises(Exception, match="unknown precision 'int2'"):
         artifact.layout("int2")
+
+
+def test_the_lean_int4_layout_is_predicted_as_exported(tmp_path):
+    """--keep-8bit down_proj v_proj (what --target-mb may choose): gate/up at 4 bits, as predicted."""
+    from llmprune.export import ExportConfig, export_onnx
+
+    model, tok = tiny_model("qwen3", hidden_size=64, intermediate_size=96), tiny_tokenizer()
+    export_onnx(model, ExportConfig(quantize="int4", keep_8bit=artifact.LEAN_WIDE), out=tmp_path / "onnx", tokenizer=tok)
+    predicted = artifact.weight_bytes(model, "int4", wide=artifact.LEAN_WIDE)
+    exported = _onnx_weight_bytes(tmp_path / "onnx" / "int4" / "model.onnx")
+    assert 0 <= predicted - exported <= 4 * _vector_params(model)
+    assert predicted < artifact.weight_bytes(model, "int4")
