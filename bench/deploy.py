@@ -393,6 +393,7 @@ def summarize(results: dict) -> dict:
                 "rss_after_imports_mb": m.get("rss_after_imports_mb"),
                 "peak_rss_over_imports_mb": m.get("peak_rss_over_imports_mb"),
                 "load_seconds": m.get("load_seconds"), "error": m.get("error"),
+                "export_args": keep_8bit_args(steps.get(f"compress:{name}", {}).get("keep_8bit")) if prec == "int4" else [],
             }
     for _key, row in rows.items():
         dense = rows.get(f"dense:{row['precision']}") or {}

@@ -512,7 +512,8 @@ def render_recipes(results: dict, docs: Path) -> None:
         compress = "— (the dense model)" if not flags else f"`llmprune compress {' '.join(flags)} --vocab-data ...`"
         cells = [f"{best['bits_per_byte'][k]:.3f} ({best['bits_per_byte'][k] / dense['bits_per_byte'][k] - 1:+.1%})"
                  for k, _ in _DEPLOY_TEXTS]
-        lines.append(f"| {goal} | {compress} | `llmprune export --quantize {best['precision']}` "
+        extra = "".join(f" {a}" for a in best.get("export_args") or [])
+        lines.append(f"| {goal} | {compress} | `llmprune export --quantize {best['precision']}{extra}` "
                      f"({best['precision']}) | {best['file_bytes'] / 1e6:.1f} | {' | '.join(cells)} | "
                      f"{best['decode_bytes_per_s']:.0f} |")
     lines += ["", "The same table, any budget: the deploy section below lists every measured artifact."]
