@@ -305,7 +305,9 @@ def main() -> int:
                 "params_before": report["params_before"]["total"], "params_after": report["params_after"]["total"],
                 "vocabulary": {k: vocab.get(k) for k in ("original", "kept", "requested", "forced", "coverage",
                                                          "tokens_per_byte_before", "tokens_per_byte_after")} if vocab else None,
-                "folder": str(work / name), "keep_8bit": ((report.get("target") or {}).get("chosen") or {}).get("keep_8bit")}
+                "folder": str(work / name), "keep_8bit": ((report.get("target") or {}).get("chosen") or {}).get("keep_8bit"),
+                "target": {k: report["target"].get(k) for k in ("chosen", "candidates", "predicted", "export")}
+                if report.get("target") else None}
 
     def export(name: str) -> dict:
         out = work / f"{name}-onnx"
