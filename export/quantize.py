@@ -48,19 +48,8 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     kernel in ONNX Runtime (about 25x slower per MatMul), so it is not offered in ExportConfig.
     `layer_bits=0` and `embedding_bits` (default: `table_bits`) are there to measure where the
     error comes from."""
-    try:
-        import onnx_ir  # noqa: F401 - MatMulNBitsQuantizer imports it
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
-    except ImportError as exc:
-        raise LLMPruneError(f"int4 quantization needs a package that is missing ({exc.name})", "pip install onnx-ir") from exc
     embedding_bits = (table_bits if embedding_bits is None else embedding_bits) if quantize_embedding else 0
-    for what, bits in (("table", table_bits), ("layer", layer_bits), ("embedding", embedding_bits)):
-        if bits not in (0, 4, 8):
-            raise LLMPruneError(f"{what} bits must be 4, 8 or 0 for fp32 (got {bits})", "use --table-bits 8 or 4")
-    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
-
-    if algorithm not in INT4_ALGORITHMS:
-        raise LLMPruneError(f"unknown int4 algorithm '{algorithm}'", f"use one of: {', '.join(INT4_ALGORITHMS)}")
+    _check_int4_args(table_bits, layer_bits, embedding_bits, algorithm)
     proto = load_model_proto(src)
     head = lm_head_matmul(proto)
     head_name = head.name if head is not None else None
@@ -100,6 +89,21 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
             "algorithm": algorithm, "wide": {"patterns": list(wide), "matmuls": len(wide_names)},
             "lm_head": head_name, "untied": len(untied), "tied_table_shared": shared,
             "embedding_repacked_uint8": repacked}
+
+
+def _check_int4_args(table_bits: int, layer_bits: int, embedding_bits: int, algorithm: str) -> None:
+    """The quantizer's packages are there and the widths and algorithm are known, before any work."""
+    try:
+        import onnx_ir  # noqa: F401 - MatMulNBitsQuantizer imports it
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
+    except ImportError as exc:
+        raise LLMPruneError(f"int4 quantization needs a package that is missing ({exc.name})", "pip install onnx-ir") from exc
+    for what, bits in (("table", table_bits), ("layer", layer_bits), ("embedding", embedding_bits)):
+        if bits not in (0, 4, 8):
+            raise LLMPruneError(f"{what} bits must be 4, 8 or 0 for fp32 (got {bits})", "use --table-bits 8 or 4")
+    if algorithm not in INT4_ALGORITHMS:
+        raise LLMPruneError(f"unknown int4 algorithm '{algorithm}'", f"use one of: {', '.join(INT4_ALGORITHMS)}")
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
 
 
 def _uneven_matmuls(proto, block_size: int) -> list[str]:
