@@ -282,5 +282,24 @@ def export_checkpoint(spec, config: ExportConfig | None = None, out=None, eval_d
     check_writable_output(out)
     check_opset(config.opset)
     model, tokenizer = load(spec, dtype=torch.float32)
+    _warn_off_plan(spec, config)
     texts = load_texts(eval_data) if eval_data else None
     return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts, source=str(spec))
+
+
+def _warn_off_plan(spec, config: ExportConfig) -> None:
+    """A `compress --target-mb` checkpoint was planned for one int4 layout: one warning when the
+    export stores int4 another way (its files would not have the planned size)."""
+    from llmprune.checkpoint import REPORT_FILE as PLAN_FILE
+
+    path = Path(str(spec)) / PLAN_FILE
+    if "int4" not in config.modes or not path.is_file():
+        return
+    try:
+        planned = ((json.loads(path.read_text()).get("target") or {}).get("chosen") or {}).get("keep_8bit")
+    except (OSError, ValueError, AttributeError):
+        return
+    if planned is not None and tuple(planned) != tuple(config.keep_8bit):
+        log.warning("this checkpoint was planned by --target-mb for int4 with --keep-8bit %s; exported with "
+                    "--keep-8bit %s its int4 files will not have the planned size — pass --keep-8bit %s",
+                    " ".join(planned), " ".join(config.keep_8bit) or "(none)", " ".join(planned))

@@ -283,3 +283,24 @@ def test_a_damaged_file_of_an_export_folder_is_one_line_naming_it(pruned_export,
     assert done.returncode == 2 and len(lines) == 1, done.stderr
     named = "onnxruntime" if damaged == "model.onnx" else f"{damaged}' is not valid JSON"
     assert lines[0].startswith("llmprune generate: error: ") and named in lines[0] and "export" in lines[0], lines[0]
+
+
+def test_exporting_a_target_checkpoint_off_its_planned_layout_warns(pruned_checkpoint, tmp_path, caplog):
+    """A --target-mb plan chose the lean int4 layout: exporting with the default one says so, once."""
+    import json
+    import logging
+    import shutil
+
+    from llmprune.artifact import LEAN_WIDE
+    from llmprune.export.pipeline import export_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(pruned_checkpoint, ckpt)
+    report = json.loads((ckpt / "pruning_report.json").read_text())
+    report["target"] = {"chosen": {"keep_8bit": list(LEAN_WIDE)}}
+    (ckpt / "pruning_report.json").write_text(json.dumps(report))
+    with caplog.at_level(logging.WARNING, logger="llmprune.export.pipeline"):
+        export_checkpoint(ckpt, fast_config(quantize="int4"), tmp_path / "default")
+        export_checkpoint(ckpt, fast_config(quantize="int4", keep_8bit=LEAN_WIDE), tmp_path / "planned")
+    warned = [r.getMessage() for r in caplog.records if "planned by --target-mb" in r.getMessage()]
+    assert len(warned) == 1 and "pass --keep-8bit down_proj v_proj" in warned[0]
