@@ -163,11 +163,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def keep_8bit_args(keep_8bit: list[str] | None) -> list[str]:
-    """The export's --keep-8bit for a --target-mb plan that chose a layout other than the default."""
-    from llmprune.artifact import WIDE
+def keep_8bit_flags(keep_8bit) -> list[str]:
+    from llmprune.artifact import keep_8bit_flags as flags  # here: the --measure processes import no torch
 
-    return [] if keep_8bit is None or tuple(keep_8bit) == WIDE else ["--keep-8bit", *keep_8bit]
+    return flags(keep_8bit)
 
 
 def _folder_files(folder: Path) -> dict[str, int]:
@@ -313,7 +312,7 @@ def main() -> int:
         out = work / f"{name}-onnx"
         report, wall, rss = run_cli_measured(
             ["export", "--model", checkpoint(name), "--out", str(out), "--overwrite", *EXPORT_ARGS,
-             *keep_8bit_args(steps.get(f"compress:{name}", {}).get("keep_8bit"))],
+             *keep_8bit_flags(steps.get(f"compress:{name}", {}).get("keep_8bit"))],
             work / f"export-{name}.log")
         # the export resets the kernel's high-water mark per step: its report holds the process's true peak
         row = {"wall_seconds": wall, "peak_rss_mb": max(rss, report.get("peak_rss_mb") or 0),
@@ -395,7 +394,7 @@ def summarize(results: dict) -> dict:
                 "rss_after_imports_mb": m.get("rss_after_imports_mb"),
                 "peak_rss_over_imports_mb": m.get("peak_rss_over_imports_mb"),
                 "load_seconds": m.get("load_seconds"), "error": m.get("error"),
-                "export_args": keep_8bit_args(steps.get(f"compress:{name}", {}).get("keep_8bit")) if prec == "int4" else [],
+                "export_args": keep_8bit_flags(steps.get(f"compress:{name}", {}).get("keep_8bit")) if prec == "int4" else [],
             }
     for _key, row in rows.items():
         dense = rows.get(f"dense:{row['precision']}") or {}

@@ -52,12 +52,9 @@ def compress(flags: list[str], out: Path, work: Path, name: str) -> dict:
 
 
 def export(model: Path, out: Path, work: Path, name: str, precision: str, keep_8bit: list[str] | None) -> dict:
-    from llmprune.artifact import WIDE
-
     load = os.getloadavg()[0]
-    layout = [] if keep_8bit is None or tuple(keep_8bit) == WIDE else ["--keep-8bit", *keep_8bit]
     report, wall = run_json(["export", "--model", str(model), "--out", str(out), "--overwrite", "--quantize", precision,
-                             *layout], work / f"export-{name}.log")
+                             *artifact.keep_8bit_flags(keep_8bit)], work / f"export-{name}.log")
     files = artifact_bytes(out / precision if precision != "fp32" else out)
     return {"files": files, "bytes": sum(files.values()), "wall_seconds": round(wall, 1), "load_before": round(load, 2),
             "peak_rss_mb": report.get("peak_rss_mb")}

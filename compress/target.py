@@ -75,8 +75,8 @@ def describe_fit(model, tokenizer, cfg, keep_8bit: list[str] | None = None) -> d
     wide = tuple(keep_8bit) if keep_8bit is not None else artifact.WIDE
     predicted = artifact.predict_bytes(model, tokenizer, cfg.precision, wide=wide)
     command = "llmprune export" + ("" if cfg.precision == "fp32" else f" --quantize {cfg.precision}")
-    if cfg.precision == "int4" and wide != artifact.WIDE:
-        command += " --keep-8bit " + " ".join(wide)
+    if cfg.precision == "int4":
+        command = " ".join([command, *artifact.keep_8bit_flags(wide)])
     return {"predicted": predicted, "fits": predicted["total"] <= int(cfg.target_mb * artifact.MB), "export": command}
 
 

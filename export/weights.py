@@ -10,6 +10,7 @@ straight from their memory."""
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from contextlib import contextmanager
@@ -198,13 +199,14 @@ def write_model(proto, arrays: dict[str, np.ndarray], path: Path, limit: int = P
 def _write_external(proto, arrays: dict[str, np.ndarray], path: Path, data_path: Path) -> list[Path]:
     import onnx
 
-    small: dict[str, np.ndarray] = {}
     offset = 0
     with open(data_path, "wb") as f:
         for init in proto.graph.initializer:
             array = arrays[init.name]
-            if array.nbytes < EXTERNAL_MIN_BYTES:
-                small[init.name] = array
+            if array.nbytes < EXTERNAL_MIN_BYTES:    # stays in model.onnx
+                buffer = io.BytesIO()
+                _write_array(buffer, array)
+                init.raw_data = buffer.getvalue()
                 continue
             for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
                 entry = init.external_data.add()
@@ -212,9 +214,6 @@ def _write_external(proto, arrays: dict[str, np.ndarray], path: Path, data_path:
             init.data_location = onnx.TensorProto.EXTERNAL
             _write_array(f, array)
             offset += array.nbytes
-    for init in proto.graph.initializer:
-        if init.name in small:
-            init.raw_data = np.ascontiguousarray(small[init.name]).astype(small[init.name].dtype.newbyteorder("<")).tobytes()
     onnx.save_model(proto, str(path))
     os.chmod(data_path, 0o644)
     return [path, data_path]

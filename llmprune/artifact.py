@@ -57,6 +57,11 @@ def layout(precision: str, block: int = 32, wide: tuple[str, ...] | None = None)
                   WIDE if wide is None else tuple(wide))
 
 
+def keep_8bit_flags(wide) -> list[str]:
+    """Export's arguments for an int4 layout: none for the default, else --keep-8bit NAME..."""
+    return [] if wide is None or tuple(wide) == WIDE else ["--keep-8bit", *wide]
+
+
 def keep_8bit_options(precision: str) -> list[tuple[str, ...]]:
     """The --keep-8bit sets a plan may choose between at `precision` (the default first)."""
     return [WIDE, LEAN_WIDE] if precision == "int4" else [WIDE]
