@@ -265,15 +265,14 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def untie_initializers(model_proto, keep_lookups_of: str | None = None) -> dict[str, str]:
+def untie_initializers(model_proto, arrays: dict[str, np.ndarray], keep_lookups_of: str | None = None) -> dict[str, str]:
     """The reverse of dedupe for tied tables: the embedding lookup reads its own [vocab, hidden]
     table again (and a Transpose-node copy becomes an initializer), so weight-only quantizers,
     which need a constant MatMul weight and an axis-0 Gather table, take both. Lookups of
     `keep_lookups_of` stay as they are (the quantizer rewires them to the head's quantized
     weight). Returns {embedding table: the [hidden, vocab] LM-head weight it was tied to}
-    (Transpose-node copies as {copy: source})."""
-    from onnx import numpy_helper
-
+    (Transpose-node copies as {copy: source}). `arrays`: the initializers' data (`read_model`); a
+    copy is a transposed view of its source, read a slice at a time by whoever quantizes it."""
     graph = model_proto.graph
     inits = {i.name: i for i in graph.initializer}
     tied: dict[str, str] = {}
@@ -285,9 +284,8 @@ def untie_initializers(model_proto, keep_lookups_of: str | None = None) -> dict[
                 continue
             name = f"{table}_llmprune_embedding"
             if name not in inits:
-                arr = numpy_helper.to_array(inits[table]).T
-                inits[name] = numpy_helper.from_array(np.ascontiguousarray(arr), name)
-                graph.initializer.append(inits[name])
+                add_initializer(graph, arrays, name, arrays[table].T)
+                inits[name] = graph.initializer[-1]
             gather.input[0] = name
             for a in list(gather.attribute):
                 if a.name == "axis":
@@ -296,8 +294,7 @@ def untie_initializers(model_proto, keep_lookups_of: str | None = None) -> dict[
             graph.node.remove(node)
             tied[name] = table
         elif node.op_type == "Transpose" and node.name.startswith("llmprune_tied_") and node.input[0] in inits:
-            arr = numpy_helper.to_array(inits[node.input[0]]).T
-            graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(arr), node.output[0]))
+            add_initializer(graph, arrays, node.output[0], arrays[node.input[0]].T)
             graph.node.remove(node)
             tied[node.output[0]] = node.input[0]
     return tied
@@ -357,6 +354,8 @@ def export_fp32(model, out: Path, opset: int | None = None) -> dict:
     kept.clear()
     raw = model_file_bytes(proto, arrays)
     dedupe = dedupe_initializers(proto.graph, arrays)
-    write_model(proto, arrays, path)
+    # Weights in model.onnx_data at any size: ONNX Runtime maps that file instead of parsing and
+    # copying a 1 GB protobuf, so a session costs the weights once (the export's checks rely on it).
+    write_model(proto, arrays, path, limit=0)
     return {"raw_bytes": raw, "bytes": folder_size(out), "dedupe": dedupe,
             "opset": int(proto.opset_import[0].version)}

@@ -18,14 +18,14 @@ from llmprune.arch import adapter_for
 from llmprune.checkpoint import atomic_output_dir, check_output_dir
 from llmprune.data import cut_windows, tokenize_stream
 from llmprune.errors import LLMPruneError
-from llmprune.memory import peak_rss_mb, reset_peak_rss, window_peak_rss_mb
+from llmprune.memory import peak_rss_mb, release_freed_memory, reset_peak_rss, window_peak_rss_mb
 from llmprune.model_card import CARD_FILE, card_text
 from llmprune.paths import check_writable_output, find_write_error, write_error
 
 from .config import DEFAULT_EVAL_TEXT, ExportConfig
 from .genai import convert_to_ort, write_genai_config
 from .onnx import MODEL_FILE, check_opset, export_fp32, folder_size
-from .parity import fixed_inputs, generation_parity, logit_parity, perplexities, prompt_ids
+from .parity import TorchReference, fixed_inputs, generation_parity, logit_parity, perplexities, prompt_ids
 from .quantize import quantize
 from .runtime import OnnxCausalLM
 
@@ -63,11 +63,15 @@ def _eos(model):
 
 
 def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLike | None = None, tokenizer=None,
-                eval_texts: list[str] | None = None, source: str | None = None) -> ExportResult:
+                eval_texts: list[str] | None = None, source: str | None = None,
+                release_model: bool = False) -> ExportResult:
     """Export an in-memory causal LM (dense or pruned) to ONNX with KV cache, check it against
     PyTorch, optionally quantize, convert and describe it for onnxruntime-genai; writes `out`
     atomically and returns the report (also in out/export_report.json) with a model card
-    (README.md); `source`: the model spec it was loaded from, for the card."""
+    (README.md); `source`: the model spec it was loaded from, for the card. `release_model`
+    frees the model's weights (moved to the meta device: the model is unusable afterwards) once
+    the ONNX file is written and PyTorch's side of the checks is taken, so that no ONNX Runtime
+    session or quantizer holds its copy of the weights beside them (`export_checkpoint` does)."""
     config = config or ExportConfig()
     if out is None:
         raise LLMPruneError("no output folder given", "pass out=... (--out)")
@@ -77,7 +81,7 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
     check_opset(config.opset)
     model.eval()
     try:
-        return _export(model, config, out, tokenizer, eval_texts, source)
+        return _export(model, config, out, tokenizer, eval_texts, source, release_model)
     except LLMPruneError:
         raise
     except Exception as exc:  # disk full, read-only...: one line; the temporary folder is already gone
@@ -87,7 +91,8 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
         raise write_error(out, cause) from exc
 
 
-def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str | None) -> ExportResult:
+def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str | None,
+            release_model: bool) -> ExportResult:
     start = time.perf_counter()
     report: dict = {"source": source, "model": _model_facts(model),
                     "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
@@ -103,17 +108,24 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
         report["dedupe"] = {k: facts[k] for k in ("raw_bytes", "bytes")} | {
             "removed": facts["dedupe"]["removed"], "bytes_saved": facts["dedupe"]["bytes_saved"]}
         report["opset"] = facts["opset"]
-        with step("check fp32 against PyTorch (logits, greedy tokens, perplexity)"):
+        with step("run PyTorch on the parity inputs (logits, greedy tokens, perplexity)"):
             checks = _ParityInputs.build(model, tokenizer, eval_texts, config)
-            fp32 = OnnxCausalLM(tmp, threads=config.threads)
-            report["variants"]["fp32"] = _check_fp32(model, fp32, checks, config)
+            if release_model:
+                model.to("meta")  # every later check reads `checks.reference`: the weights are not needed
+                release_freed_memory()
+        with step("check fp32 against PyTorch"):
+            # No repacked weights: the session reads them from the mapped model.onnx_data alone.
+            fp32 = OnnxCausalLM(tmp, threads=config.threads, prepack=False)
+            report["variants"]["fp32"] = _check_fp32(fp32, checks, config)
             input_names = fp32.input_names
-            del fp32      # the fp32 session holds a copy of every weight: not kept through quantization
+            del fp32      # the fp32 session maps every weight: not kept through quantization
+            release_freed_memory()
         folders = {"fp32": tmp}
         for mode in config.modes:
             with step(f"quantize {mode} and check it"):
-                report["variants"][mode], folders[mode] = _write_quantized(model, mode, tmp, checks, config,
+                report["variants"][mode], folders[mode] = _write_quantized(mode, tmp, checks, config,
                                                                            report["variants"]["fp32"]["perplexity"])
+                release_freed_memory()
         if config.genai:
             if tokenizer is None:
                 raise LLMPruneError("--genai needs the tokenizer files", "export a checkpoint folder that has a tokenizer")
@@ -144,7 +156,7 @@ class _Steps:
     def __init__(self, config: ExportConfig) -> None:
         from tqdm import tqdm
 
-        total = 2 + len(config.modes) + bool(config.genai) + (1 + len(config.modes)) * bool(config.ort)
+        total = 3 + len(config.modes) + bool(config.genai) + (1 + len(config.modes)) * bool(config.ort)
         self.bar = tqdm(total=total, desc="export", unit="step", disable=None)
         self.record: list[dict] = []      # each step's seconds and the RSS high-water mark within it
         self.peak_before = peak_rss_mb()  # resetting the high-water mark per step also resets the process's
@@ -186,14 +198,13 @@ def _model_facts(model) -> dict:
 
 @dataclass
 class _ParityInputs:
-    """What every variant is checked on: a fixed id sequence for logits, prompts for greedy
-    generation, evaluation windows for perplexity, and the end-of-sequence id. `tokenizer` cut
-    the windows from text (None: random ids), for bits per byte."""
+    """What every variant is checked on: evaluation windows for perplexity and what PyTorch
+    made of them, of a fixed id sequence (logits) and of prompts (greedy generation).
+    `tokenizer` cut the windows from text (None: random ids), for bits per byte."""
 
     ids: torch.Tensor
-    prompts: list[list[int]]
     windows: torch.Tensor
-    eos: object
+    reference: TorchReference
     tokenizer: object = None
 
     @classmethod
@@ -205,17 +216,18 @@ class _ParityInputs:
             prompts = [prompt_ids(tokenizer, p) for p in config.prompts]
         else:
             prompts = [row.tolist() for row in fixed_inputs(mc.vocab_size, 8, bos, seed=99)] + [ids[0, :5].tolist()]
-        return cls(ids, prompts, _eval_windows(tokenizer, eval_texts, config, mc.vocab_size, bos), _eos(model),
-                   tokenizer)
+        windows = _eval_windows(tokenizer, eval_texts, config, mc.vocab_size, bos)
+        reference = TorchReference.build(model, ids, prompts, config.parity_tokens, _eos(model), windows, tokenizer)
+        return cls(ids, windows, reference, tokenizer)
 
 
-def _check_fp32(model, fp32: OnnxCausalLM, checks: _ParityInputs, config: ExportConfig) -> dict:
+def _check_fp32(fp32: OnnxCausalLM, checks: _ParityInputs, config: ExportConfig) -> dict:
     """Logit, greedy-generation and perplexity parity of the fp32 export; a one-line error when
     the logits differ beyond the tolerance or generation differs away from a near tie."""
     t = time.perf_counter()
-    logits = logit_parity(model, fp32, checks.ids)
-    gen = generation_parity(model, fp32, checks.prompts, config.parity_tokens, checks.eos)
-    ppl = perplexities(model, fp32, checks.windows, tokenizer=checks.tokenizer)
+    logits = logit_parity(checks.reference, fp32)
+    gen = generation_parity(checks.reference, fp32)
+    ppl = perplexities(checks.reference, fp32, checks.windows, tokenizer=checks.tokenizer)
     worst = max(logits["max_abs_logit_diff"], logits["max_abs_logit_diff_kv_cache"])
     if not worst <= config.atol:
         raise LLMPruneError(
@@ -235,7 +247,7 @@ def _check_fp32(model, fp32: OnnxCausalLM, checks: _ParityInputs, config: Export
             "check_seconds": round(time.perf_counter() - t, 3)}
 
 
-def _write_quantized(model, mode: str, tmp: Path, checks: _ParityInputs, config: ExportConfig,
+def _write_quantized(mode: str, tmp: Path, checks: _ParityInputs, config: ExportConfig,
                      fp32_ppl: dict) -> tuple[dict, Path]:
     """One quantized variant in its own complete sub-folder, checked against PyTorch."""
     qdir = tmp / mode
@@ -250,8 +262,8 @@ def _write_quantized(model, mode: str, tmp: Path, checks: _ParityInputs, config:
     t = time.perf_counter()
     variant = {
         "folder": mode, "quantization": info, "quantize_seconds": round(q_seconds, 3),
-        "logits": logit_parity(model, qsession, checks.ids),
-        "generation": generation_parity(model, qsession, checks.prompts, config.parity_tokens, checks.eos),
+        "logits": logit_parity(checks.reference, qsession),
+        "generation": generation_parity(checks.reference, qsession),
         "perplexity": perplexities(None, qsession, checks.windows, reference_ppl=fp32_ppl["onnx"],
                                    tokenizer=checks.tokenizer),
     }
@@ -263,8 +275,10 @@ def _convert_and_check_ort(folder: Path, ids: torch.Tensor, threads) -> dict:
     """model.ort beside model.onnx, and its largest logit difference from the .onnx session."""
     t = time.perf_counter()
     convert_to_ort(folder)
-    ort = OnnxCausalLM(folder, threads=threads, prefer_ort=True)
-    onnx_logits, _ = OnnxCausalLM(folder, threads=threads).forward(ids.numpy())
+    # One session at a time, neither with repacked weights: the check costs the weights once.
+    onnx_logits, _ = OnnxCausalLM(folder, threads=threads, prepack=False).forward(ids.numpy())
+    release_freed_memory()
+    ort = OnnxCausalLM(folder, threads=threads, prefer_ort=True, prepack=False)
     ort_logits, _ = ort.forward(ids.numpy())
     return {"file": ort.path.name, "seconds": round(time.perf_counter() - t, 3),
             "max_abs_logit_diff_vs_onnx": float(abs(ort_logits - onnx_logits).max())}
@@ -284,7 +298,7 @@ def export_checkpoint(spec, config: ExportConfig | None = None, out=None, eval_d
     model, tokenizer = load(spec, dtype=torch.float32)
     _warn_off_plan(spec, config)
     texts = load_texts(eval_data) if eval_data else None
-    return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts, source=str(spec))
+    return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts, source=str(spec), release_model=True)
 
 
 def _warn_off_plan(spec, config: ExportConfig) -> None:

@@ -1,15 +1,24 @@
 """Weight quantization of an fp32 export with onnxruntime.quantization: block-wise int8 and int4
-weights (MatMulNBits; the embedding as GatherBlockQuantized, sharing the LM head's table when tied)."""
+weights (MatMulNBits; the embedding as GatherBlockQuantized, sharing the LM head's table when tied).
+
+The model is read with its weights apart (`read_model`: the graph in memory, each weight a memory
+map of the file) and each weight is quantized by ONNX Runtime's quantizer on a model of its one
+node, a slice of output columns at a time, so the quantizer never holds the whole fp32 model (it
+parses and copies it whole: 3 GB at its peak for a 1 GB model); the quantized model is streamed
+to its file by `write_model`."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from llmprune.artifact import WIDE
 from llmprune.errors import LLMPruneError
 
-from .onnx import load_model_proto, save_model_proto, stdout_to_log, untie_initializers
+from .onnx import stdout_to_log, untie_initializers
+from .weights import add_initializer, forget_pages, read_model, tensor_parts, write_model
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +59,14 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
     error comes from."""
     embedding_bits = (table_bits if embedding_bits is None else embedding_bits) if quantize_embedding else 0
     _check_int4_args(table_bits, layer_bits, embedding_bits, algorithm)
-    proto = load_model_proto(src)
+    proto, arrays = read_model(src)
     head = lm_head_matmul(proto)
     head_name = head.name if head is not None else None
     head_weight = head.input[1] if head is not None else None
     # A tied table the LM head's quantized weight will serve is not copied back out for its lookup
     # (a transposed copy of the largest matrix, only to be dropped): the lookup is rewired later.
     share_later = bool(head_weight and embedding_bits and embedding_bits == table_bits and _tied_lookups(proto, head_weight))
-    untied = untie_initializers(proto, keep_lookups_of=head_weight if share_later else None)
+    untied = untie_initializers(proto, arrays, keep_lookups_of=head_weight if share_later else None)
     tables = embedding_tables(proto, untied)
     wide_names = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name
                   and any(w in n.name for w in wide)]
@@ -65,25 +74,24 @@ def quantize_int4(src: Path, dst: Path, block_size: int = 32, quantize_embedding
         skip = ([head_name] if head_name else []) + wide_names
         if algorithm == "k_quant":    # ORT packs its zero points in pairs of whole blocks: other widths get rtn
             uneven = _uneven_matmuls(proto, block_size)
-            proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip + uneven,
-                                algorithm)
-        proto = _nbits_pass(proto, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip,
-                            "rtn" if algorithm == "k_quant" else algorithm)
+            quantize_nodes(proto, arrays, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip + uneven,
+                           algorithm)
+        quantize_nodes(proto, arrays, layer_bits, block_size, symmetric, accuracy_level, "MatMul", skip,
+                       "rtn" if algorithm == "k_quant" else algorithm)
     if wide_names:
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name not in wide_names]
-        proto = _nbits_pass(proto, 8, block_size, True, accuracy_level, "MatMul", others)
+        quantize_nodes(proto, arrays, 8, block_size, True, accuracy_level, "MatMul", others)
     if table_bits and head_name:
         others = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.name != head_name]
-        proto = _nbits_pass(proto, table_bits, block_size, True, accuracy_level, "MatMul", others)
-    shared = share_tied_lookups(proto, head_weight, block_size, table_bits) if share_later else 0
+        quantize_nodes(proto, arrays, table_bits, block_size, True, accuracy_level, "MatMul", others)
+    shared = share_tied_lookups(proto, arrays, head_weight, block_size, table_bits) if share_later else 0
     if share_later and _tied_lookups(proto, head_weight):    # not shareable after all: the copy, as for other tables
-        untied |= untie_initializers(proto)
+        untied |= untie_initializers(proto, arrays)
         tables = embedding_tables(proto, untied)
-    proto, shared_copies = _quantize_embedding_tables(proto, tables, untied, head_weight, embedding_bits, table_bits,
-                                                      block_size, symmetric)
-    shared += shared_copies
-    repacked = repack_int4_gathers(proto)
-    save_model_proto(proto, dst)
+    shared += _quantize_embedding_tables(proto, arrays, tables, untied, head_weight, embedding_bits, table_bits,
+                                         block_size, symmetric)
+    repacked = repack_int4_gathers(proto, arrays)
+    write_model(proto, arrays, dst)
     return {"mode": "int4", "block_size": block_size, "symmetric": symmetric, "accuracy_level": accuracy_level,
             "layer_bits": layer_bits, "table_bits": table_bits, "embedding_bits": embedding_bits,
             "algorithm": algorithm, "wide": {"patterns": list(wide), "matmuls": len(wide_names)},
@@ -114,24 +122,24 @@ def _uneven_matmuls(proto, block_size: int) -> list[str]:
             and inits[n.input[1]] and inits[n.input[1]][0] % (2 * block_size)]
 
 
-def _quantize_embedding_tables(proto, tables, untied: dict, head_weight: str | None, embedding_bits: int,
-                               table_bits: int, block_size: int, symmetric: bool):
+def _quantize_embedding_tables(proto, arrays: dict, tables, untied: dict, head_weight: str | None, embedding_bits: int,
+                               table_bits: int, block_size: int, symmetric: bool) -> int:
     """The embedding Gathers at `embedding_bits`: a tied table reads the LM head's quantized
     weight when both have the same width (stored once); the rest become 4-bit Gathers or int8
-    GatherBlockQuantized. Returns the model and how many Gathers now share the head's table."""
+    GatherBlockQuantized. Returns how many Gathers now share the head's table."""
     shared = 0
     if not (embedding_bits and tables):
-        return proto, shared
+        return shared
     if table_bits == embedding_bits and head_weight is not None:
-        shared = share_tied_table(proto, {t: w for t, w in untied.items() if w == head_weight and t in tables},
+        shared = share_tied_table(proto, arrays, {t: w for t, w in untied.items() if w == head_weight and t in tables},
                                   block_size, embedding_bits)
     left = {n.name for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in tables}
     if left and embedding_bits == 4:
         others = [n.name for n in proto.graph.node if n.op_type == "Gather" and n.name not in left]
-        proto = _nbits_pass(proto, 4, block_size, symmetric, None, "Gather", others)
+        quantize_nodes(proto, arrays, 4, block_size, symmetric, None, "Gather", others)
     elif left:
-        quantize_gathers_int8(proto, left, block_size)
-    return proto, shared
+        quantize_gathers_int8(proto, arrays, left, block_size)
+    return shared
 
 
 def lm_head_matmul(proto):
@@ -171,10 +179,97 @@ def embedding_tables(proto, untied: dict[str, str]) -> set[str]:
     return tables
 
 
+# fp32 bytes of a weight given to ONNX Runtime's quantizer at once (its slices are independent).
+_SLICE_BYTES = 32 << 20
+
+
+def quantize_nodes(proto, arrays: dict, bits: int, block_size: int, symmetric: bool, accuracy_level: int | None,
+                   op_type: str, exclude: list[str], algorithm: str = "rtn") -> int:
+    """Each node of `op_type` (MatMul or Gather) with a constant 2-D weight, not in `exclude`,
+    quantized by ONNX Runtime's MatMulNBitsQuantizer as it would in a pass over the whole model —
+    but on a model of that one node, a slice of the weight at a time (`_quantize_node`); the fp32
+    weight is dropped once nothing reads it. Returns how many nodes were quantized."""
+    from collections import Counter
+
+    readers = Counter(name for n in proto.graph.node for name in n.input)
+    nodes, count = [], 0
+    for node in list(proto.graph.node):
+        weight = (node.input[1] if op_type == "MatMul" else node.input[0]) if node.op_type == op_type else None
+        done = None
+        if weight in arrays and arrays[weight].ndim == 2 and node.name not in exclude:
+            done = _quantize_node(proto, arrays, node, weight, bits, block_size, symmetric, accuracy_level, algorithm)
+        if done is None:
+            nodes.append(node)
+            continue
+        new_nodes, tensors = done
+        nodes.extend(new_nodes)
+        for header, data in tensors:
+            add_initializer(proto.graph, arrays, header.name, data, header)
+        readers[weight] -= 1
+        if not readers[weight]:
+            arrays[weight] = np.empty(0, np.float32)   # unmapped now; its header goes with _replace_nodes
+        count += 1
+    if count:
+        _replace_nodes(proto, arrays, nodes)
+    return count
+
+
+def _quantize_node(proto, arrays: dict, node, weight: str, bits: int, block_size: int, symmetric: bool,
+                   accuracy_level: int | None, algorithm: str):
+    """(the nodes that replace `node`, [(initializer header, data)]) or None when the quantizer
+    leaves it. The weight goes to the quantizer in slices along the axis whose slices it quantizes
+    independently — MatMul: B's output columns (its blocks run down K); Gather: the table's rows —
+    and the slices' outputs, laid out with that axis outermost, are joined; HQQ's fit stops on the
+    whole tensor's error, so it gets the tensor whole. Slices hold an even number of rows so that
+    two 4-bit values never share a byte across slices."""
+    table = arrays[weight]
+    along_columns = node.op_type == "MatMul"
+    total = table.shape[1] if along_columns else table.shape[0]
+    width = table.nbytes // max(1, total)
+    step = total if algorithm == "hqq" else max(2, _SLICE_BYTES // max(1, width) // 2 * 2)
+    parts, new_nodes = [], None
+    for start in range(0, total, step):
+        piece = np.ascontiguousarray(table[:, start:start + step] if along_columns else table[start:start + step],
+                                     dtype=np.float32)
+        forget_pages(table)
+        new_nodes, tensors = _quantize_one(proto, node, weight, piece, bits, block_size, symmetric, accuracy_level,
+                                           algorithm)
+        if [n.op_type for n in new_nodes] == [node.op_type]:
+            return None
+        parts.append(tensors)
+    joined = []
+    for k, (header, _) in enumerate(parts[0]):
+        data = parts[0][k][1] if len(parts) == 1 else np.concatenate([p[k][1] for p in parts])
+        if header.dims:
+            header.dims[0] = sum(p[k][0].dims[0] for p in parts)
+        joined.append((header, data))
+    for attribute in (a for n in new_nodes for a in n.attribute if n.op_type == "MatMulNBits" and a.name == "N"):
+        attribute.i = total
+    return new_nodes, joined
+
+
+def _quantize_one(proto, node, weight: str, piece: np.ndarray, bits: int, block_size: int, symmetric: bool,
+                  accuracy_level: int | None, algorithm: str):
+    """ONNX Runtime's quantizer on a model of `node` alone with `piece` as its weight: the nodes it
+    made and their new initializers as (header, data) pairs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if node.op_type == "MatMul":
+        inputs = [helper.make_tensor_value_info(node.input[0], TensorProto.FLOAT, ["rows", piece.shape[0]])]
+    else:
+        inputs = [helper.make_tensor_value_info(node.input[1], TensorProto.INT64, ["rows"])]
+    outputs = [helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None)]
+    graph = helper.make_graph([node], "llmprune_one_node", inputs, outputs, [numpy_helper.from_array(piece, weight)])
+    one = helper.make_model(graph, opset_imports=list(proto.opset_import), ir_version=proto.ir_version)
+    done = _nbits_pass(one, bits, block_size, symmetric, accuracy_level, node.op_type, [], algorithm)
+    made = {name for n in done.graph.node for name in n.input} - {weight}
+    tensors = [tensor_parts(tensor) for tensor in done.graph.initializer if tensor.name in made]
+    return list(done.graph.node), tensors
+
+
 def _nbits_pass(proto, bits: int, block_size: int, symmetric: bool, accuracy_level: int | None, op_type: str,
                 exclude: list[str], algorithm: str = "rtn"):
     """One MatMulNBitsQuantizer pass over the nodes of `op_type` that are not in `exclude`."""
-    import numpy as np
     from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     axes = (("MatMul", 0), ("Gather", 1))
@@ -195,7 +290,7 @@ def _nbits_pass(proto, bits: int, block_size: int, symmetric: bool, accuracy_lev
     return quantizer.model.model
 
 
-def share_tied_table(proto, tied: dict[str, str], block_size: int, bits: int) -> int:
+def share_tied_table(proto, arrays: dict, tied: dict[str, str], block_size: int, bits: int) -> int:
     """For a tied embedding, the lookup reads the LM head's MatMulNBits weight instead of a copy
     of its own, so the table is stored once (see `_shared_lookup`). `tied`: {the lookup's table:
     the head's weight}."""
@@ -203,7 +298,7 @@ def share_tied_table(proto, tied: dict[str, str], block_size: int, bits: int) ->
     shared = 0
     for table, weight in tied.items():
         gathers = [n for n in nodes if n.op_type == "Gather" and n.input[0] == table]
-        new = _shared_lookup(proto, weight, gathers[0].input[1], gathers[0].output[0], table, block_size, bits) \
+        new = _shared_lookup(proto, arrays, weight, gathers[0].input[1], gathers[0].output[0], table, block_size, bits) \
             if len(gathers) == 1 else None
         if new is None:
             continue
@@ -211,19 +306,18 @@ def share_tied_table(proto, tied: dict[str, str], block_size: int, bits: int) ->
         nodes[at:at + 1] = new
         shared += 1
     if shared:
-        _replace_nodes(proto, nodes)
+        _replace_nodes(proto, arrays, nodes)
     return shared
 
 
-def _shared_lookup(proto, weight: str, indices: str, output: str, prefix: str, block_size: int, bits: int):
+def _shared_lookup(proto, arrays: dict, weight: str, indices: str, output: str, prefix: str, block_size: int, bits: int):
     """The nodes that look `indices` up in the LM head's quantized weight (`weight` quantized by
     MatMulNBits) into `output`, or None when the head is not in that form. MatMulNBits keeps B as
     uint8 [vocab, hidden/block, block·bits/8] (4 bits: two values a byte, implicit zero point 8;
     8 bits: implicit zero point 128) with one scale a block: as GatherBlockQuantized data that is
     the same table, gathered on axis 0 and dequantized along the last axis; its [batch, seq,
     blocks, block] output is reshaped to [batch, seq, hidden]."""
-    import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = proto.graph
     matmuls = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1] == f"{weight}_Q{bits}" and len(n.input) == 3]
@@ -231,16 +325,16 @@ def _shared_lookup(proto, weight: str, indices: str, output: str, prefix: str, b
     if len(matmuls) != 1 or data is None or len(data.dims) != 3 or data.dims[2] * 8 != block_size * bits:
         return None
     vocab, blocks = int(data.dims[0]), int(data.dims[1])
-    shape_3d = numpy_helper.from_array(np.array([vocab, blocks, 1], np.int64), f"{prefix}_llmprune_scales_shape")
-    shape_out = numpy_helper.from_array(np.array([0, 0, -1], np.int64), f"{prefix}_llmprune_hidden_shape")
-    graph.initializer.extend([shape_3d, shape_out])
+    shape_3d, shape_out = f"{prefix}_llmprune_scales_shape", f"{prefix}_llmprune_hidden_shape"
+    add_initializer(graph, arrays, shape_3d, np.array([vocab, blocks, 1], np.int64))
+    add_initializer(graph, arrays, shape_out, np.array([0, 0, -1], np.int64))
     scales_3d, gathered = f"{prefix}_llmprune_scales_3d", f"{output}_llmprune_blocks"
     return [
-        helper.make_node("Reshape", [matmuls[0].input[2], shape_3d.name], [scales_3d], name=f"{prefix}_llmprune_scales_reshape"),
+        helper.make_node("Reshape", [matmuls[0].input[2], shape_3d], [scales_3d], name=f"{prefix}_llmprune_scales_reshape"),
         helper.make_node("GatherBlockQuantized", [data.name, indices, scales_3d], [gathered],
                          name=f"{prefix}_llmprune_shared_lookup", domain="com.microsoft",
                          gather_axis=0, quantize_axis=2, block_size=block_size, bits=bits),
-        helper.make_node("Reshape", [gathered, shape_out.name], [output], name=f"{prefix}_llmprune_hidden"),
+        helper.make_node("Reshape", [gathered, shape_out], [output], name=f"{prefix}_llmprune_hidden"),
     ]
 
 
@@ -257,14 +351,15 @@ def _tied_lookups(proto, weight: str) -> list[tuple]:
     return pairs
 
 
-def share_tied_lookups(proto, weight: str, block_size: int, bits: int) -> int:
+def share_tied_lookups(proto, arrays: dict, weight: str, block_size: int, bits: int) -> int:
     """The lookups of a table tied to the LM head (`_tied_lookups`) read the head's quantized
     weight, as `share_tied_table` does for an untied copy, without that copy ever being made.
     Returns how many were rewired."""
     nodes = list(proto.graph.node)
     shared = 0
     for k, (gather, transpose) in enumerate(_tied_lookups(proto, weight)):
-        new = _shared_lookup(proto, weight, gather.input[1], transpose.output[0], f"{weight}_lookup{k}", block_size, bits)
+        new = _shared_lookup(proto, arrays, weight, gather.input[1], transpose.output[0], f"{weight}_lookup{k}", block_size,
+                             bits)
         if new is None:
             continue
         at = nodes.index(transpose)
@@ -273,54 +368,69 @@ def share_tied_lookups(proto, weight: str, block_size: int, bits: int) -> int:
             nodes.remove(gather)
         shared += 1
     if shared:
-        _replace_nodes(proto, nodes)
+        _replace_nodes(proto, arrays, nodes)
     return shared
 
 
-def _replace_nodes(proto, nodes: list) -> None:
-    """Install the rewritten node list, drop initializers nothing reads any more and declare the
-    com.microsoft opset the new contrib nodes need."""
+def _replace_nodes(proto, arrays: dict, nodes: list) -> None:
+    """Install the rewritten node list, drop initializers nothing reads any more (and their data:
+    a mapped fp32 weight is unmapped) and declare the com.microsoft opset the new contrib nodes need."""
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
-    _drop_unused_initializers(proto.graph)
+    _drop_unused_initializers(proto.graph, arrays)
     _ensure_contrib_opset(proto)
 
 
-def quantize_gathers_int8(proto, names: set[str], block_size: int) -> int:
+def quantize_gathers_int8(proto, arrays: dict, names: set[str], block_size: int) -> int:
     """Plain axis-0 Gathers of a [vocab, hidden] table -> GatherBlockQuantized with 8-bit symmetric
     blocks along hidden (uint8, implicit zero point 128, one scale a block)."""
-    import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import helper
 
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
     nodes = list(graph.node)
     count = 0
     for at, node in enumerate(nodes):
         if node.name not in names:
             continue
-        table = numpy_helper.to_array(inits[node.input[0]]).astype(np.float32)
-        vocab, hidden = table.shape
-        pad = (-hidden) % block_size
-        blocks = np.pad(table, ((0, 0), (0, pad))).reshape(vocab, -1, block_size)
-        scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
-        scale[scale == 0] = 1.0
-        q = (np.clip(np.rint(blocks / scale), -127, 127) + 128).astype(np.uint8).reshape(vocab, -1)[:, :hidden]
-        data = numpy_helper.from_array(np.ascontiguousarray(q), f"{node.input[0]}_Q8")
-        scales = numpy_helper.from_array(np.ascontiguousarray(scale[..., 0]), f"{node.input[0]}_scales8")
-        graph.initializer.extend([data, scales])
-        nodes[at] = helper.make_node("GatherBlockQuantized", [data.name, node.input[1], scales.name], list(node.output),
+        q, scales = _int8_table(arrays[node.input[0]], block_size)
+        data_name, scales_name = f"{node.input[0]}_Q8", f"{node.input[0]}_scales8"
+        add_initializer(graph, arrays, data_name, q)
+        add_initializer(graph, arrays, scales_name, scales)
+        nodes[at] = helper.make_node("GatherBlockQuantized", [data_name, node.input[1], scales_name], list(node.output),
                                      name=f"{node.name}_Q8", domain="com.microsoft", gather_axis=0, quantize_axis=1,
                                      block_size=block_size, bits=8)
         count += 1
     if count:
-        _replace_nodes(proto, nodes)
+        _replace_nodes(proto, arrays, nodes)
     return count
 
 
-def _drop_unused_initializers(graph) -> None:
+def _int8_table(table: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A [vocab, hidden] table as uint8 values (zero point 128) and one fp32 scale per block of a
+    row, computed a slice of rows at a time (the table may be a memory map, or a transposed one)."""
+    vocab, hidden = table.shape
+    pad = (-hidden) % block_size
+    q = np.empty((vocab, hidden), np.uint8)
+    scales = np.empty((vocab, (hidden + pad) // block_size), np.float32)
+    rows = max(1, _SLICE_BYTES // max(1, hidden * 4))
+    for start in range(0, vocab, rows):
+        part = np.asarray(table[start:start + rows], np.float32)
+        blocks = np.pad(part, ((0, 0), (0, pad))).reshape(len(part), -1, block_size)
+        scale = np.abs(blocks).max(axis=-1, keepdims=True) / 127.0
+        scale[scale == 0] = 1.0
+        q[start:start + rows] = (np.clip(np.rint(blocks / scale), -127, 127) + 128).astype(np.uint8).reshape(
+            len(part), -1)[:, :hidden]
+        scales[start:start + rows] = scale[..., 0]
+        forget_pages(table)
+    return q, scales
+
+
+def _drop_unused_initializers(graph, arrays: dict) -> None:
     used = {name for n in graph.node for name in n.input}
     keep = [i for i in graph.initializer if i.name in used]
+    for init in graph.initializer:
+        if init.name not in used:
+            arrays.pop(init.name, None)
     del graph.initializer[:]
     graph.initializer.extend(keep)
 
@@ -332,12 +442,11 @@ def _ensure_contrib_opset(proto) -> None:
         proto.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
-def repack_int4_gathers(proto) -> int:
+def repack_int4_gathers(proto, arrays: dict) -> int:
     """GatherBlockQuantized tables stored as the INT4 tensor type become uint8 with two values a
     byte (`bits=4`, implicit zero point 8): the same weights, in a form the ORT format (.ort,
     ONNX Runtime Mobile) can hold — it has no INT4 tensor type."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     inits = {i.name: i for i in proto.graph.initializer}
     count = 0
@@ -345,14 +454,13 @@ def repack_int4_gathers(proto) -> int:
         if node.op_type != "GatherBlockQuantized" or len(node.input) > 3:
             continue
         init = inits.get(node.input[0])
-        if init is None or init.data_type != TensorProto.INT4:
+        if init is None or init.data_type != TensorProto.INT4 or not init.dims or init.dims[-1] % 2:
             continue
-        q = numpy_helper.to_array(init).astype(np.int16)
-        if q.shape[-1] % 2:
-            continue
-        u = (q + 8).astype(np.uint8)
-        packed = (u[..., 0::2] & 0xF) | ((u[..., 1::2] & 0xF) << 4)
-        init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(packed), init.name))
+        # INT4 packs two signed values a byte, low nibble first; uint8 with zero point 8 holds
+        # value + 8 in the same nibble, which is the nibble with its top bit flipped.
+        arrays[init.name] = (np.asarray(arrays[init.name]) ^ 0x88).reshape(*init.dims[:-1], init.dims[-1] // 2)
+        init.data_type = TensorProto.UINT8
+        init.dims[-1] //= 2
         node.attribute.append(helper.make_attribute("bits", 4))
         count += 1
     return count

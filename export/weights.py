@@ -72,9 +72,11 @@ def _meta(name: str, array: np.ndarray):
     return tensor
 
 
-def add_initializer(graph, arrays: dict[str, np.ndarray], name: str, array: np.ndarray) -> None:
+def add_initializer(graph, arrays: dict[str, np.ndarray], name: str, array: np.ndarray, header=None) -> None:
+    """An initializer `name` whose data is `array`; `header`: its TensorProto without data, where
+    the array alone does not say the type (packed 4-bit types are kept as their raw bytes)."""
     arrays[name] = array
-    graph.initializer.append(_meta(name, array))
+    graph.initializer.append(header if header is not None else _meta(name, array))
 
 
 def take_weights(proto, kept: dict) -> dict[str, np.ndarray]:
@@ -217,3 +219,165 @@ def _write_external(proto, arrays: dict[str, np.ndarray], path: Path, data_path:
     onnx.save_model(proto, str(path))
     os.chmod(data_path, 0o644)
     return [path, data_path]
+
+
+# ---------------------------------------------------------------- reading a model with its weights apart
+
+# Element types ONNX packs two to a byte: their data is kept as the raw bytes.
+_PACKED_TYPES = (21, 22, 23)        # TensorProto.UINT4, INT4, FLOAT4E2M1
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+
+
+def _read_varint(buf, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int):
+    """The protobuf fields in buf[start:end]: (number, field start, field end, payload span of a
+    length-delimited field or None). Payloads are not read."""
+    pos = start
+    while pos < end:
+        key, at = _read_varint(buf, pos)
+        kind, payload = key & 7, None
+        if kind == 0:
+            _, at = _read_varint(buf, at)
+        elif kind == 1:
+            at += 8
+        elif kind == 5:
+            at += 4
+        elif kind == 2:
+            length, at = _read_varint(buf, at)
+            payload, at = (at, at + length), at + length
+        else:
+            raise ValueError(f"protobuf wire type {kind} at byte {pos}")
+        yield key >> 3, pos, at, payload
+        pos = at
+
+
+def read_model(path: Path):
+    """The model at `path` with its initializers' data apart (the inverse of `write_model`):
+    returns (ModelProto whose initializers carry name, type and shape only, {name: data}), each
+    tensor's data a read-only memory map of model.onnx's raw bytes or of its external data file —
+    nothing is copied, and a page of weights is in memory only while it is read (a 1 GB model
+    parsed by protobuf costs 2 GB at once)."""
+    import mmap
+
+    import onnx
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        model_fields, graph_fields, tensors = bytearray(), bytearray(), []
+        for number, start, end, payload in _fields(buf, 0, len(buf)):
+            if number != _MODEL_GRAPH or payload is None:
+                model_fields += buf[start:end]
+                continue
+            for inner, s, e, span in _fields(buf, *payload):
+                if inner == _GRAPH_INITIALIZER and span is not None:
+                    tensors.append(_scan_tensor(buf, *span))
+                else:
+                    graph_fields += buf[s:e]
+    finally:
+        buf.close()
+    proto = onnx.ModelProto()
+    proto.ParseFromString(bytes(model_fields))
+    proto.graph.ParseFromString(bytes(graph_fields))
+    arrays: dict[str, np.ndarray] = {}
+    for header, raw in tensors:
+        tensor = onnx.TensorProto()
+        tensor.ParseFromString(header)
+        arrays[tensor.name] = _tensor_data(tensor, raw, path)
+        for name in _TYPED_FIELDS + ("external_data", "data_location"):
+            tensor.ClearField(name)
+        proto.graph.initializer.append(tensor)
+    return proto, arrays
+
+
+def _scan_tensor(buf, start: int, end: int) -> tuple[bytes, tuple[int, int] | None]:
+    """A TensorProto's fields but its raw data, and the span of the raw data in the file."""
+    header, raw = bytearray(), None
+    for number, s, e, payload in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA:
+            raw = payload
+        else:
+            header += buf[s:e]
+    return bytes(header), raw
+
+
+def _tensor_data(tensor, raw: tuple[int, int] | None, path: Path) -> np.ndarray:
+    from onnx import TensorProto, numpy_helper
+
+    if tensor.data_location == TensorProto.EXTERNAL:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        offset = int(info.get("offset", 0))
+        source = path.parent / info["location"]
+        length = int(info["length"]) if "length" in info else source.stat().st_size - offset
+        return _mapped(tensor, source, offset, length)
+    if raw is not None:
+        return _mapped(tensor, path, raw[0], raw[1] - raw[0])
+    return numpy_helper.to_array(tensor)
+
+
+def _mapped(tensor, source: Path, offset: int, length: int) -> np.ndarray:
+    """The tensor's bytes in `source` as a read-only memory map of its type and shape (packed
+    4-bit types: the raw bytes); an error when the file does not hold that many bytes."""
+    from onnx import helper
+
+    from llmprune.errors import LLMPruneError
+
+    shape = tuple(int(d) for d in tensor.dims)
+    packed = tensor.data_type in _PACKED_TYPES
+    dtype = np.dtype(np.uint8) if packed else np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    expected = (int(np.prod(shape)) + 1) // 2 if packed else int(np.prod(shape)) * dtype.itemsize
+    if length != expected or offset + length > source.stat().st_size:
+        raise LLMPruneError(f"'{source}' is damaged: tensor '{tensor.name}' should hold {expected} bytes",
+                            "export the model again with `llmprune export`")
+    if length == 0:
+        return np.zeros(shape, dtype)
+    return np.memmap(source, dtype, mode="r", offset=offset, shape=(length,) if packed else shape)
+
+
+def tensor_parts(tensor) -> tuple[object, np.ndarray]:
+    """A TensorProto (e.g. made by ONNX Runtime's quantizer) as its header without data and its
+    data (packed 4-bit types: the raw bytes), for `add_initializer`."""
+    from onnx import numpy_helper
+
+    header = type(tensor)()
+    header.CopyFrom(tensor)
+    for name in _TYPED_FIELDS + ("raw_data", "external_data", "data_location"):
+        header.ClearField(name)
+    if tensor.data_type in _PACKED_TYPES:
+        data = np.frombuffer(tensor.raw_data, np.uint8) if tensor.HasField("raw_data") else _pack4(numpy_helper.to_array(tensor))
+    else:
+        data = numpy_helper.to_array(tensor)
+    return header, data
+
+
+def _pack4(values: np.ndarray) -> np.ndarray:
+    flat = (values.reshape(-1).astype(np.int16) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return flat[0::2] | (flat[1::2] << 4)
+
+
+def forget_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's memory (they stay in the page
+    cache and come back if read again): a weight read once for quantization does not stay
+    resident for the rest of the run. Nothing for an array in ordinary memory."""
+    import mmap
+
+    held = getattr(array, "_mmap", None)
+    if held is None or not hasattr(held, "madvise"):
+        return
+    try:
+        held.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass

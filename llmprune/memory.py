@@ -73,3 +73,17 @@ def _proc_kib(path: str, key: str) -> int | None:
     except OSError:
         pass
     return None
+
+
+def release_freed_memory() -> None:
+    """Collect garbage and hand the C heap's freed pages back to the OS (glibc `malloc_trim`):
+    after a large model is dropped, glibc keeps much of its freed small-block memory mapped, and
+    the next phase's peak would sit on top of it. A no-op where there is no glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -34,8 +34,9 @@ def test_export_cli_writes_checked_folder(cli_export):
     assert fp32["logits"]["max_abs_logit_diff"] < 1e-4 and fp32["generation"]["all_equal"]
     assert report["model"]["num_hidden_layers"] == 3
     assert 50 < report["peak_rss_mb"] < 20_000        # the export process's own peak, model load included
-    assert [s["step"] for s in report["steps"]][:2] == ["trace and write the fp32 ONNX",
-                                                        "check fp32 against PyTorch (logits, greedy tokens, perplexity)"]
+    assert [s["step"] for s in report["steps"]][:3] == [
+        "trace and write the fp32 ONNX", "run PyTorch on the parity inputs (logits, greedy tokens, perplexity)",
+        "check fp32 against PyTorch"]
     assert all(s["seconds"] >= 0 and 0 < s["peak_rss_mb"] <= report["peak_rss_mb"] + 1 for s in report["steps"])
     assert [l["intermediate_size"] for l in report["model"]["pruned_layers"]] == [96, 40, 128]
     for folder in (out, out / "int4"):

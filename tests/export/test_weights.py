@@ -102,3 +102,53 @@ def test_copies_and_transposed_copies_are_found_exactly():
     replace, transposed = _find_copies(graph, arrays)
     assert replace == {"copy": "table", "sym_copy": "sym"}
     assert transposed == {"head": "table", "square_t": "square"}
+
+
+# ---------------------------------------------------------------- reading a model with its weights apart
+
+
+@pytest.mark.parametrize("limit", [10**12, 0], ids=["one-file", "external-data"])
+def test_read_model_gives_back_what_was_written(both_exports, tmp_path, limit):
+    """`read_model` is `write_model`'s inverse: the same graph, each weight the same values, and
+    those values memory maps of the file rather than copies."""
+    from llmprune.export.weights import read_model
+
+    _, graph_only, kept, _ = both_exports
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph_only)
+    arrays = take_weights(proto, kept)
+    arrays["ids"] = np.arange(5, dtype=np.int64)
+    proto.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.zeros(5, np.int64), "ids"))
+    proto.graph.initializer[-1].ClearField("raw_data")
+    path = tmp_path / "model.onnx"
+    write_model(proto, arrays, path, limit=limit)
+    got_proto, got = read_model(path)
+    assert [n.SerializeToString() for n in got_proto.graph.node] == [n.SerializeToString() for n in proto.graph.node]
+    assert [(i.name, list(i.dims), i.data_type) for i in got_proto.graph.initializer] == \
+        [(i.name, list(i.dims), i.data_type) for i in proto.graph.initializer]
+    assert not any(i.HasField("raw_data") or i.external_data for i in got_proto.graph.initializer)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(got[name], array)
+    big = max(got, key=lambda n: got[n].nbytes)
+    assert isinstance(got[big], np.memmap)
+    # and written again, the file is the same bytes
+    (tmp_path / "again").mkdir()
+    again = tmp_path / "again" / "model.onnx"
+    written = write_model(got_proto, got, again, limit=limit)
+    assert [p.read_bytes() for p in written] == [(tmp_path / p.name).read_bytes() for p in written]
+
+
+def test_a_truncated_model_is_named(both_exports, tmp_path):
+    from llmprune.errors import LLMPruneError
+    from llmprune.export.weights import read_model
+
+    _, graph_only, kept, _ = both_exports
+    proto = onnx.ModelProto()
+    proto.CopyFrom(graph_only)
+    arrays = take_weights(proto, kept)
+    path = tmp_path / "model.onnx"
+    write_model(proto, arrays, path, limit=0)
+    data = tmp_path / "model.onnx_data"
+    data.write_bytes(data.read_bytes()[:-100])
+    with pytest.raises(LLMPruneError, match="is damaged"):
+        read_model(path)
