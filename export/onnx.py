@@ -16,7 +16,6 @@ from llmprune.arch import adapter_for
 from llmprune.errors import LLMPruneError
 
 from .weights import (
-    PROTOBUF_LIMIT,
     add_initializer,
     drop_initializers,
     model_file_bytes,
@@ -298,34 +297,6 @@ def untie_initializers(model_proto, arrays: dict[str, np.ndarray], keep_lookups_
             graph.node.remove(node)
             tied[node.output[0]] = node.input[0]
     return tied
-
-
-def load_model_proto(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
-def save_model_proto(model_proto, path: Path, limit: int = PROTOBUF_LIMIT) -> list[Path]:
-    """Writes one .onnx file, or .onnx + one external data file when it would pass protobuf's 2 GB;
-    returns the files written."""
-    import onnx
-
-    data = path.with_name(path.name + "_data")
-    for stale in (path, data):
-        if stale.exists():
-            stale.unlink()
-    total = sum(len(i.raw_data) for i in model_proto.graph.initializer)
-    if total < limit:
-        from onnx.external_data_helper import convert_model_from_external_data
-
-        convert_model_from_external_data(model_proto)
-        onnx.save_model(model_proto, str(path))
-        return [path]
-    onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=data.name, size_threshold=1024)
-    os.chmod(data, 0o644)
-    return [path, data]
 
 
 def onnx_files(folder: Path) -> list[Path]:
