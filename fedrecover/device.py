@@ -94,6 +94,7 @@ def run_round(job: RoundJob, models: Any = None) -> RoundResult:
     with trainable or nullcontext():
         trained, loss = train_lora(model, arrays, job.windows, **options, on_step=emulation.after_step, gain=gain,
                                    extra_params=(trainable.delta,) if trainable else (),
+                                   extra_lr=job.instruction.rows_lr or None,
                                    **({"loss_fn": loss_fn} if loss_fn is not None else {}))
     if trainable is not None:
         trained.update(trainable.reply())

@@ -69,6 +69,7 @@ class TrainInstruction:
     distill_alpha: float = 0.0
     distill_temperature: float = 1.0
     train_rows: bool = False                  # also train the embedding rows of its tokens (rows.py)
+    rows_lr: float = 0.0                      # their learning rate
     extra: dict = field(default_factory=dict)  # entries a wrapper adds (Flower's DP clipping norm)
 
     def to_config(self) -> dict:
@@ -84,7 +85,7 @@ class TrainInstruction:
             out.update({"teacher": self.teacher, "distill-alpha": self.distill_alpha,
                         "distill-temperature": self.distill_temperature})
         if self.train_rows:
-            out["train-rows"] = True
+            out.update({"train-rows": True, "rows-lr": self.rows_lr})
         return out
 
     @classmethod
@@ -93,7 +94,7 @@ class TrainInstruction:
         kind = config.get("device-model")
         known = {"server-round", "seed", "local-steps", "scale", "batch-size", "lr", "uniform-weights", "model-path",
                  "device-model", "device-model-spec", "client-dtype", "client-embedding", "teacher", "distill-alpha",
-                 "distill-temperature", "train-rows"}
+                 "distill-temperature", "train-rows", "rows-lr"}
         return cls(int(config["server-round"]), int(config["seed"]), int(config["local-steps"]),
                    float(config["scale"]), int(config["batch-size"]), float(config["lr"]),
                    bool(config.get("uniform-weights", False)),
@@ -102,6 +103,7 @@ class TrainInstruction:
                    str(config.get("client-dtype", "float32")), str(config.get("client-embedding", "same")),
                    str(config["teacher"]) if "teacher" in config else None, float(config.get("distill-alpha", 0.0)),
                    float(config.get("distill-temperature", 1.0)), bool(config.get("train-rows", False)),
+                   float(config.get("rows-lr", 0.0)),
                    {k: v for k, v in config.items() if k not in known})
 
     def to_message(self, node: int, arrays: Arrays) -> tuple[Message, int]:

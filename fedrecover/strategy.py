@@ -180,6 +180,7 @@ class LoraStrategy:
             batch_size=cfg.training.batch_size, lr=cfg.training.lr, uniform_weights=self.dp is not None,
             model_path=run.model_path, device_model=device_model, client_dtype=cfg.fleet.client_dtype,
             client_embedding=cfg.fleet.client_embedding, teacher=teacher, train_rows=cfg.training.train_rows,
+            rows_lr=cfg.training.rows_lr or cfg.training.lr / 30,
             distill_alpha=distil.alpha if teacher else 0.0, distill_temperature=distil.temperature if teacher else 1.0,
             extra=self.dp.instruction_extra() if self.dp else {})
 

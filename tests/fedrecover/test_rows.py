@@ -80,6 +80,7 @@ def test_rows_applied_restores_the_table():
     (dict(train_rows=True, secagg=True), "--train-rows cannot be used with --secagg"),
     (dict(train_rows=True, dp_clip=1.0), "--train-rows cannot be used with --secagg or --dp-clip"),
     (dict(train_rows=True, client_dtype="bfloat16"), "--train-rows needs devices that load the whole checkpoint"),
+    (dict(rows_lr=1e-4), "--rows-lr needs --train-rows"),
 ])
 def test_train_rows_bad_combinations_are_one_line_errors(flags, problem):
     from llmprune.fedrecover.config import RecoverConfig
