@@ -37,6 +37,11 @@ DISTILL_ARMS = {"server": (["--distill", "server", "--distill-alpha", "0.9"], "l
                 "device-a0.5": (["--distill", "device", "--distill-alpha", "0.5"], None),
                 "server-mixed": (["--distill", "server", "--distill-alpha", "0.5"], "mixed")}
 WIKI_SKIP = 200_000
+# The trimmed-vocabulary arms (--vocab): the dense model cut to K ids (compress --ratio 0 --vocab K, ranked
+# on bench/deploy.py's vocabulary text: WikiText-2 valid and Python docs howto/faq/library/reference, never
+# the evaluated tutorial), recovered by the same fleet with plain LoRA and with --train-rows.
+VOCAB_DATA = ("wikitext2/wiki.valid.tokens", "pydocs/howto.txt", "pydocs/faq.txt", "pydocs/library.txt",
+              "pydocs/reference.txt")
 
 
 def server_text(kind: str, work: Path) -> Path:
@@ -72,6 +77,22 @@ def pruned_checkpoint(args, work: Path) -> Path:
         run_json(["compress", "--model", args.model, "--ratio", "0.2", "--of", "decoder", "--method", "comp", "--calib",
                   str(SHARED / "wikitext2/wiki.valid.tokens"), "--calib-samples", "32", "--calib-seq-len", "512",
                   "--seed", "0", "--out", str(out), "--overwrite"], work / "compress.log")
+    return out
+
+
+def vocab_checkpoint(args, size: int, work: Path) -> Path:
+    """The dense model with its vocabulary cut to `size` ids (no decoder pruning)."""
+    out = work / f"vocab-{size // 1000}k"
+    if not (out / "config.json").is_file():
+        folder = work / "vocab-data"
+        folder.mkdir(parents=True, exist_ok=True)
+        for rel in VOCAB_DATA:
+            link = folder / Path(rel).name
+            if not link.exists():
+                link.symlink_to(SHARED / rel)
+        run_json(["compress", "--model", args.model, "--ratio", "0", "--vocab", str(size), "--vocab-data", str(folder),
+                  "--calib", str(SHARED / "wikitext2/wiki.valid.tokens"), "--seed", "0", "--out", str(out),
+                  "--overwrite"], work / f"compress-vocab-{size // 1000}k.log")
     return out
 
 
@@ -156,6 +177,9 @@ def main() -> int:
     p.add_argument("--distill", nargs="*", default=list(DISTILL_ARMS), choices=tuple(DISTILL_ARMS),
                    help="distillation arms to run (--teacher source): server (on pydocs/library.txt), device, "
                         "server-mixed (on library paragraphs interleaved with WikiText-2 test beyond the evaluated part)")
+    p.add_argument("--vocab", nargs="*", type=int, default=[32000],
+                   help="trimmed-vocabulary arms: the dense model cut to K ids, recovered with plain LoRA and with "
+                        "--train-rows (default: 32000)")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = load_results(args.results) if args.resume else {}
@@ -217,6 +241,28 @@ def main() -> int:
 
     for arm in args.distill:
         step(f"distill-{arm}", lambda arm=arm: distilled(arm))
+    if args.vocab and "wikitext2-bpb" not in runs["dense"]["perplexity"]:    # measured before bits/byte were kept
+        runs["dense"]["perplexity"] = evaluate(args.model, args, args.work, "dense-bpb",
+                                               {"python-source": runs["dense"]["perplexity"]["python-source"],
+                                                "python-source-bpb": runs["dense"]["perplexity"]["python-source-bpb"]})
+        save_results(args.results, results)
+
+    def vocab_recovered(trimmed: Path, name: str, rows: bool) -> dict:
+        out = args.work / name
+        flags = ["--aggregation", args.aggregation] + (["--train-rows"] if rows else [])
+        metrics, seconds = run_json(recover_args(args, trimmed, data, out, args.clients, args.rounds, args.local_steps,
+                                                 "domain") + flags, args.work / f"{name}.log")
+        return {"metrics": metrics, "wall_seconds": round(seconds, 1), **device_cost(metrics, args.local_steps),
+                "rows_changed": metrics["rounds"][-1].get("rows_changed"),
+                "perplexity": evaluate(str(out), args, args.work, name)}
+
+    for size in args.vocab:
+        name = f"vocab-{size // 1000}k"
+        trimmed = vocab_checkpoint(args, size, args.work)
+        step(name, lambda t=trimmed, n=name: {"perplexity": evaluate(str(t), args, args.work, n)})
+        for rows in (False, True):
+            arm = f"{name}-lora" + ("-rows" if rows else "")
+            step(arm, lambda t=trimmed, arm=arm, rows=rows: vocab_recovered(t, arm, rows))
     if "curve" not in results:
         import llmprune.fedrecover as fr
 
@@ -314,6 +360,42 @@ def distill_table(results: dict) -> list[str]:
     return rows
 
 
+def vocab_table(results: dict) -> list[str]:
+    """The trimmed-vocabulary arms: bits per byte against dense, before and after recovery with
+    plain LoRA and with --train-rows, and what the devices paid."""
+    runs = results["runs"]
+    names = sorted({k.split("-lora")[0] for k in runs if k.startswith("vocab-") and "-lora" in k})
+    if not names or "wikitext2-bpb" not in runs["dense"]["perplexity"]:
+        return []
+    dense = runs["dense"]["perplexity"]
+    texts = ("wikitext2", "pydocs-tutorial", "python-source")
+
+    def cell(ppl: dict, text: str) -> str:
+        key = f"{text}-bpb"
+        return f"{ppl[key]:.4f} ({100 * (ppl[key] / dense[key] - 1):+.1f}%)" if key in ppl else "—"
+
+    rows = ["", "### Recovery of trimmed vocabularies (`--train-rows`)", "",
+            "The dense model with its vocabulary cut (`compress --ratio 0 --vocab K`, ranked on WikiText-2 valid and "
+            "Python docs howto/faq/library/reference), recovered by the same fleet, rounds and device steps as above: "
+            "plain LoRA, and LoRA with the embedding rows of each device's tokens trained beside it (the tied head "
+            "included; a device uploads the rows it touched, each row averaged over its touchers by token count). "
+            "Bits per byte (vs dense) — comparable across vocabularies.", "",
+            "| model | WikiText-2 test | Python docs tutorial | argparse.py | rows changed | device peak MB | "
+            "device s/step |", "|---|---|---|---|---|---|---|",
+            f"| dense | {cell(dense, 'wikitext2')} | {cell(dense, 'pydocs-tutorial')} | {cell(dense, 'python-source')} | | | |"]
+    for name in names:
+        rows.append(f"| {name}, not recovered | " + " | ".join(cell(runs[name]["perplexity"], t) for t in texts)
+                    + " | | | |")
+        for arm, label in ((f"{name}-lora", "plain LoRA"), (f"{name}-lora-rows", "LoRA + rows")):
+            if arm in runs:
+                run = runs[arm]
+                rows.append(f"| {name}, {label} | " + " | ".join(cell(run["perplexity"], t) for t in texts)
+                            + f" | {run.get('rows_changed') or '—'} | {run['client_peak_rss_mb']:.0f} | "
+                              f"{run['client_seconds_per_step']:.2f} |")
+    rows += ["", "Targets (issue 20): vocab-64k recovered ≤ +2% bits per byte on WikiText-2, vocab-32k ≤ +5%."]
+    return rows
+
+
 def render(results: dict, doc: Path, plot: Path) -> None:
     from report import _replace_section
 
@@ -349,7 +431,7 @@ def render(results: dict, doc: Path, plot: Path) -> None:
         f"| 0 (pruned) | {runs['pruned']['perplexity']['wikitext2']:.2f} | "
         f"{runs['pruned']['perplexity']['pydocs-tutorial']:.2f} |",
         *[f"| {r['round']} | {r['wikitext2']:.2f} | {r['pydocs-tutorial']:.2f} |" for r in results["curve"]],
-        "", "![perplexity per round](img/recover_ppl.png)", *distill_table(results),
+        "", "![perplexity per round](img/recover_ppl.png)", *distill_table(results), *vocab_table(results),
     ]
     _replace_section(doc, "recover", "\n".join(body))
     try:

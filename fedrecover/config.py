@@ -80,6 +80,13 @@ class TrainingConfig:
                                              help="linear layers that get LoRA (comma-separated)")
     lr: float = option(2e-4, parse=positive_float, help="client learning rate")
     batch_size: int = option(4, parse=positive_int, help="windows per optimizer step")
+    train_rows: bool = option(False, help="also train the embedding rows (and tied LM-head rows) of the tokens each "
+                              "device's windows hold: for a checkpoint with a trimmed vocabulary (compress --vocab), "
+                              "whose new splits LoRA cannot teach; a device uploads only the rows it touched, each row "
+                              "averaged over the devices that touched it")
+    rows_lr: float | None = option(None, parse=positive_float, default_text="lr / 30",
+                                   help="learning rate of the embedding rows with --train-rows (Adam moves every touched "
+                                        "row by about this much per step, and a row's values are ~0.03 on Gemma-3)")
     aggregation: str = option("fedavg", parse=_aggregation, choices=lambda: tuple(AGGREGATIONS),
                               help="server aggregation: fedavg (equal ranks), hetlora or flexlora (mixed ranks)")
 
@@ -279,6 +286,16 @@ class RecoverConfig:
                                 f"use {names_text(secagg_names())}")
         if privacy.secagg and privacy.dp_clip is not None:
             raise LLMPruneError("--secagg and --dp-clip together are not supported", "choose one of them")
+        if self.training.rows_lr is not None and not self.training.train_rows:
+            raise LLMPruneError("--rows-lr needs --train-rows", "pass --train-rows, or drop --rows-lr")
+        if self.training.train_rows and (privacy.secagg or privacy.dp_clip is not None):
+            raise LLMPruneError("--train-rows cannot be used with --secagg or --dp-clip (a device's rows name the "
+                                "tokens its data holds; the masked sum and the clipped average carry no ids)",
+                                "drop --train-rows, or --secagg / --dp-clip")
+        if self.training.train_rows and self.lean_clients:
+            raise LLMPruneError("--train-rows needs devices that load the whole checkpoint (this run's devices load "
+                                "lean models: its policy, --client-dtype or --client-embedding)",
+                                "use --policy plan with the default --client-dtype and --client-embedding")
         self.policy_class.check_config(self)
 
     # -- the Flower run config: dotted keys of TOML scalars, one per leaf field ---------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from llmprune.memory import current_rss_mb, reset_peak_rss, window_peak_rss_mb
 
 from .messages import TrainInstruction
+from .rows import TrainableRows, set_rows, split_rows, token_counts
 from .task import train_lora
 
 Arrays = dict[str, np.ndarray]
@@ -86,11 +88,30 @@ def run_round(job: RoundJob, models: Any = None) -> RoundResult:
     gain: dict = {}
     options = train_options(job.instruction, job.dropout)
     loss_fn = _loss_fn(job, model, teacher, options["batch_size"])
-    trained, loss = train_lora(model, job.arrays, job.windows, **options, on_step=emulation.after_step, gain=gain,
-                               **({"loss_fn": loss_fn} if loss_fn is not None else {}))
+    arrays, rows = split_rows(job.arrays)
+    set_rows(model, rows)           # the rows changed so far (a kept model already has the older ones)
+    trainable = _trainable_rows(job, model, options)
+    with trainable or nullcontext():
+        trained, loss = train_lora(model, arrays, job.windows, **options, on_step=emulation.after_step, gain=gain,
+                                   extra_params=(trainable.delta,) if trainable else (),
+                                   extra_lr=job.instruction.rows_lr or None,
+                                   **({"loss_fn": loss_fn} if loss_fn is not None else {}))
+    if trainable is not None:
+        trained.update(trainable.reply())
     peak = window_peak_rss_mb()
     return RoundResult(trained, loss, {"peak-rss-mb": peak, "model-rss-mb": peak - before,
                                        "loss-first": gain["loss_first"], "loss-last": gain["loss_last"]})
+
+
+def _trainable_rows(job: RoundJob, model, options: dict) -> TrainableRows | None:
+    """With --train-rows, a delta on the rows of the tokens this round's batches hold."""
+    if not job.instruction.train_rows:
+        return None
+    from .task import batch_order
+
+    used = np.unique(np.concatenate(batch_order(job.windows.shape[0], options["steps"], options["batch_size"],
+                                                options["seed"])))
+    return TrainableRows(model, *token_counts(job.windows[torch.from_numpy(used)]))
 
 
 def _teacher(job: RoundJob, dtype: torch.dtype, models: Any = None):

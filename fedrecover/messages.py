@@ -68,6 +68,8 @@ class TrainInstruction:
     teacher: str | None = None                # distil from this model on the device (its memory admits it)
     distill_alpha: float = 0.0
     distill_temperature: float = 1.0
+    train_rows: bool = False                  # also train the embedding rows of its tokens (rows.py)
+    rows_lr: float = 0.0                      # their learning rate
     extra: dict = field(default_factory=dict)  # entries a wrapper adds (Flower's DP clipping norm)
 
     def to_config(self) -> dict:
@@ -82,6 +84,8 @@ class TrainInstruction:
         if self.teacher is not None:
             out.update({"teacher": self.teacher, "distill-alpha": self.distill_alpha,
                         "distill-temperature": self.distill_temperature})
+        if self.train_rows:
+            out.update({"train-rows": True, "rows-lr": self.rows_lr})
         return out
 
     @classmethod
@@ -90,7 +94,7 @@ class TrainInstruction:
         kind = config.get("device-model")
         known = {"server-round", "seed", "local-steps", "scale", "batch-size", "lr", "uniform-weights", "model-path",
                  "device-model", "device-model-spec", "client-dtype", "client-embedding", "teacher", "distill-alpha",
-                 "distill-temperature"}
+                 "distill-temperature", "train-rows", "rows-lr"}
         return cls(int(config["server-round"]), int(config["seed"]), int(config["local-steps"]),
                    float(config["scale"]), int(config["batch-size"]), float(config["lr"]),
                    bool(config.get("uniform-weights", False)),
@@ -98,7 +102,9 @@ class TrainInstruction:
                    DeviceModel.from_message(str(kind), str(config["device-model-spec"])) if kind else None,
                    str(config.get("client-dtype", "float32")), str(config.get("client-embedding", "same")),
                    str(config["teacher"]) if "teacher" in config else None, float(config.get("distill-alpha", 0.0)),
-                   float(config.get("distill-temperature", 1.0)), {k: v for k, v in config.items() if k not in known})
+                   float(config.get("distill-temperature", 1.0)), bool(config.get("train-rows", False)),
+                   float(config.get("rows-lr", 0.0)),
+                   {k: v for k, v in config.items() if k not in known})
 
     def to_message(self, node: int, arrays: Arrays) -> tuple[Message, int]:
         """The message to `node` and the bytes of the adapter it carries (what bytes_down counts)."""

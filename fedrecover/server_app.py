@@ -161,7 +161,7 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
         "server_seconds": round(time.perf_counter() - started, 2), "server_peak_rss_mb": round(peak_rss_mb(), 1),
     }
     write_recovered(run.model, run.tokenizer, state.arrays, cfg.scale, settings.out_dir, metrics,
-                    run.model_path or settings.model, overwrite=settings.overwrite)
+                    run.model_path or settings.model, overwrite=settings.overwrite, rows=state.rows)
     context.state["metrics"] = ConfigRecord({"json": json.dumps(metrics, default=str)})
 
 
@@ -234,12 +234,16 @@ def check_some_round_applied(rows: list[dict], timeout: float | None, state_path
                         f"or lower min-clients; the rounds are in '{state_path}' (start over with --overwrite)")
 
 
-def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: dict, source: str, overwrite: bool) -> None:
-    """Fold the adapter into the weights and write a checkpoint like compress's, with metrics.json."""
+def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: dict, source: str, overwrite: bool,
+                    rows: dict | None = None) -> None:
+    """Fold the adapter (and the trained embedding rows) into the weights and write a checkpoint
+    like compress's, with metrics.json."""
     from llmprune.checkpoint import REPORT_FILE, carried_files, save_pruned
 
     from .lora import merge_lora
+    from .rows import set_rows
 
+    set_rows(model, rows)
     merge_lora(model, arrays, scale)
     report_path = Path(source) / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}

@@ -30,6 +30,7 @@ class RoundState:
     rounds: list[dict]
     initial_eval_perplexity: float | None = None
     policy: dict | None = None          # the assignment policy's state after `round` (resume continues it)
+    rows: dict[str, np.ndarray] | None = None   # --train-rows: the embedding rows changed so far (rows.py)
 
 
 def _identity(cfg: RecoverConfig, model: str) -> dict:
@@ -70,7 +71,8 @@ def save_state(folder: Path, state: RoundState, cfg: RecoverConfig, *, model: st
     # the policy's state after this round rides with the round's adapter, so each round file is a
     # complete resume point (state.json keeps the latest too)
     policy = json.dumps(state.policy or {}, default=str)
-    _write_atomic(folder / f"round-{state.round:03d}.safetensors", save(state.arrays, metadata={POLICY_KEY: policy}))
+    tensors = {**state.arrays, **(state.rows or {})}
+    _write_atomic(folder / f"round-{state.round:03d}.safetensors", save(tensors, metadata={POLICY_KEY: policy}))
     meta = {"round": state.round, "rounds": state.rounds, "initial_eval_perplexity": state.initial_eval_perplexity,
             "policy": state.policy or {}, "settings": _identity(cfg, model)}
     _write_atomic(folder / STATE_FILE, json.dumps(meta, indent=2, default=str).encode())
@@ -104,11 +106,12 @@ def load_state(folder: Path, cfg: RecoverConfig, *, model: str = "", expected: d
         raise LLMPruneError(f"the saved run already did {meta['round']} rounds, more than --rounds "
                             f"{cfg.training.rounds}",
                             "pass a larger --rounds")
-    arrays, round_policy = _load_round(folder, meta["round"], expected, fix)
+    arrays, round_policy, rows = _load_round(folder, meta["round"], expected, fix)
     policy = round_policy if round_policy is not None else (meta.get("policy") or {})
     if not isinstance(policy, dict):
         raise LLMPruneError(f"round checkpoint in '{folder}' is unreadable ({STATE_FILE} has a bad 'policy')", fix)
-    return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"), policy)
+    return RoundState(int(meta["round"]), arrays, list(meta["rounds"]), meta.get("initial_eval_perplexity"), policy,
+                      rows or None)
 
 
 def check_policy_state(policy, state: RoundState, model, folder: Path) -> None:
@@ -146,9 +149,12 @@ def _bad_meta(meta) -> str | None:
 
 
 def _load_round(folder: Path, round_: int, expected: dict[str, np.ndarray] | None,
-                fix: str) -> tuple[dict[str, np.ndarray], dict | None]:
-    """The round's adapter and the policy state saved with it (None in a file of an older version)."""
+                fix: str) -> tuple[dict[str, np.ndarray], dict | None, dict[str, np.ndarray]]:
+    """The round's adapter, the policy state saved with it (None in a file of an older version) and
+    the embedding rows changed so far (--train-rows; empty without)."""
     from safetensors import safe_open
+
+    from .rows import GLOBAL_KEYS, split_rows
 
     name = f"round-{round_:03d}.safetensors"
     try:
@@ -159,6 +165,10 @@ def _load_round(folder: Path, round_: int, expected: dict[str, np.ndarray] | Non
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for truncated files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise LLMPruneError(f"round checkpoint '{folder / name}' is unreadable ({reason})", fix) from None
+    arrays, rows = split_rows(arrays)
+    if rows and (set(rows) != set(GLOBAL_KEYS) or rows["rows.ids"].ndim != 1 or rows["rows.values"].ndim != 2
+                 or len(rows["rows.ids"]) != len(rows["rows.values"])):
+        raise LLMPruneError(f"round checkpoint '{folder / name}' holds damaged embedding rows", fix)
     bad = [k for k, v in arrays.items() if v.ndim != 2 or v.dtype != np.float32 or not k.endswith((".A", ".B"))]
     if expected is not None:
         bad += sorted(set(arrays) ^ set(expected))
@@ -167,4 +177,4 @@ def _load_round(folder: Path, round_: int, expected: dict[str, np.ndarray] | Non
     if bad:
         raise LLMPruneError(f"round checkpoint '{folder / name}' does not hold this run's LoRA adapter "
                             f"({len(bad)} unexpected or missing tensors, e.g. '{bad[0]}')", fix)
-    return arrays, policy
+    return arrays, policy, rows

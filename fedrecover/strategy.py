@@ -29,6 +29,7 @@ from .messages import TrainInstruction
 from .planning import FleetPlan, plan_fleet
 from .policies import RoundOutcome
 from .privacy import CentralDP
+from .rows import merge_rows, rows_applied, split_rows
 from .state import RoundState
 from .submodels import Submodel
 from .transport import Collected
@@ -63,15 +64,16 @@ class RunContext:
         self.plan = plan_fleet(self.model, self.cfg, self.nodes, policy)
         self.shapes = module_shapes(self.model, self.cfg.training.target_modules)
 
-    def evaluate(self, arrays: Arrays) -> float | None:
-        """Perplexity of the server's model with `arrays` applied, on its evaluation windows."""
+    def evaluate(self, arrays: Arrays, rows: Arrays | None = None) -> float | None:
+        """Perplexity of the server's model with `arrays` (and the embedding `rows`) applied, on its
+        evaluation windows."""
         from llmprune.evaluate import perplexity
 
         from .lora import lora_applied
 
         if self.windows is None:
             return None
-        with lora_applied(self.model, arrays, self.cfg.scale):
+        with rows_applied(self.model, rows), lora_applied(self.model, arrays, self.cfg.scale):
             return round(perplexity(self.model, self.windows, progress=False).perplexity, 4)
 
 
@@ -111,17 +113,19 @@ class LoraStrategy:
             collected = Collected([]) if not sent.messages else self.transport.exchange(   # all sampled devices rest
                 server_round, sent.messages, run.plan.partitions, state.arrays, run.plan.rank, needed)
             new, loss = self.aggregate(server_round, collected, needed, state.arrays)
+            rows = self.merge_rows(collected) if new is not None else state.rows
             if new is not None and run.distillation is not None and run.distillation.server is not None:
-                new, distilled = run.distillation.server.refine(run.model, new, run.cfg.scale, server_round)
+                with rows_applied(run.model, rows):
+                    new, distilled = run.distillation.server.refine(run.model, new, run.cfg.scale, server_round)
                 notes.update(distilled)
             if new is not None:
-                state.arrays = new
+                state.arrays, state.rows = new, rows
             else:
                 log.warning("round %d: %d of %d clients returned, %d needed: the global adapter is unchanged",
                             server_round, len(collected.replies), len(sent.messages), needed)
             policy.observe(server_round, RoundOutcome(collected.replies, collected.failures))
             eval_started = time.perf_counter()
-            perplexity = run.evaluate(policy.eval_view(server_round, state.arrays))
+            perplexity = run.evaluate(policy.eval_view(server_round, state.arrays), state.rows)
             row = self.round_row(server_round, sent, collected, new is not None, loss, perplexity,
                                  time.perf_counter() - eval_started)
             row.update(seconds=round(time.perf_counter() - started, 2), **notes)
@@ -151,6 +155,8 @@ class LoraStrategy:
             pid = run.plan.partitions[node]
             view = self.aggregation.client_view(run.state.arrays, assignment.modules(run.shapes), assignment.rank,
                                                 run.plan.init)
+            if run.cfg.training.train_rows:     # the rows changed so far, which the device's table lacks
+                view = {**view, **(run.state.rows or {})}
             instruction = self.instruction(server_round, pid, assignment)
             msg, sent.bytes_down[pid] = instruction.to_message(node, view)
             sent.messages.append(msg)
@@ -173,7 +179,8 @@ class LoraStrategy:
             local_steps=max(1, round(cfg.training.local_steps * speed)), scale=cfg.scale,
             batch_size=cfg.training.batch_size, lr=cfg.training.lr, uniform_weights=self.dp is not None,
             model_path=run.model_path, device_model=device_model, client_dtype=cfg.fleet.client_dtype,
-            client_embedding=cfg.fleet.client_embedding, teacher=teacher,
+            client_embedding=cfg.fleet.client_embedding, teacher=teacher, train_rows=cfg.training.train_rows,
+            rows_lr=cfg.training.rows_lr or cfg.training.lr / 30,
             distill_alpha=distil.alpha if teacher else 0.0, distill_temperature=distil.temperature if teacher else 1.0,
             extra=self.dp.instruction_extra() if self.dp else {})
 
@@ -188,12 +195,21 @@ class LoraStrategy:
             return (collected.average, loss) if collected.average is not None else (None, None)
         if len(replies) < needed or not replies:
             return None, None
-        updates = [ClientUpdate(r.arrays, float(r.num_examples), str(r.partition_id)) for r in replies]
+        updates = [ClientUpdate(split_rows(r.arrays)[0], float(r.num_examples), str(r.partition_id)) for r in replies]
         new = self.aggregation.aggregate(updates, previous, self.run.plan.rank)
         if self.dp is not None:
             new = self.dp.release(server_round, new, any_failed=any(
                 why != "timeout" for why in collected.failures.values()))
         return (new, loss) if new is not None else (None, None)
+
+    def merge_rows(self, collected: Collected) -> Arrays | None:
+        """--train-rows: the global embedding rows after this round's replies (rows.merge_rows),
+        in partition order so that the float sums are reproducible."""
+        run = self.run
+        if not run.cfg.training.train_rows:
+            return run.state.rows
+        updates = [split_rows(r.arrays)[1] for r in sorted(collected.replies, key=lambda r: r.partition_id)]
+        return merge_rows(run.model.get_input_embeddings().weight, run.state.rows or {}, [u for u in updates if u])
 
     def round_row(self, server_round: int, sent: Sent, collected: Collected, applied: bool, loss: float | None,
                   perplexity: float | None, eval_seconds: float) -> dict:
@@ -205,7 +221,9 @@ class LoraStrategy:
                 "client_seconds": [round(r.seconds, 2) for r in replies],
                 "client_peak_rss_mb": [round(r.peak_rss_mb, 1) for r in replies],
                 "clients": [self.client_row(r, sent) for r in sorted(replies, key=lambda r: r.partition_id)],
-                "failures": [self.failure_row(pid, why, sent) for pid, why in sorted(collected.failures.items())]}
+                "failures": [self.failure_row(pid, why, sent) for pid, why in sorted(collected.failures.items())],
+                **({"rows_changed": len(self.run.state.rows["rows.ids"]) if self.run.state.rows else 0}
+                   if self.run.cfg.training.train_rows else {})}
 
     def client_row(self, reply, sent: Sent) -> dict:
         """One device's line of the round in metrics.json: what it trained, what it was expected to
@@ -218,6 +236,7 @@ class LoraStrategy:
                "model_rss_mb": round(reply.model_rss_mb, 1) if reply.model_rss_mb is not None else None,
                "train_loss": round(reply.train_loss, 4), "seconds": round(reply.seconds, 2),
                "bytes_down": sent.bytes_down.get(pid), "bytes_up": reply.bytes_up,
+               **({"rows": len(reply.arrays["rows.ids"])} if reply.arrays and "rows.ids" in reply.arrays else {}),
                **{k: round(v, 4) for k, v in (("loss_first", reply.loss_first), ("loss_last", reply.loss_last))
                   if v is not None}}
         if self.run.distillation is not None:

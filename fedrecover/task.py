@@ -51,18 +51,21 @@ def batch_order(num_windows: int, steps: int, batch_size: int, seed: int) -> lis
 
 def train_lora(model, arrays: dict[str, np.ndarray], windows: torch.Tensor, *, scale: float, steps: int,
                batch_size: int, lr: float, seed: int, dropout: float = 0.0, max_grad_norm: float = 1.0,
-               loss_fn=chunked_lm_loss, on_step=None, gain: dict | None = None) -> tuple[dict[str, np.ndarray], float]:
+               loss_fn=chunked_lm_loss, on_step=None, gain: dict | None = None,
+               extra_params: tuple = (), extra_lr: float | None = None) -> tuple[dict[str, np.ndarray], float]:
     """`steps` AdamW steps of peft LoRA (started from `arrays`) on `windows`; returns the trained
     adapter and the mean training loss. The base model is left as it was. `loss_fn(model, ids)`:
     the training loss (lean clients slice the vocabulary instead of the positions).
     `on_step(step, seconds)` runs after each step (a device's memory check, emulated slowness).
     `gain`, when given, receives loss_first / loss_last: the first batch's loss before and after
-    the round's training (one extra forward), what this round's training bought on fixed data."""
+    the round's training (one extra forward), what this round's training bought on fixed data.
+    `extra_params` train beside the adapter (e.g. embedding rows, rows.py), at `extra_lr` (default `lr`)."""
     torch.manual_seed(seed)
     peft_model = attach_lora(model, arrays, scale, dropout)
     peft_model.train()
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    adapter = [p for p in peft_model.parameters() if p.requires_grad]
+    groups = [{"params": adapter}] + ([{"params": list(extra_params), "lr": extra_lr or lr}] if extra_params else [])
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0)
     losses = []
     batches = batch_order(windows.shape[0], steps, batch_size, seed)
     try:
@@ -70,7 +73,9 @@ def train_lora(model, arrays: dict[str, np.ndarray], windows: torch.Tensor, *, s
             started = time.perf_counter()
             loss = loss_fn(peft_model.get_base_model(), windows[torch.from_numpy(idx)])
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(adapter, max_grad_norm)
+            if extra_params:      # clipped apart: a large row gradient must not shrink the adapter's step
+                torch.nn.utils.clip_grad_norm_(list(extra_params), max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
