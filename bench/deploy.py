@@ -184,7 +184,7 @@ def _compress_args(name: str, vocab_sizes: dict[str, int]) -> list[str]:
     return args
 
 
-def _vocab_data(work: Path) -> Path:
+def vocab_data_folder(work: Path) -> Path:
     """A folder of links to the vocabulary-ranking texts (tutorial.txt, which is evaluated, is not one)."""
     folder = work / "vocab-data"
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,7 +241,7 @@ def main() -> int:
     calib = ["--calib", str(SHARED / "wikitext2/wiki.valid.tokens")]
     if args.smoke:
         calib += ["--calib-samples", "4", "--calib-seq-len", "64"]
-    vocab_data = _vocab_data(work)
+    vocab_data = vocab_data_folder(work)
     texts = _texts()
 
     results = load_results(results_path) if (args.resume or only) else {}  # --only re-measures in place

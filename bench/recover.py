@@ -40,8 +40,6 @@ WIKI_SKIP = 200_000
 # The trimmed-vocabulary arms (--vocab): the dense model cut to K ids (compress --ratio 0 --vocab K, ranked
 # on bench/deploy.py's vocabulary text: WikiText-2 valid and Python docs howto/faq/library/reference, never
 # the evaluated tutorial), recovered by the same fleet with plain LoRA and with --train-rows.
-VOCAB_DATA = ("wikitext2/wiki.valid.tokens", "pydocs/howto.txt", "pydocs/faq.txt", "pydocs/library.txt",
-              "pydocs/reference.txt")
 
 
 def server_text(kind: str, work: Path) -> Path:
@@ -84,13 +82,10 @@ def vocab_checkpoint(args, size: int, work: Path) -> Path:
     """The dense model with its vocabulary cut to `size` ids (no decoder pruning)."""
     out = work / f"vocab-{size // 1000}k"
     if not (out / "config.json").is_file():
-        folder = work / "vocab-data"
-        folder.mkdir(parents=True, exist_ok=True)
-        for rel in VOCAB_DATA:
-            link = folder / Path(rel).name
-            if not link.exists():
-                link.symlink_to(SHARED / rel)
-        run_json(["compress", "--model", args.model, "--ratio", "0", "--vocab", str(size), "--vocab-data", str(folder),
+        from deploy import vocab_data_folder
+
+        run_json(["compress", "--model", args.model, "--ratio", "0", "--vocab", str(size),
+                  "--vocab-data", str(vocab_data_folder(work)),
                   "--calib", str(SHARED / "wikitext2/wiki.valid.tokens"), "--seed", "0", "--out", str(out),
                   "--overwrite"], work / f"compress-vocab-{size // 1000}k.log")
     return out

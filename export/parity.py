@@ -76,7 +76,6 @@ class TorchReference:
     greedy: list[GreedyReference]
     max_new_tokens: int
     eos: object
-    windows: torch.Tensor
     perplexity: float
     bits_per_byte: float | None
 
@@ -85,7 +84,7 @@ class TorchReference:
               windows: torch.Tensor, tokenizer=None) -> "TorchReference":
         ppl = torch_perplexity(model, windows, progress=False, tokenizer=tokenizer)
         return cls(ids, torch_logits(model, ids), [torch_greedy(model, p, max_new_tokens, eos) for p in prompts],
-                   max_new_tokens, eos, windows, ppl.perplexity, ppl.bits_per_byte)
+                   max_new_tokens, eos, ppl.perplexity, ppl.bits_per_byte)
 
 
 def logit_parity(reference: TorchReference, session: OnnxCausalLM) -> dict:

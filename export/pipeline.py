@@ -202,10 +202,13 @@ class _ParityInputs:
     made of them, of a fixed id sequence (logits) and of prompts (greedy generation).
     `tokenizer` cut the windows from text (None: random ids), for bits per byte."""
 
-    ids: torch.Tensor
     windows: torch.Tensor
     reference: TorchReference
     tokenizer: object = None
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.reference.ids
 
     @classmethod
     def build(cls, model, tokenizer, eval_texts, config: ExportConfig) -> "_ParityInputs":
@@ -218,7 +221,7 @@ class _ParityInputs:
             prompts = [row.tolist() for row in fixed_inputs(mc.vocab_size, 8, bos, seed=99)] + [ids[0, :5].tolist()]
         windows = _eval_windows(tokenizer, eval_texts, config, mc.vocab_size, bos)
         reference = TorchReference.build(model, ids, prompts, config.parity_tokens, _eos(model), windows, tokenizer)
-        return cls(ids, windows, reference, tokenizer)
+        return cls(windows, reference, tokenizer)
 
 
 def _check_fp32(fp32: OnnxCausalLM, checks: _ParityInputs, config: ExportConfig) -> dict:

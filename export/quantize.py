@@ -207,7 +207,7 @@ def quantize_nodes(proto, arrays: dict, bits: int, block_size: int, symmetric: b
             add_initializer(proto.graph, arrays, header.name, data, header)
         readers[weight] -= 1
         if not readers[weight]:
-            arrays[weight] = np.empty(0, np.float32)   # unmapped now; its header goes with _replace_nodes
+            del arrays[weight]        # unmapped now; its header goes with _replace_nodes
         count += 1
     if count:
         _replace_nodes(proto, arrays, nodes)

@@ -295,9 +295,7 @@ def read_model(path: Path):
         tensor = onnx.TensorProto()
         tensor.ParseFromString(header)
         arrays[tensor.name] = _tensor_data(tensor, raw, path)
-        for name in _TYPED_FIELDS + ("external_data", "data_location"):
-            tensor.ClearField(name)
-        proto.graph.initializer.append(tensor)
+        proto.graph.initializer.append(_header(tensor))
     return proto, arrays
 
 
@@ -350,15 +348,21 @@ def tensor_parts(tensor) -> tuple[object, np.ndarray]:
     data (packed 4-bit types: the raw bytes), for `add_initializer`."""
     from onnx import numpy_helper
 
-    header = type(tensor)()
-    header.CopyFrom(tensor)
-    for name in _TYPED_FIELDS + ("raw_data", "external_data", "data_location"):
-        header.ClearField(name)
+    header = _header(tensor)
     if tensor.data_type in _PACKED_TYPES:
         data = np.frombuffer(tensor.raw_data, np.uint8) if tensor.HasField("raw_data") else _pack4(numpy_helper.to_array(tensor))
     else:
         data = numpy_helper.to_array(tensor)
     return header, data
+
+
+def _header(tensor):
+    """A copy of the TensorProto without its data: name, type, shape (what `arrays` goes with)."""
+    header = type(tensor)()
+    header.CopyFrom(tensor)
+    for name in _TYPED_FIELDS + ("raw_data", "external_data", "data_location"):
+        header.ClearField(name)
+    return header
 
 
 def _pack4(values: np.ndarray) -> np.ndarray:
