@@ -21,11 +21,23 @@ from .config import METHODS, SELF_CALIB_DEFAULTS, CompressConfig
 from .methods import PruningMethod, get_method, register_method
 from .plan import candidate_plans, cut_config, resolve_plan
 from .pruner import CompressResult, InMemorySource, compress_model, prune_with
+from .vocab import (
+    MIN_DATA_TOKENS,
+    VocabularySelection,
+    rebuild_tokenizer,
+    select_from_counts,
+    select_vocabulary,
+    slice_vocabulary,
+    smallest_vocabulary,
+)
+from .vocab_step import cut_vocabulary
 
 __all__ = [
-    "METHODS", "SELF_CALIB_DEFAULTS", "Calibration", "CompressConfig", "CompressResult", "Plan", "PruningMethod",
-    "calibrate", "candidate_plans", "check_positions", "compress", "compress_model", "get_method", "prune",
-    "register_method", "resolve_plan", "save_pruned",
+    "METHODS", "MIN_DATA_TOKENS", "SELF_CALIB_DEFAULTS", "Calibration", "CompressConfig", "CompressResult", "Plan",
+    "PruningMethod", "VocabularySelection", "calibrate", "candidate_plans", "check_positions", "compress",
+    "compress_model", "cut_vocabulary", "get_method", "prune", "rebuild_tokenizer", "register_method",
+    "resolve_plan", "save_pruned", "select_from_counts", "select_vocabulary", "slice_vocabulary",
+    "smallest_vocabulary",
 ]
 
 Model = nn.Module | str | os.PathLike | None

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from llmprune.artifact import PRECISIONS
 from llmprune.errors import LLMPruneError
-from llmprune.options import option, positive_float
+from llmprune.options import option, positive_float, vocab_size
 
 from .methods import METHODS, PruningMethod, get_method, method_names
 
@@ -22,21 +22,6 @@ ALLOCATIONS = ("uniform", "error")
 SELF_CALIB_DEFAULTS = {"calib_samples": 16, "calib_seq_len": 256}
 DATA_CALIB_DEFAULTS = {"calib_samples": 32, "calib_seq_len": 512}
 BUDGET_SCOPES = ("decoder", "total")
-
-
-def vocab_size(text: str) -> int | float:
-    """--vocab: a whole number is a token count K, anything else a coverage fraction ("1" keeps
-    one id; "1.0" keeps every id the data uses)."""
-    import argparse
-
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is neither a token count nor a fraction") from None
 
 
 @dataclass

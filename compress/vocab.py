@@ -307,11 +307,19 @@ def _piece_text(piece: str | None, kind: str) -> str | None:
     return piece.replace(SPM_SPACE, " ")
 
 
-def _in_alphabet(index: _Index, texts: list[str]) -> np.ndarray:
-    """Per id: whether every character its piece stands for occurs in the texts."""
-    alphabet = set("".join(texts)) | {" "}
+def _in_alphabet(index: _Index, alphabet: set[str]) -> np.ndarray:
+    """Per id: whether every character its piece stands for is in `alphabet` (the data's)."""
+    alphabet = set(alphabet) | {" "}
     texts_of = (_piece_text(p, index.kind) for p in index.pieces)
     return np.array([t is not None and all(ch in alphabet for ch in t) for t in texts_of], dtype=bool)
+
+
+def counted_alphabet(tokenizer, counts: np.ndarray) -> set[str]:
+    """The characters of the pieces `counts` saw: the data's alphabet when only its token counts
+    are known (a fleet's, which sends no text)."""
+    index = _build_index(tokenizer_json(tokenizer))
+    seen = np.flatnonzero(np.asarray(counts)[: index.size] > 0)
+    return {ch for i in seen for ch in (_piece_text(index.pieces[i], index.kind) or "")}
 
 
 def _order(index: _Index, counts: np.ndarray, in_alphabet: np.ndarray | None = None) -> np.ndarray:
@@ -342,21 +350,42 @@ def _grow(index: _Index, kept: set[int], order: np.ndarray, k: int) -> None:
             kept |= new
 
 
+def smallest_vocabulary(tokenizer) -> int:
+    """The fewest ids any pruned vocabulary of this tokenizer keeps (forced ids and their closure);
+    a tokenizer vocabulary pruning does not support is refused here."""
+    index = _build_index(tokenizer_json(tokenizer))
+    return len(_close(index, index.forced))
+
+
 def select_vocabulary(tokenizer, texts: list[str], size: int | float) -> VocabularySelection:
     """The ids to keep: `size` = K keeps exactly K ids (forced ones and their closure, then the
     data's most frequent ids, then unseen ids by merge rank); `size` = FRACTION keeps the fewest
     most frequent ids covering that share of the data's tokens, plus forced ids and closures."""
     tok_json = tokenizer_json(tokenizer)
+    tokenizer_kind(tok_json)               # an unsupported tokenizer is refused before its text is read
+    counts = token_counts(tokenizer, texts, vocabulary_size(tok_json))
+    return select_from_counts(tokenizer, counts, size, set("".join(texts)))
+
+
+def select_from_counts(tokenizer, counts: np.ndarray, size: int | float,
+                       alphabet: set[str] | None = None) -> VocabularySelection:
+    """`select_vocabulary` from the data's token counts (one per original id) instead of its text:
+    what a server has when devices send counts only. `alphabet` (the data's characters) orders the
+    ids the counts never saw; without it, the characters of the pieces they did see."""
+    tok_json = tokenizer_json(tokenizer)
     index = _build_index(tok_json)
     n_ids = sum(p is not None for p in index.pieces)
     _check_size(size, n_ids)
-    counts = token_counts(tokenizer, texts, index.size)[: index.size]
+    counts = np.zeros(index.size, np.int64) if len(counts) == 0 else np.asarray(counts, np.int64)
+    counts = np.pad(counts, (0, max(index.size - len(counts), 0)))[: index.size]
     total = int(counts.sum())
     if total < MIN_DATA_TOKENS:
         raise LLMPruneError(f"the text ranking the vocabulary (--vocab-data, else --calib) has only {total} tokens, "
                             f"too few to rank tokens (at least {MIN_DATA_TOKENS})",
                             "pass more --vocab-data or --calib text, or --of decoder to leave the vocabulary alone")
-    order = _order(index, counts, _in_alphabet(index, texts))
+    if alphabet is None:
+        alphabet = counted_alphabet(tokenizer, counts)
+    order = _order(index, counts, _in_alphabet(index, alphabet))
     if isinstance(size, numbers.Integral):
         kept = _close(index, index.forced)
         if len(kept) > size:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
@@ -28,9 +29,19 @@ from . import policies  # noqa: F401  (the policies register their device-model 
 from .config import RecoverConfig, RunSettings, parse_run_config
 from .device import DeviceEmulation, ModelCache, RoundJob, run_round
 from .faults import inject
-from .messages import CONFIG, Identity, TrainInstruction, TrainReply
+from .messages import (
+    CONFIG,
+    CountQuery,
+    Coverage,
+    CoverageQuery,
+    Identity,
+    TokenCounts,
+    TrainInstruction,
+    TrainReply,
+    query_kind,
+)
 from .partition import ClientData
-from .secagg import is_legacy_fit, secagg_train
+from .secagg import fit_config, is_legacy_fit, secagg_counts, secagg_train
 
 
 class DeviceRuntime:
@@ -79,8 +90,25 @@ class DeviceRuntime:
     def config(self, context: Context) -> tuple[RecoverConfig, RunSettings]:
         return parse_run_config({**dict(context.run_config), **self.overrides}, device=True)
 
-    def windows(self, cfg: RecoverConfig, settings: RunSettings, context: Context) -> tuple[torch.Tensor, int]:
-        """This client's training windows and its partition id."""
+    def windows(self, cfg: RecoverConfig, settings: RunSettings, context: Context,
+                kept_ids: np.ndarray | None = None) -> tuple[torch.Tensor, int]:
+        """This client's training windows and its partition id; with `kept_ids` (a fleet-chosen
+        vocabulary) its text re-read by the trimmed tokenizer."""
+        windows, pid = self._windows(cfg, settings, context)
+        if kept_ids is None:
+            return windows, pid
+        import hashlib
+
+        import llmprune
+
+        from .fleet_vocab import retokenize
+
+        path = model_path(settings, context)
+        tokenizer = self._once(("tokenizer", path), lambda: llmprune.load_tokenizer(path))
+        key = ("vocab", pid, path, hashlib.sha256(kept_ids.tobytes()).hexdigest())
+        return self._once(key, lambda: retokenize(windows, tokenizer, kept_ids, cfg.data.seq_len, None)), pid
+
+    def _windows(self, cfg: RecoverConfig, settings: RunSettings, context: Context) -> tuple[torch.Tensor, int]:
         import llmprune
 
         node = context.node_config
@@ -97,6 +125,25 @@ class DeviceRuntime:
                                 "match --clients to the SuperNodes")
         return data.client_windows(pid), pid
 
+    def counts(self, context: Context, query: CountQuery) -> TokenCounts:
+        """Its token counts for a fleet-chosen vocabulary (with its share of the noise when asked)."""
+        from .fleet_vocab import device_counts, released_counts
+
+        cfg, settings = self.config(context)
+        windows, pid = self.windows(cfg, settings, context)
+        counts = device_counts(windows, query.seq_len, query.size)
+        return TokenCounts(pid, released_counts(counts, query.epsilon, query.seq_len, query.devices))
+
+    def coverage(self, context: Context, query: CoverageQuery) -> Coverage:
+        """How much of its data the fleet's kept ids hold; re-tokenizes its text for the rounds."""
+        from .fleet_vocab import coverage
+
+        cfg, settings = self.config(context)
+        windows, pid = self.windows(cfg, settings, context)
+        kept = query.kept_ids
+        after = self.windows(cfg, settings, context, kept)[0]
+        return Coverage(pid, coverage(windows, query.seq_len, kept), int(windows.shape[0]), int(after.shape[0]))
+
     def emulation(self, cfg: RecoverConfig, pid: int, device: str | None, simulation: bool) -> DeviceEmulation:
         """This client's device as its fleet entry describes it; a real device is what it is."""
         from .fleet import load_fleet
@@ -109,7 +156,7 @@ class DeviceRuntime:
 
     def train(self, context: Context, instruction: TrainInstruction, arrays: dict) -> TrainReply:
         cfg, settings = self.config(context)
-        windows, pid = self.windows(cfg, settings, context)
+        windows, pid = self.windows(cfg, settings, context, instruction.kept_ids)
         inject(cfg.inject_faults, pid, instruction.server_round)
         simulation = bool(settings.data_cache)
         start = time.perf_counter()
@@ -153,6 +200,10 @@ def _secagg_if_asked(msg: Message, context: Context, call_next):
     return call_next(msg, context)
 
 
+def _counted(counts: TokenCounts) -> tuple[int, np.ndarray]:
+    return counts.partition_id, counts.counts
+
+
 def failed_reply(msg: Message, exc: BaseException) -> Message:
     """The reply of a round that failed in a way a device can (out of memory, a setting it cannot
     honour): the cause in one line for the server, instead of Flower logging the traceback on both
@@ -171,6 +222,11 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
     @app.query()
     def query(msg: Message, context: Context) -> Message:
         device = DeviceRuntime.of(overrides)
+        kind = query_kind(msg)
+        if kind == "token-counts":
+            return device.counts(context, CountQuery.from_config(msg.content[CONFIG])).reply_to(msg)
+        if kind == "vocab-coverage":
+            return device.coverage(context, CoverageQuery.from_config(msg.content[CONFIG])).reply_to(msg)
         cfg, settings = device.config(context)
         windows, pid = device.windows(cfg, settings, context)
         if settings.data_cache:          # a simulation: its rounds run in processes of their own
@@ -181,6 +237,8 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         device = DeviceRuntime.of(overrides)
+        if is_legacy_fit(msg) and fit_config(msg).get("what") == "token-counts":   # SecAgg+ counting
+            return secagg_counts(msg, lambda config: _counted(device.counts(context, CountQuery.from_config(config))))
         if is_legacy_fit(msg):  # a SecAgg+ round: the legacy fit protocol, masked by the mod
             return secagg_train(msg, lambda instruction, arrays: device.train(context, instruction, arrays))
         instruction, arrays = TrainInstruction.from_message(msg)

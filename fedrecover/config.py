@@ -26,6 +26,7 @@ from llmprune.options import (
     option,
     positive_float,
     positive_int,
+    vocab_size,
 )
 
 from .aggregations import AGGREGATIONS, get_aggregation
@@ -37,7 +38,7 @@ from .policies import POLICIES, PolicyConfig, get_policy, policy_of
 FLEET_ROUND_TIMEOUT = 600.0   # seconds: a real fleet's default straggler timeout (simulation: none)
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 __all__ = ["AGGREGATIONS", "SECTIONS", "TARGET_MODULES", "DataConfig", "DistillConfig", "FleetConfig", "PrivacyConfig",
-           "RecoverConfig", "RunSettings", "TrainingConfig", "parse_run_config"]
+           "RecoverConfig", "RunSettings", "TrainingConfig", "VocabConfig", "parse_run_config"]
 
 
 def _aggregation(text: str) -> str:
@@ -223,9 +224,34 @@ class DistillConfig:
         return self.teacher is not None and self.where in ("device", "both")
 
 
+@dataclass
+class VocabConfig:
+    """A vocabulary the fleet chooses: devices count token ids on their own data, the server trims
+    the model to the ids the fleet uses most (compress's vocabulary step), recovery runs on it."""
+
+    size: int | float | None = option(None, flag="--vocab", parse=vocab_size, metavar="K|FRACTION",
+                                      default_text="the checkpoint's vocabulary",
+                                      help="before round 1, trim the vocabulary to K token ids (a whole number) or to "
+                                           "the fewest ids covering this share of the fleet's tokens, ranked by the "
+                                           "devices' token counts (sent only as counts; summed under --secagg)")
+    epsilon: float | None = option(None, flag="--vocab-epsilon", parse=positive_float, default_text="no noise",
+                                   help="differential privacy of the counts: each device adds its share of Laplace "
+                                        "noise so the summed counts are epsilon-DP per window of --seq-len tokens")
+
+    def __post_init__(self) -> None:
+        coerce_fields(self)
+        if self.epsilon is not None and self.size is None:
+            raise LLMPruneError("--vocab-epsilon needs --vocab", "pass --vocab K, or drop --vocab-epsilon")
+        if isinstance(self.size, float) and not 0.0 < self.size <= 1.0:
+            raise LLMPruneError(f"--vocab fraction {self.size} is outside (0, 1]",
+                                "pass a fraction such as 0.99, or a token count such as 32000")
+        if isinstance(self.size, int) and self.size < 1:
+            raise LLMPruneError(f"--vocab {self.size} keeps no ids", "pass a token count such as 32000")
+
+
 # section attribute of RecoverConfig -> its class: the order of --help's groups and of the run config
 SECTIONS: dict[str, type] = {"data": DataConfig, "training": TrainingConfig, "fleet": FleetConfig,
-                             "privacy": PrivacyConfig, "distill": DistillConfig}
+                             "privacy": PrivacyConfig, "distill": DistillConfig, "vocab": VocabConfig}
 
 
 def _default_policy() -> PolicyConfig:
@@ -243,6 +269,7 @@ class RecoverConfig:
     fleet: FleetConfig = field(default_factory=FleetConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    vocab: VocabConfig = field(default_factory=VocabConfig)
     policy: PolicyConfig = field(default_factory=_default_policy)
     seed: int = option(0, parse=non_negative_int, help="seed for sampling, partitions, LoRA init and training (0 or more)")
     inject_faults: tuple[Fault, ...] = option((), parse=parse_faults, cli=False, resume="free",
@@ -296,7 +323,25 @@ class RecoverConfig:
             raise LLMPruneError("--train-rows needs devices that load the whole checkpoint (this run's devices load "
                                 "lean models: its policy, --client-dtype or --client-embedding)",
                                 "use --policy plan with the default --client-dtype and --client-embedding")
+        self._check_vocabulary()
         self.policy_class.check_config(self)
+
+    def _check_vocabulary(self) -> None:
+        """A fleet-chosen vocabulary trims the model every device loads: it needs devices that load the
+        whole checkpoint, one checkpoint for the run, and a teacher lined up with the untrimmed ids."""
+        if self.vocab.size is None:
+            return
+        if self.lean_clients:
+            raise LLMPruneError("--vocab needs devices that load the whole checkpoint (this run's devices load lean "
+                                "models: its policy, --client-dtype or --client-embedding)",
+                                "trim the vocabulary with `llmprune compress --vocab` first, then recover that")
+        if not self.policy_class.fleet_vocabulary:
+            raise LLMPruneError(f"--vocab cannot be used with --policy {self.policy.name} (it changes the model "
+                                "between rounds)", "trim with `llmprune compress --vocab` first, then recover that")
+        if self.distill.teacher is not None:
+            raise LLMPruneError("--vocab and --teacher together are not supported (the teacher's vocabulary map is "
+                                "read from the checkpoint, which the fleet's choice would change)",
+                                "trim with `llmprune compress --vocab` first, then recover that with --teacher")
 
     # -- the Flower run config: dotted keys of TOML scalars, one per leaf field ---------------------
     def to_run_config(self) -> dict:

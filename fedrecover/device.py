@@ -81,7 +81,8 @@ def run_round(job: RoundJob, models: Any = None) -> RoundResult:
         return _lean_round(job)
     emulation = job.emulation or DeviceEmulation()
     before = current_rss_mb() if models is None else models.rss_before_first_load(job.path)
-    model = models.get(job.path) if models is not None else _load(job.path)
+    kept = job.instruction.kept_ids
+    model = models.get(job.path, kept) if models is not None else _load(job.path, kept)
     teacher = _teacher(job, torch.float32, models)
     reset_peak_rss()  # measure training, not the load (which briefly holds two copies)
     emulation.baseline_mb = before
@@ -143,11 +144,16 @@ def _loss_fn(job: RoundJob, model, teacher, batch_size: int, lean: bool = False)
     return None
 
 
-def _load(path: str):
+def _load(path: str, kept_ids: np.ndarray | None = None):
+    """The checkpoint, cut to the fleet's vocabulary when the run chose one."""
     import llmprune
 
     model = llmprune.load_model(path)
     model.eval()
+    if kept_ids is not None:
+        from .fleet_vocab import trim_model
+
+        trim_model(model, kept_ids)
     return model
 
 
@@ -207,9 +213,10 @@ class ModelCache:
             self.teachers = {key: Teacher.load(spec, student, dtype)}
         return self.teachers[key]
 
-    def get(self, path: str):
-        if path not in self.models:
+    def get(self, path: str, kept_ids: np.ndarray | None = None):
+        key = (path, None if kept_ids is None else kept_ids.tobytes())
+        if key not in self.models:
             if len(self.models) >= 2:
                 self.models.pop(next(iter(self.models)))
-            self.models[path] = _load(path)
-        return self.models[path]
+            self.models[key] = _load(path, kept_ids)
+        return self.models[key]

@@ -3,7 +3,9 @@ no other module writes or reads a key by its string.
 
 - IdentityQuery / Identity: which client a node is (partition id, device name, windows held);
 - TrainInstruction (+ the adapter view as arrays): what a device trains this round and how;
-- TrainReply (+ the trained adapter): what it measured.
+- TrainReply (+ the trained adapter): what it measured;
+- CountQuery / TokenCounts, CoverageQuery / Coverage: the fleet-chosen vocabulary's counting round
+  and each device's coverage of its own data by the kept ids (fleet_vocab.py).
 
 A SecAgg+ round carries the same instruction as the flat config of Flower's legacy fit (to_config /
 from_config) and the same reply metrics (to_metrics / from_metrics)."""
@@ -50,6 +52,97 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class CountQuery:
+    """Count the token ids of your windows (`size` ids, windows of `seq_len`); `epsilon`: add your
+    share of Laplace noise for the `devices` that count."""
+
+    size: int
+    seq_len: int
+    epsilon: float | None
+    devices: int
+
+    def to_config(self) -> dict:
+        out = {"what": "token-counts", "size": self.size, "seq-len": self.seq_len, "devices": self.devices}
+        return out if self.epsilon is None else {**out, "epsilon": self.epsilon}
+
+    @classmethod
+    def from_config(cls, config) -> CountQuery:
+        eps = config.get("epsilon")
+        return cls(int(config["size"]), int(config["seq-len"]), None if eps is None else float(eps),
+                   int(config["devices"]))
+
+    def to_message(self, node: int) -> Message:
+        return Message(RecordDict({CONFIG: ConfigRecord(self.to_config())}), dst_node_id=node,
+                       message_type=MessageType.QUERY)
+
+
+@dataclass(frozen=True)
+class CoverageQuery:
+    """The kept ids (little-endian int32): what share of your tokens do they hold?"""
+
+    kept: bytes
+    seq_len: int
+
+    def to_message(self, node: int) -> Message:
+        config = {"what": "vocab-coverage", "kept": self.kept, "seq-len": self.seq_len}
+        return Message(RecordDict({CONFIG: ConfigRecord(config)}), dst_node_id=node, message_type=MessageType.QUERY)
+
+    @classmethod
+    def from_config(cls, config) -> CoverageQuery:
+        return cls(bytes(config["kept"]), int(config["seq-len"]))
+
+    @property
+    def kept_ids(self) -> np.ndarray:
+        return ids_of_bytes(self.kept)
+
+
+def ids_bytes(ids: np.ndarray) -> bytes:
+    """Token ids as a message carries them: little-endian int32."""
+    return np.asarray(ids, dtype="<i4").tobytes()
+
+
+def ids_of_bytes(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<i4").astype(np.int64)
+
+
+def query_kind(msg: Message) -> str:
+    """'identity', 'token-counts' or 'vocab-coverage': what a query message asks."""
+    return str(msg.content[CONFIG].get("what", "identity"))
+
+
+@dataclass(frozen=True)
+class TokenCounts:
+    partition_id: int
+    counts: np.ndarray          # float64, one per id (noised when the query carried epsilon)
+
+    def reply_to(self, msg: Message) -> Message:
+        return Message(RecordDict({ARRAYS: to_record({"counts": self.counts}),
+                                   METRICS: MetricRecord({"partition-id": self.partition_id})}), reply_to=msg)
+
+    @classmethod
+    def from_message(cls, reply: Message) -> TokenCounts:
+        return cls(int(reply.content[METRICS]["partition-id"]), from_record(reply.content[ARRAYS])["counts"])
+
+
+@dataclass(frozen=True)
+class Coverage:
+    partition_id: int
+    coverage: float
+    windows_before: int
+    windows_after: int
+
+    def reply_to(self, msg: Message) -> Message:
+        return Message(RecordDict({METRICS: MetricRecord({
+            "partition-id": self.partition_id, "coverage": self.coverage, "windows-before": self.windows_before,
+            "windows-after": self.windows_after})}), reply_to=msg)
+
+    @classmethod
+    def from_message(cls, reply: Message) -> Coverage:
+        m = reply.content[METRICS]
+        return cls(int(m["partition-id"]), float(m["coverage"]), int(m["windows-before"]), int(m["windows-after"]))
+
+
+@dataclass(frozen=True)
 class TrainInstruction:
     """One device's round: steps and optimiser settings, its seed, and what it builds (a device
     model of a registered kind, in the lean dtypes; None: the checkpoint as it is)."""
@@ -70,6 +163,7 @@ class TrainInstruction:
     distill_temperature: float = 1.0
     train_rows: bool = False                  # also train the embedding rows of its tokens (rows.py)
     rows_lr: float = 0.0                      # their learning rate
+    vocabulary: bytes | None = None           # the fleet's kept ids (int32 LE): cut the checkpoint's rows to them
     extra: dict = field(default_factory=dict)  # entries a wrapper adds (Flower's DP clipping norm)
 
     def to_config(self) -> dict:
@@ -86,7 +180,13 @@ class TrainInstruction:
                         "distill-temperature": self.distill_temperature})
         if self.train_rows:
             out.update({"train-rows": True, "rows-lr": self.rows_lr})
+        if self.vocabulary is not None:
+            out["vocabulary"] = self.vocabulary
         return out
+
+    @property
+    def kept_ids(self) -> np.ndarray | None:
+        return None if self.vocabulary is None else ids_of_bytes(self.vocabulary)
 
     @classmethod
     def from_config(cls, config) -> TrainInstruction:
@@ -94,7 +194,7 @@ class TrainInstruction:
         kind = config.get("device-model")
         known = {"server-round", "seed", "local-steps", "scale", "batch-size", "lr", "uniform-weights", "model-path",
                  "device-model", "device-model-spec", "client-dtype", "client-embedding", "teacher", "distill-alpha",
-                 "distill-temperature", "train-rows", "rows-lr"}
+                 "distill-temperature", "train-rows", "rows-lr", "vocabulary"}
         return cls(int(config["server-round"]), int(config["seed"]), int(config["local-steps"]),
                    float(config["scale"]), int(config["batch-size"]), float(config["lr"]),
                    bool(config.get("uniform-weights", False)),
@@ -104,6 +204,7 @@ class TrainInstruction:
                    str(config["teacher"]) if "teacher" in config else None, float(config.get("distill-alpha", 0.0)),
                    float(config.get("distill-temperature", 1.0)), bool(config.get("train-rows", False)),
                    float(config.get("rows-lr", 0.0)),
+                   bytes(config["vocabulary"]) if "vocabulary" in config else None,
                    {k: v for k, v in config.items() if k not in known})
 
     def to_message(self, node: int, arrays: Arrays) -> tuple[Message, int]:
@@ -111,7 +212,7 @@ class TrainInstruction:
         record = to_record(arrays)
         msg = Message(RecordDict({ARRAYS: record, CONFIG: ConfigRecord(self.to_config())}), dst_node_id=node,
                       message_type=MessageType.TRAIN)
-        return msg, payload_bytes(record)
+        return msg, payload_bytes(record) + len(self.vocabulary or b"")
 
     @staticmethod
     def from_message(msg: Message) -> tuple[TrainInstruction, Arrays]:

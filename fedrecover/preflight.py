@@ -46,6 +46,10 @@ def check_plan(model_dir: str, cfg: RecoverConfig) -> list[dict]:
         raise LLMPruneError(f"--seq-len {cfg.data.seq_len} is beyond the model's {positions} positions",
                             f"pass --seq-len {positions} or less")
     policy.check_model(model, model_dir)
+    if cfg.vocab.size is not None:
+        from .fleet_vocab import check_vocabulary_request, rows_of
+
+        check_vocabulary_request(model_dir, cfg.vocab.size, rows_of(model))
     plans = policy.plan_devices(model, cfg.fleet.clients)   # the ServerApp's planner, on the meta model
     check_ranks(cfg.training.aggregation, policy.adapter_ranks([p for p in plans if not p.refused]))
     return [p.to_dict() for p in plans]

@@ -46,10 +46,15 @@ def _read(fd: int) -> tuple[dict, dict]:
 
 def encode_job(job) -> tuple[dict, dict]:
     """A RoundJob as a JSON header and named arrays (the adapter under `a/`, the windows)."""
+    import numpy as np
+
     emulation = job.emulation
-    header = {"path": job.path, "instruction": job.instruction.to_config(), "dropout": job.dropout, "teacher": job.teacher,
+    instruction = job.instruction.to_config()
+    vocabulary = instruction.pop("vocabulary", None)      # bytes: a tensor, not JSON
+    tensors = {} if vocabulary is None else {"vocabulary": np.frombuffer(vocabulary, dtype=np.uint8)}
+    header = {"path": job.path, "instruction": instruction, "dropout": job.dropout, "teacher": job.teacher,
               "emulation": None if emulation is None else [emulation.speed, emulation.oom_mb, emulation.baseline_mb]}
-    return header, {**{f"a/{k}": v for k, v in job.arrays.items()}, "windows": job.windows.numpy()}
+    return header, {**{f"a/{k}": v for k, v in job.arrays.items()}, "windows": job.windows.numpy(), **tensors}
 
 
 def decode_job(header: dict, tensors: dict):
@@ -60,7 +65,10 @@ def decode_job(header: dict, tensors: dict):
 
     emulation = None if header["emulation"] is None else DeviceEmulation(*header["emulation"])
     arrays = {k[2:]: v for k, v in tensors.items() if k.startswith("a/")}
-    return RoundJob(header["path"], TrainInstruction.from_config(header["instruction"]), arrays,
+    instruction = dict(header["instruction"])
+    if "vocabulary" in tensors:
+        instruction["vocabulary"] = tensors["vocabulary"].tobytes()
+    return RoundJob(header["path"], TrainInstruction.from_config(instruction), arrays,
                     torch.from_numpy(tensors["windows"]), header["dropout"], emulation,
                     header["teacher"])
 

@@ -101,12 +101,6 @@ def run_secagg_round(grid, context: Context, messages: list[Message], global_arr
                      threshold: int, max_weight: float, timeout: float):
     """One SecAgg+ round over the nodes `messages` address (the plain round's per-client views
     and configs). Returns (new global arrays or None, per-client metrics, bytes uploaded)."""
-    from flwr.server import ServerConfig
-    from flwr.server.client_manager import SimpleClientManager
-    from flwr.server.compat.grid_client_proxy import GridClientProxy
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow import SecAggPlusWorkflow
-
     from .messages import TrainInstruction
 
     layout = upload_layout(global_arrays)
@@ -114,17 +108,8 @@ def run_secagg_round(grid, context: Context, messages: list[Message], global_arr
     views = {node: arrays for node, (_, arrays) in sent.items()}
     configs = {node: instruction.to_config() for node, (instruction, _) in sent.items()}
     strategy = _LegacyRound(views, configs, layout, rank)
-    manager = SimpleClientManager()
-    for node in views:
-        manager.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
-    legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
     server_round = next(iter(sent.values()))[0].server_round
-    legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
-    legacy.state.array_records["parameters"] = ArrayRecord()
-    # num_shares as a fraction: every sampled client shares its mask keys with all the others.
-    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=max(2, threshold),
-                                  max_weight=max_weight, timeout=timeout)
-    workflow(grid, legacy)
+    workflow_round(grid, context, strategy, list(views), server_round, threshold, max_weight, timeout)
     if strategy.vectors is None:
         return None, strategy.client_metrics, 0
     per_client = sum(v.size for v in strategy.vectors) * 4
@@ -132,9 +117,76 @@ def run_secagg_round(grid, context: Context, messages: list[Message], global_arr
     return average, strategy.client_metrics, per_client * len(strategy.client_metrics)
 
 
+class _LegacyCounts(_LegacyRound):
+    """The counting round of a fleet-chosen vocabulary as a legacy fit: no parameters down, the
+    count vector up (weight 1 each, so the masked mean times the devices is the exact sum)."""
+
+    def __init__(self, nodes: list[int], config: dict) -> None:
+        super().__init__({node: {} for node in nodes}, {node: config for node in nodes}, [], 0)
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        from flwr.common import FitIns, ndarrays_to_parameters
+
+        proxies = client_manager.all()
+        return [(proxies[str(node)], FitIns(ndarrays_to_parameters([]), dict(self.configs[node]))) for node in self.views]
+
+
+def run_secagg_counts(grid, context: Context, nodes: list[int], config: dict, clip: int, threshold: int,
+                      timeout: float | None) -> tuple[np.ndarray | None, int]:
+    """The devices' count vectors summed under SecAgg+ (the server sees the sum only). Counts are
+    integers in [-clip, clip]: with clipping range `clip` and a quantization range of 2 x clip each
+    quantizes to itself, so the sum is exact. Returns (the sum or None, devices summed)."""
+    strategy = _LegacyCounts(nodes, config)
+    workflow_round(grid, context, strategy, nodes, 0, threshold=threshold, max_weight=1.0, timeout=timeout,
+                   clipping_range=float(clip), quantization_range=2 * clip)
+    if strategy.vectors is None:
+        return None, 0
+    answered = len(strategy.client_metrics)
+    return np.rint(strategy.vectors[0] * answered), answered
+
+
+def workflow_round(grid, context: Context, strategy: _LegacyRound, nodes, server_round: int, threshold: int,
+                   max_weight: float, timeout: float | None, **ranges) -> None:
+    """One round of Flower's SecAggPlusWorkflow over `nodes`, driving `strategy`."""
+    from flwr.server import ServerConfig
+    from flwr.server.client_manager import SimpleClientManager
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    manager = SimpleClientManager()
+    for node in nodes:
+        manager.register(GridClientProxy(node_id=node, grid=grid, run_id=grid.run.run_id))
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=1), strategy=strategy, client_manager=manager)
+    legacy.state.config_records["config"] = ConfigRecord({"current_round": server_round})
+    legacy.state.array_records["parameters"] = ArrayRecord()
+    # num_shares as a fraction: every sampled client shares its mask keys with all the others.
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=max(2, threshold),
+                                  max_weight=max_weight, timeout=timeout, **ranges)
+    workflow(grid, legacy)
+
+
 # -- client side ---------------------------------------------------------------------------------
 def is_legacy_fit(msg: Message) -> bool:
     return "fitins.config" in msg.content.config_records
+
+
+def fit_config(msg: Message) -> dict:
+    """The flat config of a SecAgg+ round's fit message."""
+    import flwr.compat.common.recorddict_compat as compat
+
+    return dict(compat.recorddict_to_fitins(msg.content, keep_input=True).config)
+
+
+def secagg_counts(msg: Message, count_fn) -> Message:
+    """Answer a SecAgg+ counting round: `count_fn(config) -> (partition id, counts)`; the counts go
+    up as the one parameter of a FitRes of weight 1 (secaggplus_mod masks them before they leave)."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+    pid, counts = count_fn(fit_config(msg))
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([counts]), 1, {"partition-id": pid})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
 
 def secagg_train(msg: Message, train_fn) -> Message:

@@ -20,6 +20,7 @@ from llmprune.errors import LLMPruneError
 
 from .config import RecoverConfig, RunSettings, parse_run_config
 from .distill import open_distillation
+from .fleet_vocab import open_fleet_vocabulary
 from .lora import modules_of
 from .messages import Identity, IdentityQuery
 from .policies import get_policy
@@ -65,7 +66,9 @@ def discover(grid: Grid, nodes: list[int], timeout: float | None, stop: threadin
     return found
 
 
-def eval_windows(cfg: RecoverConfig, settings: RunSettings, tokenizer):
+def eval_windows(cfg: RecoverConfig, settings: RunSettings, tokenizer, vocabulary=None):
+    """The server's evaluation windows, in the tokenizer's ids (a fleet-chosen vocabulary re-reads
+    the held-out windows of a simulation's data)."""
     import llmprune
 
     if cfg.data.eval_data:
@@ -74,7 +77,8 @@ def eval_windows(cfg: RecoverConfig, settings: RunSettings, tokenizer):
     if settings.data_cache:
         from .partition import ClientData
 
-        return ClientData.load(settings.data_cache).eval_windows
+        windows = ClientData.load(settings.data_cache).eval_windows
+        return windows if vocabulary is None else vocabulary.windows(windows, cfg.data.seq_len, cfg.data.eval_windows)
     return None
 
 
@@ -118,7 +122,9 @@ def open_run(grid: Grid, context: Context, overrides: dict | None, simulation: b
     deadline = cfg.fleet.round_deadline(simulation)
     run.nodes = discover(grid, nodes, None if deadline is None else max(cfg.fleet.node_timeout, deadline), stop)
     run.replan(policy)
-    run.windows = eval_windows(cfg, settings, run.tokenizer)
+    if cfg.vocab.size is not None:        # before round 1 the fleet counts, the server trims (fleet_vocab.py)
+        run.vocabulary = open_fleet_vocabulary(run)
+    run.windows = eval_windows(cfg, settings, run.tokenizer, run.vocabulary)
     run.distillation = open_distillation(cfg, settings.model, run.tokenizer, run.windows)
     run.state = start_state(run)
     if settings.resume:
@@ -157,11 +163,13 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
         "model_bytes": model_bytes, "adapter_bytes": int(sum(a.nbytes for a in state.arrays.values())),
         "aggregation": cfg.training.aggregation, "policy": cfg.policy.name,
         "distill": run.distillation.report() if run.distillation is not None else None,
+        "vocabulary": run.vocabulary.report if run.vocabulary is not None else None,
         "config": {**cfg.to_run_config(), **settings.to_run_config()},
         "server_seconds": round(time.perf_counter() - started, 2), "server_peak_rss_mb": round(peak_rss_mb(), 1),
     }
     write_recovered(run.model, run.tokenizer, state.arrays, cfg.scale, settings.out_dir, metrics,
-                    run.model_path or settings.model, overwrite=settings.overwrite, rows=state.rows)
+                    run.model_path or settings.model, overwrite=settings.overwrite, rows=state.rows,
+                    vocabulary=run.vocabulary.vocab_json if run.vocabulary is not None else None)
     context.state["metrics"] = ConfigRecord({"json": json.dumps(metrics, default=str)})
 
 
@@ -235,10 +243,10 @@ def check_some_round_applied(rows: list[dict], timeout: float | None, state_path
 
 
 def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: dict, source: str, overwrite: bool,
-                    rows: dict | None = None) -> None:
+                    rows: dict | None = None, vocabulary: dict | None = None) -> None:
     """Fold the adapter (and the trained embedding rows) into the weights and write a checkpoint
-    like compress's, with metrics.json."""
-    from llmprune.checkpoint import REPORT_FILE, carried_files, save_pruned
+    like compress's, with metrics.json (and the fleet's vocabulary.json when it chose one)."""
+    from llmprune.checkpoint import REPORT_FILE, VOCAB_FILE, carried_files, save_pruned
 
     from .lora import merge_lora
     from .rows import set_rows
@@ -250,8 +258,10 @@ def write_recovered(model, tokenizer, arrays, scale: float, out: Path, metrics: 
     report["recovery"] = {k: metrics[k] for k in ("initial_eval_perplexity", "final_eval_perplexity", "aggregation")}
     report["recovery"].update(source=str(source), rounds=len(metrics["rounds"]),
                               modules=len(modules_of(arrays)), config=metrics.get("config"))
-    save_pruned(model, tokenizer, out, report=report, overwrite=overwrite,
-                extra_files={"metrics.json": json.dumps(metrics, indent=2, default=str), **carried_files(source)})
+    files = {"metrics.json": json.dumps(metrics, indent=2, default=str), **carried_files(source)}
+    if vocabulary is not None:
+        files[VOCAB_FILE] = json.dumps(vocabulary, indent=1) + "\n"
+    save_pruned(model, tokenizer, out, report=report, overwrite=overwrite, extra_files=files)
 
 
 def log_to_console() -> None:

@@ -58,6 +58,7 @@ class RunContext:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     state: RoundState | None = None
     distillation: Any = None               # distill.Distillation when --teacher is given
+    vocabulary: Any = None                 # fleet_vocab.FleetVocabulary when --vocab is given
 
     def replan(self, policy: Any) -> None:
         """The fleet plan (and the adapter's module shapes) for the current model."""
@@ -182,6 +183,7 @@ class LoraStrategy:
             client_embedding=cfg.fleet.client_embedding, teacher=teacher, train_rows=cfg.training.train_rows,
             rows_lr=cfg.training.rows_lr or cfg.training.lr / 30,
             distill_alpha=distil.alpha if teacher else 0.0, distill_temperature=distil.temperature if teacher else 1.0,
+            vocabulary=run.vocabulary.kept_bytes if run.vocabulary is not None else None,
             extra=self.dp.instruction_extra() if self.dp else {})
 
     def aggregate(self, server_round: int, collected: Collected, needed: int,

@@ -140,6 +140,23 @@ def fraction(text) -> float:
     return value
 
 
+def vocab_size(text: str) -> int | float:
+    """--vocab: a whole number is a token count K, anything else a coverage fraction ("1" keeps
+    one id; "1.0" keeps every id the data uses)."""
+    import argparse
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is neither a token count nor a fraction") from None
+
+
 def one_of(*choices: str) -> Callable[[str], str]:
     """A parser that accepts one of `choices` (for Literal fields)."""
     def parse(text) -> str:

@@ -6,7 +6,9 @@ sha256 of the final adapter and of the merged model. Run it before and after a r
 
     python scripts/pin_recover.py --out after.json --check tests/fedrecover/recover_pins.json
 
-tests/fedrecover/recover_pins.json was recorded before fedrecover's reshaping (policies as plug-ins);
+tests/fedrecover/recover_pins.json was recorded before fedrecover's reshaping (policies as plug-ins) on an
+AVX-512 machine; recover_pins.avx2.json by the reshaped code on an AVX2 one (CPU kernels differ in the last
+bits; tests/fedrecover/conftest.py picks the file of torch's CPU capability);
 tests/fedrecover/test_pinned.py checks the cases the test suite already runs against it. SecAgg+
 quantizes stochastically (Flower draws the rounding), so its case agrees to float noise only."""
 import argparse

@@ -16,9 +16,9 @@ PACKAGES = {"llmprune": "llmprune", "llmprune.compress": "compress", "llmprune.f
             "llmprune.export": "export", "llmprune.cli": "cli"}
 STAGES = ("llmprune.compress", "llmprune.fedrecover", "llmprune.export")
 MAX_LINES = 60
-# The one place a stage runs another: prune-tune prunes the global model between federated rounds
-# with compress's public API (docs/architecture.md).
-COMPOSERS = {"llmprune.fedrecover.prune_tune"}
+# The places a stage runs another, both with compress's public API (docs/architecture.md): prune-tune
+# prunes the global model between federated rounds; a fleet-chosen vocabulary is cut by compress's step.
+COMPOSERS = {"llmprune.fedrecover.prune_tune", "llmprune.fedrecover.fleet_vocab"}
 
 
 def _modules() -> dict[str, Path]:

@@ -63,6 +63,7 @@ class Policy:
     fleet_deployable: ClassVar[bool] = True     # runs on a real fleet, not only in simulation
     fixed_rounds: ClassVar[bool] = False        # --resume must keep --rounds (steps are spread over them)
     learns_memory: ClassVar[bool] = False       # plans devices that declare no memory_mb itself
+    fleet_vocabulary: ClassVar[bool] = True     # combines with --vocab (the devices' model stays one checkpoint)
     # settings of the other sections (by flag name) this policy is meant to run with, taken where the
     # user gave none (RecoverConfig.of, hence `llmprune recover`): a policy's defaults combine
     defaults: ClassVar[dict[str, Any]] = {}

@@ -85,6 +85,7 @@ class PruneTunePolicy(Policy):
     secagg = False
     fleet_deployable = False   # devices must load each re-pruned checkpoint, which only a simulation hands them
     fixed_rounds = True
+    fleet_vocabulary = False   # its re-pruned checkpoints keep the vocabulary they were pruned from
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:

@@ -59,7 +59,7 @@ def test_sections_build_the_same_config_as_flag_names():
     assert RecoverConfig.of(lora_rank=8).scale == 2.0 and RecoverConfig.of(lora_rank=8, lora_alpha=4).scale == 0.5
     assert [RecoverConfig().fleet.min_replies(n) for n in (1, 2, 3, 4)] == [1, 1, 2, 2]
     assert RecoverConfig.of(min_clients=3).fleet.min_replies(2) == 2
-    assert list(SECTIONS) == ["data", "training", "fleet", "privacy", "distill"]
+    assert list(SECTIONS) == ["data", "training", "fleet", "privacy", "distill", "vocab"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
