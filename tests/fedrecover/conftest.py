@@ -107,6 +107,13 @@ def cut_back_to(out, done: int) -> None:
     shutil.rmtree(out)
 
 
+def resumed_after(ref, done: int, model_dir, data, out, **overrides):
+    """A copy of the finished run `ref` cut back to round `done`, then resumed with these settings."""
+    copy_run(ref, out)
+    cut_back_to(out, done)
+    return run_recover(model_dir, data, out, resume=True, **overrides)
+
+
 def assert_resumed_equal(ref, got) -> None:
     from safetensors.numpy import load_file
 

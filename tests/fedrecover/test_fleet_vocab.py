@@ -23,7 +23,7 @@ from llmprune.fedrecover.fleet_vocab import (
     retokenize,
 )
 
-from .conftest import assert_resumed_equal, copy_run, cut_back_to, run_recover, varied_text
+from .conftest import assert_resumed_equal, resumed_after, run_recover, varied_text
 
 VOCAB = 290      # the tiny tokenizer has 320 ids, of which 259 are forced (bytes and specials)
 
@@ -139,9 +139,7 @@ def test_counts_summed_under_secagg_equal_the_plain_sum(fleet_vocab_run, pruned_
 
 def test_a_resumed_run_reuses_the_saved_vocabulary(fleet_vocab_run, pruned_ckpt, text_file, tmp_path):
     out = tmp_path / "recovered"
-    copy_run(fleet_vocab_run, out)
-    cut_back_to(out, 1)
-    got = run_recover(pruned_ckpt, [text_file], out, vocab=VOCAB, rounds=2, resume=True)
+    got = resumed_after(fleet_vocab_run, 1, pruned_ckpt, [text_file], out, vocab=VOCAB, rounds=2)
     assert_resumed_equal(fleet_vocab_run, got)
     assert (out / "vocabulary.json").read_text() == (fleet_vocab_run.out / "vocabulary.json").read_text()
 

@@ -115,10 +115,7 @@ def test_a_run_changes_only_rows_of_tokens_its_devices_hold(rows_run, pruned_ckp
 
 
 def test_a_rows_run_resumes_as_it_would_have_gone_on(rows_run, pruned_ckpt, text_file, tmp_path):
-    from .conftest import assert_resumed_equal, copy_run, cut_back_to, run_recover
+    from .conftest import assert_resumed_equal, resumed_after
 
-    out = tmp_path / "recovered"
-    copy_run(rows_run, out)
-    cut_back_to(out, 1)
-    got = run_recover(pruned_ckpt, [text_file], out, train_rows=True, rounds=2, resume=True)
+    got = resumed_after(rows_run, 1, pruned_ckpt, [text_file], tmp_path / "recovered", train_rows=True, rounds=2)
     assert_resumed_equal(rows_run, got)
