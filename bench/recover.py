@@ -114,13 +114,13 @@ def dense_checkpoint(args, work: Path) -> Path:
 
 def vocabulary_coverage(args, data: list[str], size: int, central: Path, fleet: Path) -> dict:
     """Per device: the share of its tokens the central ranking's and the fleet's kept ids hold, and
-    what the fleet's ranking keeps when the counts carry Laplace noise for each of EPSILONS."""
+    what the fleet's ranking keeps when the counts carry each mechanism's noise for each of EPSILONS."""
     import numpy as np
 
     import llmprune
     from llmprune.checkpoint import load_vocabulary_map
     from llmprune.fedrecover import build_client_data
-    from llmprune.fedrecover.fleet_vocab import choose, coverage, device_counts, released_counts
+    from llmprune.fedrecover.fleet_vocab import CountNoise, choose, coverage, device_counts, released_counts
 
     tok = llmprune.load_tokenizer(args.model)
     parts = build_client_data(tok, data, args.clients, "domain", args.seq_len, 0, args.max_windows,
@@ -128,10 +128,12 @@ def vocabulary_coverage(args, data: list[str], size: int, central: Path, fleet: 
     windows = [parts.client_windows(i) for i in range(args.clients)]
     kept = {"central": np.asarray(load_vocabulary_map(central)["kept_ids"]),
             "fleet": np.asarray(load_vocabulary_map(fleet)["kept_ids"])}
-    counts = [device_counts(w, args.seq_len, len(tok)) for w in windows]
-    for eps in EPSILONS:
-        noised = sum(released_counts(c, eps, args.seq_len, args.clients) for c in counts)
-        kept[f"fleet-eps{eps:g}"] = choose(tok, noised, size, args.seq_len / eps).kept_ids
+    for mechanism in ("laplace", "gaussian"):
+        for eps in EPSILONS:
+            noise = CountNoise.calibrated(mechanism, eps, 1e-5, args.seq_len)
+            counts = [device_counts(w, args.seq_len, len(tok), noise.presence) for w in windows]
+            noised = sum(released_counts(c, noise, args.clients) for c in counts)
+            kept[f"fleet, {mechanism} ε={eps:g}"] = choose(tok, noised, size, noise).kept_ids
     return {name: [round(coverage(w, args.seq_len, ids), 5) for w in windows] for name, ids in kept.items()}
 
 
@@ -466,8 +468,10 @@ def coverage_table(runs: dict) -> list[str]:
         rows += ["", f"Coverage of each device's windows by a {size} vocabulary (devices 0-1 hold WikiText-2 valid, "
                  "2-3 Python docs; share of their tokens, as the dense tokenizer splits them, whose id is kept). "
                  "Central: ranked on the operator's text (WikiText-2 valid + Python docs howto/faq/library/reference); "
-                 "fleet: ranked on the devices' counts; fleet with ε: the same counts with Laplace noise of scale "
-                 "seq-len/ε per id (ε-DP per window).", "",
+                 "fleet: ranked on the devices' counts; with noise: Laplace of scale seq-len/ε per id on every "
+                 "occurrence (ε-DP per window), or Gaussian (analytic, δ = 1e-5) on the windows holding each id "
+                 "((ε, δ)-DP per window); noisy counts below the level an unseen id passes with probability 1/1000 "
+                 "read as unseen.", "",
                  "| ranking | " + " | ".join(f"device {i}" for i in range(len(cov["central"]))) + " |",
                  "|---|" + "---|" * len(cov["central"])]
         for name, values in cov.items():

@@ -127,12 +127,13 @@ class DeviceRuntime:
 
     def counts(self, context: Context, query: CountQuery) -> TokenCounts:
         """Its token counts for a fleet-chosen vocabulary (with its share of the noise when asked)."""
-        from .fleet_vocab import device_counts, released_counts
+        from .fleet_vocab import CountNoise, device_counts, released_counts
 
         cfg, settings = self.config(context)
         windows, pid = self.windows(cfg, settings, context)
-        counts = device_counts(windows, query.seq_len, query.size)
-        return TokenCounts(pid, released_counts(counts, query.epsilon, query.seq_len, query.devices))
+        noise = CountNoise(query.noise_mechanism, query.noise_scale) if query.noise_mechanism else None
+        counts = device_counts(windows, query.seq_len, query.size, noise is not None and noise.presence)
+        return TokenCounts(pid, released_counts(counts, noise, query.devices))
 
     def coverage(self, context: Context, query: CoverageQuery) -> Coverage:
         """How much of its data the fleet's kept ids hold; re-tokenizes its text for the rounds."""

@@ -237,11 +237,23 @@ class VocabConfig:
     epsilon: float | None = option(None, flag="--vocab-epsilon", parse=positive_float, default_text="no noise",
                                    help="differential privacy of the counts: each device adds its share of Laplace "
                                         "noise so the summed counts are epsilon-DP per window of --seq-len tokens")
+    noise: Literal["laplace", "gaussian"] = option(
+        "laplace", flag="--vocab-noise", parse=one_of("laplace", "gaussian"), choices=("laplace", "gaussian"),
+        help="the counts' noise with --vocab-epsilon: laplace (epsilon-DP, every occurrence counted) or gaussian "
+             "((epsilon, delta)-DP, windows holding each id counted; less noise for the same epsilon)")
+    delta: float = option(1e-5, flag="--vocab-delta", parse=fraction, help="delta of --vocab-noise gaussian")
 
     def __post_init__(self) -> None:
         coerce_fields(self)
         if self.epsilon is not None and self.size is None:
             raise LLMPruneError("--vocab-epsilon needs --vocab", "pass --vocab K, or drop --vocab-epsilon")
+        if self.epsilon is None and (self.noise != "laplace" or self.delta != 1e-5):
+            raise LLMPruneError("--vocab-noise and --vocab-delta need --vocab-epsilon", "pass --vocab-epsilon E")
+        if self.noise == "laplace" and self.delta != 1e-5:
+            raise LLMPruneError("--vocab-delta is for --vocab-noise gaussian (Laplace noise is epsilon-DP)",
+                                "pass --vocab-noise gaussian, or drop --vocab-delta")
+        if not self.delta < 1.0:
+            raise LLMPruneError(f"--vocab-delta {self.delta} promises nothing", "pass a small delta such as 1e-5")
         if isinstance(self.size, float) and not 0.0 < self.size <= 1.0:
             raise LLMPruneError(f"--vocab fraction {self.size} is outside (0, 1]",
                                 "pass a fraction such as 0.99, or a token count such as 32000")

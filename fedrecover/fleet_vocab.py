@@ -8,10 +8,12 @@ no device's counts reach the server in the clear.
 The maths of the choice is compress's (`select_from_counts`, `cut_vocabulary`): this module is the
 bookkeeping of the fleet — who counts what, the noise, the saved choice a resumed run reuses.
 
-Privacy of the counts (--vocab-epsilon ε): the unit is one window (--seq-len tokens, BOS apart),
-whose tokens change the count vector by at most seq-len in L1; each device adds its share of
-Laplace noise of scale seq-len/ε per id — a difference of two Gamma(1/n, b) draws, whose sum over
-the n devices is Laplace(b) — so the released sum is ε-DP per window. The noise is drawn from the
+Privacy of the counts (--vocab-epsilon ε): the unit is one window (--seq-len tokens, BOS apart). Laplace
+(the default): a window's tokens change the count vector by at most seq-len in L1, so noise of scale
+seq-len/ε per id on the sum is ε-DP; each device adds Gamma(1/n, b) - Gamma(1/n, b), whose sum over the
+n devices is exactly Laplace(b). Gaussian (--vocab-noise gaussian, (ε, δ)-DP): devices count each id at
+most once per window, so a window changes the vector by at most √seq-len in L2; σ is the analytic
+Gaussian mechanism's (Balle & Wang 2018), each device adding N(0, σ²/n). The noise is drawn from the
 OS's entropy, never from the run's seed, which the server knows."""
 
 from __future__ import annotations
@@ -45,13 +47,15 @@ def content_ids(windows: torch.Tensor, seq_len: int) -> torch.Tensor:
     return windows[:, 1:] if windows.shape[1] == seq_len + 1 else windows
 
 
-def device_counts(windows: torch.Tensor, seq_len: int, size: int) -> np.ndarray:
-    """How often each of the `size` ids occurs in this device's text, each capped at COUNT_CLIP."""
-    ids = content_ids(windows, seq_len).reshape(-1).numpy()
+def device_counts(windows: torch.Tensor, seq_len: int, size: int, presence: bool = False) -> np.ndarray:
+    """How often each of the `size` ids occurs in this device's text, each capped at COUNT_CLIP;
+    `presence`: in how many windows (each id at most once per window)."""
+    ids = content_ids(windows, seq_len).numpy()
     if ids.size and (ids.min() < 0 or ids.max() >= size):
         raise LLMPruneError(f"this device's windows hold token ids outside the server's {size}-id vocabulary",
                             "give the device the server's checkpoint (node config model-path)")
-    return np.minimum(np.bincount(ids, minlength=size), COUNT_CLIP).astype(np.int64)
+    flat = np.concatenate([np.unique(row) for row in ids]) if presence and ids.size else ids.reshape(-1)
+    return np.minimum(np.bincount(flat, minlength=size), COUNT_CLIP).astype(np.int64)
 
 
 def laplace_share(size: int, scale: float, devices: int, rng: np.random.Generator) -> np.ndarray:
@@ -61,12 +65,64 @@ def laplace_share(size: int, scale: float, devices: int, rng: np.random.Generato
     return rng.gamma(shape, scale, size) - rng.gamma(shape, scale, size)
 
 
-def released_counts(counts: np.ndarray, epsilon: float | None, seq_len: int, devices: int) -> np.ndarray:
-    """What a device sends: its counts, plus its noise share when ε is set (float64)."""
+def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float) -> float:
+    """The smallest σ for which Gaussian noise on a query of this L2 sensitivity is (ε, δ)-DP, by the
+    exact condition of Balle & Wang (2018), Theorem 8: Φ(Δ/2σ - εσ/Δ) - e^ε Φ(-Δ/2σ - εσ/Δ) ≤ δ
+    (the classic √(2 ln(1.25/δ)) Δ/ε holds only for ε < 1)."""
+    from scipy.special import log_ndtr
+
+    def leak(sigma: float) -> float:
+        a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+        return float(np.exp(log_ndtr(a - b)) - np.exp(epsilon + log_ndtr(-a - b)))
+
+    lo, hi = 1e-6 * sensitivity, 1e6 * sensitivity
+    for _ in range(200):                      # leak(σ) falls as σ grows: bisect in log space
+        mid = float(np.sqrt(lo * hi))
+        lo, hi = (mid, hi) if leak(mid) > delta else (lo, mid)
+    return hi
+
+
+@dataclasses.dataclass(frozen=True)
+class CountNoise:
+    """The noise on the fleet's summed counts: its mechanism and its per-id scale (Laplace b, or
+    Gaussian σ), calibrated by the server and carried by the counting query."""
+
+    mechanism: str
+    scale: float
+
+    @classmethod
+    def calibrated(cls, mechanism: str, epsilon: float | None, delta: float, seq_len: int) -> CountNoise | None:
+        if epsilon is None:
+            return None
+        if mechanism == "gaussian":
+            return cls(mechanism, analytic_gaussian_sigma(epsilon, delta, float(np.sqrt(seq_len))))
+        return cls(mechanism, seq_len / epsilon)
+
+    @property
+    def presence(self) -> bool:
+        """Gaussian counts windows holding an id (bounded L2), Laplace every occurrence."""
+        return self.mechanism == "gaussian"
+
+    def share(self, size: int, devices: int, rng: np.random.Generator) -> np.ndarray:
+        """One device's share: the n devices' shares sum to the mechanism's noise."""
+        if self.mechanism == "gaussian":
+            return rng.normal(0.0, self.scale / np.sqrt(max(devices, 1)), size)
+        return laplace_share(size, self.scale, devices, rng)
+
+    def threshold(self) -> float:
+        """The summed count an id no device holds passes with probability NOISE_PASS."""
+        if self.mechanism == "gaussian":
+            from scipy.special import ndtri
+
+            return self.scale * float(ndtri(1.0 - NOISE_PASS))
+        return self.scale * float(np.log(1.0 / (2.0 * NOISE_PASS)))
+
+
+def released_counts(counts: np.ndarray, noise: CountNoise | None, devices: int) -> np.ndarray:
+    """What a device sends: its counts, plus its share of the noise when there is one (float64)."""
     out = counts.astype(np.float64)
-    if epsilon is not None:
-        rng = np.random.default_rng(secrets.randbits(128))
-        out += laplace_share(out.size, seq_len / epsilon, devices, rng)
+    if noise is not None:
+        out += noise.share(out.size, devices, np.random.default_rng(secrets.randbits(128)))
     return out
 
 
@@ -142,20 +198,15 @@ def check_vocabulary_request(model_dir: str, size: int | float, model_rows: int)
                             "byte tokens and the pieces they need)", f"pass at least {least}")
 
 
-def noise_threshold(laplace_scale: float | None) -> float:
-    """The summed count below which an id is read as unseen when the counts carry Laplace noise: an id
-    no device holds passes it with probability NOISE_PASS (post-processing: no privacy cost)."""
-    return 0.0 if laplace_scale is None else laplace_scale * float(np.log(1.0 / (2.0 * NOISE_PASS)))
-
-
-def choose(tokenizer, counts: np.ndarray, size: int | float, laplace_scale: float | None = None):
+def choose(tokenizer, counts: np.ndarray, size: int | float, noise: CountNoise | None = None):
     """compress's selection from the fleet's summed counts. Noisy counts at or below the noise
     threshold read as 0, so the ids the noise cannot tell from unseen ones are ranked as compress
-    ranks unseen ids (alphabet, then merge rank) instead of by their noise (measured in
-    bench/recover.py: at ε = 8, 76-81% of each device's tokens covered without it, 93-94% with it)."""
+    ranks unseen ids (alphabet, then merge rank) instead of by their noise: post-processing, no
+    privacy cost (measured in bench/recover.py)."""
     from llmprune.compress import MIN_DATA_TOKENS, select_from_counts
 
-    counts = np.where(counts > noise_threshold(laplace_scale), counts, 0)
+    if noise is not None:
+        counts = np.where(counts > noise.threshold(), counts, 0)
     counts = np.rint(np.clip(counts, 0, None)).astype(np.int64)
     if counts.sum() < MIN_DATA_TOKENS:
         raise LLMPruneError(f"the fleet counted only {int(counts.sum())} tokens, too few to rank a vocabulary "
@@ -209,7 +260,7 @@ def open_fleet_vocabulary(run) -> FleetVocabulary:
     saved = load_choice(settings.state_path, cfg.vocab.size) if settings.resume else None
     if saved is None:
         counts, counted = count_fleet_tokens(run)
-        selection = choose(run.tokenizer, counts, cfg.vocab.size, counted["laplace_scale"])
+        selection = choose(run.tokenizer, counts, cfg.vocab.size, fleet_noise(cfg))
         save_choice(settings.state_path, selection, counted)
     else:
         selection, counted = saved
@@ -224,6 +275,11 @@ def open_fleet_vocabulary(run) -> FleetVocabulary:
     return FleetVocabulary(selection.kept_ids, vocab_json, original, report)
 
 
+def fleet_noise(cfg) -> CountNoise | None:
+    v = cfg.vocab
+    return CountNoise.calibrated(v.noise, v.epsilon, v.delta, cfg.data.seq_len)
+
+
 def count_fleet_tokens(run) -> tuple[np.ndarray, dict]:
     """The fleet's summed token counts, plain or under SecAgg+; with ε every device must answer
     (a missing device's share of the noise would be missing from the sum)."""
@@ -232,7 +288,9 @@ def count_fleet_tokens(run) -> tuple[np.ndarray, dict]:
 
     cfg = run.cfg
     nodes = sorted(run.nodes)
-    query = CountQuery(rows_of(run.model), cfg.data.seq_len, cfg.vocab.epsilon, len(nodes))
+    noise = fleet_noise(cfg)
+    query = CountQuery(rows_of(run.model), cfg.data.seq_len, len(nodes), noise and noise.mechanism,
+                       noise.scale if noise else 0.0)
     timeout = cfg.fleet.round_deadline(run.simulation)
     if cfg.privacy.secagg:
         from .secagg import run_secagg_counts
@@ -245,14 +303,15 @@ def count_fleet_tokens(run) -> tuple[np.ndarray, dict]:
         counts = sorted((TokenCounts.from_message(r) for r in replies), key=lambda c: c.partition_id)
         total = np.sum([c.counts for c in counts], axis=0) if counts else None
         answered = len(counts)
-    if total is None or answered == 0 or (cfg.vocab.epsilon is not None and answered < len(nodes)):
+    if total is None or answered == 0 or (noise is not None and answered < len(nodes)):
         raise LLMPruneError(f"{answered} of {len(nodes)} devices answered the vocabulary's counting round"
-                            + (" (with --vocab-epsilon every device must: the noise is shared)"
-                               if cfg.vocab.epsilon is not None else ""),
+                            + (" (with --vocab-epsilon every device must: the noise is shared)" if noise else ""),
                             "see the devices' logs; rerun when they are up, or drop --vocab")
-    scale = None if cfg.vocab.epsilon is None else cfg.data.seq_len / cfg.vocab.epsilon
-    return total, {"devices_counted": answered, "secagg": cfg.privacy.secagg, "epsilon": cfg.vocab.epsilon,
-                   "laplace_scale": scale, "noise_threshold": round(noise_threshold(scale), 3),
+    privacy = {"epsilon": cfg.vocab.epsilon, "noise": None if noise is None else noise.mechanism,
+               "delta": cfg.vocab.delta if noise is not None and noise.presence else None,
+               "noise_scale": None if noise is None else round(noise.scale, 4),
+               "noise_threshold": None if noise is None else round(noise.threshold(), 3)}
+    return total, {"devices_counted": answered, "secagg": cfg.privacy.secagg, **privacy,
                    "tokens_counted": int(np.clip(total, 0, None).sum())}
 
 

@@ -53,23 +53,27 @@ class Identity:
 
 @dataclass(frozen=True)
 class CountQuery:
-    """Count the token ids of your windows (`size` ids, windows of `seq_len`); `epsilon`: add your
-    share of Laplace noise for the `devices` that count."""
+    """Count the token ids of your windows (`size` ids, windows of `seq_len`); with a noise mechanism
+    (fleet_vocab.CountNoise: laplace | gaussian, its scale on the sum), add your share of it for the
+    `devices` that count."""
 
     size: int
     seq_len: int
-    epsilon: float | None
     devices: int
+    noise_mechanism: str | None = None
+    noise_scale: float = 0.0
 
     def to_config(self) -> dict:
         out = {"what": "token-counts", "size": self.size, "seq-len": self.seq_len, "devices": self.devices}
-        return out if self.epsilon is None else {**out, "epsilon": self.epsilon}
+        if self.noise_mechanism is not None:
+            out.update({"noise": self.noise_mechanism, "noise-scale": float(self.noise_scale)})
+        return out
 
     @classmethod
     def from_config(cls, config) -> CountQuery:
-        eps = config.get("epsilon")
-        return cls(int(config["size"]), int(config["seq-len"]), None if eps is None else float(eps),
-                   int(config["devices"]))
+        noise = str(config["noise"]) if "noise" in config else None
+        return cls(int(config["size"]), int(config["seq-len"]), int(config["devices"]), noise,
+                   float(config.get("noise-scale", 0.0)))
 
     def to_message(self, node: int) -> Message:
         return Message(RecordDict({CONFIG: ConfigRecord(self.to_config())}), dst_node_id=node,
@@ -113,7 +117,7 @@ def query_kind(msg: Message) -> str:
 @dataclass(frozen=True)
 class TokenCounts:
     partition_id: int
-    counts: np.ndarray          # float64, one per id (noised when the query carried epsilon)
+    counts: np.ndarray          # float64, one per id (noised when the query carried noise)
 
     def reply_to(self, msg: Message) -> Message:
         return Message(RecordDict({ARRAYS: to_record({"counts": self.counts}),

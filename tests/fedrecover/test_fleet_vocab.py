@@ -14,11 +14,12 @@ from llmprune.errors import LLMPruneError
 from llmprune.fedrecover.fleet_vocab import (
     COUNT_CLIP,
     NOISE_PASS,
+    CountNoise,
+    analytic_gaussian_sigma,
     choose,
     coverage,
     device_counts,
     laplace_share,
-    noise_threshold,
     released_counts,
     retokenize,
 )
@@ -50,27 +51,63 @@ def test_the_devices_noise_shares_sum_to_laplace_noise_of_the_stated_scale():
     assert one.var() < 2 * scale ** 2 / devices * 1.1       # one share alone carries 1/n of the variance
 
 
-def test_released_counts_are_exact_without_epsilon_and_noised_with_it():
+def test_presence_counts_count_each_id_once_per_window():
+    windows = torch.tensor([[1, 5, 5, 7], [1, 7, 9, 9]])
+    assert device_counts(windows, 3, 12, presence=True).tolist() == [0, 0, 0, 0, 0, 1, 0, 2, 0, 1, 0, 0]
+
+
+def test_gaussian_noise_is_the_analytic_mechanisms_and_its_shares_sum_to_it():
+    from scipy.stats import norm
+
+    def leak(sigma, eps, delta_sens=1.0):
+        a, b = delta_sens / (2 * sigma), eps * sigma / delta_sens
+        return norm.cdf(a - b) - np.exp(eps) * norm.cdf(-a - b)
+
+    for eps in (0.5, 1.0, 8.0):
+        sigma = analytic_gaussian_sigma(eps, 1e-5, 1.0)
+        assert leak(sigma, eps) <= 1e-5 < leak(0.99 * sigma, eps)      # the smallest sigma that meets delta
+    assert analytic_gaussian_sigma(0.5, 1e-5, 1.0) < np.sqrt(2 * np.log(1.25 / 1e-5)) / 0.5   # below the classic bound
+    noise = CountNoise.calibrated("gaussian", 2.0, 1e-5, 64)
+    assert noise.presence and noise.scale == pytest.approx(analytic_gaussian_sigma(2.0, 1e-5, 8.0))
+    rng = np.random.default_rng(0)
+    total = sum(noise.share(200_000, 4, rng) for _ in range(4))
+    assert abs(total.std() / noise.scale - 1) < 0.01
+    assert abs((total > noise.threshold()).mean() / NOISE_PASS - 1) < 0.2
+
+
+def test_the_counting_query_carries_the_noise_as_the_server_calibrated_it():
+    from llmprune.fedrecover.messages import CountQuery
+
+    noise = CountNoise.calibrated("gaussian", 4.0, 1e-6, 32)
+    query = CountQuery(320, 32, 3, noise.mechanism, noise.scale)
+    back = CountQuery.from_config(query.to_config())
+    assert back == query and CountNoise(back.noise_mechanism, back.noise_scale) == noise
+    assert CountQuery.from_config(CountQuery(320, 32, 3).to_config()).noise_mechanism is None
+
+
+def test_released_counts_are_exact_without_noise_and_noised_with_it():
     counts = np.arange(1000, dtype=np.int64)
-    assert np.array_equal(released_counts(counts, None, 32, 3), counts.astype(np.float64))
-    noised = released_counts(counts, 2.0, 32, 1)
+    assert np.array_equal(released_counts(counts, None, 3), counts.astype(np.float64))
+    laplace = CountNoise.calibrated("laplace", 2.0, 1e-5, 32)
+    assert laplace == CountNoise("laplace", 16.0) and not laplace.presence
+    noised = released_counts(counts, laplace, 1)
     assert not np.array_equal(noised, counts) and abs(np.abs(noised - counts).mean() / 16 - 1) < 0.15
+    assert CountNoise.calibrated("laplace", None, 1e-5, 32) is None
 
 
 def test_noisy_counts_below_the_noise_threshold_rank_as_unseen(tok):
     from llmprune.compress import select_from_counts
     from llmprune.compress.vocab import token_counts
 
-    scale = 4.0
-    threshold = noise_threshold(scale)
+    noise = CountNoise("laplace", 4.0)
     # an id no device holds passes with probability NOISE_PASS
-    noise = laplace_share(400_000, scale, 1, np.random.default_rng(1))
-    assert abs((noise > threshold).mean() / NOISE_PASS - 1) < 0.15 and noise_threshold(None) == 0.0
+    unseen = laplace_share(400_000, noise.scale, 1, np.random.default_rng(1))
+    assert abs((unseen > noise.threshold()).mean() / NOISE_PASS - 1) < 0.15
     counts = token_counts(tok, [varied_text(600, seed=5)]).astype(np.float64)
-    noisy = counts + laplace_share(counts.size, scale, 1, np.random.default_rng(2))
-    read = np.where(noisy > threshold, np.rint(noisy), 0).astype(np.int64)
-    assert np.array_equal(choose(tok, noisy, VOCAB, scale).kept_ids, select_from_counts(tok, read, VOCAB).kept_ids)
-    assert not np.array_equal(choose(tok, noisy, VOCAB, scale).kept_ids, choose(tok, noisy, VOCAB).kept_ids)
+    noisy = counts + laplace_share(counts.size, noise.scale, 1, np.random.default_rng(2))
+    read = np.where(noisy > noise.threshold(), np.rint(noisy), 0).astype(np.int64)
+    assert np.array_equal(choose(tok, noisy, VOCAB, noise).kept_ids, select_from_counts(tok, read, VOCAB).kept_ids)
+    assert not np.array_equal(choose(tok, noisy, VOCAB, noise).kept_ids, choose(tok, noisy, VOCAB).kept_ids)
 
 
 def test_retokenized_windows_read_the_same_text_with_the_trimmed_tokenizer(tok):
@@ -162,6 +199,10 @@ def test_a_vocabulary_the_checkpoint_cannot_give_is_refused(pruned_ckpt, text_fi
     ({"vocab": 1.5}, r"outside \(0, 1\]"),
     ({"vocab": 300, "teacher": "source"}, "--vocab and --teacher together"),
     ({"vocab": 300, "client_dtype": "bfloat16"}, "needs devices that load the whole checkpoint"),
+    ({"vocab": 300, "vocab_noise": "gaussian"}, "need --vocab-epsilon"),
+    ({"vocab": 300, "vocab_epsilon": 1, "vocab_delta": 1e-6}, "is for --vocab-noise gaussian"),
+    ({"vocab": 300, "vocab_epsilon": 1, "vocab_noise": "gaussian", "vocab_delta": 1}, "promises nothing"),
+    ({"vocab": 300, "vocab_epsilon": 1, "vocab_noise": "uniform"}, "is not one of"),
 ])
 def test_settings_a_fleet_vocabulary_cannot_combine_with_are_refused(settings, message):
     from llmprune.fedrecover import RecoverConfig
