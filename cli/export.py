@@ -33,6 +33,35 @@ def run(args) -> int:
     if args.json:
         emit_json(report)
         return 0
+    if report.get("format") == "gguf":
+        _print_gguf(report)
+    else:
+        _print_onnx(report)
+    rss = f", peak RSS {report['peak_rss_mb']:.0f} MiB" if report.get("peak_rss_mb") else ""
+    print(f"{report['seconds']:.0f} s{rss} -> {printable(result.path)}")
+    return 0
+
+
+def _print_gguf(report: dict) -> None:
+    facts = report["gguf"]
+    how = "padded to its widest layer" if facts["padded"] else ("per-layer widths" if facts["architecture"] == "deci"
+                                                               else "uniform")
+    runtime = facts["llama_cpp"] or "not installed: files read back, not run"
+    print(f"GGUF architecture {facts['architecture']} ({how}); llama.cpp {runtime}")
+    for kind, v in report["variants"].items():
+        line = f"{kind:7s} {v['bytes'] / 2**20:9.1f} MiB  {v['file']}"
+        if v.get("read_back"):
+            line += f" | read back: max |diff| {v['read_back']['max_abs_diff']:.2g}"
+        run = v.get("llama_cpp")
+        if run:
+            bpb = f", {run['bits_per_byte']:.4f} bits/byte" if run.get("bits_per_byte") else ""
+            equal = sum(p["equal"] for p in run["prompts"])
+            line += (f" | llama.cpp ppl {run['perplexity']:.3f} ({run['perplexity_change_vs_torch']:+.2%} vs PyTorch){bpb}"
+                     f" | greedy equal on {equal}/{len(run['prompts'])} prompts | {run['decode_tokens_per_s']:.0f} tokens/s")
+        print(line)
+
+
+def _print_onnx(report: dict) -> None:
     for name, v in report["variants"].items():
         gen = v["generation"]
         equal = sum(r["equal"] for r in gen["prompts"])
@@ -45,6 +74,3 @@ def run(args) -> int:
               f"max |logit diff| {v['logits']['max_abs_logit_diff']:.2g}"
               f" | greedy {gen['tokens']} tokens equal to PyTorch on {equal}/{len(gen['prompts'])} prompts | {ppl_text}"
               + (f" | {v['ort']['file']}" if "ort" in v else ""))
-    rss = f", peak RSS {report['peak_rss_mb']:.0f} MiB" if report.get("peak_rss_mb") else ""
-    print(f"{report['seconds']:.0f} s{rss} -> {printable(result.path)}")
-    return 0

@@ -102,6 +102,20 @@ def neuron_counts(widths: dict[int, int], remove: int) -> dict[int, int]:
     return kept
 
 
+def uniform_width_counts(widths: dict[int, int], remove: int, multiple: int) -> dict[int, int]:
+    """Kept neurons per layer when every layer keeps the same width, a multiple of `multiple`,
+    removing at least `remove` neurons in all (the width is rounded down)."""
+    width = (sum(widths.values()) - remove) // len(widths) // multiple * multiple
+    if width < multiple:
+        raise LLMPruneError(f"--uniform at this ratio leaves fewer than {multiple} MLP neurons per layer",
+                            "lower --ratio, drop more whole layers (--layer-share), or give a smaller --uniform-multiple")
+    narrow = {i: w for i, w in widths.items() if w < width}
+    if narrow:
+        raise LLMPruneError(f"--uniform width {width} is wider than layer {next(iter(narrow))} already is "
+                            f"({next(iter(narrow.values()))} neurons)", "prune this model without --uniform")
+    return {i: width for i in widths}
+
+
 def error_allocation(widths: dict[int, int], remove: int, curves: dict[int, np.ndarray], min_keep: float) -> dict[int, int]:
     """Kept neurons per layer minimising Σ_layers curve_ℓ(k_ℓ) (relative refit error) for a total
     of `remove` removed neurons: greedy on the marginal error, each layer keeping at least
@@ -127,11 +141,12 @@ def error_allocation(widths: dict[int, int], remove: int, curves: dict[int, np.n
 
 def make_plan(layers: list, block_influence: list[float], ratio: float, n_drop: int,
               head_ratio: float | None = None, output_bias: bool = False,
-              curves: dict[int, np.ndarray] | None = None, min_keep: float = 0.25) -> Plan:
+              curves: dict[int, np.ndarray] | None = None, min_keep: float = 0.25,
+              uniform_multiple: int | None = None) -> Plan:
     """A plan removing `ratio` of the decoder parameters: n_drop whole layers, then query heads
     (if head_ratio), then MLP neurons for the rest. `output_bias`: the least-squares fit adds a
     bias to each pruned output projection, paid for from the budget. `layers`: modules or
-    LayerBudget records."""
+    LayerBudget records. `uniform_multiple`: every kept layer the same width, a multiple of it."""
     layers = [LayerBudget.of(l) for l in layers]
     total = sum(l.params for l in layers)
     target = ratio * total
@@ -159,7 +174,9 @@ def make_plan(layers: list, block_influence: list[float], ratio: float, n_drop: 
     widths = {i: layers[i].width for i in kept_layers}
     per_neuron = layers[kept_layers[0]].neuron_params
     remove = int(round(remaining / per_neuron))
-    if curves is not None:
+    if uniform_multiple:
+        plan.keep_neurons = uniform_width_counts(widths, max(remove, 0), uniform_multiple)
+    elif curves is not None:
         plan.keep_neurons = error_allocation(widths, remove, curves, min_keep)
     else:
         plan.keep_neurons = neuron_counts(widths, remove)

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from llmprune.artifact import PRECISIONS
 from llmprune.errors import LLMPruneError
-from llmprune.options import option, positive_float, vocab_size
+from llmprune.options import option, positive_float, positive_int, vocab_size
 
 from .methods import METHODS, PruningMethod, get_method, method_names
 
@@ -76,6 +76,12 @@ class CompressConfig:
     allocation: str | None = option(None, choices=ALLOCATIONS, default_text="error for comp, else uniform",
                                     help="neurons per layer: error (minimise the summed refit error of the layers, "
                                          "from their error curves) or uniform (the same fraction everywhere)")
+    uniform: bool = option(False, help="every kept layer keeps the same MLP width, a multiple of --uniform-multiple "
+                                       "(as Minitron prunes): what llama.cpp's Gemma-3 / Qwen graphs (one width for all "
+                                       "layers) and its K-quants (rows in blocks of 256) run fastest; the width is "
+                                       "rounded down, so at least --ratio is removed")
+    uniform_multiple: int = option(256, parse=positive_int, metavar="N",
+                                   help="--uniform: the kept MLP width is a multiple of N")
     low_memory: bool = option(False, help="load one decoder layer at a time from safetensors (needs a local "
                                           "safetensors folder and a --calib file)")
     seed: int = option(0, help="seed")
@@ -167,6 +173,9 @@ class CompressConfig:
 
     def _check_choices(self) -> None:
         get_method(self.method)  # raises the one-line error naming the choices
+        if self.uniform and self.allocation == "error":
+            raise LLMPruneError("--uniform keeps one MLP width for every layer; --allocation error gives each its own",
+                                "drop one of --uniform and --allocation error")
         for flag, value, choices in (("selection", self.selection, SELECTIONS), ("fit", self.fit, FIT_MODES),
                                      ("allocation", self.allocation, ALLOCATIONS)):
             if value is not None and value not in choices:
@@ -206,6 +215,8 @@ class CompressConfig:
 
     @property
     def effective_allocation(self) -> str:
+        if self.uniform:
+            return "uniform"
         return self.allocation if self.allocation is not None else self.pruning_method.allocation
 
     @property

@@ -46,7 +46,8 @@ def candidate_plans(calibration: Calibration, config: CompressConfig | None = No
     for n_drop in drop_counts(calibration.layers, cfg, can_search):
         try:
             plans.append(make_plan(calibration.layers, calibration.influence, cfg.ratio, n_drop, cfg.head_prune_ratio,
-                                   output_bias=cfg.uses_intercept, curves=curves, min_keep=cfg.min_keep))
+                                   output_bias=cfg.uses_intercept, curves=curves, min_keep=cfg.min_keep,
+                                   uniform_multiple=cfg.uniform_multiple if cfg.uniform else None))
         except LLMPruneError as exc:
             last_error = exc
             log.info("split with %d dropped layers skipped: %s", n_drop, exc)

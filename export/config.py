@@ -9,6 +9,12 @@ from llmprune.errors import LLMPruneError
 from llmprune.options import option, positive_float, positive_int
 
 QUANTIZE_MODES = ("none", "int8", "int4")
+FORMATS = ("onnx", "gguf")
+# --format gguf: written by the gguf package, or by llama.cpp's quantizer (its K-quant mixes).
+GGUF_WRITTEN = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_K_QUANTS = ("q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+GGUF_QUANTIZE = GGUF_WRITTEN + GGUF_K_QUANTS
+_ONNX_ONLY = ("ort", "genai")
 
 # Three short prompts for the greedy-generation parity check (any text the tokenizer can take).
 DEFAULT_PROMPTS = (
@@ -45,10 +51,17 @@ class ExportConfig:
     complete folder. Each field's help says what it does; `llmprune export` has one flag per field
     the CLI exposes (llmprune.options)."""
 
+    format: str = option(
+        "onnx", choices=FORMATS,
+        help="onnx (ONNX Runtime, Mobile, onnxruntime-genai; parity-checked against PyTorch) or gguf (llama.cpp and "
+             "ollama: one model-<type>.gguf per --quantize type, read back, and checked in llama.cpp where "
+             "llama-cpp-python is installed)")
     quantize: str | tuple[str, ...] = option(
-        "none", nargs="+", choices=QUANTIZE_MODES,
-        help="also write an int8 (block-wise 8-bit weights: MatMul and embedding) and/or int4 (block-wise 4-bit "
-             "MatMulNBits for the decoder layers; the vocabulary table in --table-bits) model, each in its sub-folder")
+        "none", nargs="+", choices=QUANTIZE_MODES + GGUF_QUANTIZE,
+        help="onnx: also write an int8 (block-wise 8-bit weights: MatMul and embedding) and/or int4 (block-wise 4-bit "
+             "MatMulNBits for the decoder layers; the vocabulary table in --table-bits) model, each in its sub-folder; "
+             "gguf: the file types to write (none = f32; f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 by the gguf package; "
+             "K-quants such as q4_k_m by llama.cpp's quantizer, which needs llama-cpp-python)")
     block_size: int = option(32, parse=positive_int, help="int8/int4 block size")
     quantize_embedding: bool = option(
         True, help="int8/int4: quantize the embedding lookup table too (--no-quantize-embedding keeps it in fp32; "
@@ -88,11 +101,18 @@ class ExportConfig:
     overwrite: bool = option(False, help="replace a non-empty --out")
 
     def __post_init__(self):
+        if self.format not in FORMATS:
+            raise LLMPruneError(f"unknown export format '{self.format}'", f"use one of: {', '.join(FORMATS)}")
         modes = (self.quantize,) if isinstance(self.quantize, str) else tuple(self.quantize)
+        allowed = QUANTIZE_MODES if self.format == "onnx" else ("none",) + GGUF_QUANTIZE
         for mode in modes:
-            if mode not in QUANTIZE_MODES:
-                raise LLMPruneError(f"unknown quantization '{mode}'", f"use one of: {', '.join(QUANTIZE_MODES)}")
-        if "none" in modes and len(modes) > 1:
+            if mode not in allowed:
+                raise LLMPruneError(f"--format {self.format} has no quantization '{mode}'", f"use one of: {', '.join(allowed)}")
+        onnx_only = [name for name in _ONNX_ONLY if getattr(self, name)]
+        if self.format == "gguf" and onnx_only:
+            raise LLMPruneError(f"--{onnx_only[0]} is for ONNX files, not --format gguf",
+                                f"drop --{onnx_only[0]}, or export ONNX")
+        if "none" in modes and len(modes) > 1 and self.format == "onnx":
             raise LLMPruneError("quantization 'none' cannot be combined with other modes", "give none, or int8 and/or int4")
         self.quantize = modes[0] if len(modes) == 1 else modes
         if self.accuracy_level == 0:  # 0 means "unset": onnxruntime's own default
@@ -111,6 +131,9 @@ class ExportConfig:
 
     @property
     def modes(self) -> tuple[str, ...]:
-        """The quantized variants to write (none, one or both of int8 and int4), each in its sub-folder."""
+        """onnx: the quantized variants to write (none, one or both of int8 and int4), each in its
+        sub-folder; gguf: the file types to write (none is f32)."""
         modes = (self.quantize,) if isinstance(self.quantize, str) else self.quantize
+        if self.format == "gguf":
+            return tuple(dict.fromkeys("f32" if m == "none" else m for m in modes))
         return tuple(dict.fromkeys(m for m in modes if m != "none"))

@@ -22,8 +22,9 @@ from llmprune.memory import peak_rss_mb, release_freed_memory, reset_peak_rss, w
 from llmprune.model_card import CARD_FILE, card_text
 from llmprune.paths import check_writable_output, find_write_error, write_error
 
-from .config import DEFAULT_EVAL_TEXT, ExportConfig
+from .config import DEFAULT_EVAL_TEXT, GGUF_K_QUANTS, ExportConfig
 from .genai import convert_to_ort, write_genai_config
+from .gguf_export import check_gguf_request, export_gguf
 from .onnx import MODEL_FILE, check_opset, export_fp32, folder_size
 from .parity import TorchReference, fixed_inputs, generation_parity, logit_parity, perplexities, prompt_ids
 from .quantize import quantize
@@ -71,7 +72,9 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
     (README.md); `source`: the model spec it was loaded from, for the card. `release_model`
     frees the model's weights (moved to the meta device: the model is unusable afterwards) once
     the ONNX file is written and PyTorch's side of the checks is taken, so that no ONNX Runtime
-    session or quantizer holds its copy of the weights beside them (`export_checkpoint` does)."""
+    session or quantizer holds its copy of the weights beside them (`export_checkpoint` does).
+    With `config.format == "gguf"` it writes GGUF files for llama.cpp instead (export/gguf_export.py;
+    a non-uniform Gemma-3 or Qwen model is zero-padded in place first, which changes no output)."""
     config = config or ExportConfig()
     if out is None:
         raise LLMPruneError("no output folder given", "pass out=... (--out)")
@@ -81,6 +84,8 @@ def export_onnx(model, config: ExportConfig | None = None, out: str | os.PathLik
     check_opset(config.opset)
     model.eval()
     try:
+        if config.format == "gguf":
+            return _export_gguf(model, config, out, tokenizer, eval_texts, source)
         return _export(model, config, out, tokenizer, eval_texts, source, release_model)
     except LLMPruneError:
         raise
@@ -149,14 +154,28 @@ def _export(model, config: ExportConfig, out, tokenizer, eval_texts, source: str
     return ExportResult(Path(out), report)
 
 
+def _export_gguf(model, config: ExportConfig, out, tokenizer, eval_texts, source: str | None) -> ExportResult:
+    """--format gguf: PyTorch's side of the checks, then the files (export/gguf_export.py)."""
+    report: dict = {"source": source, "format": "gguf", "model": _model_facts(model),
+                    "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
+                    "variants": {}, "_start": time.perf_counter()}
+    check_gguf_request(model, config, tokenizer)
+    total = 1 + 2 * len(config.modes) + any(k in GGUF_K_QUANTS for k in config.modes)
+    with _Steps(config, total) as step:
+        with step("run PyTorch on the parity inputs (perplexity, greedy tokens)"):
+            checks = _ParityInputs.build(model, tokenizer, eval_texts, config)
+        export_gguf(model, config, out, tokenizer, checks, source, step, report)
+    return ExportResult(Path(out), report)
+
+
 class _Steps:
     """The export's long steps as they happen: a progress bar over the planned steps (the current
     one named), and each step's time in the log."""
 
-    def __init__(self, config: ExportConfig) -> None:
+    def __init__(self, config: ExportConfig, total: int | None = None) -> None:
         from tqdm import tqdm
 
-        total = 3 + len(config.modes) + bool(config.genai) + (1 + len(config.modes)) * bool(config.ort)
+        total = total or 3 + len(config.modes) + bool(config.genai) + (1 + len(config.modes)) * bool(config.ort)
         self.bar = tqdm(total=total, desc="export", unit="step", disable=None)
         self.record: list[dict] = []      # each step's seconds and the RSS high-water mark within it
         self.peak_before = peak_rss_mb()  # resetting the high-water mark per step also resets the process's
@@ -301,7 +320,8 @@ def export_checkpoint(spec, config: ExportConfig | None = None, out=None, eval_d
     model, tokenizer = load(spec, dtype=torch.float32)
     _warn_off_plan(spec, config)
     texts = load_texts(eval_data) if eval_data else None
-    return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts, source=str(spec), release_model=True)
+    return export_onnx(model, config, out, tokenizer=tokenizer, eval_texts=texts, source=str(spec),
+                       release_model=config.format == "onnx")
 
 
 def _warn_off_plan(spec, config: ExportConfig) -> None:

@@ -116,3 +116,33 @@ def test_max_droppable(layers):
     assert max_droppable(layers, 0.25) == 1
     assert max_droppable(layers, 0.74) == 2
     assert max_droppable(layers, 0.99) == 3  # never all of them
+
+
+@pytest.mark.parametrize("ratio,n_drop", [(0.1, 0), (0.2, 0), (0.37, 0), (0.37, 1), (0.5, 1)])  # a layer is 25%
+def test_uniform_plan_keeps_one_width_in_multiples_and_meets_the_ratio(layers, ratio, n_drop):
+    total = sum(layer_params(l) for l in layers)
+    plan = make_plan(layers, [0.0, 0.3, 0.1, 0.2], ratio, n_drop, uniform_multiple=32)
+    widths = set(plan.keep_neurons.values())
+    assert len(widths) == 1 and next(iter(widths)) % 32 == 0
+    removed = sum(layer_params(layers[i]) for i in plan.drop)
+    removed += sum((128 - k) * neuron_params(layers[0]) for k in plan.keep_neurons.values())
+    assert removed >= ratio * total - neuron_params(layers[0]) / 2  # rounded down: at least the ratio is removed
+    assert removed - ratio * total < 32 * len(plan.keep_neurons) * neuron_params(layers[0])  # by less than one step
+
+
+def test_uniform_plan_refusals(layers):
+    with pytest.raises(LLMPruneError, match="fewer than 256 MLP neurons per layer.*--uniform-multiple"):
+        make_plan(layers, [0.0, 0.3, 0.1, 0.2], 0.2, 0, uniform_multiple=256)  # the tiny model is 128 wide
+
+
+def test_compress_uniform_writes_uniform_widths(tok, calib_texts, small_config):
+    from llmprune.compress import compress
+    from llmprune.export.gguf_layout import layer_widths
+
+    result = compress(tiny_model("gemma3_text"), small_config(ratio=0.3, uniform=True, uniform_multiple=32),
+                      tokenizer=tok, calib=calib_texts)
+    widths = {w.intermediate for w in layer_widths(result.model)}
+    assert len(widths) == 1 and next(iter(widths)) % 32 == 0
+    assert 0.3 - 0.01 <= result.report["ratio_achieved"] < 0.45  # rounded down to a multiple: a little more removed
+    with pytest.raises(LLMPruneError, match="--uniform keeps one MLP width"):
+        small_config(uniform=True, allocation="error")

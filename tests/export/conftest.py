@@ -19,8 +19,9 @@ PRUNED_LAYERS = [(96, 2, False), (40, 4, True), (128, 2, False)]
 LAYER_MAP = [0, 2, 3]
 
 
-def pruned_tiny_model(arch: str, seed: int = 0):
-    """A tiny model of `arch` with pruned shapes, randomly initialised (eval mode, float32)."""
+def pruned_tiny_model(arch: str, seed: int = 0, biases: bool = True):
+    """A tiny model of `arch` with pruned shapes, randomly initialised (eval mode, float32);
+    biases=False: no least-squares output biases (what llama.cpp's Gemma-3 and Qwen graphs take)."""
     from transformers import AutoModelForCausalLM
 
     overrides = {"num_hidden_layers": 3}
@@ -30,7 +31,7 @@ def pruned_tiny_model(arch: str, seed: int = 0):
     config.llmprune = {
         "format_version": 1,
         "layers": [{"intermediate_size": w, "num_attention_heads": h, "mlp_out_bias": b, "attn_out_bias": b}
-                   for w, h, b in PRUNED_LAYERS],
+                   for w, h, b in ((w, h, b and biases) for w, h, b in PRUNED_LAYERS)],
         "layer_map": LAYER_MAP, "original_num_hidden_layers": 4,
     }
     torch.manual_seed(seed)

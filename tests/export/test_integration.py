@@ -61,3 +61,13 @@ def test_pruned_gemma_exports_fp32_int8_int4(shared_data, tmp_path):
     assert ids[0] == tok.bos_token_id == 2
     assert genai.encode("The capital of France is") == ids
     assert genai.generate(ids, 6) == lm.generate(ids, 6)
+    # The same non-uniform model as GGUF for llama.cpp: padded to its widest layer (exact), f16.
+    gguf = export_onnx(model, ExportConfig(format="gguf", quantize="f16", parity_tokens=8, eval_windows=2,
+                                           eval_seq_len=64), tmp_path / "gguf", tokenizer=tok, eval_texts=[text]).report
+    f16 = gguf["variants"]["f16"]
+    assert gguf["gguf"]["architecture"] == "gemma3" and gguf["gguf"]["padded"]
+    assert gguf["gguf"]["widths"]["intermediate"] == [2048] * 17 and gguf["gguf"]["widths"]["query_heads"] == [4] * 17
+    assert f16["read_back"]["max_rel_diff"] < 1e-3 and f16["bytes"] < 0.6e9
+    if f16["llama_cpp"] is not None:  # llama.cpp installed (scripts/llama_cpp.sh; CI does)
+        assert abs(f16["llama_cpp"]["perplexity_change_vs_torch"]) < 0.01
+        assert any(p["equal"] for p in f16["llama_cpp"]["prompts"])
