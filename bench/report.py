@@ -601,3 +601,72 @@ def _plot_deploy(rows: dict, path: Path) -> Path | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _agreement(equal, engine: str) -> str:
+    if engine != "llama.cpp" or equal is None:
+        return "—"
+    return "yes (20,000 chars of Python docs)" if equal else "no"
+
+
+def _gguf_artifacts(setup: dict, steps: dict) -> str:
+    """Each compressed artifact: its flags and what came out (widths, token ids, padded in the GGUF)."""
+    parts = []
+    for name, flags in (setup.get("artifacts") or {}).items():
+        if flags is None:
+            continue
+        widths = (steps.get(f"compress:{name}") or {}).get("widths") or []
+        vocab = (steps.get(f"measure:{name}:llama.cpp") or {}).get("vocab_size")
+        padded = (steps.get(f"export:{name}:llama.cpp") or {}).get("padded")
+        shape = (f"{len(widths)} layers of MLP width {widths[0]}" if len(set(widths)) == 1 else
+                 f"{len(widths)} layers, MLP widths {min(widths)}–{max(widths)}") if widths else "not run"
+        parts.append(f"{name} (`{' '.join(flags)}`: {shape}, {vocab} token ids"
+                     f"{'; zero-padded to its widest layer in the GGUF' if padded else ''})")
+    return "; ".join(parts)
+
+
+def render_gguf(results: dict, docs: Path) -> None:
+    """The gguf section of docs/benchmarks.md (bench/side_by_side.py): llama.cpp Q4_K_M against ONNX int4."""
+    setup, steps, summary = results.get("setup", {}), results.get("steps", {}), results.get("summary", {})
+    rows, targets, m, mib = summary.get("rows", {}), summary.get("targets", {}), setup.get("measure", {}), 2**20
+    loads = [s["load_avg_before"][0] for k, s in steps.items() if k.startswith("measure:") and s.get("load_avg_before")]
+    version = next((s.get("llama_cpp") for k, s in steps.items() if k.endswith(":llama.cpp") and s.get("llama_cpp")), None)
+    lines = ["## gguf: our artifacts in llama.cpp (Q4_K_M) and ONNX Runtime (int4) against the dense Q4_K_M", "",
+             "The packaged Gemma-3-270M Q4_K_M GGUF against our artifacts exported with `llmprune export --format gguf "
+             "--quantize q4_k_m` (llama.cpp's quantizer, llama-cpp-python " f"{version}) and `--quantize int4` (ONNX), "
+             f"compressed with calibration {setup.get('calib')} and the vocabulary ranked as in the deploy section: "
+             f"{_gguf_artifacts(setup, steps)}. Each measured in a fresh process with {m.get('threads')} threads "
+             f"({setup.get('cpu_count')}-core machine; 1-minute load average "
+             f"{_fmt(min(loads) if loads else None, '.1f')}–{_fmt(max(loads) if loads else None, '.1f')} before the "
+             f"measurements): greedy decode of {m.get('decode_tokens')} new tokens after a {m.get('decode_prompt')}-token "
+             f"prompt (median of {m.get('decode_runs')}), bytes/s = tokens/s × the artifact's bytes per token on Python "
+             f"docs; bits per byte on {m.get('windows')}×{m.get('seq_len')} windows (+BOS) of each text, tokenized by the "
+             "artifact's own tokenizer (its ids are given to llama.cpp as they are; the last column says whether "
+             "llama.cpp's own tokenizer, from the file's fields, splits text the same way). Change columns are against "
+             "the dense Q4_K_M file in llama.cpp.", "",
+             "| artifact | engine | file MiB | size vs dense Q4_K_M | decode tok/s | decode bytes/s (vs dense) | "
+             "bpb WikiText-2 | bpb Python docs (vs dense) | bpb Python source | peak RSS MiB | llama.cpp splits text as ours |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows.values():
+        bpb, change = r["bits_per_byte"], r["bpb_change_vs_dense_q4_k_m"].get("pydocs")
+        speed = r.get("decode_bytes_per_s_vs_dense_q4_k_m")
+        dense = r["artifact"] == "dense"
+        size = "—" if dense else _fmt(r.get("size_vs_dense_q4_k_m"), ".0%")
+        speed_vs = "" if dense or speed is None else f" ({speed:.2f}×)"
+        bpb_vs = "" if dense or change is None else f" ({change:+.1%})"
+        file_mib = r["file_bytes"] / mib if r.get("file_bytes") else None
+        lines.append(
+            f"| {r['artifact']} | {r['engine']} | {_fmt(file_mib, '.1f')} | {size} | "
+            f"{_fmt(r.get('decode_tokens_per_s'), '.1f')} | "
+            f"{_fmt(r.get('decode_bytes_per_s'), '.0f')}{speed_vs} | {_fmt(bpb.get('wikitext2'), '.3f')} | "
+            f"{_fmt(bpb.get('pydocs'), '.3f')}{bpb_vs} | {_fmt(bpb.get('python_source'), '.3f')} | "
+            f"{_fmt(r.get('peak_rss_mb'), '.0f')} | {_agreement(r.get('tokenizer_equal'), r['engine'])} |")
+    if targets:
+        lines += ["", "Targets of issue 22 for vocab-64k as Q4_K_M in llama.cpp (computed, not asserted):", "",
+                  "| target | goal | vocab-64k |", "|---|---|---|"]
+        for k, t in targets.items():
+            x = t.get("value")
+            shown = "—" if x is None else (f"{x:+.1%}" if k.startswith("bpb") else f"{x:.2f}×" if "bytes" in k else f"{x:.2f}")
+            verdict = "" if t.get("met") is None else (" ✅ met" if t["met"] else " ❌ not met")
+            lines.append(f"| {t['what']} | {t['target']} | {shown}{verdict} |")
+    _replace_section(docs / "benchmarks.md", "gguf", "\n".join(lines))

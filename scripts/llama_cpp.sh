@@ -20,12 +20,15 @@ if [ ! -f "$cache/lib/.complete" ]; then
   tar xzf "$sdist" -C "$work"
   src=$work/llama_cpp_python-$VERSION/vendor/llama.cpp
   echo "building llama.cpp's libraries (llama-cpp-python $VERSION) into $cache/lib ..." >&2
+  # $ORIGIN: each library finds the others beside it wherever the folder is copied (not in the build tree).
   cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+    -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DCMAKE_BUILD_RPATH='$ORIGIN' \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
   cmake --build "$work/build" -j"$(nproc)" --target llama >/dev/null
   rm -rf "$cache/lib" && mkdir -p "$cache/lib"
   cp -P "$work/build/bin/"*.so* "$cache/lib/"
   touch "$cache/lib/.complete"
+  rm -rf "$work"
 fi
 if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSION')" 2>/dev/null; then
   # The binding alone (LLAMA_BUILD=OFF); its runtime needs (numpy, diskcache, jinja2) from the registry.
@@ -33,4 +36,5 @@ if ! "$VPY" -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$VERSI
 fi
 site=$("$VPY" -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llama_cpp').origin))")
 mkdir -p "$site/lib" && cp -P "$cache/lib/"*.so* "$site/lib/"
+rm -f "$site/lib/"libllama-common*  # a library of llama.cpp's tools, not the binding's
 "$VPY" -c "import llama_cpp; print('llama.cpp ready: llama-cpp-python', llama_cpp.__version__)" >&2

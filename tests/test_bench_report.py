@@ -126,3 +126,13 @@ def test_the_recorded_results_render(tmp_path, name):
     getattr(report, f"render_{name}")(results, tmp_path)
     assert (tmp_path / "img" / ("compress_ppl.png" if name == "compress" else "deploy.png")).is_file()
     assert f"<!-- {name}:begin -->" in (tmp_path / "benchmarks.md").read_text()
+
+
+def test_the_recorded_gguf_results_render(tmp_path):
+    """bench/side_by_side.py's results render: every measured row, the artifacts as compressed, the targets."""
+    results = json.loads((REPO / "bench" / "results" / "gguf.json").read_text())
+    report.render_gguf(results, tmp_path)
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "<!-- gguf:begin -->" in text and "| vocab-64k | llama.cpp |" in text and "| dense | llama.cpp |" in text
+    assert text.count("| onnx-int4 |") == sum(k.endswith(":onnx-int4") and k.startswith("measure:") for k in results["steps"])
+    assert "18 layers of MLP width 1280" in text and "✅ met" in text

@@ -40,7 +40,9 @@ def test_the_readme_python_examples_run_as_written(readme_examples):
 # The tour runs on a tiny random model wherever a command takes a model; these are the only other
 # changes to the commands as written, each because a tiny model cannot take the written value.
 TINY_MODEL_NAMES = ("gemma-3-270m", "path/to/hf-folder")
-TINY_VALUES = {("--vocab", "32000"): "300"}        # the tiny model has 320 token ids (259 always kept)
+TINY_VALUES = {("--vocab", "32000"): "300",        # the tiny model has 320 token ids (259 always kept)
+               ("--uniform-multiple", "256"): "32",  # its MLP is 128 wide
+               ("--quantize", "q4_k_m"): "q8_0"}     # no weight of 64-wide rows fits a K-quant's 256-blocks
 TAKES_A_MODEL = {"compress": "--model", "eval": "--model", "info": None}
 
 
@@ -139,9 +141,11 @@ def test_the_readme_tour_runs_top_to_bottom(tmp_path, shared_data):
         assert done.returncode == 0, f"llmprune {' '.join(command)}\n{done.stderr[-3000:]}"
         if command[0] == "export":    # its summary: each variant's size and quality, then time, peak RSS, where
             last = done.stdout.strip().splitlines()[-1]
-            assert re.fullmatch(r"\d+ s, peak RSS \d+ MiB -> onnx/?", last), done.stdout
-            assert "bits/byte" in done.stdout and "of fp32" in done.stdout
+            assert re.fullmatch(r"\d+ s, peak RSS \d+ MiB -> (onnx|gguf)/?", last), done.stdout
+            expected = ["read back"] if "gguf" in command else ["bits/byte", "of fp32"]
+            assert all(word in done.stdout for word in expected), done.stdout
     assert (work / "onnx" / "int4").is_dir() and (work / "recovered" / "metrics.json").is_file()
+    assert (work / "gguf" / "model-f16.gguf").is_file()
 
 
 def check_parses(command: list[str]) -> None:
