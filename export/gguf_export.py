@@ -17,6 +17,7 @@ from llmprune.errors import LLMPruneError
 
 from .config import ExportConfig
 from .gguf import LLAMA_CPP_TYPES, check_block_rows, plan_layout, read_back, write_gguf
+from .gguf_layout import GGUFLayout, pad_to_widest
 from .gguf_vocab import vocab_fields
 from .llama_cpp import LlamaCppModel, llama_cpp_module, llama_cpp_version, quantize_file, require_quantizer
 
@@ -31,25 +32,34 @@ def gguf_file(kind: str) -> str:
     return f"model-{kind}.gguf"
 
 
-def check_gguf_request(model, config: ExportConfig, tokenizer) -> None:
-    """Everything that would stop the GGUF export, before any slow work: one line each."""
+def prepare_gguf(model, config: ExportConfig, tokenizer) -> GGUFLayout:
+    """Before any slow work: pad the model in place where its llama.cpp architecture needs one
+    width (exact: no output changes), then check everything that would stop the export, one line
+    each (block sizes are checked on the padded widths, which are what the file stores). Returns
+    the layout the checkpoint had."""
     if tokenizer is None:
         raise LLMPruneError("a GGUF file carries its tokenizer, and this checkpoint has none",
                             "export a checkpoint folder saved with its tokenizer")
-    plan_layout(model)
+    layout = plan_layout(model)
     vocab_fields(tokenizer, int(model.get_input_embeddings().weight.shape[0]))
     for kind in config.modes:
-        check_block_rows(model, kind)
         if kind in LLAMA_CPP_TYPES:
             require_quantizer(kind)
+    if layout.pad:
+        pad_to_widest(model)
+        log.info("padded the layers to %d MLP neurons and %d query heads (exact; llama.cpp's %s graph takes one width)",
+                 max(layout.per_layer("intermediate")), plan_layout(model).widths[0].query_heads, layout.arch)
+    for kind in config.modes:
+        check_block_rows(model, kind)
+    return layout
 
 
-def export_gguf(model, config: ExportConfig, out, tokenizer, checks, source: str | None, steps, report: dict) -> dict:
+def export_gguf(model, config: ExportConfig, out, tokenizer, checks, source: str | None, steps, report: dict,
+                layout: GGUFLayout) -> dict:
     """Write, read back and check the GGUF files of `config.modes` into `out` (atomically);
-    `checks`: the PyTorch reference (windows, greedy prompts) built by the export pipeline."""
-    check_gguf_request(model, config, tokenizer)
+    `checks`: the PyTorch reference (windows, greedy prompts) built by the export pipeline;
+    `layout`: the checkpoint's, from `prepare_gguf` (which padded the model where needed)."""
     kinds = config.modes
-    layout = plan_layout(model)
     report["gguf"] = {"architecture": layout.arch, "padded": layout.pad, "uniform": layout.uniform,
                       "llama_cpp": llama_cpp_version(), "widths_before_padding": _widths(layout)}
     with atomic_output_dir(out, config.overwrite, marker="export_report.json") as tmp:

@@ -24,7 +24,7 @@ from llmprune.paths import check_writable_output, find_write_error, write_error
 
 from .config import DEFAULT_EVAL_TEXT, GGUF_K_QUANTS, ExportConfig
 from .genai import convert_to_ort, write_genai_config
-from .gguf_export import check_gguf_request, export_gguf
+from .gguf_export import export_gguf, prepare_gguf
 from .onnx import MODEL_FILE, check_opset, export_fp32, folder_size
 from .parity import TorchReference, fixed_inputs, generation_parity, logit_parity, perplexities, prompt_ids
 from .quantize import quantize
@@ -159,12 +159,12 @@ def _export_gguf(model, config: ExportConfig, out, tokenizer, eval_texts, source
     report: dict = {"source": source, "format": "gguf", "model": _model_facts(model),
                     "config": {k: v for k, v in config.__dict__.items() if k not in ("overwrite", "threads")},
                     "variants": {}, "_start": time.perf_counter()}
-    check_gguf_request(model, config, tokenizer)
+    layout = prepare_gguf(model, config, tokenizer)
     total = 1 + 2 * len(config.modes) + any(k in GGUF_K_QUANTS for k in config.modes)
     with _Steps(config, total) as step:
         with step("run PyTorch on the parity inputs (perplexity, greedy tokens)"):
             checks = _ParityInputs.build(model, tokenizer, eval_texts, config)
-        export_gguf(model, config, out, tokenizer, checks, source, step, report)
+        export_gguf(model, config, out, tokenizer, checks, source, step, report, layout)
     return ExportResult(Path(out), report)
 
 

@@ -213,3 +213,13 @@ def test_k_quant_file_is_smaller_and_close(tok, tmp_path):
     # (greedy equality is checked on f32 above: f16 rounding may flip a random tiny model's near ties)
     assert abs(f16["llama_cpp"]["perplexity_change_vs_torch"]) < 0.01
     assert abs(q4["llama_cpp"]["perplexity_change_vs_torch"]) < 0.1
+
+
+def test_block_sizes_are_checked_on_the_padded_widths(tok, tmp_path):
+    """A Gemma-3 layer 40 neurons wide is stored 128 wide after padding: q8_0's 32-blocks fit."""
+    model = pruned_tiny_model("gemma3_text", biases=False)
+    config = ExportConfig(format="gguf", quantize="q8_0", threads=1, eval_windows=2, eval_seq_len=32)
+    report = export_onnx(model, config, tmp_path / "out", tokenizer=tok).report
+    assert report["gguf"]["padded"] and report["gguf"]["widths_before_padding"]["intermediate"] == [96, 40, 128]
+    assert report["gguf"]["widths"]["intermediate"] == [128, 128, 128]
+    assert report["variants"]["q8_0"]["read_back"]["max_rel_diff"] < 0.02
