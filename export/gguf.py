@@ -18,7 +18,7 @@ from torch import nn
 from llmprune.errors import LLMPruneError
 
 from .config import GGUF_K_QUANTS, GGUF_WRITTEN
-from .gguf_layout import GGUFLayout, interleave_rope_rows, pad_to_widest, plan_layout
+from .gguf_layout import GGUFLayout, interleave_rope_rows, pad_for_llama_cpp, plan_layout
 from .gguf_vocab import vocab_fields, write_vocab
 
 log = logging.getLogger(__name__)
@@ -152,14 +152,8 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, kind: str = "f32", name:
 
     if kind not in WRITTEN_TYPES:
         raise LLMPruneError(f"the gguf package does not write {kind}", f"use one of {', '.join(WRITTEN_TYPES)}")
+    pad_for_llama_cpp(model)
     layout = plan_layout(model)
-    if layout.pad:
-        before = layout.widths
-        pad_to_widest(model)
-        layout = plan_layout(model)
-        log.info("padded %d layers to %d MLP neurons and %d query heads (exact; llama.cpp's %s graph needs one width)",
-                 sum(a != b for a, b in zip(before, layout.widths)), layout.widths[0].intermediate,
-                 layout.widths[0].query_heads, layout.arch)
     check_block_rows(model, kind)
     rows = int(model.get_input_embeddings().weight.shape[0])
     fields = vocab_fields(tokenizer, rows)

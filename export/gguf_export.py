@@ -17,7 +17,7 @@ from llmprune.errors import LLMPruneError
 
 from .config import ExportConfig
 from .gguf import LLAMA_CPP_TYPES, check_block_rows, plan_layout, read_back, write_gguf
-from .gguf_layout import GGUFLayout, pad_to_widest
+from .gguf_layout import GGUFLayout, pad_for_llama_cpp
 from .gguf_vocab import vocab_fields
 from .llama_cpp import LlamaCppModel, llama_cpp_module, llama_cpp_version, quantize_file, require_quantizer
 
@@ -40,15 +40,12 @@ def prepare_gguf(model, config: ExportConfig, tokenizer) -> GGUFLayout:
     if tokenizer is None:
         raise LLMPruneError("a GGUF file carries its tokenizer, and this checkpoint has none",
                             "export a checkpoint folder saved with its tokenizer")
-    layout = plan_layout(model)
+    plan_layout(model)  # refuses what llama.cpp cannot run before the slower checks
     vocab_fields(tokenizer, int(model.get_input_embeddings().weight.shape[0]))
     for kind in config.modes:
         if kind in LLAMA_CPP_TYPES:
             require_quantizer(kind)
-    if layout.pad:
-        pad_to_widest(model)
-        log.info("padded the layers to %d MLP neurons and %d query heads (exact; llama.cpp's %s graph takes one width)",
-                 max(layout.per_layer("intermediate")), plan_layout(model).widths[0].query_heads, layout.arch)
+    layout = pad_for_llama_cpp(model)
     for kind in config.modes:
         check_block_rows(model, kind)
     return layout

@@ -12,6 +12,7 @@ o_proj columns are zero). Exact, at the compute cost of the widest layer."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 
 from llmprune.arch import adapter_for
 from llmprune.errors import LLMPruneError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,17 @@ def pad_to_widest(model: nn.Module) -> list[LayerWidths]:
         spec["layers"] = [{**s, "intermediate_size": n.intermediate, "num_attention_heads": n.query_heads}
                           for s, n in zip(spec["layers"], new)]
     return list(new)
+
+
+def pad_for_llama_cpp(model: nn.Module) -> GGUFLayout:
+    """Pad the model in place where its llama.cpp architecture needs one width (exact); returns
+    the layout the model had before."""
+    layout = plan_layout(model)
+    if layout.pad:
+        widths = pad_to_widest(model)
+        log.info("padded the layers to %d MLP neurons and %d query heads (exact; llama.cpp's %s graph takes one width)",
+                 widths[0].intermediate, widths[0].query_heads, layout.arch)
+    return layout
 
 
 def interleave_rope_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
