@@ -297,7 +297,7 @@ def render_export(results: dict, docs: Path) -> None:
              "machine; the exports, the PyTorch rows and the 1-thread table ran while other jobs shared the cores "
              "(1-minute load averages per step below; those timings are inflated). Peak RSS is of the measuring process "
              "(model load, the tokenized evaluation text and a 512-token prefill included). The ONNX graph "
-             "(optimum's layout) and PyTorch compute the logits of every prompt position in the prefill — "
+             "(the text-generation-with-past layout) and PyTorch compute the logits of every prompt position in the prefill — "
              "512 × 262k LM-head products, more work than the decoder layers — while llama.cpp computes the "
              "last position's only. llama.cpp (llama-cpp-python, built here from source) runs without its extra CPU "
              "buffer types (AMX and weight repacking), whose AMX kernel segfaults on this VM; its peak RSS includes "

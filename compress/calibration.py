@@ -16,14 +16,20 @@ from torch import nn
 
 from llmprune.arch import adapter_for, base_model
 
-# Gemma-3 decoder layers return a tuple; the other supported families return the tensor.
-_TUPLE_OUTPUT = {"gemma3_text"}
+
+class _StackDone(Exception):
+    """Raised by the last catcher: nothing after the decoder stack needs to run."""
 
 
 class _Catcher(nn.Module):
-    def __init__(self, index: int, attention_type: str | None, returns_tuple: bool, store: dict):
+    """Stands in for decoder layer `index` and records its call. Returns the hidden states as they
+    came: the stack's loop reads a tensor (transformers 5) or takes `[0]` of what a layer returned
+    (Gemma-3 under 4.5x), and either way only the catcher of layer 0 keeps what it receives; the
+    last catcher ends the pass."""
+
+    def __init__(self, index: int, attention_type: str | None, last: bool, store: dict):
         super().__init__()
-        self.index, self.attention_type, self.returns_tuple, self.store = index, attention_type, returns_tuple, store
+        self.index, self.attention_type, self.last, self.store = index, attention_type, last, store
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
@@ -35,17 +41,19 @@ class _Catcher(nn.Module):
             kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
             kwargs["use_cache"] = False
             captured[self.index] = kwargs
-        return (hidden_states,) if self.returns_tuple else hidden_states
+        if self.last:
+            raise _StackDone
+        return hidden_states
 
 
 @contextmanager
 def _catchers(model: nn.Module, store: dict):
     base = base_model(model)
     original = base.layers
-    types = adapter_for(model).layer_types(model.config)
-    tuple_out = model.config.model_type in _TUPLE_OUTPUT
+    adapter = adapter_for(model)
+    types = adapter.layer_types(model.config)
     base.layers = nn.ModuleList(
-        _Catcher(i, types[i] if types else getattr(layer, "attention_type", None), tuple_out, store)
+        _Catcher(i, types[i] if types else adapter.attention_kind(layer), i == len(original) - 1, store)
         for i, layer in enumerate(original)
     )
     try:
@@ -69,13 +77,20 @@ def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 
     store: dict = {}
     base = base_model(model)
     with torch.inference_mode(), _catchers(model, store):
-        base(input_ids=input_ids[:1], use_cache=False)
+        _run_stack(base, input_ids[:1])
         kwargs = store["kwargs"]
         hidden = [store["hidden"]]
         for start in range(1, input_ids.shape[0], batch_size):
-            base(input_ids=input_ids[start : start + batch_size], use_cache=False)
+            _run_stack(base, input_ids[start : start + batch_size])
             hidden.append(store["hidden"])
     return LayerStream(hidden=torch.cat(hidden).clone(), layer_kwargs=kwargs, batch_size=batch_size)
+
+
+def _run_stack(base: nn.Module, input_ids: torch.Tensor) -> None:
+    try:
+        base(input_ids=input_ids, use_cache=False)
+    except _StackDone:
+        pass
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 4) -> torch.Tensor:

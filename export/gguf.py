@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmprune.arch import rope_parameters
 from llmprune.errors import LLMPruneError
 
 from .config import GGUF_K_QUANTS, GGUF_WRITTEN
@@ -79,21 +80,21 @@ def _hparams(writer, model: nn.Module, layout: GGUFLayout, rows: int, kind: str)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_layer_norm_rms_eps(float(c.rms_norm_eps))
-    writer.add_rope_freq_base(float(c.rope_theta))
+    rope = rope_parameters(c)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_vocab_size(rows)
-    _rope_scaling(writer, c)
+    _rope_scaling(writer, rope)
     if layout.arch == "gemma3":
         _gemma3(writer, c, head_dim)
     writer.add_file_type(getattr(gguf.LlamaFileType, WRITTEN_TYPES.get(kind, WRITTEN_TYPES["f32"])[1]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _rope_scaling(writer, config) -> None:
+def _rope_scaling(writer, scaling: dict) -> None:
     import gguf
 
-    scaling = getattr(config, "rope_scaling", None) or {}
-    kind = scaling.get("rope_type", scaling.get("type"))
-    if kind in (None, "default"):
+    kind = scaling["rope_type"]
+    if kind == "default":
         return
     if kind != "linear":
         raise LLMPruneError(f"the GGUF writer does not write rope scaling '{kind}'",
@@ -114,7 +115,7 @@ def _gemma3(writer, config, head_dim: int) -> None:
     if getattr(config, "sliding_window", None):
         writer.add_sliding_window(int(config.sliding_window))
         writer.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
-        writer.add_rope_freq_base_swa(float(config.rope_local_base_freq))
+        writer.add_rope_freq_base_swa(float(rope_parameters(config, "sliding_attention")["rope_theta"]))
     if getattr(config, "final_logit_softcapping", None):
         writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
 

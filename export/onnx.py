@@ -1,4 +1,5 @@
-"""ONNX export of an in-memory (pruned) causal LM through optimum-onnx, tied weights stored once."""
+"""ONNX export of an in-memory (pruned) causal LM (the graph traced by export/decoder_graph.py), tied
+weights stored once."""
 
 from __future__ import annotations
 
@@ -27,36 +28,15 @@ from .weights import (
 
 log = logging.getLogger(__name__)
 
-TASK = "text-generation-with-past"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx_data"
 _MIN_DEDUPE_ELEMENTS = 1024
 
 
-def stock_class(model) -> type:
-    """The transformers class a (pruned) model instance derives from."""
-    for klass in type(model).__mro__:
-        if klass.__module__.startswith("transformers.models."):
-            return klass
-    raise LLMPruneError(f"'{type(model).__name__}' is not a transformers causal LM", "export a model loaded with llmprune.load")
-
-
-@contextmanager
-def as_stock_class(model):
-    """Presents a pruned model (PrunedCausalLM, whose layers are already resized) as its stock
-    transformers class while optimum inspects it: optimum infers the library from the class's
-    module, and a pruned model differs from the stock one only in how it was built."""
-    original = type(model)
-    model.__class__ = stock_class(model)
-    try:
-        yield model
-    finally:
-        model.__class__ = original
-
-
 # Opsets the exporter takes for these decoders: scaled_dot_product_attention needs 14; the top is
-# the newest torch.onnx writes.
+# the newest torch.onnx writes. The default is the one optimum-onnx wrote (its folders and ours alike).
 MIN_OPSET = 14
+DEFAULT_OPSET = 18
 
 
 def max_opset() -> int:
@@ -74,7 +54,7 @@ def check_opset(opset: int | None) -> None:
     top = max_opset()
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= top:
         raise LLMPruneError(f"--opset {opset} is not supported for these models (from {MIN_OPSET} to {top})",
-                            f"pass --opset between {MIN_OPSET} and {top}, or leave it out for optimum's default (18)")
+                            f"pass --opset between {MIN_OPSET} and {top}, or leave it out for the default ({DEFAULT_OPSET})")
 
 
 @contextmanager
@@ -104,10 +84,11 @@ def stdout_to_log():
 
 
 def raw_export(model, out: Path, opset: int | None = None) -> None:
-    """optimum-onnx's export of `model` into `out` (model.onnx, config.json, generation config)."""
-    from optimum.exporters.onnx import onnx_export_from_model
-
+    """The traced decoder (model.onnx, weights inside unless `weights_kept_out` holds them),
+    config.json and generation_config.json into `out`."""
     from llmprune.paths import find_write_error
+
+    from .decoder_graph import trace_to_onnx
 
     adapter_for(model)
     check_opset(opset)
@@ -115,18 +96,13 @@ def raw_export(model, out: Path, opset: int | None = None) -> None:
         raise LLMPruneError(f"the model is {next(model.parameters()).dtype}, not float32",
                             "load it with dtype=torch.float32 for export")
     model.eval()
-    saved_name = model.config._name_or_path
-    model.config._name_or_path = ""  # keeps optimum from copying files of the source folder
     try:
-        with as_stock_class(model), warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), \
-                stdout_to_log():
-            warnings.simplefilter("ignore")
-            # no_post_process: optimum's own tied-weight check loads the whole model again (8.1 GB
-            # peak for Gemma-3-270M); dedupe_initializers does that work on the kept weights.
-            onnx_export_from_model(model, out, task=TASK, opset=opset, do_validation=False, no_post_process=True)
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad(), stdout_to_log():
+            warnings.simplefilter("ignore")  # the tracer's warnings name transformers' lines, not the user's
+            trace_to_onnx(model, str(out / MODEL_FILE), opset or DEFAULT_OPSET)
     except LLMPruneError:
         raise
-    except Exception as exc:  # noqa: BLE001 - optimum/torch raise many types; one clear line for the user
+    except Exception as exc:  # noqa: BLE001 - torch.onnx raises many types; one clear line for the user
         if find_write_error(exc) is not None:
             raise  # disk full / read-only: the caller names the output folder
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -134,13 +110,19 @@ def raw_export(model, out: Path, opset: int | None = None) -> None:
             f"the ONNX exporter could not take this {model.config.model_type} model ({type(exc).__name__}: {first[:200]})",
             "rerun with --debug for the traceback; supported: llama, mistral, qwen2, qwen3, gemma3_text",
         ) from exc
-    finally:
-        model.config._name_or_path = saved_name
-    # The folder holds no modeling file: the pruned class map would point nowhere.
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
+    _write_configs(model, out)
+
+
+def _write_configs(model, out: Path) -> None:
+    """config.json (what runtimes read: model type, sizes, token ids) and the generation config.
+    The folder holds no modeling file, so the pruned class map is left out: it would point nowhere."""
+    config = json.loads(model.config.to_json_string())  # as save_pretrained writes it (llmprune.artifact predicts it so)
     config.pop("auto_map", None)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    config.pop("_name_or_path", None)
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out)
 
 
 def dedupe_initializers(graph, arrays: dict[str, np.ndarray]) -> dict:
@@ -152,7 +134,7 @@ def dedupe_initializers(graph, arrays: dict[str, np.ndarray]) -> dict:
     holds every initializer's data by name. Returns what was removed."""
     from onnx import helper
 
-    _fold_transposed_initializers(graph, arrays)  # optimum's own tie (a Transpose node) -> a plain copy, handled below
+    _fold_transposed_initializers(graph, arrays)  # a tie written as a Transpose node -> a plain copy, handled below
     replace, transposed = _find_copies(graph, arrays)
     if not replace and not transposed:
         return {"removed": [], "bytes_saved": 0}
@@ -309,7 +291,7 @@ def folder_size(folder: Path, suffixes=(".onnx", ".onnx_data")) -> int:
 
 
 def export_fp32(model, out: Path, opset: int | None = None) -> dict:
-    """Raw optimum export into `out` (the graph; its weights kept in memory), then tied/duplicate
+    """The traced export into `out` (the graph; its weights kept in memory), then tied/duplicate
     weights stored once and the model written, each weight streamed from memory. Returns facts
     for the report."""
     import onnx

@@ -88,7 +88,7 @@ class SkippedAttention(nn.Module):
     residual. Keeps the attributes the decoder layers read from their attention (Gemma3 picks the
     rotary table by `self_attn.is_sliding`; the KV cache and `install_layers` use `layer_idx`)."""
 
-    _COPIED = ("layer_idx", "is_sliding", "sliding_window", "attention_type", "head_dim")
+    _COPIED = ("layer_idx", "is_sliding", "sliding_window", "attention_type", "layer_type", "head_dim")
 
     def __init__(self, like: nn.Module | None = None):
         super().__init__()

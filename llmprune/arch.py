@@ -46,6 +46,30 @@ class ArchAdapter:
     def layer_types(self, config) -> list[str] | None:
         return list(config.layer_types) if getattr(config, "layer_types", None) else None
 
+    def attention_kind(self, layer: nn.Module) -> str | None:
+        """The attention kind a layer module records for itself (transformers 4.5x keeps it on
+        the layer, 5.x on its attention); None for families without kinds."""
+        return getattr(layer, "attention_type", None) or getattr(layer.self_attn, "layer_type", None)
+
+
+def rope_parameters(config, kind: str = "full_attention") -> dict:
+    """The RoPE settings of one attention kind: `rope_theta`, `rope_type` and the scaling fields.
+    transformers 5 keeps them in `config.rope_parameters` (keyed by attention kind for Gemma-3);
+    4.5x in `rope_theta`, `rope_scaling` and Gemma-3's `rope_local_base_freq` (its local layers
+    unscaled)."""
+    params = getattr(config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        if any(isinstance(v, dict) for v in params.values()):
+            params = params.get(kind) or params.get("full_attention") or {}
+        found = dict(params)
+    elif kind == "sliding_attention" and getattr(config, "rope_local_base_freq", None):
+        found = {"rope_theta": config.rope_local_base_freq}
+    else:
+        found = dict(getattr(config, "rope_scaling", None) or {})
+        found["rope_theta"] = config.rope_theta
+    found.setdefault("rope_type", found.get("type", "default"))
+    return found
+
 
 _LLAMA_NORMS = ("input_layernorm", "post_attention_layernorm")
 ADAPTERS: dict[str, ArchAdapter] = {

@@ -65,13 +65,13 @@ def check_config_values(config, where: str, fix: str = RECREATE) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LLMPruneError(
                 f"config.json of '{printable(where)}' has {name} = {value!r}, not a positive whole number", fix)
-    if raw:
+    types = config.get("layer_types") if raw else getattr(config, "layer_types", None)
+    layers = config.get("num_hidden_layers") if raw else config.num_hidden_layers
+    if types is None or layers is None:
         return
-    types = getattr(config, "layer_types", None)
-    if types is not None and (not isinstance(types, (list, tuple)) or len(types) != config.num_hidden_layers):
+    if not isinstance(types, (list, tuple)) or len(types) != layers:  # (transformers 5 refuses it in its own words)
         count = len(types) if isinstance(types, (list, tuple)) else repr(types)
-        raise LLMPruneError(
-            f"config.json of '{printable(where)}' lists {count} layer_types for {config.num_hidden_layers} layers", fix)
+        raise LLMPruneError(f"config.json of '{printable(where)}' lists {count} layer_types for {layers} layers", fix)
 
 
 def read_safetensors_header(path: str | Path, fix: str = RECREATE) -> dict[str, tuple[str, tuple[int, ...]]]:

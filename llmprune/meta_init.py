@@ -12,13 +12,23 @@ def reset_buffers(module: nn.Module, config) -> None:
     """Recompute the non-persistent buffers that to_empty leaves uninitialised: rotary inverse
     frequencies, and Gemma's embedding scale (√hidden_size)."""
     for child in module.modules():
-        if hasattr(child, "inv_freq") and hasattr(child, "rope_init_fn"):
-            inv_freq, scaling = child.rope_init_fn(child.config, torch.device("cpu"))
-            child.inv_freq = inv_freq
-            child.original_inv_freq = inv_freq
-            child.attention_scaling = scaling
+        if type(child).__name__.endswith("RotaryEmbedding") and hasattr(child, "config"):
+            _rebuild_rotary(child)
         if isinstance(getattr(child, "embed_scale", None), torch.Tensor):
             child.embed_scale = torch.tensor(config.hidden_size**0.5)
+
+
+def _rebuild_rotary(rotary: nn.Module) -> None:
+    """A rotary module's tables and scalars, taken from a new instance of its class built from its
+    own config on the CPU (transformers 5 keeps one table per attention kind and no
+    `rope_init_fn`; 4.5x one table per module: building anew covers both)."""
+    with torch.device("cpu"):
+        fresh = type(rotary)(rotary.config)
+    for name, buffer in fresh.named_buffers(recurse=False):
+        setattr(rotary, name, buffer)
+    for name, value in vars(fresh).items():
+        if not name.startswith("_") and not isinstance(value, (torch.Tensor, nn.Module)):
+            setattr(rotary, name, value)
 
 
 def prefix_of(model: nn.Module, target: nn.Module) -> str:

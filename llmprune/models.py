@@ -158,6 +158,16 @@ def _load_gguf_model(path: Path, dtype: torch.dtype):
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, trust_remote_code=False)
 
 
+def _config_validation_errors() -> tuple[type[Exception], ...]:
+    """What transformers 5 raises for a config that fails its own validation (huggingface_hub's
+    strict dataclasses; not a ValueError)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return ()
+    return (StrictDataclassError,)
+
+
 def load_config(spec: str | os.PathLike | ModelSource | None):
     """The transformers config of a spec (no weights), checked against the supported architectures."""
     from transformers import AutoConfig
@@ -174,7 +184,7 @@ def load_config(spec: str | os.PathLike | ModelSource | None):
             config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
         else:
             config = AutoConfig.from_pretrained(source.path, trust_remote_code=False)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_config_validation_errors()) as exc:
         raise _load_error(source, exc) from exc
     adapter_for(config)
     check_config_values(config, source.path, source.fix)

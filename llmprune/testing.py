@@ -41,8 +41,9 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(tiny_config(arch, **overrides)).eval()
 
 
-def tiny_tokenizer(vocab_size: int = 320, text: str = TINY_TEXT):
-    """A byte-level BPE tokenizer trained on `text`, with <pad>=0, <bos>=1, <eos>=2."""
+def tiny_tokenizer(vocab_size: int = 320, text: str = TINY_TEXT, extra_special: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on `text`, with <pad>=0, <bos>=1, <eos>=2 (then
+    `extra_special`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -50,7 +51,7 @@ def tiny_tokenizer(vocab_size: int = 320, text: str = TINY_TEXT):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>"],
+        vocab_size=vocab_size, special_tokens=["<pad>", "<bos>", "<eos>", *extra_special],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator([text], trainer)
@@ -59,9 +60,16 @@ def tiny_tokenizer(vocab_size: int = 320, text: str = TINY_TEXT):
                                    model_input_names=["input_ids", "attention_mask"])
 
 
+def tiny_tokenizer_for(arch: str):
+    """The tiny tokenizer a folder of `arch` holds. transformers 5 loads a Qwen folder's tokenizer
+    as Qwen2Tokenizer, which adds <|endoftext|> (its unknown token) when the vocabulary lacks it:
+    one id past the embedding; Qwen folders carry it among their special tokens."""
+    return tiny_tokenizer(extra_special=("<|endoftext|>",) if arch in ("qwen2", "qwen3") else ())
+
+
 def tiny_checkpoint(folder: str | Path, arch: str = "llama", seed: int = 0, **overrides) -> Path:
     """Write a tiny model and tokenizer as a Hugging Face folder; returns the folder."""
     folder = Path(folder)
     tiny_model(arch, seed, **overrides).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    tiny_tokenizer_for(arch).save_pretrained(folder)
     return folder

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import llmprune
+from llmprune.arch import adapter_for
 from llmprune.checkpoint import MODELING_FILE, REPORT_FILE, atomic_output_dir, check_output_dir, save_pruned
 from llmprune.compress import compress
 from llmprune.errors import LLMPruneError
@@ -52,7 +53,7 @@ def test_save_and_load_both_ways_gives_the_same_logits(arch, tok, calib_texts, s
         torch.testing.assert_close(logits(other, token_ids), expected, rtol=0, atol=1e-5)
         assert other.config.num_hidden_layers == len(report["layer_map"]) == 3
         if arch == "gemma3_text":
-            assert [l.attention_type for l in other.model.layers] == other.config.layer_types
+            assert [adapter_for(other).attention_kind(l) for l in other.model.layers] == other.config.layer_types
     # Same tensors, same names.
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
 

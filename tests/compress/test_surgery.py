@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from llmprune.arch import adapter_for
 from llmprune.checkpoint import layer_shape
 from llmprune.compress.surgery import drop_layers, install_layers, prune_mlp_neurons, prune_query_heads
 from llmprune.params import parameter_breakdown
@@ -87,7 +88,7 @@ def test_every_shape_is_consistent_after_all_surgeries(arch, token_ids):
         assert model.config.layer_types == [types[i] for i in kept]
     if arch == "gemma3_text":
         assert model.config.layer_types == ["sliding_attention", "full_attention", "sliding_attention"]
-        assert [l.attention_type for l in layers] == model.config.layer_types
+        assert [adapter_for(model).attention_kind(l) for l in layers] == model.config.layer_types
     out = logits(model, token_ids)
     assert out.shape == (2, 40, 320) and torch.isfinite(out).all()
     breakdown = parameter_breakdown(model)

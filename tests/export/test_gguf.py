@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from llmprune.arch import rope_parameters
 from llmprune.errors import LLMPruneError
 from llmprune.export import ExportConfig, export_onnx
 from llmprune.export.gguf import check_block_rows, read_back, write_gguf
@@ -98,7 +99,7 @@ def test_gemma3_sliding_layers_are_written_per_layer(tok, tmp_path):
     write_gguf(model, tok, path, "f16")
     fields = _gguf_fields(path)
     assert fields["gemma3.attention.sliding_window_pattern"] == [True, False, True]
-    assert fields["gemma3.rope.freq_base_swa"] == pytest.approx(model.config.rope_local_base_freq)
+    assert fields["gemma3.rope.freq_base_swa"] == pytest.approx(rope_parameters(model.config, "sliding_attention")["rope_theta"])
 
 
 def test_sentencepiece_vocab_scores_follow_merge_order(tmp_path):
@@ -142,8 +143,7 @@ def test_block_types_refuse_rows_they_cannot_store(tok):
 def test_unsupported_models_are_refused(tok):
     with pytest.raises(LLMPruneError, match="output biases.*gemma3 graph"):
         plan_layout(pruned_tiny_model("gemma3_text"))
-    model = tiny_model("llama")
-    model.config.rope_scaling = {"rope_type": "yarn", "factor": 4.0}
+    model = tiny_model("llama", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64})
     with pytest.raises(LLMPruneError, match="rope scaling 'yarn'"):
         write_gguf(model, tok, "/nonexistent/never-written.gguf", "f32")
     with pytest.raises(LLMPruneError, match="--ort is for ONNX files"):

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import llmprune
+from llmprune.arch import adapter_for
 from llmprune.compress.surgery import install_layers
 from llmprune.errors import LLMPruneError
 from llmprune.fedrecover.client_model import load_submodel
@@ -296,7 +297,7 @@ def test_fuse_model_equals_the_hand_built_fusion(arch):
     assert [l.layer_idx for l in layers] == [l.self_attn.layer_idx for l in layers] == [0, 1]
     if types:
         assert fused.config.layer_types == [types[1], types[2]] == ["sliding_attention", "full_attention"]
-        assert [l.attention_type for l in layers] == fused.config.layer_types
+        assert [adapter_for(fused).attention_kind(l) for l in layers] == fused.config.layer_types
     for (name, p), (ref_name, q) in zip(fused.named_parameters(), ref.named_parameters()):
         assert name == ref_name
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

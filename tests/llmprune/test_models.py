@@ -8,7 +8,7 @@ import torch
 import llmprune
 from llmprune import DEFAULT_MODEL, LLMPruneError, load, load_config, load_model, load_tokenizer, resolve_model_spec
 from llmprune.models import ModelSource, cache_dir
-from llmprune.testing import TINY_TEXT, tiny_model, tiny_tokenizer
+from llmprune.testing import TINY_TEXT, tiny_model, tiny_tokenizer, tiny_tokenizer_for
 
 # ---------------------------------------------------------------- resolve_model_spec
 
@@ -105,7 +105,7 @@ def test_load_tiny_checkpoint_of_every_family(checkpoint, arch):
     ids = torch.tensor([tok(TINY_TEXT[:80])["input_ids"]])
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reference(ids).logits, atol=1e-5)
-    assert tok(TINY_TEXT)["input_ids"] == tiny_tokenizer()(TINY_TEXT)["input_ids"]
+    assert tok(TINY_TEXT)["input_ids"] == tiny_tokenizer_for(arch)(TINY_TEXT)["input_ids"]
 
 
 def test_load_model_dtype(checkpoint):
