@@ -22,10 +22,12 @@ class _StackDone(Exception):
 
 
 class _Catcher(nn.Module):
-    """Stands in for decoder layer `index` and records its call. Returns the hidden states as they
-    came: the stack's loop reads a tensor (transformers 5) or takes `[0]` of what a layer returned
-    (Gemma-3 under 4.5x), and either way only the catcher of layer 0 keeps what it receives; the
-    last catcher ends the pass."""
+    """Stands in for decoder layer `index` and records its call. Returns a 1-tuple: where the
+    stack's loop takes `[0]` of what a layer returned (Gemma-3 under transformers 4.5x) the next
+    catcher gets the hidden states, where it passes the result on as it is (5.x, the other
+    families) the next catcher gets the tuple; either way only the catcher of layer 0 keeps what
+    it receives (the embedding's output), and the last catcher ends the pass before anything
+    else reads a layer's output."""
 
     def __init__(self, index: int, attention_type: str | None, last: bool, store: dict):
         super().__init__()
@@ -43,7 +45,7 @@ class _Catcher(nn.Module):
             captured[self.index] = kwargs
         if self.last:
             raise _StackDone
-        return hidden_states
+        return (hidden_states,)
 
 
 @contextmanager

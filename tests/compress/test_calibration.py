@@ -87,6 +87,24 @@ def test_streamed_layers_equal_the_models_hidden_states(arch, token_ids):
     assert all(type(l).__name__.endswith("DecoderLayer") for l in adapter_for(model).decoder_layers(model))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_capture_holds_through_a_deep_stack(arch, token_ids):
+    """Eight layers: whatever the stack's loop does with a layer's output (Gemma-3 under
+    transformers 4.5x takes `[0]` of it, which would shrink a bare tensor a rank per layer), the
+    layer-by-layer run gives the model's own last hidden state."""
+    layers = 8
+    extra = {"layer_types": (["sliding_attention"] * 3 + ["full_attention"]) * 2} if arch == "gemma3_text" else {}
+    model = tiny_model(arch, num_hidden_layers=layers, **extra)
+    stream = capture_inputs(model, token_ids, batch_size=2)
+    assert sorted(stream.layer_kwargs) == list(range(layers))
+    hidden = stream.hidden
+    for i, layer in enumerate(adapter_for(model).decoder_layers(model)):
+        hidden = run_layer(layer, hidden, stream.layer_kwargs[i])
+    with torch.inference_mode():
+        expected = model.model(token_ids).last_hidden_state
+    torch.testing.assert_close(model.model.norm(hidden), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_gemma3_sliding_and_full_layers_get_their_own_masks(token_ids):
     """The captured arguments differ between sliding and full layers, and it matters: running a
     sliding layer with a full layer's mask changes its output (40 tokens > window 16). (Under
