@@ -200,15 +200,8 @@ NOT_FIGURES = {
     ("docs/compress.md", "0.999"): "a --vocab setting in an example",
     ("docs/recover.md", "60.0"): "a default in a code example",
     ("docs/export.md", "212.4"): "the shape of a log line",
-    ("README.md", "4.57"): "a transformers version",
-    ("README.md", "4.58"): "a transformers version",
-    ("README.md", "5.25"): "a transformers version",
-    ("README.md", "5.24"): "a transformers version",
-    ("docs/export.md", "4.57"): "a transformers version",
-    ("docs/export.md", "4.58"): "a transformers version",
-    ("docs/export.md", "5.25"): "a transformers version",
-    ("docs/export.md", "5.24"): "a transformers version",
-}
+} | {(page, version): "a transformers version"
+     for page in ("README.md", "docs/export.md") for version in ("4.57", "4.58", "5.24", "5.25")}
 # Sections that are their own record: a one-off study no benchmark regenerates (its numbers are not
 # in bench/results); the reason is shown in the page itself.
 STUDIES = {("docs/export.md", "## int4 and int8 on Gemma-3-270M: what was measured")}
