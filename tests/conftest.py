@@ -20,6 +20,31 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# The test files that use the README's real compress (`readme_examples`, minutes): one xdist worker runs
+# them all, so that it runs once (pytest_itemcollected refuses a test elsewhere that uses it).
+README_EXAMPLES_FILES = ("tests/test_readme.py", "tests/compress/test_integration.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pyproject runs two pytest-xdist workers (`-n 2`): a file at a time, so that its module fixtures
+    (often a whole simulated run) are built once, and the README_EXAMPLES_FILES together. (xdist's own
+    `--dist loadgroup` marks do not reach its scheduler under pytest 9.)"""
+    from xdist.scheduler import LoadFileScheduling
+
+    class ByFile(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "readme-examples" if path in README_EXAMPLES_FILES else path
+
+    return ByFile(config, log)
+
+
+def pytest_itemcollected(item):
+    path = item.nodeid.split("::", 1)[0]
+    if "readme_examples" in item.fixturenames and path not in README_EXAMPLES_FILES:
+        raise pytest.UsageError(f"{path} uses readme_examples: add it to README_EXAMPLES_FILES in tests/conftest.py")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread_for_tiny_models(request):
     """Tiny models run fastest on one thread; several threads on a busy 2-core machine make a
