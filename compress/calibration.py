@@ -14,54 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from llmprune.arch import adapter_for, base_model
-
-
-class _StackDone(Exception):
-    """Raised by the last catcher: nothing after the decoder stack needs to run."""
-
-
-class _Catcher(nn.Module):
-    """Stands in for decoder layer `index` and records its call. Returns a 1-tuple: where the
-    stack's loop takes `[0]` of what a layer returned (Gemma-3 under transformers 4.5x) the next
-    catcher gets the hidden states, where it passes the result on as it is (5.x, the other
-    families) the next catcher gets the tuple; either way only the catcher of layer 0 keeps what
-    it receives (the embedding's output), and the last catcher ends the pass before anything
-    else reads a layer's output."""
-
-    def __init__(self, index: int, attention_type: str | None, last: bool, store: dict):
-        super().__init__()
-        self.index, self.attention_type, self.last, self.store = index, attention_type, last, store
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise TypeError("decoder layers are expected to take keyword arguments after hidden_states")
-        if self.index == 0:
-            self.store["hidden"] = hidden_states
-        captured = self.store.setdefault("kwargs", {})
-        if self.index not in captured:  # the first (single-window) call: broadcastable arguments
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value")}
-            kwargs["use_cache"] = False
-            captured[self.index] = kwargs
-        if self.last:
-            raise _StackDone
-        return (hidden_states,)
-
-
-@contextmanager
-def _catchers(model: nn.Module, store: dict):
-    base = base_model(model)
-    original = base.layers
-    adapter = adapter_for(model)
-    types = adapter.layer_types(model.config)
-    base.layers = nn.ModuleList(
-        _Catcher(i, types[i] if types else adapter.attention_kind(layer), i == len(original) - 1, store)
-        for i, layer in enumerate(original)
-    )
-    try:
-        yield
-    finally:
-        base.layers = original
+from llmprune.layer_calls import layer_calls
 
 
 @dataclass
@@ -76,23 +29,12 @@ class LayerStream:
 def capture_inputs(model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4) -> LayerStream:
     """Embed the calibration windows and capture every layer's call arguments (for one window:
     masks and rotary embeddings broadcast over the batch)."""
-    store: dict = {}
-    base = base_model(model)
-    with torch.inference_mode(), _catchers(model, store):
-        _run_stack(base, input_ids[:1])
-        kwargs = store["kwargs"]
-        hidden = [store["hidden"]]
+    with torch.inference_mode():
+        first, kwargs = layer_calls(model, input_ids[:1])
+        hidden = [first]
         for start in range(1, input_ids.shape[0], batch_size):
-            _run_stack(base, input_ids[start : start + batch_size])
-            hidden.append(store["hidden"])
+            hidden.append(layer_calls(model, input_ids[start : start + batch_size])[0])
     return LayerStream(hidden=torch.cat(hidden).clone(), layer_kwargs=kwargs, batch_size=batch_size)
-
-
-def _run_stack(base: nn.Module, input_ids: torch.Tensor) -> None:
-    try:
-        base(input_ids=input_ids, use_cache=False)
-    except _StackDone:
-        pass
 
 
 def run_layer(layer: nn.Module, hidden: torch.Tensor, kwargs: dict, batch_size: int = 4) -> torch.Tensor:
