@@ -3,7 +3,9 @@
 Messages it answers (typed in messages.py):
 - query: which client it is (partition id, device name), how many windows it holds;
 - train: the adapter view for this client and its TrainInstruction; replies with the trained
-  adapter (same names and shapes) and a TrainReply.
+  adapter (same names and shapes) and a TrainReply;
+- train.split: one step of split training (SplitStep: this step's features, or the tail's
+  gradient); replies with a SplitAnswer, and after the round's last step with the TrainReply.
 
 Where its data comes from: node config `data-path` (a device's own file, on a real fleet), or
 the partition file `data-cache` that `llmprune recover` wrote for a simulation. Its model: the
@@ -17,7 +19,7 @@ import time
 
 import numpy as np
 import torch
-from flwr.app import Context, Message, MessageType
+from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
@@ -35,6 +37,8 @@ from .messages import (
     Coverage,
     CoverageQuery,
     Identity,
+    SplitAnswer,
+    SplitStep,
     TokenCounts,
     TrainInstruction,
     TrainReply,
@@ -42,6 +46,9 @@ from .messages import (
 )
 from .partition import ClientData
 from .secagg import fit_config, is_legacy_fit, secagg_counts, secagg_train
+from .split_device import SplitJob
+
+SPLIT_ROUND, SPLIT_STATE = "split-round", "split-state"   # Context.state keys of a split round
 
 
 class DeviceRuntime:
@@ -81,6 +88,40 @@ class DeviceRuntime:
     def isolated(self, job: RoundJob):
         self.start_round_server()
         return self.server.run(job)
+
+    def split(self, context: Context, msg: Message) -> Message:
+        """One step's job of split training (split_device.py). The round's instruction and the device's
+        state (its LoRA, optimiser moments, counters) live in Flower's Context.state between messages;
+        the round's first message starts them. A fault injected for the round strikes at the device's
+        first tail step: mid-round, after the server has its features."""
+        from .records import from_record, to_record
+        from .split_device import round_stats, run_split_job, start_state, trained_arrays
+
+        step, instruction, arrays = SplitStep.from_message(msg)
+        cfg, settings = self.config(context)
+        if instruction is not None:
+            context.state[SPLIT_ROUND] = ConfigRecord(instruction.to_config())
+            state = start_state(instruction.device_model.held().to_local(arrays))
+        else:
+            instruction = TrainInstruction.from_config(context.state[SPLIT_ROUND])
+            state = from_record(context.state[SPLIT_STATE])
+        windows, pid = self.windows(cfg, settings, context, instruction.kept_ids)
+        if step.kind == "tail" and step.step == 0:
+            inject(cfg.inject_faults, pid, instruction.server_round)
+        simulation = bool(settings.data_cache)
+        job = SplitJob(step.kind, model_path(settings, context, instruction), instruction, state, windows, step.step,
+                       step.tensor, self.emulation(cfg, pid, context.node_config.get("device"), simulation))
+        if simulation:
+            self.start_round_server()
+        result = self.server.run_split(job) if simulation else run_split_job(job)
+        context.state[SPLIT_STATE] = to_record(result.state)
+        if result.outgoing is not None:
+            return SplitAnswer(pid, result.outgoing, result.seconds, result.peak_rss_mb, result.loss).reply_to(msg)
+        stats = round_stats(result.state)          # the round's last message: the trained adapter
+        trained = instruction.device_model.held().to_global(trained_arrays(result.state))
+        return TrainReply(pid, 1 if instruction.uniform_weights else int(windows.shape[0]), stats["loss"],
+                          stats["seconds"], stats["peak_rss_mb"], None, stats["loss_first"], stats["loss_last"],
+                          trained).reply_to(msg)
 
     def _once(self, key, build):
         if key not in self.cache:
@@ -245,6 +286,13 @@ def build_client_app(overrides: dict | None = None) -> ClientApp:
         instruction, arrays = TrainInstruction.from_message(msg)
         try:
             return device.train(context, instruction, arrays).reply_to(msg)
+        except (MemoryError, LLMPruneError) as exc:
+            return failed_reply(msg, exc)
+
+    @app.train("split")
+    def split(msg: Message, context: Context) -> Message:
+        try:
+            return DeviceRuntime.of(overrides).split(context, msg)
         except (MemoryError, LLMPruneError) as exc:
             return failed_reply(msg, exc)
 

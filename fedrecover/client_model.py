@@ -463,16 +463,21 @@ def chunked_vocab_loss(model: nn.Module, input_ids: torch.Tensor, *, vocab_chunk
     """Mean next-token cross-entropy (float32) with the LM-head logits computed `vocab_chunk` rows
     of the vocabulary at a time: for Gemma's 262k vocabulary the full logits of a 4 x 256 batch
     would be 1 GB. The LM head must be frozen (it gets no gradient)."""
+    hidden = base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    return hidden_state_loss(model, hidden, input_ids[:, 1:], vocab_chunk)
+
+
+def hidden_state_loss(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, vocab_chunk: int = 16384) -> torch.Tensor:
+    """Mean cross-entropy of `targets` under the model's head applied to `hidden` (the final norm's
+    output), a vocabulary slice at a time (see chunked_vocab_loss)."""
     head = model.get_output_embeddings()
     if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
         raise LLMPruneError("chunked_vocab_loss gives the LM head no gradient but it requires one",
                             "freeze the LM head (and the embedding tied to it)")
-    hidden = base_model(model)(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    targets = input_ids[:, 1:].reshape(-1)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     rows = lambda lo, hi: head_rows(model, lo, hi, torch.float32).to(flat.device)  # noqa: E731
-    return _ChunkedVocabNLL.apply(flat, targets, rows, _head_vocab(model), int(vocab_chunk), softcap)
+    return _ChunkedVocabNLL.apply(flat, targets.reshape(-1), rows, _head_vocab(model), int(vocab_chunk), softcap)
 
 
 # --- releasing memory -------------------------------------------------------------------------------

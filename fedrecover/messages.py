@@ -263,3 +263,67 @@ class TrainReply:
     def from_message(cls, reply: Message) -> TrainReply:
         record = reply.content[ARRAYS]
         return cls.from_metrics(reply.content[METRICS], from_record(record), payload_bytes(record))
+
+
+SPLIT, SPLIT_TENSOR = "split", "split-tensor"
+SPLIT_MESSAGE_TYPE = f"{MessageType.TRAIN}.split"
+
+
+@dataclass(frozen=True)
+class SplitStep:
+    """One step's message of split training (split_device.py): `front` asks for this step's features
+    at the first cut (carrying the previous step's gradient there, if any; the round's first also
+    carries the TrainInstruction and the adapter view), `tail` carries the features at the second cut.
+    A `front` with step == the round's steps asks for no features: the device applies the last
+    gradient and replies with its TrainReply."""
+
+    kind: str
+    step: int
+    tensor: np.ndarray | None = None
+
+    def to_message(self, node: int, start: Message | None = None) -> tuple[Message, int]:
+        """The message and the bytes of the tensor it carries."""
+        content = RecordDict(dict(start.content.items())) if start is not None else RecordDict()
+        content[SPLIT] = ConfigRecord({"kind": self.kind, "step": self.step})
+        size = 0
+        if self.tensor is not None:
+            record = to_record({"tensor": self.tensor})
+            content[SPLIT_TENSOR] = record
+            size = payload_bytes(record)
+        return Message(content, dst_node_id=node, message_type=SPLIT_MESSAGE_TYPE), size
+
+    @classmethod
+    def from_message(cls, msg: Message) -> tuple[SplitStep, TrainInstruction | None, Arrays | None]:
+        """The step, and for the round's first message the instruction and adapter view."""
+        config = msg.content[SPLIT]
+        tensor = from_record(msg.content[SPLIT_TENSOR])["tensor"] if SPLIT_TENSOR in msg.content else None
+        step = cls(str(config["kind"]), int(config["step"]), tensor)
+        if CONFIG in msg.content:
+            return step, *TrainInstruction.from_message(msg)
+        return step, None, None
+
+
+@dataclass(frozen=True)
+class SplitAnswer:
+    """A device's answer to a SplitStep: the tensor for the server (features, or their gradient),
+    the step's loss (tail), and what the job measured."""
+
+    partition_id: int
+    tensor: np.ndarray
+    seconds: float
+    peak_rss_mb: float
+    loss: float | None = None
+
+    def reply_to(self, msg: Message) -> Message:
+        metrics = {"partition-id": self.partition_id, "seconds": self.seconds, "peak-rss-mb": self.peak_rss_mb}
+        if self.loss is not None:
+            metrics["loss"] = self.loss
+        return Message(RecordDict({SPLIT_TENSOR: to_record({"tensor": self.tensor}), METRICS: MetricRecord(metrics)}),
+                       reply_to=msg)
+
+    @classmethod
+    def from_message(cls, reply: Message) -> tuple[SplitAnswer, int]:
+        """The answer and the bytes of its tensor."""
+        m, record = reply.content[METRICS], reply.content[SPLIT_TENSOR]
+        return cls(int(m["partition-id"]), from_record(record)["tensor"], float(m["seconds"]), float(m["peak-rss-mb"]),
+                   float(m["loss"]) if "loss" in m else None), payload_bytes(record)

@@ -2,9 +2,10 @@
 
 `RoundServer()` starts `python -m llmprune.fedrecover.round_server`: a single-threaded process that
 imports the training stack (torch, transformers, peft, this package) once and then, per job, forks
-a child that runs `device.run_round` and exits. Every round therefore starts from the same process
-image — a plain Python with the training stack, like a device's own process — and never sees what
-an earlier round (another simulated device) left in memory. The server, unlike multiprocessing's
+a child that runs `device.run_round` (or one split training job, split_device.py) and exits. Every
+round therefore starts from the same process image — a plain Python with the training stack, like
+a device's own process — and never sees what an earlier round (another simulated device) left in
+memory. The server, unlike multiprocessing's
 forkserver, never imports the caller's main module (a Ray worker's), and it ends when its caller
 closes the pipe or dies.
 
@@ -46,31 +47,71 @@ def _read(fd: int) -> tuple[dict, dict]:
 
 def encode_job(job) -> tuple[dict, dict]:
     """A RoundJob as a JSON header and named arrays (the adapter under `a/`, the windows)."""
-    import numpy as np
-
-    emulation = job.emulation
-    instruction = job.instruction.to_config()
-    vocabulary = instruction.pop("vocabulary", None)      # bytes: a tensor, not JSON
-    tensors = {} if vocabulary is None else {"vocabulary": np.frombuffer(vocabulary, dtype=np.uint8)}
+    instruction, tensors = _encode_instruction(job.instruction)
     header = {"path": job.path, "instruction": instruction, "dropout": job.dropout, "teacher": job.teacher,
-              "emulation": None if emulation is None else [emulation.speed, emulation.oom_mb, emulation.baseline_mb]}
+              "emulation": _encode_emulation(job.emulation)}
     return header, {**{f"a/{k}": v for k, v in job.arrays.items()}, "windows": job.windows.numpy(), **tensors}
 
 
 def decode_job(header: dict, tensors: dict):
     import torch
 
-    from .device import DeviceEmulation, RoundJob
+    from .device import RoundJob
+
+    arrays = {k[2:]: v for k, v in tensors.items() if k.startswith("a/")}
+    return RoundJob(header["path"], _decode_instruction(header, tensors), arrays,
+                    torch.from_numpy(tensors["windows"]), header["dropout"], _decode_emulation(header),
+                    header["teacher"])
+
+
+def encode_split_job(job) -> tuple[dict, dict]:
+    """A split_device.SplitJob: the device's state under `s/`, the windows, the incoming tensor."""
+    instruction, tensors = _encode_instruction(job.instruction)
+    header = {"kind": "split-step", "job": job.kind, "path": job.path, "instruction": instruction, "step": job.step,
+              "emulation": _encode_emulation(job.emulation)}
+    tensors.update({f"s/{k}": v for k, v in job.state.items()})
+    tensors["windows"] = job.windows.numpy()
+    if job.incoming is not None:
+        tensors["incoming"] = job.incoming
+    return header, tensors
+
+
+def decode_split_job(header: dict, tensors: dict):
+    import torch
+
+    from .split_device import SplitJob
+
+    state = {k[2:]: v for k, v in tensors.items() if k.startswith("s/")}
+    return SplitJob(header["job"], header["path"], _decode_instruction(header, tensors), state,
+                    torch.from_numpy(tensors["windows"]), header["step"], tensors.get("incoming"),
+                    _decode_emulation(header))
+
+
+def _encode_instruction(instruction) -> tuple[dict, dict]:
+    import numpy as np
+
+    config = instruction.to_config()
+    vocabulary = config.pop("vocabulary", None)      # bytes: a tensor, not JSON
+    return config, ({} if vocabulary is None else {"vocabulary": np.frombuffer(vocabulary, dtype=np.uint8)})
+
+
+def _decode_instruction(header: dict, tensors: dict):
     from .messages import TrainInstruction
 
-    emulation = None if header["emulation"] is None else DeviceEmulation(*header["emulation"])
-    arrays = {k[2:]: v for k, v in tensors.items() if k.startswith("a/")}
-    instruction = dict(header["instruction"])
+    config = dict(header["instruction"])
     if "vocabulary" in tensors:
-        instruction["vocabulary"] = tensors["vocabulary"].tobytes()
-    return RoundJob(header["path"], TrainInstruction.from_config(instruction), arrays,
-                    torch.from_numpy(tensors["windows"]), header["dropout"], emulation,
-                    header["teacher"])
+        config["vocabulary"] = tensors["vocabulary"].tobytes()
+    return TrainInstruction.from_config(config)
+
+
+def _encode_emulation(emulation) -> list | None:
+    return None if emulation is None else [emulation.speed, emulation.oom_mb, emulation.baseline_mb]
+
+
+def _decode_emulation(header: dict):
+    from .device import DeviceEmulation
+
+    return None if header["emulation"] is None else DeviceEmulation(*header["emulation"])
 
 
 def _read_exactly(fd: int, size: int) -> bytes:
@@ -99,14 +140,26 @@ class RoundServer:
         """The job's RoundResult; its exception re-raised here (a MemoryError stays one)."""
         from .device import RoundResult
 
+        header, trained = self._call(*encode_job(job))
+        return RoundResult(trained, header["loss"], header["memory"])
+
+    def run_split(self, job):
+        """A split training job's SplitResult (split_device.py), run as a round is."""
+        from .split_device import SplitResult
+
+        header, tensors = self._call(*encode_split_job(job))
+        state = {k[2:]: v for k, v in tensors.items() if k.startswith("s/")}
+        return SplitResult(state, tensors.get("outgoing"), header["loss"], header["seconds"], header["peak"])
+
+    def _call(self, header: dict, tensors: dict) -> tuple[dict, dict]:
         try:
-            _write(self._job_write, *encode_job(job))
-            header, trained = _read(self._result_read)
+            _write(self._job_write, header, tensors)
+            header, tensors = _read(self._result_read)
         except (BrokenPipeError, EOFError):
             code = self.process.poll()
             raise RuntimeError(f"the device's round server died (exit code {code})") from None
         if header["status"] == "ok":
-            return RoundResult(trained, header["loss"], header["memory"])
+            return header, tensors
         if header["name"] == "MemoryError":
             raise MemoryError(header["message"])
         raise RuntimeError(f"{header['name']}: {header['message']}\n{header['trace']}")
@@ -158,13 +211,27 @@ def _serve(job_fd: int, result_fd: int) -> None:
         _write(result_fd, *result)
 
 
-def _child(job: tuple[dict, dict], write: int) -> None:
+def _round_outcome(job: tuple[dict, dict]) -> tuple[dict, dict]:
     from .device import run_round
 
+    result = run_round(decode_job(*job))
+    return {"status": "ok", "loss": result.loss, "memory": result.memory}, result.trained
+
+
+def _split_outcome(job: tuple[dict, dict]) -> tuple[dict, dict]:
+    from .split_device import run_split_job
+
+    result = run_split_job(decode_split_job(*job))
+    tensors = {f"s/{k}": v for k, v in result.state.items()}
+    if result.outgoing is not None:
+        tensors["outgoing"] = result.outgoing
+    return {"status": "ok", "loss": result.loss, "seconds": result.seconds, "peak": result.peak_rss_mb}, tensors
+
+
+def _child(job: tuple[dict, dict], write: int) -> None:
     code = 0
     try:
-        result = run_round(decode_job(*job))
-        outcome = ({"status": "ok", "loss": result.loss, "memory": result.memory}, result.trained)
+        outcome = _split_outcome(job) if job[0].get("kind") == "split-step" else _round_outcome(job)
     except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller as it happened
         outcome = ({"status": "error", "name": type(exc).__name__, "message": str(exc),
                     "trace": traceback.format_exc()}, {})
@@ -191,6 +258,7 @@ def _preload() -> None:
     import llmprune.fedrecover.client_model  # noqa: F401
     import llmprune.fedrecover.device  # noqa: F401
     import llmprune.fedrecover.policies  # noqa: F401  (the device-model kinds a policy registers)
+    import llmprune.fedrecover.split_device  # noqa: F401
     import llmprune.fedrecover.task  # noqa: F401
 
 

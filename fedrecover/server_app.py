@@ -94,12 +94,14 @@ def start_state(run: RunContext) -> RoundState:
     return state
 
 
-def transport_for(run: RunContext):
+def transport_for(run: RunContext, policy):
+    """How the rounds travel: SecAgg+ when asked, else plainly, unless the policy carries its rounds
+    itself (split training's per-step exchanges)."""
     timeout = run.cfg.fleet.round_deadline(run.simulation)
     if run.cfg.privacy.secagg:
         max_weight = float(max(info["num-examples"] for info in run.nodes.values()) + 1)
         return SecAggTransport(run.grid, run.flower, max_weight, timeout)
-    return PlainTransport(run.grid, timeout, run.stop)
+    return policy.transport(run, PlainTransport(run.grid, timeout, run.stop), timeout)
 
 
 def open_run(grid: Grid, context: Context, overrides: dict | None, simulation: bool,
@@ -147,7 +149,7 @@ def run_server(grid: Grid, context: Context, overrides: dict | None = None, *, s
     run, policy = open_run(grid, context, overrides, simulation, stop or threading.Event())
     cfg, settings = run.cfg, run.settings
     model_bytes = int(sum(p.numel() * p.element_size() for p in run.model.parameters()))
-    strategy = LoraStrategy(run, policy, transport_for(run),
+    strategy = LoraStrategy(run, policy, transport_for(run, policy),
                             checkpoint=lambda state: save_state(settings.state_path, state, cfg, model=settings.model))
     done, total = run.state.round, cfg.training.rounds
     # a fleet's console is `flwr log`, read line by line: the round lines, not a redrawn bar

@@ -198,6 +198,8 @@ class LoraStrategy:
         if len(replies) < needed or not replies:
             return None, None
         updates = [ClientUpdate(split_rows(r.arrays)[0], float(r.num_examples), str(r.partition_id)) for r in replies]
+        if collected.server_update is not None:     # split training: the server is one more holder
+            updates.append(collected.server_update)
         new = self.aggregation.aggregate(updates, previous, self.run.plan.rank)
         if self.dp is not None:
             new = self.dp.release(server_round, new, any_failed=any(

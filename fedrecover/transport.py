@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
@@ -58,6 +59,7 @@ class Collected:
     bytes_up_per_client: int = 0
     average: Arrays | None = None
     summed: bool = False      # the uploads arrived summed (SecAgg+): `average` is the round's result
+    server_update: Any = None  # split training: the LoRA the server trained this round (a ClientUpdate)
 
 
 def failure_kind(reason: str) -> str:

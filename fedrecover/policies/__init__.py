@@ -51,5 +51,6 @@ _register("submodels")
 _register("bandit")
 _register("devft")
 _register("prune_tune")
+_register("split")
 
 __all__ = ["POLICIES", "Policy", "PolicyConfig", "RoundOutcome", "get_policy", "policy_of", "register"]

@@ -5,6 +5,7 @@ so a policy overrides only what it changes. The round loop (strategy.py) calls t
     before Flower starts   check_config(cfg), check_model(meta model), plan_devices, adapter_modules/ranks
     on --resume, before    state_problem(saved state): its shape (state_schema) and the policy's rules
     on the server, once    open(run) -> [the fleet plan is made] -> start(run) -> load_state_dict(saved)
+                           -> transport(run, plain, timeout)
     every round            begin_round -> assign -> [send, collect, aggregate] -> observe -> eval_view
                            -> client_report (per device row) -> state_dict (saved with the round)
     at the end             report() (entries of metrics.json)
@@ -114,6 +115,11 @@ class Policy:
     def start(self, run: Any) -> None:
         """The fleet is planned; before round 1 (and before a resumed run's saved state is loaded)."""
         self.run = run
+
+    def transport(self, run: Any, plain: Any, timeout: float | None) -> Any:
+        """What carries the rounds (transport.py's `exchange` contract): the plain transport, unless
+        the policy runs its own protocol (split training). Not asked under --secagg."""
+        return plain
 
     # -- every round -------------------------------------------------------------------------------
     def begin_round(self, run: Any, server_round: int) -> dict:
