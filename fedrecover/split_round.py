@@ -147,10 +147,12 @@ class SplitTransport:
             detach_lora(peft_model)
         self.policy.record_round(server_round, record)
         replies = list(finals.values())
-        sizes = [r.bytes_up for r in replies]
         trained_for = sum(r.num_examples for r in replies)
         server = ClientUpdate(server_arrays, float(max(trained_for, 1)), "server") if replies else None
-        return Collected(replies, failures, sum(sizes), max(sizes, default=0), server_update=server)
+        up = {pid: d.bytes_up + next((r.bytes_up for r in replies if r.partition_id == pid), 0)
+              for pid, d in record.devices.items()}
+        return Collected(replies, failures, sum(up.values()), max(up.values(), default=0), server_update=server,
+                         bytes_down=sum(d.bytes_down for d in record.devices.values()))
 
     def _server_forward(self, base, features: dict, pids: dict, record: SplitRound, calls: dict) -> list:
         """The server's layers on the features: one merged batch, or (merge off) one pass per device."""
@@ -227,9 +229,7 @@ def _with_round_settings(msg, steps: int, device: DeviceSteps):
     runs the round's `steps` in lockstep (a declared speed does not scale them) at its regulated batch."""
     from flwr.app import ConfigRecord, Message, RecordDict
 
-    config = dict(msg.content[CONFIG])
-    if config.get("local-steps") != steps or config.get("batch-size") != device.batch_size:
-        config.update({"local-steps": steps, "batch-size": device.batch_size})
+    config = {**dict(msg.content[CONFIG]), "local-steps": steps, "batch-size": device.batch_size}
     content = RecordDict({**dict(msg.content.items()), CONFIG: ConfigRecord(config)})
     return Message(content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
 

@@ -60,6 +60,7 @@ class Collected:
     average: Arrays | None = None
     summed: bool = False      # the uploads arrived summed (SecAgg+): `average` is the round's result
     server_update: Any = None  # split training: the LoRA the server trained this round (a ClientUpdate)
+    bytes_down: int = 0        # sent beyond the round's instructions (split training's per-step tensors)
 
 
 def failure_kind(reason: str) -> str:

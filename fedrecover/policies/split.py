@@ -75,7 +75,7 @@ class SplitPolicy(Policy):
     def check_config(cls, cfg: Any) -> None:
         super().check_config(cfg)
         clashes = [(cfg.distill.teacher is not None and cfg.distill.where != "server", "--teacher on the devices",
-                    "distil on the server (--distill-where server), where the whole model is"),
+                    "distil on the server (--distill server), where the whole model is"),
                    (cfg.privacy.dp_clip is not None, "--dp-clip",
                     "run without central DP (the server trains on the devices' features, which the clipping does not bound)")]
         for clash, what, fix in clashes:
@@ -87,12 +87,15 @@ class SplitPolicy(Policy):
         if layers < 2:
             raise LLMPruneError(f"--policy split needs at least 2 decoder layers, the model has {layers}",
                                 "recover this model with --policy plan")
+        if self.config.layers >= layers:
+            raise LLMPruneError(f"--split-layers {self.config.layers} leaves the server none of the model's {layers} layers",
+                                f"pass --split-layers {layers - 1} or fewer")
 
     def plan_devices(self, model, count: int) -> list[Assignment]:
         from ..fleet import cycled, plan_rank_depth
 
         num_layers = model.config.num_hidden_layers
-        most = min(self.config.layers, num_layers - 1)
+        most = self.config.layers
         rank = self.cfg.training.lora_rank
         costs = unit_costs(model, self.cfg, "layer")
         devices = fleet_devices(self.cfg)

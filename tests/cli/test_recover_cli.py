@@ -417,3 +417,21 @@ def test_a_window_longer_than_the_models_positions(capfd, checkpoint, data_file,
                                     "--seq-len", "4096"), "--seq-len 4096 is beyond the model's 256 positions",
                           "pass --seq-len 256 or less")
     assert nothing_written(out)
+
+
+def test_split_training_refuses_what_it_cannot_do(capfd, checkpoint, data_file, tmp_path):
+    """--policy split: a cut past the model, a device that cannot hold one layer (naming the smallest
+    budget), and the options it cannot combine with — each one line, exit 2, before Flower starts."""
+    model, out = checkpoint("llama"), tmp_path / "out"
+    base = ["--model", model, "--data", data_file, "--out", out, *SMALL, "--policy", "split"]
+    assert_one_line_error(*run_main(capfd, *base, "--split-layers", "4"),
+                          "--split-layers 4 leaves the server none of the model's 4 layers", "--split-layers 3 or fewer")
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[device]]\nname = "phone"\nmemory_mb = 8000\n\n[[device]]\nname = "old-watch"\nmemory_mb = 12\n')
+    assert_one_line_error(*run_main(capfd, *base, "--fleet", fleet),
+                          "device 'old-watch' has 12 MB but the smallest submodel (1 layer", "raise its memory_mb to at least")
+    assert_one_line_error(*run_main(capfd, *base, "--secagg"), "--policy split cannot be combined with --secagg")
+    assert_one_line_error(*run_main(capfd, *base, "--dp-clip", "1"), "--policy split cannot be combined with --dp-clip")
+    assert_one_line_error(*run_main(capfd, *base, "--teacher", model, "--distill", "device"),
+                          "--policy split cannot be combined with --teacher on the devices")
+    assert nothing_written(out)

@@ -240,6 +240,8 @@ def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> dict:
                     node_timeout=120, round_timeout=180)
     if secure:
         settings.update(fleet=str(root / "fleet.toml"), aggregation="hetlora")
+    else:   # the plain fleet runs split training: per-step messages between SuperLink and SuperNodes
+        settings.update(policy="split")
     config = RecoverConfig.of(**settings)
     answer = fleet.cli("flwr-run", ["flwr", "run", str(app_dir()), CONNECTION, "--run-config",
                                     run_config_overrides(model, out, config), "--format", "json"])
@@ -257,6 +259,10 @@ def deploy_and_recover(fleet: Fleet, model: Path, secure: bool) -> dict:
     assert row["clients_sampled"] == 2 and row["clients_returned"] == 2 and row["applied"]
     assert row["bytes_up"] > 0 and row["eval_perplexity"] is not None
     assert sorted(d["partition-id"] for d in metrics["devices"]) == [0, 1]
+    if not secure:  # every device ran both steps on its cut; its LoRA came back with the last message
+        assert metrics["policy"] == "split"
+        assert all(c["split_steps"] == 2 and c["cut"] == {"front": 2, "back": 4} and c["bytes_up_per_step"] > 0
+                   for c in row["clients"]), row["clients"]
     if secure:  # the round ran on the two registered SuperNodes; the unregistered one was refused
         assert {d["node-id"] for d in metrics["devices"]} == registered
         assert rogue.wait(timeout=30) != 0

@@ -127,7 +127,7 @@ def test_a_registered_aggregation_is_an_option_everywhere():
 def test_every_registered_policy_is_one_class_with_its_own_config():
     from llmprune.fedrecover.policies import POLICIES, Policy
 
-    assert list(POLICIES) == ["plan", "submodels", "bandit", "devft", "prune-tune"]
+    assert list(POLICIES) == ["plan", "submodels", "bandit", "devft", "prune-tune", "split"]
     for name, cls in POLICIES.items():
         assert issubclass(cls, Policy) and cls.name == name and cls.config_class.name == name and cls.summary
         assert get_policy(name) is cls
