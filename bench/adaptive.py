@@ -33,6 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_results  # noqa: E402
 from recover import EVAL, pruned_checkpoint, pydocs_train  # noqa: E402
+from submodels import recover_args  # noqa: E402  (the same six-device run)
 
 SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping, pruning steps, its evaluation
 # name, declared memory_mb (None: undeclared), true limit oom_mb, speed
@@ -61,15 +62,6 @@ def write_fleet(path: Path) -> Path:
         rows.append(row)
     path.write_text(json.dumps({"devices": rows}, indent=1))
     return path
-
-
-def recover_args(args, model: Path, data: list[str], out: Path, fleet: Path) -> list[str]:
-    return ["recover", "--model", str(model), "--data", *data, "--out", str(out), "--clients", str(len(FLEET)),
-            "--fleet", str(fleet), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-            "--partition", "domain", "--lora-rank", str(args.lora_rank), "--lr", str(args.lr),
-            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-            "--max-windows", str(args.max_windows), "--aggregation", "hetlora",
-            "--eval-data", str(SHARED / SERVER_TEXT), "--eval-windows", "4", "--seed", "0", "--overwrite"]
 
 
 def round_curve(model: Path, out: Path, metrics: dict, scale: float, args, rounds: int) -> list[dict]:
@@ -134,8 +126,8 @@ def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: f
         metrics = json.loads((out / "metrics.json").read_text())
         seconds = metrics["server_seconds"]                  # the ServerApp's whole run (wall less start-up)
     else:
-        metrics, seconds = run_json(recover_args(args, model, data, out, fleet) + flags + ["--rounds", str(rounds)],
-                                    args.work / f"{key}.log")
+        command = recover_args(args, model, data, out, fleet, eval_windows=4) + flags + ["--rounds", str(rounds)]
+        metrics, seconds = run_json(command, args.work / f"{key}.log")
     curve = round_curve(model, out, metrics, scale, args, rounds)
     return {"label": arm["label"], "wall_seconds": round(seconds, 1), "curve": curve,
             "fleet_clock": fleet_clock(metrics), "round_seconds": [r["seconds"] for r in metrics["rounds"]],

@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_results  # noqa: E402
 from recover import EVAL, pruned_checkpoint, pydocs_train, round_curve  # noqa: E402
-from submodels import FLEET, SERVER_TEXT  # noqa: E402
+from submodels import FLEET, SERVER_TEXT, recover_args  # noqa: E402
 
 HALF_SPEED = {"tablet-2.6g", "phone-1.4g"}
 LEAN = ["--client-dtype", "bfloat16", "--client-embedding", "int8", "--emulate-speed"]
@@ -44,15 +44,6 @@ def write_fleet(path: Path) -> Path:
     rows = [{"name": name, "memory_mb": mb, "speed": 0.5 if name in HALF_SPEED else 1.0} for name, mb in FLEET]
     path.write_text(json.dumps({"devices": rows}, indent=1))
     return path
-
-
-def recover_args(args, pruned: Path, data: list[str], out: Path, fleet: Path) -> list[str]:
-    return ["recover", "--model", str(pruned), "--data", *data, "--out", str(out), "--clients", str(len(FLEET)),
-            "--fleet", str(fleet), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-            "--partition", "domain", "--lora-rank", str(args.lora_rank), "--lr", str(args.lr),
-            "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
-            "--max-windows", str(args.max_windows), "--aggregation", "hetlora",
-            "--eval-data", str(SHARED / SERVER_TEXT), "--eval-windows", "4", "--seed", "0", "--overwrite"]
 
 
 def devices_of(metrics: dict) -> list[dict]:
@@ -107,7 +98,7 @@ def main() -> int:
             continue
         out = args.work / key
         started = time.perf_counter()
-        metrics, seconds = run_json(recover_args(args, pruned, data, out, fleet) + ARMS[key]["flags"],
+        metrics, seconds = run_json(recover_args(args, pruned, data, out, fleet, eval_windows=4) + ARMS[key]["flags"],
                                     args.work / f"{key}.log")
         runs[key] = {"label": ARMS[key]["label"], "wall_seconds": round(seconds, 1),
                      "curve": round_curve(pruned, Path(f"{out}.rounds"), scale, args, with_initial=True),

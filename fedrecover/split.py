@@ -153,3 +153,25 @@ def merged_forward(model: nn.Module, features: dict, cuts: dict, back: int, call
         merged = out[0] if isinstance(out, tuple) else out
     outputs = {key: merged[where].detach() for key, where in slices.items()}
     return MergedPass(inputs, outputs, merged, slices)
+
+
+def server_steps(passes: list, grads: list[dict], params: list, optimizer, max_grad_norm: float = 1.0) -> dict:
+    """The server's part of a step: each pass's backward (`grads[i]`: the devices' gradients at the
+    second cut for `passes[i]`), all at the weights the passes ran with, then one optimiser step per
+    pass in order with that pass's gradient alone (clipped as a device clips). One merged pass is
+    one step; without merging, one step per device. Returns each device's gradient at its first cut."""
+    back, per_pass = {}, []
+    for p, g in zip(passes, grads):
+        if not g:
+            continue
+        back.update(p.backward(g))
+        per_pass.append([q.grad for q in params])
+        for q in params:
+            q.grad = None
+    for taken in per_pass:
+        for q, g in zip(params, taken):
+            q.grad = g
+        torch.nn.utils.clip_grad_norm_([q for q in params if q.grad is not None], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return back

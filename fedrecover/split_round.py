@@ -24,7 +24,7 @@ import torch
 from .aggregations import ClientUpdate
 from .lora import attach_lora, detach_lora, get_lora_arrays
 from .messages import CONFIG, SplitAnswer, SplitStep, TrainReply
-from .split import Cut, merged_forward, window_calls
+from .split import Cut, merged_forward, server_steps, window_calls
 from .transport import Collected, failure_kind, send_and_receive
 
 log = logging.getLogger(__name__)
@@ -165,17 +165,9 @@ class SplitTransport:
 
     def _server_backward(self, passes: list, answers: dict, params: list, optimizer) -> dict:
         """Each pass's backward with the gradients that came back (a device that dropped out gives
-        none: its windows leave the merged mean), the server's optimiser step after each pass."""
-        grads: dict = {}
-        for p in passes:
-            came = {node: torch.from_numpy(answers[node].tensor) for node in p.outputs if node in answers}
-            if not came:
-                continue
-            grads.update(p.backward(came))
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return grads
+        none: its windows leave the merged mean), then the server's steps (split.server_steps)."""
+        came = [{node: torch.from_numpy(answers[node].tensor) for node in p.outputs if node in answers} for p in passes]
+        return server_steps(passes, came, params, optimizer)
 
     def _send(self, asks: dict, pids: dict, record: SplitRound, failures: dict) -> list:
         import time

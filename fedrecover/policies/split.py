@@ -5,8 +5,9 @@ labels stay on the device.
 
 What MergeSFL leaves open, decided here:
 - the cut: per device as many layers as its memory admits (the submodel estimate of those layers),
-  at most --split-layers, scaled down by its declared speed against the fastest device's, at least
-  one, so that a slow or small device runs less;
+  at most --split-layers, scaled down by its speed against the fastest device's (declared before
+  round 1; measured, in seconds per window of its jobs, once every sampled device has been), at
+  least one, so that a slow or small device runs less;
 - feature merging for devices cut at different layers: a device's features join the merged batch
   at its own cut; the merged loss is the mean over all merged windows;
 - batch regulation: per round, proportional to each device's measured seconds per window of the
@@ -69,6 +70,8 @@ class SplitPolicy(Policy):
         self.batches: dict[int, int] = {}                   # partition id -> this round's batch
         self.rows: dict[int, dict] = {}                     # partition id -> its split line of the round
         self._max_batch: dict[tuple, int] = {}
+        self.fit_units: dict[str, int] = {}                 # device name -> the layers its memory admits
+        self.assigned: dict[int, Assignment] = {}           # partition id -> this round's assignment
         self.server_seconds: list[float] = []
 
     @classmethod
@@ -95,13 +98,12 @@ class SplitPolicy(Policy):
         from ..fleet import cycled, plan_rank_depth
 
         num_layers = model.config.num_hidden_layers
-        most = self.config.layers
         rank = self.cfg.training.lora_rank
         costs = unit_costs(model, self.cfg, "layer")
         devices = fleet_devices(self.cfg)
         if not devices:
             plans = plan_rank_depth(model, self.cfg, count)
-            return [self._with_cut(p, most, num_layers, costs, rank) for p in plans]
+            return [self._with_cut(p, self.config.layers, num_layers, costs, rank) for p in plans]
         fits = assign_submodels(costs, devices, rank, self.cfg.fleet.skip_unfit)
         fastest = max(d.speed for d in devices)
         plans = []
@@ -109,9 +111,15 @@ class SplitPolicy(Policy):
             if fit.refused:
                 plans.append(fit)
                 continue
-            front = max(1, min(fit.units, most, round(most * dev.speed / fastest)))
-            plans.append(self._with_cut(fit, front, num_layers, costs, rank))
+            self.fit_units[dev.name] = fit.units
+            plans.append(self._with_cut(fit, self.front_for(dev.name, dev.speed / fastest), num_layers, costs, rank))
         return cycled(plans, count)
+
+    def front_for(self, device: str, speed_share: float) -> int:
+        """The first cut: the layers the device's memory admits, at most --split-layers, times its speed
+        against the fastest device's (declared before round 1, measured after), at least 1."""
+        most = self.config.layers
+        return max(1, min(self.fit_units.get(device, most), most, round(most * speed_share)))
 
     @staticmethod
     def _with_cut(plan: Assignment, front: int, num_layers: int, costs, rank: int) -> Assignment:
@@ -127,26 +135,38 @@ class SplitPolicy(Policy):
 
         return SplitTransport(run, self, timeout, run.stop)
 
+    def start(self, run) -> None:
+        super().start(run)
+        self.costs = unit_costs(run.model, self.cfg, "layer")
+
     def assign(self, server_round: int, nodes: list[int]) -> dict[int, Assignment]:
+        """The round's cut and batch per device: once every sampled device has been measured, its cut
+        follows its measured speed (and --split-regulate its batch); before that, the plan's."""
         from ..split_round import regulate_batches
 
-        plans = {node: self.run.plan.clients[node] for node in nodes}
+        plans = dict(self.run.plan.clients[node] for node in nodes)          # partition id -> plan
+        measured = {pid: self.seconds_per_window.get(plan.device) for pid, plan in plans.items()}
+        if all(measured.values()):
+            fastest = min(measured.values())
+            plans = {pid: self._with_cut(plan, self.front_for(plan.device, fastest / measured[pid]),
+                                         plan.device_model.spec.num_layers, self.costs, plan.rank)
+                     for pid, plan in plans.items()}
+        self.assigned = plans
         size = self.cfg.training.batch_size
         if self.config.regulate:
-            measured = {pid: self.seconds_per_window.get(plan.device) for pid, plan in plans.values()}
-            bounds = {pid: self.max_batch(plan, 2 * size) for pid, plan in plans.values()}
+            bounds = {pid: self.max_batch(plan, 2 * size) for pid, plan in plans.items()}
             self.batches = regulate_batches(measured, size * len(nodes), bounds)
         else:
-            self.batches = {pid: size for pid, _ in plans.values()}
-        return {node: plan for node, (_, plan) in plans.items()}
+            self.batches = {pid: size for pid in plans}
+        return {node: plans[self.run.plan.clients[node][0]] for node in nodes}
 
     def max_batch(self, plan: Assignment, upto: int) -> int:
         """The largest batch (at most `upto`) whose memory estimate for the device's cut fits its budget."""
         if plan.memory_mb is None:
             return upto
-        key = (plan.device, upto)
+        front = plan.device_model.spec.front
+        key = (plan.device, front, upto)
         if key not in self._max_batch:
-            front = plan.device_model.spec.front
             fits = [b for b in range(1, upto + 1) if lean_memory_mb(unit_costs(self.run.model, _with_batch(self.cfg, b), "layer"),
                                                                    list(range(front)), list(range(front)), plan.rank)[0]
                     <= plan.memory_mb]
@@ -155,8 +175,7 @@ class SplitPolicy(Policy):
 
     # -- what the split round asks of the policy (split_round.SplitTransport) ---------------------------
     def cut_of(self, partition_id: int) -> Cut:
-        plan = next(a for pid, a in self.run.plan.clients.values() if pid == partition_id)
-        return plan.device_model.spec
+        return self.assigned[partition_id].device_model.spec
 
     def batch_of(self, partition_id: int) -> int:
         return self.batches.get(partition_id, self.cfg.training.batch_size)

@@ -112,6 +112,31 @@ def test_merged_devices_get_back_exactly_their_own_gradients(checkpoint):
         assert torch.allclose(grad, mixed, atol=1e-6), name
 
 
+@pytest.mark.parametrize("merge", [True, False])
+def test_the_server_steps_once_per_pass_at_the_weights_the_passes_ran_with(checkpoint, merge):
+    """Merged: one pass, one step. Without merging: one pass and one step per device, every backward
+    at the weights the forwards ran with (a step between them would change what the graph holds)."""
+    from llmprune.fedrecover.split import server_steps
+
+    folder = checkpoint("llama")
+    model = attach_lora(load_model(folder).float().eval(), _arrays(load_model(folder)), scale=2.0)
+    base = model.get_base_model()
+    calls = window_calls(base, SEQ)
+    features = {key: run_layers(base, embed(base, _ids(i, 2)), [0], calls).detach() for i, key in enumerate("ab")}
+    cuts = {"a": 1, "b": 1}
+    passes = [merged_forward(base, features, cuts, 3, calls)] if merge else \
+        [merged_forward(base, {k: h}, {k: 1}, 3, calls) for k, h in features.items()]
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    grads = [{k: torch.ones_like(out) for k, out in p.outputs.items()} for p in passes]
+    back = server_steps(passes, grads, params, optimizer)
+    assert set(back) == {"a", "b"} and all(g.shape == features[k].shape for k, g in back.items())
+    steps = {float(optimizer.state[p]["step"]) for p in params if p in optimizer.state}
+    assert steps == {1.0 if merge else 2.0}
+    assert any(not torch.equal(a, p) for a, p in zip(before, params))
+
+
 @pytest.mark.parametrize(("front", "back"), [(0, 3), (3, 3), (2, 5)])
 def test_a_cut_outside_the_layers_is_one_line(front, back):
     with pytest.raises(LLMPruneError, match=r"does not fit a 4-layer model.*1 <= front < back <= 4"):
