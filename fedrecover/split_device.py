@@ -25,7 +25,7 @@ import torch
 
 from llmprune.memory import current_rss_mb, reset_peak_rss, window_peak_rss_mb
 
-from .device import DeviceEmulation
+from .device import _DTYPES, DeviceEmulation
 from .lora import attach_lora
 from .messages import TrainInstruction
 from .split import Cut, embed, head_loss, run_layers, window_calls
@@ -33,7 +33,6 @@ from .task import batch_order
 
 Arrays = dict[str, np.ndarray]
 KINDS = ("front", "tail")
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _LORA, _EXP_AVG, _EXP_AVG_SQ, _STEP = "lora/", "m/", "v/", "adam/"
 STATS = "stats"         # loss sum, losses, first loss, last loss, seconds, peak MB (float64)
 
@@ -84,7 +83,6 @@ def run_split_job(job: SplitJob) -> SplitResult:
     instruction = job.instruction
     cut: Cut = instruction.device_model.spec
     model = instruction.device_model.load(job.path, _DTYPES[instruction.client_dtype], instruction.client_embedding)
-    torch.manual_seed(instruction.seed + job.step)
     peft_model = attach_lora(model, trained_arrays(job.state), instruction.scale)
     try:
         outgoing, loss, state = _work(job, cut, peft_model)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -100,8 +101,6 @@ class SplitTransport:
     # long function: the whole round's protocol, readable top to bottom
     def exchange(self, server_round: int, messages: list, partitions: dict[int, int], global_arrays: Arrays,
                  rank: int, needed: int) -> Collected:
-        import time
-
         run, cfg = self.run, self.run.cfg
         steps = cfg.training.local_steps
         pids = {m.metadata.dst_node_id: partitions[m.metadata.dst_node_id] for m in messages}
@@ -170,8 +169,6 @@ class SplitTransport:
         return server_steps(passes, came, params, optimizer)
 
     def _send(self, asks: dict, pids: dict, record: SplitRound, failures: dict) -> list:
-        import time
-
         started = time.perf_counter()
         replies = send_and_receive(self.run.grid, [msg for msg, _ in asks.values()], self.timeout, self.stop)
         took = time.perf_counter() - started
