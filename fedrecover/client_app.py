@@ -113,7 +113,7 @@ class DeviceRuntime:
                        step.tensor, self.emulation(cfg, pid, context.node_config.get("device"), simulation))
         if simulation:
             self.start_round_server()
-        result = self.server.run_split(job) if simulation else run_split_job(job)
+        result = self.server.run_split(job, str(context.node_id)) if simulation else run_split_job(job)
         context.state[SPLIT_STATE] = to_record(result.state)
         if result.outgoing is not None:
             return SplitAnswer(pid, result.outgoing, result.seconds, result.peak_rss_mb, result.loss).reply_to(msg)

@@ -2,10 +2,11 @@
 
 `RoundServer()` starts `python -m llmprune.fedrecover.round_server`: a single-threaded process that
 imports the training stack (torch, transformers, peft, this package) once and then, per job, forks
-a child that runs `device.run_round` (or one split training job, split_device.py) and exits. Every
-round therefore starts from the same process image — a plain Python with the training stack, like
-a device's own process — and never sees what an earlier round (another simulated device) left in
-memory. The server, unlike multiprocessing's
+a child that runs `device.run_round` and exits. Every round therefore starts from the same process
+image — a plain Python with the training stack, like a device's own process — and never sees what an
+earlier round (another simulated device) left in memory. Split training's jobs (split_device.py) run in
+a session: one forked child per device that keeps the device's part of the model loaded from the
+round's first job to its last, as the device does, and then exits. The server, unlike multiprocessing's
 forkserver, never imports the caller's main module (a Ray worker's), and it ends when its caller
 closes the pipe or dies.
 
@@ -21,6 +22,7 @@ import struct
 import subprocess
 import sys
 import traceback
+from dataclasses import dataclass
 
 _LENGTH = struct.Struct("<Q")
 
@@ -143,11 +145,13 @@ class RoundServer:
         header, trained = self._call(*encode_job(job))
         return RoundResult(trained, header["loss"], header["memory"])
 
-    def run_split(self, job):
-        """A split training job's SplitResult (split_device.py), run as a round is."""
+    def run_split(self, job, session: str):
+        """A split training job's SplitResult (split_device.py), run in the device's session (`session`
+        names the device: its child holds the device's part of the model until its round's last job)."""
         from .split_device import SplitResult
 
-        header, tensors = self._call(*encode_split_job(job))
+        header, tensors = encode_split_job(job)
+        header, tensors = self._call({**header, "session": session}, tensors)
         state = {k[2:]: v for k, v in tensors.items() if k.startswith("s/")}
         return SplitResult(state, tensors.get("outgoing"), header["loss"], header["seconds"], header["peak"])
 
@@ -182,33 +186,119 @@ class RoundServer:
         self.close()
 
 
+_MAX_SESSIONS = 16      # devices whose round is under way on this server (one that vanished mid-round lingers)
+
+
+@dataclass
+class _Session:
+    """A device's child in split training, and the server's ends of its two pipes."""
+
+    pid: int
+    job_write: int
+    result_read: int
+
+    def close(self) -> int:
+        for fd in (self.job_write, self.result_read):
+            os.close(fd)
+        return os.waitpid(self.pid, 0)[1]
+
+
 def _serve(job_fd: int, result_fd: int) -> None:
     """The server: per job, fork a child that runs it and sends its result through a pipe of its
-    own; the server forwards the result, or says how the child died. Ctrl-C is its caller's to
-    handle (a terminal sends it to the whole process group): the server and its children ignore it
-    and end when the caller goes."""
+    own (a split job goes to its device's session, started at need); the server forwards the
+    result, or says how the child died. Ctrl-C is its caller's to handle (a terminal sends it to the
+    whole process group): the server and its children ignore it and end when the caller goes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sessions: dict[str, _Session] = {}
     while True:
         try:
             job = _read(job_fd)
         except EOFError:
             return
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(read)
-            _child(job, write)
-        os.close(write)
-        try:
-            result = _read(read)
-        except EOFError:
-            result = None
-        os.close(read)
-        _, status = os.waitpid(pid, 0)
-        if result is None:
-            result = ({"status": "error", "name": "RuntimeError", "trace": "",
-                       "message": f"the round process died ({_how(status)})"}, {})
+        key = job[0].pop("session", None)
+        result = _run_once(job, (job_fd, result_fd)) if key is None else _run_in_session(job, key, sessions,
+                                                                                          (job_fd, result_fd))
         _write(result_fd, *result)
+
+
+def _run_once(job: tuple[dict, dict], server_fds: tuple[int, int]) -> tuple[dict, dict]:
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        _close(read, *server_fds)
+        _child(job, write)
+    os.close(write)
+    try:
+        result = _read(read)
+    except EOFError:
+        result = None
+    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    return result if result is not None else _died(status)
+
+
+def _run_in_session(job: tuple[dict, dict], key: str, sessions: dict[str, _Session],
+                    server_fds: tuple[int, int]) -> tuple[dict, dict]:
+    """The job's result from the device's session; a session whose device's round is over (its child
+    said so) or that died is closed, and the oldest are closed past _MAX_SESSIONS."""
+    session = sessions.pop(key, None) or _start_session(sessions, server_fds)
+    try:
+        _write(session.job_write, *job)
+        result = _read(session.result_read)
+    except (BrokenPipeError, EOFError):
+        result = None
+    if result is None or result[0].pop("session_over"):
+        status = session.close()
+        return result if result is not None else _died(status)
+    sessions[key] = session                     # the most recent last
+    while len(sessions) > _MAX_SESSIONS:
+        sessions.pop(next(iter(sessions))).close()
+    return result
+
+
+def _start_session(sessions: dict[str, _Session], server_fds: tuple[int, int]) -> _Session:
+    job_read, job_write = os.pipe()
+    result_read, result_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        # the child keeps only its own pipe ends: a session must see EOF when the server goes
+        _close(job_write, result_read, *server_fds,
+               *(fd for other in sessions.values() for fd in (other.job_write, other.result_read)))
+        _session(job_read, result_write)
+    os.close(job_read)
+    os.close(result_write)
+    return _Session(pid, job_write, result_read)
+
+
+def _session(job_fd: int, result_fd: int) -> None:
+    """A device's split jobs, one after another, until its round ends (the part is released) or the
+    server goes."""
+    from .split_device import holds_part
+
+    while True:
+        try:
+            job = _read(job_fd)
+        except EOFError:
+            os._exit(0)
+        outcome = _outcome(job)
+        over = not holds_part()
+        outcome[0]["session_over"] = over
+        try:
+            _write(result_fd, *outcome)
+        except BaseException:  # noqa: BLE001 - nothing to tell it with: the server reports the death
+            os._exit(1)
+        if over:
+            os._exit(0)
+
+
+def _close(*fds: int) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+def _died(status: int) -> tuple[dict, dict]:
+    return ({"status": "error", "name": "RuntimeError", "trace": "",
+             "message": f"the round process died ({_how(status)})"}, {})
 
 
 def _round_outcome(job: tuple[dict, dict]) -> tuple[dict, dict]:
@@ -228,13 +318,17 @@ def _split_outcome(job: tuple[dict, dict]) -> tuple[dict, dict]:
     return {"status": "ok", "loss": result.loss, "seconds": result.seconds, "peak": result.peak_rss_mb}, tensors
 
 
+def _outcome(job: tuple[dict, dict]) -> tuple[dict, dict]:
+    try:
+        return _split_outcome(job) if job[0].get("kind") == "split-step" else _round_outcome(job)
+    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller as it happened
+        return ({"status": "error", "name": type(exc).__name__, "message": str(exc),
+                 "trace": traceback.format_exc()}, {})
+
+
 def _child(job: tuple[dict, dict], write: int) -> None:
     code = 0
-    try:
-        outcome = _split_outcome(job) if job[0].get("kind") == "split-step" else _round_outcome(job)
-    except BaseException as exc:  # noqa: BLE001 - everything goes back to the caller as it happened
-        outcome = ({"status": "error", "name": type(exc).__name__, "message": str(exc),
-                    "trace": traceback.format_exc()}, {})
+    outcome = _outcome(job)
     try:
         _write(write, *outcome)
     except BaseException:  # noqa: BLE001 - nothing to tell it with: the server reports the death

@@ -9,10 +9,12 @@ A round of `steps` steps is two kinds of job per step:
   loss run on its own labels, and the gradient at the second cut goes back (the tail's own LoRA, if
   the cut gives it layers, steps at once).
 
-Nothing is kept in the process between jobs: the LoRA weights, the optimiser's moments and the round's
-counters travel in `SplitJob.state` (Flower's Context.state on the device), and the model is read
-again per job, as a device whose ClientApp starts per message must. Each job measures its own
-peak RSS and time (an emulated slow device sleeps for its speed, as in a whole round)."""
+The LoRA weights, the optimiser's moments and the round's counters travel in `SplitJob.state` (Flower's
+Context.state on the device): it alone says where training stands. The device's part of the model is
+kept loaded in the process from a round's first job to its last (a device holds its layers for the
+round, as MergeSFL's devices do); a process that starts per message reads it again, with the same result.
+Each job measures its own peak RSS and time (an emulated slow device sleeps for its speed, as in a whole
+round); the peak includes the part held in memory."""
 
 from __future__ import annotations
 
@@ -71,28 +73,79 @@ class SplitResult:
     peak_rss_mb: float
 
 
+@dataclass
+class _HeldPart:
+    """The device's part of the model with LoRA attached, kept from a round's first job to its last."""
+
+    key: tuple
+    model: torch.nn.Module
+    peft_model: object
+    stack_mb: float             # the process's RSS before the part was read: the emulated OOM's baseline
+
+
+_held: _HeldPart | None = None
+
+
+def holds_part() -> bool:
+    """Whether this process keeps a device's part loaded (a round is under way)."""
+    return _held is not None
+
+
+def release_part() -> None:
+    global _held
+    if _held is not None:
+        from .client_model import free_model
+
+        model, _held = _held.model, None
+        free_model(model)
+
+
+def _part_key(job: SplitJob) -> tuple:
+    """What the loaded part depends on: the checkpoint, the device's cut and dtypes, the vocabulary."""
+    config = job.instruction.to_config()
+    return (job.path, *(config.get(k) for k in ("device-model", "device-model-spec", "client-dtype",
+                                                 "client-embedding", "scale", "vocabulary")))
+
+
+def _part(job: SplitJob) -> _HeldPart:
+    """The held part for this job, read (and LoRA attached) at the round's first job; later jobs only
+    load the state's LoRA weights into it."""
+    global _held
+    from .lora import set_lora_arrays
+
+    key = _part_key(job)
+    if _held is not None and _held.key == key:
+        set_lora_arrays(_held.peft_model, trained_arrays(job.state))
+        return _held
+    release_part()
+    instruction = job.instruction
+    before = current_rss_mb()
+    model = instruction.device_model.load(job.path, _DTYPES[instruction.client_dtype], instruction.client_embedding)
+    _held = _HeldPart(key, model, attach_lora(model, trained_arrays(job.state), instruction.scale), before)
+    return _held
+
+
 def run_split_job(job: SplitJob) -> SplitResult:
-    """Load the device's part of the model, do the job, measure it, free the model."""
-    from .client_model import free_model, trim_heap
+    """Do the job on the device's part (read at the round's first job), measure it; the part is freed
+    after the round's last job, or when the job fails."""
+    from .client_model import trim_heap
 
     gc.collect()
     trim_heap()
-    before = current_rss_mb()
     reset_peak_rss()
     started = time.perf_counter()
-    instruction = job.instruction
-    cut: Cut = instruction.device_model.spec
-    model = instruction.device_model.load(job.path, _DTYPES[instruction.client_dtype], instruction.client_embedding)
-    peft_model = attach_lora(model, trained_arrays(job.state), instruction.scale)
     try:
-        outgoing, loss, state = _work(job, cut, peft_model)
+        part = _part(job)
+        outgoing, loss, state = _work(job, job.instruction.device_model.spec, part.peft_model)
         emulation = job.emulation or DeviceEmulation()
-        emulation.baseline_mb = before
+        emulation.baseline_mb = part.stack_mb
         emulation.after_step(job.step, time.perf_counter() - started)
         peak = window_peak_rss_mb()
-    finally:
-        free_model(model)
-        del model, peft_model
+    except BaseException:
+        release_part()
+        raise
+    if job.kind == "front" and job.step >= job.instruction.local_steps:     # the round's last job
+        release_part()
     seconds = time.perf_counter() - started
     stats = state[STATS].copy()
     stats[4] += seconds

@@ -73,14 +73,23 @@ class DeviceSteps:
     bytes_down: int = 0
     seconds: float = 0.0           # the device's own compute, as its jobs measured it
     waited: float = 0.0            # time its exchanges took beyond its own compute (the server, the others)
+    lag: float = 0.0               # where devices run side by side: its exchanges' slowest job minus its own
+    first_job: float | None = None   # its round's first job: reading its part of the model, step 0's features
     peak_rss_mb: float = 0.0
     steps: int = 0
+
+    def seconds_per_window(self) -> float | None:
+        """Its compute per window after reading its part (the time a bigger batch costs); None unmeasured."""
+        if not self.steps or self.first_job is None:
+            return None
+        return max(self.seconds - self.first_job, 1e-6) / (self.steps * self.batch_size)
 
     def row(self) -> dict:
         per = max(self.steps, 1)
         return {"cut": self.cut.to_dict(), "batch_size": self.batch_size, "split_steps": self.steps,
                 "bytes_up_per_step": self.bytes_up // per, "bytes_down_per_step": self.bytes_down // per,
                 "compute_seconds": round(self.seconds, 2), "idle_seconds": round(self.waited, 2),
+                "first_job_seconds": round(self.first_job or 0.0, 2), "idle_if_parallel_seconds": round(self.lag, 2),
                 "split_peak_rss_mb": round(self.peak_rss_mb, 1)}
 
 
@@ -90,6 +99,21 @@ class SplitRound:
 
     devices: dict = field(default_factory=dict)
     server_seconds: float = 0.0
+    parallel_seconds: float = 0.0    # the round where devices run side by side: each exchange's slowest job + the server
+
+    def served(self, seconds: float) -> None:
+        self.server_seconds += seconds
+        self.parallel_seconds += seconds
+
+    def exchanged(self, job_seconds: dict) -> None:
+        """One exchange's measured job time per partition id: the lag each device had behind the slowest."""
+        slowest = max(job_seconds.values(), default=0.0)
+        self.parallel_seconds += slowest
+        for pid, seconds in job_seconds.items():
+            device = self.devices[pid]
+            device.lag += slowest - seconds
+            if device.first_job is None:
+                device.first_job = seconds
 
 
 class SplitTransport:
@@ -125,7 +149,7 @@ class SplitTransport:
                     break
                 started = time.perf_counter()
                 passes = self._server_forward(base, features, pids, record, calls)
-                record.server_seconds += time.perf_counter() - started
+                record.served(time.perf_counter() - started)
                 outputs = {node: out for p in passes for node, out in p.outputs.items()}
                 answers = self._ask({node: SplitStep("tail", step, outputs[node].numpy()).to_message(node)
                                      for node in outputs}, pids, record, failures)
@@ -133,7 +157,7 @@ class SplitTransport:
                     record.devices[pids[node]].steps += 1
                 started = time.perf_counter()
                 grads = self._server_backward(passes, answers, params, optimizer)
-                record.server_seconds += time.perf_counter() - started
+                record.served(time.perf_counter() - started)
                 asks = {node: SplitStep("front", step + 1, grads[node].numpy()).to_message(node) for node in grads}
                 if step + 1 < steps:
                     answers = self._ask(asks, pids, record, failures)
@@ -190,7 +214,7 @@ class SplitTransport:
         return ok
 
     def _ask(self, asks: dict, pids: dict, record: SplitRound, failures: dict) -> dict:
-        out = {}
+        out, jobs = {}, {}
         for reply, took in self._send(asks, pids, record, failures):
             answer, size = SplitAnswer.from_message(reply)
             device = record.devices[pids[reply.metadata.src_node_id]]
@@ -198,18 +222,22 @@ class SplitTransport:
             device.seconds += answer.seconds
             device.waited += max(0.0, took - answer.seconds)
             device.peak_rss_mb = max(device.peak_rss_mb, answer.peak_rss_mb)
+            jobs[pids[reply.metadata.src_node_id]] = answer.seconds
             out[reply.metadata.src_node_id] = answer
+        record.exchanged(jobs)
         return out
 
     def _finish(self, asks: dict, pids: dict, record: SplitRound, failures: dict) -> dict:
-        out = {}
+        out, jobs = {}, {}
         for reply, took in self._send(asks, pids, record, failures):
             final = TrainReply.from_message(reply)
             device = record.devices[pids[reply.metadata.src_node_id]]
             device.waited += max(0.0, took - final.seconds + device.seconds)
+            jobs[pids[reply.metadata.src_node_id]] = final.seconds - device.seconds     # its last job
             device.seconds = final.seconds
             device.peak_rss_mb = max(device.peak_rss_mb, final.peak_rss_mb)
             out[reply.metadata.src_node_id] = final
+        record.exchanged(jobs)
         return out
 
 

@@ -73,6 +73,7 @@ class SplitPolicy(Policy):
         self.fit_units: dict[str, int] = {}                 # device name -> the layers its memory admits
         self.assigned: dict[int, Assignment] = {}           # partition id -> this round's assignment
         self.server_seconds: list[float] = []
+        self.parallel_seconds: list[float] = []
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -189,12 +190,13 @@ class SplitPolicy(Policy):
         names = {pid: a.device for pid, a in self.run.plan.clients.values()}
         self.rows = {pid: d.row() for pid, d in record.devices.items()}
         for pid, d in record.devices.items():
-            if d.steps:
-                self.seconds_per_window[names[pid]] = d.seconds / (d.steps * d.batch_size)
+            if d.seconds_per_window() is not None:
+                self.seconds_per_window[names[pid]] = d.seconds_per_window()
         log.info("split round %d: server %.1f s; devices %s", server_round, record.server_seconds,
                  {pid: (r["cut"]["front"], r["batch_size"], r["compute_seconds"], r["idle_seconds"])
                   for pid, r in self.rows.items()})
         self.server_seconds.append(round(record.server_seconds, 2))
+        self.parallel_seconds.append(round(record.parallel_seconds, 2))
 
     # -- reporting and resume --------------------------------------------------------------------------
     def client_report(self, partition_id: int) -> dict:
@@ -207,7 +209,8 @@ class SplitPolicy(Policy):
     def report(self) -> dict:
         return {"split": {"merge": self.config.merge, "regulate": self.config.regulate,
                           "seconds_per_window": dict(self.seconds_per_window),
-                          "server_seconds_per_round": self.server_seconds}}
+                          "server_seconds_per_round": self.server_seconds,
+                          "parallel_seconds_per_round": self.parallel_seconds}}
 
     def state_dict(self) -> dict:
         return {"seconds_per_window": dict(self.seconds_per_window)}

@@ -173,6 +173,24 @@ def test_batches_keep_the_mix_balanced_and_within_memory():
     assert regulate_batches({0: 1.0, 1: 1.0}, 8, {0: 1, 1: 1}) == {0: 1, 1: 1}   # memory wins over the total
 
 
+def test_idle_where_devices_run_side_by_side_is_the_lag_behind_each_exchanges_slowest_job():
+    from llmprune.fedrecover.split_round import DeviceSteps, SplitRound
+
+    record = SplitRound({0: DeviceSteps(Cut(4, 1, 3), 2), 1: DeviceSteps(Cut(4, 2, 3), 4)})
+    for jobs in ({0: 5.0, 1: 3.0}, {0: 1.0, 1: 2.0}, {0: 1.0}):     # device 1 left out of the last exchange
+        for pid, seconds in jobs.items():
+            record.devices[pid].seconds += seconds
+        record.exchanged(jobs)
+    record.served(0.5)
+    assert record.parallel_seconds == 5.0 + 2.0 + 1.0 + 0.5
+    assert [record.devices[0].lag, record.devices[1].lag] == [1.0, 2.0]
+    assert [record.devices[0].first_job, record.devices[1].first_job] == [5.0, 3.0]   # reading the part: once
+    record.devices[0].steps = record.devices[1].steps = 1
+    assert record.devices[0].seconds_per_window() == (7.0 - 5.0) / 2        # the batch's cost, not the read
+    assert record.devices[1].seconds_per_window() == 2.0 / 4
+    assert DeviceSteps(Cut(4, 1, 3), 2).seconds_per_window() is None
+
+
 # ---------------------------------------------------------------- a simulation: two cuts, a dropout
 SPLIT = dict(clients=2, rounds=2, policy="split", inject_faults="crash:1@2")
 
@@ -219,6 +237,7 @@ def test_a_split_round_trains_the_devices_and_the_server_and_records_each_device
     assert first[0]["batch_size"] + first[1]["batch_size"] == 2 * 2            # --batch-size per device, merged
     for row in first.values():
         assert row["split_steps"] == 2 and row["peak_rss_mb"] > 0 and row["compute_seconds"] > 0
+        assert 0 < row["first_job_seconds"] < row["compute_seconds"] and row["idle_if_parallel_seconds"] >= 0
         features = row["batch_size"] * 33 * hidden * 4          # float32 windows of 33 positions, each way per step:
         assert row["bytes_up_per_step"] == row["bytes_down_per_step"] == pytest.approx(2 * features, rel=0.01)  # + gradient
     # round 2: device 1 dropped out at its first tail step; the round applied with device 0
@@ -228,7 +247,9 @@ def test_a_split_round_trains_the_devices_and_the_server_and_records_each_device
     start, end = load_file(str(state / "round-001.safetensors")), load_file(str(state / "round-002.safetensors"))
     changed = {k.split(".")[0] for k in end if k.endswith(".B") and not np.array_equal(start[k], end[k])}
     assert changed == {"0", "1", "2"}     # layer 0, 1 on device 0; 1, 2 on the server for device 0 (round 2)
-    assert result.metrics["split"]["merge"] and len(result.metrics["split"]["server_seconds_per_round"]) == 2
+    split = result.metrics["split"]
+    assert split["merge"] and len(split["server_seconds_per_round"]) == len(split["parallel_seconds_per_round"]) == 2
+    assert all(p > s for p, s in zip(split["parallel_seconds_per_round"], split["server_seconds_per_round"]))
 
 
 def test_the_server_never_receives_token_ids(split_run, pruned_ckpt):
