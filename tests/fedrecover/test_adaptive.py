@@ -146,6 +146,25 @@ def test_the_bandit_plays_arms_learns_rewards_and_backs_off_a_failing_device(ban
     assert rounds[0]["clients"][0]["arm"] == "0.34x1"
 
 
+def test_a_device_missing_from_a_secagg_sum_is_a_failure_of_the_arm_it_played(pruned_ckpt, text_file, tmp_path):
+    """SecAgg+ shows the server only the sum: a device whose share is missing still reaches the bandit
+    as a failure of the arm it played (reward -1), as a plain round's crash does; the others' rewards
+    come from the losses their masked replies carry."""
+    from .conftest import run_recover
+
+    fleet = write_fleet(tmp_path, [{"name": name, "memory_mb": 1e6} for name in ("a", "b", "c")])
+    run = run_recover(pruned_ckpt, [text_file], tmp_path / "out", fleet=fleet, secagg=True, inject_faults="crash:2",
+                      **{**BANDIT, "rounds": 1})
+    row = run.metrics["rounds"][0]
+    (failure,) = row["failures"]
+    assert failure["partition-id"] == 2 and failure["failed"] == "dropped"
+    assert failure["arm"] and failure["reward"]["reward"] == -1.0 and failure["reward"]["failed"] == "dropped"
+    assert len(row["clients"]) == 2
+    for c in row["clients"]:
+        assert c["reward"]["failed"] == "" and c["reward"]["gain"] == pytest.approx(c["loss_first"] - c["loss_last"],
+                                                                                   abs=1e-4)
+
+
 def test_an_emulated_device_sleeps_for_its_speed_and_fails_past_its_true_memory():
     import time
 
