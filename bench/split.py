@@ -16,7 +16,7 @@ composed from the jobs' measured times (split: per exchange the slowest device's
 server's compute; submodels: per round the slowest device's round). Results:
 bench/results/split.json and a section of docs/benchmarks.md. Nothing here asserts a timing.
 
-    python bench/split.py                  # about 40 minutes on 2 cores
+    python bench/split.py                  # about an hour on 2 cores (16 minutes an arm)
     python bench/split.py --resume         # skip arms already in the results file
 """
 
@@ -56,10 +56,7 @@ def devices_of(metrics: dict) -> list[dict]:
     for r in metrics["rounds"]:
         fleet_seconds = r["seconds"] - r["eval_seconds"]
         for c in r.get("clients", []):
-            row = rows.setdefault(c["device"], {"device": c["device"], "memory_mb": c["memory_mb"], "held": [],
-                                                "batch": [], "peak_rss_mb": 0.0, "seconds": [], "idle_seconds": [],
-                                                "idle_if_parallel": [], "first_job_seconds": [],
-                                                "bytes_up": 0, "bytes_down": 0})
+            row = rows.setdefault(c["device"], _device_row(c))
             split = "cut" in c
             row["held"].append(c["cut"]["front"] if split else c["units"])
             row["batch"].append(c["batch_size"] if split else metrics["config"]["training.batch-size"])
@@ -73,11 +70,14 @@ def devices_of(metrics: dict) -> list[dict]:
             row["bytes_up"] += (c["bytes_up"] or 0) + steps * c.get("bytes_up_per_step", 0)
             row["bytes_down"] += (c["bytes_down"] or 0) + steps * c.get("bytes_down_per_step", 0)
         for f in r.get("failures", []):
-            rows.setdefault(f["device"], {"device": f["device"], "memory_mb": f["memory_mb"], "held": [], "batch": [],
-                                          "peak_rss_mb": 0.0, "seconds": [], "idle_seconds": [], "idle_if_parallel": [],
-                                          "first_job_seconds": [], "bytes_up": 0,
-                                          "bytes_down": 0})["held"].append(f"failed: {f['failed']}")
+            rows.setdefault(f["device"], _device_row(f))["held"].append(f"failed: {f['failed']}")
     return sorted(rows.values(), key=lambda d: d["memory_mb"] or 0)
+
+
+def _device_row(entry: dict) -> dict:
+    return {"device": entry["device"], "memory_mb": entry["memory_mb"], "held": [], "batch": [], "peak_rss_mb": 0.0,
+            "seconds": [], "idle_seconds": [], "idle_if_parallel": [], "first_job_seconds": [], "bytes_up": 0,
+            "bytes_down": 0}
 
 
 def main() -> int:

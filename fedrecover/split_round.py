@@ -78,6 +78,12 @@ class DeviceSteps:
     peak_rss_mb: float = 0.0
     steps: int = 0
 
+    def add_job(self, seconds: float, took: float, peak_rss_mb: float) -> None:
+        """One job's measured compute and peak; `took`: its exchange's time on the server's clock."""
+        self.seconds += seconds
+        self.waited += max(0.0, took - seconds)
+        self.peak_rss_mb = max(self.peak_rss_mb, peak_rss_mb)
+
     def seconds_per_window(self) -> float | None:
         """Its compute per window after reading its part (the time a bigger batch costs); None unmeasured."""
         if not self.steps or self.first_job is None:
@@ -219,9 +225,7 @@ class SplitTransport:
             answer, size = SplitAnswer.from_message(reply)
             device = record.devices[pids[reply.metadata.src_node_id]]
             device.bytes_up += size
-            device.seconds += answer.seconds
-            device.waited += max(0.0, took - answer.seconds)
-            device.peak_rss_mb = max(device.peak_rss_mb, answer.peak_rss_mb)
+            device.add_job(answer.seconds, took, answer.peak_rss_mb)
             jobs[pids[reply.metadata.src_node_id]] = answer.seconds
             out[reply.metadata.src_node_id] = answer
         record.exchanged(jobs)
@@ -232,10 +236,9 @@ class SplitTransport:
         for reply, took in self._send(asks, pids, record, failures):
             final = TrainReply.from_message(reply)
             device = record.devices[pids[reply.metadata.src_node_id]]
-            device.waited += max(0.0, took - final.seconds + device.seconds)
-            jobs[pids[reply.metadata.src_node_id]] = final.seconds - device.seconds     # its last job
-            device.seconds = final.seconds
-            device.peak_rss_mb = max(device.peak_rss_mb, final.peak_rss_mb)
+            last_job = final.seconds - device.seconds     # the reply carries the round's total
+            device.add_job(last_job, took, final.peak_rss_mb)
+            jobs[pids[reply.metadata.src_node_id]] = last_job
             out[reply.metadata.src_node_id] = final
         record.exchanged(jobs)
         return out

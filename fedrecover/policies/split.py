@@ -190,8 +190,8 @@ class SplitPolicy(Policy):
         names = {pid: a.device for pid, a in self.run.plan.clients.values()}
         self.rows = {pid: d.row() for pid, d in record.devices.items()}
         for pid, d in record.devices.items():
-            if d.seconds_per_window() is not None:
-                self.seconds_per_window[names[pid]] = d.seconds_per_window()
+            if (per_window := d.seconds_per_window()) is not None:
+                self.seconds_per_window[names[pid]] = per_window
         log.info("split round %d: server %.1f s; devices %s", server_round, record.server_seconds,
                  {pid: (r["cut"]["front"], r["batch_size"], r["compute_seconds"], r["idle_seconds"])
                   for pid, r in self.rows.items()})
