@@ -6,20 +6,27 @@ speed (each step is followed by a sleep as long as the step) and two do not decl
 (each has a true limit, oom_mb, past which its client fails as the OS would kill it). Arms, the
 same rounds, local steps, batch, rank and learning rate:
   plan      --submodels: the fixed fleet plan (an undeclared device is planned as if all fits)
-  bandit    --submodels --policy bandit: a UCB arm (submodel size, rank) per device, arms
-            0.1/0.3/1 x rank 4/8; it runs 4 more rounds (UCB plays every arm once first), and is
-            compared with the plan at equal rounds and at the fleet clock of the plan's last round
+  bandit    --submodels --policy bandit: a discounted-UCB arm (submodel size, rank) per device,
+            arms 0.1/0.3/1 x rank 4/8, rewarded by its share of the global model's loss change on
+            the server's text; compared with the plan at equal rounds and by the fleet clock at
+            which it reaches the plan's final perplexity
   full      lean clients on the whole pruned model (--skip-unfit): DevFT's reference
   devft     --policy devft --devft-stages 4,8,all (--skip-unfit)
   once      the dense model pruned to 0.2 before round 1, then tuned (--target-ratio 0.2)
   tune      prune-tune: dense -> 0.2 in steps every --prune-every rounds (--target-ratio 0.2)
+Every arm calibrates on the same text: the checkpoint was pruned on WikiText-2 validation
+(32 x 512), and once/tune prune on it too (--prune-data); the server's own text (grouping, the
+bandit's reward, the rounds' evaluation) is the Python library reference for every arm; the
+perplexities below are on WikiText-2 test and the Python tutorial, which no arm trains,
+calibrates or groups on.
 Each arm is `llmprune recover --json` in its own process. Perplexity after every round on
 WikiText-2 test and the Python tutorial (from the saved round adapters, on the model each round
 trained), wall time, the fleet clock (per round the slowest returning device, as devices run in
 parallel on a real fleet, plus the server's own time), bytes and failures. Results:
 bench/results/adaptive.json and a section of docs/benchmarks.md. Nothing here asserts a timing.
 
-    python bench/adaptive.py             # about 80 minutes on 2 cores (two pruning steps of ~250 s each)
+    python bench/adaptive.py             # about 3 hours on 2 cores (8 rounds; two pruning steps of ~250 s each)
+    python bench/adaptive.py --arms plan bandit    # some arms (the others' results are kept)
     python bench/adaptive.py --resume    # skip arms already in the results file (--reuse: finished runs, curves only)
 """
 
@@ -35,22 +42,29 @@ from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_r
 from recover import EVAL, pruned_checkpoint, pydocs_train  # noqa: E402
 from submodels import recover_args  # noqa: E402  (the same six-device run)
 
-SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping, pruning steps, its evaluation
+SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping, the bandit's reward, its evaluation
+CALIBRATION = str(SHARED / "wikitext2/wiki.valid.tokens")   # every arm's pruning calibration (the checkpoint's too)
 # name, declared memory_mb (None: undeclared), true limit oom_mb, speed
 FLEET = [("laptop-3g", 3072, None, 1.0), ("watch-1g", None, 1024, 1.0), ("tablet-2.6g", 2600, None, 0.5),
          ("phone-1.4g", 1400, None, 0.5), ("phone-2.2g", 2200, None, 1.0), ("phone-1.8g", None, 1800, 1.0)]
 LEAN = ["--client-dtype", "bfloat16", "--client-embedding", "int8", "--emulate-speed"]
 ARMS = {
     "plan": {"label": "fixed plan (--policy submodels)", "flags": ["--policy", "submodels", *LEAN]},
-    "bandit": {"label": "bandit (--policy bandit)", "extra_rounds": 4,
-               "flags": ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8", *LEAN]},
+    "bandit": {"label": "bandit, credit by leave-one-out",
+               "flags": ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8",
+                         "--bandit-credit", "leave-one-out", *LEAN]},
+    "bandit-holdings": {"label": "bandit, credit by holdings share",
+                        "flags": ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8",
+                                  "--bandit-credit", "holdings", *LEAN]},
     "full": {"label": "whole pruned model", "flags": ["--skip-unfit", *LEAN]},
     "devft": {"label": "DevFT devft:4,8,all", "flags": ["--policy", "devft", "--devft-stages", "4,8,all", "--skip-unfit",
                                                         *LEAN]},
     "once": {"label": "prune once to 0.2, then tune", "dense": True,
-             "flags": ["--policy", "prune-tune", "--target-ratio", "0.2", "--skip-unfit", *LEAN]},
+             "flags": ["--policy", "prune-tune", "--target-ratio", "0.2", "--prune-data", CALIBRATION, "--skip-unfit",
+                       *LEAN]},
     "tune": {"label": "prune-tune to 0.2", "dense": True,
-             "flags": ["--policy", "prune-tune", "--target-ratio", "0.2", "--skip-unfit", *LEAN]},
+             "flags": ["--policy", "prune-tune", "--target-ratio", "0.2", "--prune-data", CALIBRATION, "--skip-unfit",
+                       *LEAN]},
 }
 
 
@@ -94,8 +108,9 @@ def round_curve(model: Path, out: Path, metrics: dict, scale: float, args, round
                                                             args.eval_windows) for n, rel in EVAL.items()})
         m, windows = loaded[folder]
         arrays = load_file(str(rounds_dir / f"round-{r:03d}.safetensors")) if r else {}
-        if r and stages:
-            arrays = expand_lora(arrays, stages[per_round[r - 1]])
+        if r and stages:     # as the server evaluated it: the share of B it chose for that round
+            share = float((metrics["submodels"].get("handover_scales") or {}).get(str(r), 1.0))
+            arrays = expand_lora(arrays, stages[per_round[r - 1]], share)
         with lora_applied(m, arrays, scale):
             curve.append({"round": r, **{n: round(llmprune.perplexity(m, w, progress=False).perplexity, 3)
                                          for n, w in windows.items()}})
@@ -104,11 +119,12 @@ def round_curve(model: Path, out: Path, metrics: dict, scale: float, args, round
 
 def fleet_clock(metrics: dict) -> list[float]:
     """Cumulative seconds after each round on a real fleet, where devices train in parallel: the
-    slowest returning device of the round, the server's evaluation, and a pruning step if any."""
+    slowest returning device of the round, the server's evaluation, and the server's time in the
+    policy (a pruning step, the bandit's leave-one-out evaluations, DevFT's hand-over tries)."""
     total, out = 0.0, []
     for row in metrics["rounds"]:
         total += max(row["client_seconds"], default=0.0) + row.get("eval_seconds", 0.0)
-        total += (row.get("prune") or {}).get("seconds", 0.0)
+        total += row["policy_seconds"] if "policy_seconds" in row else (row.get("prune") or {}).get("seconds", 0.0)
         out.append(round(total, 1))
     return out
 
@@ -121,7 +137,7 @@ def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: f
         flags += ["--prune-every", str(args.prune_every)]
     fleet = write_fleet(args.work / "fleet.json")
     out = args.work / key
-    rounds = args.rounds + arm.get("extra_rounds", 0)   # the bandit explores: it may use more rounds in less time
+    rounds = args.rounds
     if args.reuse and (out / "metrics.json").is_file():   # the run is done: only its curve is (re)computed
         metrics = json.loads((out / "metrics.json").read_text())
         seconds = metrics["server_seconds"]                  # the ServerApp's whole run (wall less start-up)
@@ -129,7 +145,7 @@ def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: f
         command = recover_args(args, model, data, out, fleet, eval_windows=4) + flags + ["--rounds", str(rounds)]
         metrics, seconds = run_json(command, args.work / f"{key}.log")
     curve = round_curve(model, out, metrics, scale, args, rounds)
-    return {"label": arm["label"], "wall_seconds": round(seconds, 1), "curve": curve,
+    return {"label": arm["label"], "rounds": rounds, "wall_seconds": round(seconds, 1), "curve": curve,
             "fleet_clock": fleet_clock(metrics), "round_seconds": [r["seconds"] for r in metrics["rounds"]],
             "bytes_up": [r["bytes_up"] for r in metrics["rounds"]],
             "bytes_down": [r["bytes_down"] for r in metrics["rounds"]],
@@ -143,14 +159,20 @@ def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: f
 
 
 def main() -> int:
-    p = recovery_parser(__doc__, "adaptive", rounds=4, local_steps=3, batch_size=2, max_windows=200, eval_windows=4)
+    p = recovery_parser(__doc__, "adaptive", rounds=8, local_steps=3, batch_size=2, max_windows=200, eval_windows=4)
     p.add_argument("--prune-every", type=int, default=2)
     p.add_argument("--arms", nargs="*", default=list(ARMS))
     p.add_argument("--reuse", action="store_true", help="an arm whose run finished (OUT/metrics.json) only gets its "
                                                           "curve computed; its wall time is the server's")
     args = p.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    results = load_results(args.results) if args.resume else {}
+    # arms not named keep their saved results; named arms run again unless --resume
+    results = load_results(args.results)
+    saved_rounds = (results.get("setup") or {}).get("rounds")
+    for key, run in list((results.get("runs") or {}).items()):
+        run.setdefault("rounds", saved_rounds)
+        if key in args.arms and not args.resume:
+            del results["runs"][key]
     results["setup"] = {
         "model": args.model, "pruning": "comp 0.2 (wiki.valid 32x512 calibration)",
         "fleet": [{"device": n, "memory_mb": m, "oom_mb": o, "speed": s} for n, m, o, s in FLEET],
@@ -191,17 +213,21 @@ def time_to_reach(curve: list[dict], clock: list[float], target: float, name: st
     return None
 
 
+# the test sets every arm's curve has (runs before python-source joined EVAL lack it)
+COMPARED = ("wikitext2", "pydocs-tutorial")
+
+
 def summarize(runs: dict) -> dict:
     out = {}
     for key, run in runs.items():
-        out[key] = {"final": {n: run["curve"][-1][n] for n in EVAL}, "wall_seconds": run["wall_seconds"],
+        out[key] = {"final": {n: run["curve"][-1][n] for n in COMPARED}, "wall_seconds": run["wall_seconds"],
                     "fleet_seconds": run["fleet_clock"][-1], "bytes_up": sum(run["bytes_up"]),
                     "failures": sum(len(f) for f in run["failures"])}
-    for base, other, what in (("plan", "bandit", "time"), ("full", "devft", "bytes")):
+    for base, other, what in (("plan", "bandit", "time"), ("plan", "bandit-holdings", "time"), ("full", "devft", "bytes")):
         if base in runs and other in runs:
             b, o = runs[base], runs[other]
             row = {}
-            for n in EVAL:
+            for n in COMPARED:
                 target = b["curve"][-1][n]
                 same = min(len(b["curve"]), len(o["curve"])) - 1
                 row[f"{n}_at_round_{same}"] = {base: b["curve"][same][n], other: o["curve"][same][n]}
@@ -217,7 +243,8 @@ def summarize(runs: dict) -> dict:
                     row[n]["ratio_to_base"] = None if up is None else round(up / sum(b["bytes_up"]), 3)
             out[f"{other}_vs_{base}"] = row
     if "once" in runs and "tune" in runs:
-        out["tune_vs_once"] = {n: round(runs["tune"]["curve"][-1][n] / runs["once"]["curve"][-1][n] - 1, 4) for n in EVAL}
+        out["tune_vs_once"] = {n: round(runs["tune"]["curve"][-1][n] / runs["once"]["curve"][-1][n] - 1, 4)
+                               for n in COMPARED}
     return out
 
 
@@ -229,11 +256,11 @@ def render(results: dict, doc: Path) -> None:
                       + ("declares " + str(d["memory_mb"]) + " MB" if d["memory_mb"]
                          else "undeclared, fails past " + str(d["oom_mb"]) + " MB")
                       + f"{', half speed' if d['speed'] < 1 else ''})" for d in setup["fleet"])
-    rows = ["| arm | WikiText-2 test | Python tutorial | fleet clock s | wall s | uploaded MB | failed device rounds |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| arm | rounds | WikiText-2 test | Python tutorial | fleet clock s | wall s | uploaded MB | failed device rounds |",
+            "|---|---|---|---|---|---|---|---|"]
     for key, run in runs.items():
         r = s[key]
-        rows.append(f"| {run['label']} | {r['final']['wikitext2']:.2f} | {r['final']['pydocs-tutorial']:.2f} | "
+        rows.append(f"| {run['label']} | {run['rounds']} | {r['final']['wikitext2']:.2f} | {r['final']['pydocs-tutorial']:.2f} | "
                     f"{r['fleet_seconds']:.0f} | {r['wall_seconds']:.0f} | {r['bytes_up'] / 1e6:.1f} | {r['failures']} |")
     most = max(len(run["curve"]) for run in runs.values())
     curve_rows = ["| arm | " + " | ".join(f"round {i}" for i in range(most)) + " |", "|---" * (most + 1) + "|"]
@@ -243,7 +270,7 @@ def render(results: dict, doc: Path) -> None:
         curve_rows.append(f"| {key} | " + " | ".join(cells + [""] * (most - len(cells))) + " |")
     body = ["## Adaptive fleets: bandit, DevFT, prune-tune (`bench/adaptive.py`)", "",
             f"Gemma-3-270M (pruned at 0.2 by comp; `once`/`tune` start from the dense model). Fleet: {fleet}; "
-            f"--emulate-speed. {setup['rounds']} rounds x {setup['local_steps']} local steps, batch {setup['batch']}, "
+            f"--emulate-speed. rounds as listed x {setup['local_steps']} local steps, batch {setup['batch']}, "
             f"LoRA rank {setup['lora_rank']} (hetlora), lr {setup['lr']}, at most {setup['max_windows_per_source']} windows "
             f"per source, server text {setup['server_text']}; perplexity on {setup['eval']} of WikiText-2 test and "
             "pydocs/tutorial.txt. *Fleet clock*: per round the slowest returning device plus the server's part, as on a "

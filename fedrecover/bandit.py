@@ -1,15 +1,27 @@
-"""The per-device UCB bandit of FedSpine (arXiv 2501.02438): each federated round it picks, for one
-device, an arm = (submodel size, LoRA rank), and learns from the round's reward which arm trains
-that device best for the time it takes.
+"""The per-device bandit of FedSpine (arXiv 2501.02438): each federated round it picks, for one
+device, an arm = (submodel size, LoRA rank), and learns from the round's reward which arm helps
+the global model most for the time it takes.
 
 - `arm_grid` builds the arms (every size x rank), sorted by cost so "cheaper" is "lower index";
-- `round_rewards` turns one round's outcomes into rewards: loss gain per second, normalized by the
-  largest rate seen so far, minus a penalty for being slower than the round's median device; a
-  device that failed (out of memory, timeout, crash) gets a fixed penalty;
-- `DeviceBandit` is UCB1 over the arms one device may play, with two safety rails: after a
-  failure the arm and every costlier one are backed off for a number of rounds that doubles with
-  each failure of that arm, and a device whose memory is unknown starts from its smallest arm and
-  grows one arm per success.
+- `round_rewards` turns one round into rewards. The credit is measured on the GLOBAL model: the
+  change of the server's evaluation loss over the round shared by holdings (examples x adapter
+  values trained), or, where asked and the server can aggregate without one device (not under
+  SecAgg+ or central DP), what the loss would have been without the device's update
+  (leave-one-out); either is read
+  against a moving baseline (the mean size of recent rounds' changes), so a later round's smaller
+  gains are not blamed on the arms played then. A device slower than the round's median pays a
+  straggler penalty; one that failed (out of memory, timeout, crash, dropped from a SecAgg+ sum) a
+  fixed penalty.
+- `DeviceBandit` is a discounted UCB over the arms one device may play, started from priors (what
+  the memory estimate says an arm holds) instead of playing every arm once, with two safety
+  rails: after a failure the arm and every costlier one are backed off for a number of rounds that
+  doubles with each failure of that arm, and a device whose memory is unknown starts from its
+  smallest arm and grows one arm per success. Arms no declared budget admits are never offered.
+
+Why the global model and not the device's own loss: a small submodel's LoRA learns to make up for
+the layers it lacks and lowers its own loss fastest per second, yet does not carry over to the
+whole model (bench/adaptive.py measured a bandit rewarded that way drifting to the smallest arms
+while the global perplexity rose).
 
 Everything is deterministic (ties go to the cheaper arm) and the state survives a JSON round trip
 exactly, so a resumed run chooses what the uninterrupted one would have."""
@@ -28,8 +40,8 @@ from llmprune.errors import LLMPruneError
 
 log = logging.getLogger(__name__)
 
-# The smallest reward scale: a first round with no gain anywhere must not divide by zero.
-SCALE_EPS = 1e-12
+# Below this a moving baseline counts as "none yet": a first round, or rounds that changed nothing.
+BASELINE_EPS = 1e-9
 GRID_FIX = "pass e.g. --arm-sizes 0.25,0.5,1 --arm-ranks 2,4,8"
 
 
@@ -90,80 +102,146 @@ def arm_grid(sizes: Sequence[float], ranks: Sequence[int]) -> list[Arm]:
     return [Arm(float(s), int(r)) for s in sorted(sizes) for r in sorted(ranks)]
 
 
+# --- the reward ------------------------------------------------------------------------------------
+
 @dataclass
 class RewardParts:
     """How one device's reward for one round came about (metrics.json records it per device)."""
 
-    gain: float | None        # loss_first - loss_last within the round (None when failed)
+    gain: float | None        # the global model's loss change over the round (nats; + = better), None if unmeasured
+    baseline: float           # the moving baseline the gain is read against (0: none yet)
+    share: float | None       # the device's share of the round's holdings (None when it failed)
+    credit: float | None      # the device's part of the global change (nats): leave-one-out, else share * gain
+    attribution: str          # "leave-one-out" or "holdings": how the credit was measured
     seconds: float | None     # the device's round time
-    rate: float | None        # gain / seconds
-    normalized: float | None  # rate / scale
     straggle: float           # max(0, seconds / median seconds of the round's returned devices - 1)
-    failed: str               # "" or why: "oom", "timeout", "crash", "nonfinite"
-    reward: float             # normalized - straggler_weight * straggle in [-1, 1]; failed -> -penalty
+    failed: str               # "" or why: "oom", "timeout", "crash", "dropped", "nonfinite"
+    reward: float             # clip(clip(n * share * gain / baseline) - straggler_weight * straggle); failed -> -penalty
 
     def to_dict(self) -> dict:
         """JSON-able, floats rounded to 6 digits (a report, not a state: nothing is restored from it)."""
         def r(x: float | None) -> float | None:
             return None if x is None else round(float(x), 6)
-        return {"gain": r(self.gain), "seconds": r(self.seconds), "rate": r(self.rate),
-                "normalized": r(self.normalized), "straggle": r(self.straggle), "failed": self.failed,
+        return {"gain": r(self.gain), "baseline": r(self.baseline), "share": r(self.share), "credit": r(self.credit),
+                "attribution": self.attribution, "seconds": r(self.seconds), "straggle": r(self.straggle), "failed": self.failed,
                 "reward": r(self.reward)}
 
 
-def _outcome(key: str, result: dict) -> tuple[float | None, float | None, str]:
-    """(gain, seconds, failed) of one device's result; a malformed result is the caller's bug."""
+def _seconds(key: str, result: dict) -> tuple[float | None, str]:
+    """(seconds, failed) of one device's result; a malformed result is the caller's bug."""
     if "failed" in result:
         if not isinstance(result["failed"], str) or not result["failed"]:
             raise LLMPruneError(f"device {key}: 'failed' must be a non-empty reason, got {result['failed']!r}",
                                 "pass e.g. {'failed': 'oom'}")
-        return None, None, result["failed"]
-    missing = [k for k in ("loss_first", "loss_last", "seconds") if k not in result]
-    if missing:
-        raise LLMPruneError(f"device {key}'s round result lacks {', '.join(missing)}",
-                            "pass loss_first, loss_last and seconds, or failed")
+        return None, result["failed"]
+    if "seconds" not in result:
+        raise LLMPruneError(f"device {key}'s round result lacks seconds", "pass seconds, or failed")
     seconds = float(result["seconds"])
     if not math.isfinite(seconds) or seconds <= 0:
         raise LLMPruneError(f"device {key}'s round took {seconds!r} seconds", "pass a positive round time")
-    gain = float(result["loss_first"]) - float(result["loss_last"])
-    if not math.isfinite(gain):  # a diverged device: no usable rate, treated as a failure
-        return None, seconds, "nonfinite"
-    return gain, seconds, ""
+    return seconds, ""
 
 
-def round_rewards(results: dict[str, dict], scale: float, straggler_weight: float = 0.5,
-                  failure_penalty: float = 1.0) -> tuple[dict[str, RewardParts], float]:
-    """Every device's reward for one round and the updated scale. The rate (loss gain per second)
-    is what a device contributes per unit of wall time; dividing by the largest |rate| seen so far
-    (updated with this round first) keeps rewards in [-1, 1] whatever the loss's units, and the
-    straggle term penalizes devices that hold the round up for everyone."""
-    if not math.isfinite(scale) or scale < 0:
-        raise LLMPruneError(f"the bandit's reward scale is {scale!r}", "pass the scale round_rewards returned (>= 0)")
+def holdings_shares(holdings: dict[str, float]) -> dict[str, float]:
+    """Each device's share of what the round aggregated: its holdings over the sum. The credit
+    follows what a device put into the average (FedAvg weights examples; a submodel adds only the
+    adapter values it holds), not a leave-one-out evaluation, which would cost the server one
+    evaluation per device per round."""
+    bad = {k: v for k, v in holdings.items() if not (math.isfinite(v) and v > 0)}
+    if bad:
+        raise LLMPruneError(f"the bandit got holdings that are not positive: {bad}",
+                            "pass each returned device's examples x adapter values trained")
+    total = sum(holdings.values())
+    return {key: value / total for key, value in holdings.items()}
+
+
+def next_baseline(baseline: float, gain: float, decay: float) -> float:
+    """The moving baseline after a round: an exponential mean of the rounds' |gain| (the first
+    round's |gain| starts it)."""
+    if baseline < BASELINE_EPS:
+        return abs(gain)
+    return (1.0 - decay) * baseline + decay * abs(gain)
+
+
+def round_rewards(results: dict[str, dict], holdings: dict[str, float], gain: float, baseline: float,
+                  straggler_weight: float = 0.5, failure_penalty: float = 1.0,
+                  left_out: dict[str, float] | None = None) -> dict[str, RewardParts]:
+    """Every device's reward for one round. `results`: per device {"seconds": s} or {"failed":
+    why}; `holdings`: per returned device its examples x adapter values trained; `gain`: the global
+    model's loss before the round minus after (nats); `baseline`: the moving baseline before this
+    round (next_baseline); `left_out`, where measured: per returned device the server's loss with
+    its update left out of the aggregate minus the loss with every update (+ = the device helped).
+
+    A device's credit is what leaving it out costs the global model (else its holdings share of
+    the gain, which is blind to a device that harms the model more than its share); its reward is that credit read against the
+    baseline and scaled by the number of returned devices n, so a device holding an equal share of
+    a round as good as recent ones earns 1, whatever the loss's units or the training's stage
+    (clipped to [-1, 1]); less the straggler term, which charges a device for holding the round up
+    for everyone."""
+    if not math.isfinite(baseline) or baseline < 0:
+        raise LLMPruneError(f"the bandit's moving baseline is {baseline!r}", "pass the baseline next_baseline returned")
     if not straggler_weight >= 0 or not failure_penalty >= 0:
         raise LLMPruneError(f"straggler weight {straggler_weight!r} and failure penalty {failure_penalty!r} "
                             "must be >= 0", "pass non-negative numbers")
-    outcomes = {key: _outcome(key, result) for key, result in results.items()}
-    rates = {key: gain / sec for key, (gain, sec, failed) in outcomes.items() if not failed}
-    scale = max([scale, SCALE_EPS] + [abs(rate) for rate in rates.values()])
-    # The median over returned devices only: a failed device's time says nothing about speed.
-    median = float(np.median([outcomes[key][1] for key in rates])) if rates else 0.0
+    outcomes = {key: _seconds(key, result) for key, result in results.items()}
+    returned = [key for key, (_, failed) in outcomes.items() if not failed]
+    missing = [key for key in returned if key not in holdings]
+    if missing:
+        raise LLMPruneError(f"no holdings for returned device(s) {', '.join(missing)}",
+                            "pass each returned device's examples x adapter values trained")
+    shares = holdings_shares({key: float(holdings[key]) for key in returned}) if returned else {}
+    diverged = not math.isfinite(gain)     # the global model diverged: every returned device shares the blame
+    left_out = left_out or {}
+    bad = {k: v for k, v in left_out.items() if not math.isfinite(v)}
+    if bad:
+        raise LLMPruneError(f"non-finite leave-one-out credits {bad}", "pass finite loss differences")
+    # read against the baseline; before there is one, against this round's |gain| (a round then counts
+    # as "as good as recent ones"), and where that is 0 too only the credit's sign counts
+    scale = baseline if baseline >= BASELINE_EPS else (abs(gain) if not diverged and abs(gain) >= BASELINE_EPS else 0.0)
+    median = float(np.median([outcomes[key][0] for key in returned])) if returned else 0.0
     parts = {}
-    for key, (gain, seconds, failed) in outcomes.items():
-        if failed:
-            parts[key] = RewardParts(gain, seconds, None, None, 0.0, failed, -float(failure_penalty))
+    for key, (seconds, failed) in outcomes.items():
+        if failed or diverged:
+            parts[key] = RewardParts(None if diverged else gain, baseline, shares.get(key), None, "", seconds, 0.0,
+                                     failed or "nonfinite", -float(failure_penalty))
             continue
-        normalized = rates[key] / scale
         straggle = max(0.0, seconds / median - 1.0)
-        reward = min(1.0, max(-1.0, normalized - straggler_weight * straggle))
-        parts[key] = RewardParts(gain, seconds, rates[key], normalized, straggle, "", reward)
-    return parts, scale
+        measured = key in left_out
+        credit = left_out[key] if measured else shares[key] * gain
+        relative = len(returned) * credit / scale if scale else float(np.sign(credit))
+        # the credit is clipped before the straggler term, so a large credit never hides the wait
+        parts[key] = RewardParts(gain, baseline, shares[key], credit, "leave-one-out" if measured else "holdings",
+                                 seconds, straggle, "", _clip(_clip(relative) - straggler_weight * straggle))
+    return parts
 
+
+def _clip(value: float) -> float:
+    return min(1.0, max(-1.0, value))
+
+
+def holdings_prior(arms: list[Arm], allowed: list[int], units: list[int]) -> list[float]:
+    """Each arm's prior mean reward, from what is known before playing: the adapter it would hold
+    (units x rank) over that of the largest arm the device may play, i.e. its expected holdings
+    share next to devices like it; arms it may not play get 0 (they are never offered)."""
+    held = {a: units[a] * arms[a].rank for a in allowed}
+    top = max(held.values())
+    return [held[a] / top if a in held else 0.0 for a in range(len(arms))]
+
+
+# --- the bandit ------------------------------------------------------------------------------------
 
 class DeviceBandit:
-    """UCB1 over the arms one device may play."""
+    """Discounted UCB over the arms one device may play, from prior pseudo-plays.
+
+    Each arm starts with `prior_weight` pseudo-plays of mean `prior[a]`; every update first scales
+    all counts and sums by `discount` (so old rounds and the priors fade, and a reward that drifts
+    is followed), then adds the play. The index is mean + exploration * sqrt(2 ln N / n_a), N the
+    sum of the counts. With discount 1 and prior_weight 0 it is UCB1 (every arm played once first,
+    cheapest first)."""
 
     def __init__(self, arms: list[Arm], allowed: list[int], declared: bool, exploration: float = 0.5,
-                 backoff_rounds: int = 2, max_backoff: int = 16):
+                 backoff_rounds: int = 2, max_backoff: int = 16, discount: float = 1.0,
+                 prior: Sequence[float] | None = None, prior_weight: float = 0.0):
         """`arms` is the whole grid (sorted by cost), `allowed` the indices this device may ever
         play. `declared=False` (unknown memory): play only up to a ceiling that starts at the
         smallest allowed arm and moves up one allowed arm per success of the ceiling arm."""
@@ -179,15 +257,26 @@ class DeviceBandit:
         if not (math.isfinite(exploration) and exploration >= 0) or backoff_rounds < 0 or max_backoff < 0:
             raise LLMPruneError(f"bandit settings exploration={exploration!r}, backoff_rounds={backoff_rounds!r}, "
                                 f"max_backoff={max_backoff!r}", "pass non-negative values")
+        if not 0 < discount <= 1 or not (math.isfinite(prior_weight) and prior_weight >= 0):
+            raise LLMPruneError(f"bandit discount {discount!r} (needs (0, 1]) or prior weight {prior_weight!r} "
+                                "(needs >= 0)", "pass e.g. --bandit-discount 0.8 --bandit-prior-weight 1")
+        prior = [0.0] * len(arms) if prior is None else [float(p) for p in prior]
+        if len(prior) != len(arms) or not all(math.isfinite(p) for p in prior):
+            raise LLMPruneError(f"the bandit's prior has {len(prior)} finite values for {len(arms)} arms",
+                                "pass one finite prior mean per arm")
         self.arms = list(arms)
         self.allowed = sorted(int(a) for a in allowed)
         self.declared = bool(declared)
         self.exploration = float(exploration)
         self.backoff_rounds = int(backoff_rounds)
         self.max_backoff = int(max_backoff)
+        self.discount = float(discount)
         n = len(self.arms)
-        self.plays = [0] * n
-        self.sums = [0.0] * n
+        self.plays = [0] * n                      # real plays (failures included)
+        self.counts = [0.0] * n                   # discounted plays, priors included
+        self.sums = [0.0] * n                     # discounted reward sums, priors included
+        for a in self.allowed:
+            self.counts[a], self.sums[a] = float(prior_weight), float(prior_weight) * prior[a]
         self.failures = [0] * n
         self.backoff_until = [0] * n  # arm a is not playable in rounds < backoff_until[a]
         # A declared device may play every allowed arm: its ceiling is the costliest one.
@@ -204,9 +293,9 @@ class DeviceBandit:
         candidates = self.candidates(server_round)
         if not candidates:
             return None
-        unplayed = [a for a in candidates if self.plays[a] == 0]
-        if unplayed:  # UCB needs one play of each arm; the cheapest first is the safest
-            return unplayed[0]
+        unknown = [a for a in candidates if self.counts[a] <= 0]
+        if unknown:  # no prior and never played: UCB needs one play; the cheapest first is the safest
+            return unknown[0]
         values = self.ucb()
         best = candidates[0]
         for a in candidates[1:]:
@@ -224,7 +313,11 @@ class DeviceBandit:
         if not math.isfinite(reward):
             raise LLMPruneError(f"the bandit got a non-finite reward {reward!r} for arm {arm}",
                                 "pass the reward round_rewards computed")
+        if self.discount < 1:
+            self.counts = [c * self.discount for c in self.counts]
+            self.sums = [s * self.discount for s in self.sums]
         self.plays[arm] += 1
+        self.counts[arm] += 1.0
         self.sums[arm] += float(reward)
         if failed:
             self._fail(arm, server_round, failed)
@@ -248,33 +341,34 @@ class DeviceBandit:
                   self.arms[arm].label(), why, server_round, until)
 
     def ucb(self) -> dict[int, float]:
-        """UCB_a = mean_a + exploration * sqrt(2 ln t / n_a) of every played allowed arm, t the
-        device's total plays (failures included: a failure is information too)."""
-        total = sum(self.plays)
-        return {a: self.sums[a] / self.plays[a] + self.exploration * math.sqrt(2 * math.log(total) / self.plays[a])
-                for a in self.allowed if self.plays[a]}
+        """UCB_a = mean_a + exploration * sqrt(2 ln N / n_a) of every allowed arm with a count, N the
+        sum of the (discounted) counts, at least 1 (failures count: a failure is information too)."""
+        total = max(1.0, sum(self.counts[a] for a in self.allowed))
+        return {a: self.sums[a] / self.counts[a] + self.exploration * math.sqrt(2 * math.log(total) / self.counts[a])
+                for a in self.allowed if self.counts[a] > 0}
 
     def state_dict(self) -> dict:
         """JSON-able state (str keys, lists, floats, ints); floats are not rounded, so JSON restores
         them exactly. The arms and allowed set are kept to refuse a state from another grid."""
         return {"arms": [[arm.size, arm.rank] for arm in self.arms], "allowed": list(self.allowed),
-                "declared": int(self.declared), "plays": list(self.plays), "sums": list(self.sums),
-                "failures": list(self.failures), "backoff_until": list(self.backoff_until),
+                "declared": int(self.declared), "plays": list(self.plays), "counts": list(self.counts),
+                "sums": list(self.sums), "failures": list(self.failures), "backoff_until": list(self.backoff_until),
                 "ceiling": self.ceiling}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore `state_dict()`'s output exactly. The settings (exploration, back-off) stay the
-        constructor's; the grid, allowed set and declared flag must match it."""
+        """Restore `state_dict()`'s output exactly. The settings (exploration, discount, back-off)
+        stay the constructor's; the grid, allowed set and declared flag must match it."""
         arms = [[arm.size, arm.rank] for arm in self.arms]
         if state.get("arms") != arms or state.get("allowed") != self.allowed \
                 or bool(state.get("declared")) != self.declared:
             raise LLMPruneError("the saved bandit state is for another arm grid or device",
                                 "resume with the same --arm-sizes, --arm-ranks and device memory, or start a new run")
         n = len(self.arms)
-        for key in ("plays", "sums", "failures", "backoff_until"):
+        for key in ("plays", "counts", "sums", "failures", "backoff_until"):
             if len(state.get(key, [])) != n:
                 raise LLMPruneError(f"the saved bandit state has a bad '{key}'", "start a new run")
         self.plays = [int(v) for v in state["plays"]]
+        self.counts = [float(v) for v in state["counts"]]
         self.sums = [float(v) for v in state["sums"]]
         self.failures = [int(v) for v in state["failures"]]
         self.backoff_until = [int(v) for v in state["backoff_until"]]

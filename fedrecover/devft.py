@@ -43,10 +43,22 @@ from .submodels import Submodel
 log = logging.getLogger(__name__)
 
 PREFIX = "devft:"
-# DevFT damps the members' differences so the fused layer stays close to its anchor: the anchor is
-# a real layer of the model, and an undamped sum of several layers' differences would take the
-# fused layer far from any layer the model has (the paper's beta; --devft-beta).
-DEFAULT_BETA = 0.2
+# The fused layer is anchor + beta * the members' differences (the paper's beta; --devft-beta). At
+# beta = 1 it adds what the whole group adds to the residual stream (each member's update summed
+# around the anchor), so the stage model stays closest to the whole one, and the LoRA it trains
+# carries over best: bench/devft_transfer.py measured beta 1 ahead of 0, 0.2 and 0.5 at 4 and 8 of
+# 18 layers (docs/benchmarks.md, "DevFT: what carries a stage over").
+DEFAULT_BETA = 1.0
+# How a group's LoRA reaches its members at a stage change: "split" gives each member the anchor's
+# A and B / (group size), so the group adds once the update the stage learnt for it (one fused layer
+# stood for all of them); "copy" (DevFT as published) gives each member the whole update, which the
+# group then adds k times. Measured in bench/devft_transfer.py: split carried over better.
+HANDOVERS = ("split", "copy")
+DEFAULT_HANDOVER = "split"
+# How much of a stage's update is handed over: the server tries these multiples of B on its own text
+# and keeps the best (0: the stage's training is not handed over at all). Measured: a quarter of a
+# 4-layer stage's update improved the whole model where the whole update harmed it.
+HANDOVER_SCALES = (1.0, 0.5, 0.25, 0.0)
 _TIE = 1e-9  # scores this close count as equal, so float noise in sums never decides a grouping
 _INTEGER = re.compile(r"^[+-]?\d+$")
 _FIX = "write --schedule devft:N1,N2,...,all with growing layer counts, e.g. devft:4,8,all"
@@ -188,12 +200,14 @@ def anchor_of(group: list[int], similarity: np.ndarray) -> int:
 @dataclass(frozen=True)
 class Stage:
     """One developmental stage: the global model's `num_layers` layers in contiguous `groups`, each
-    fused into the layer of its anchor (global indices); `beta` damps the members' differences."""
+    fused into the layer of its anchor (global indices); `beta` damps the members' differences;
+    `handover` says how a group's LoRA reaches its members (HANDOVERS)."""
 
     num_layers: int
     groups: tuple[tuple[int, ...], ...]
     anchors: tuple[int, ...]
     beta: float
+    handover: str = "copy"     # a stage written before hand-overs were a choice was "copy"
 
     def __post_init__(self) -> None:
         flat = [m for g in self.groups for m in g]
@@ -204,7 +218,10 @@ class Stage:
         if len(self.anchors) != len(self.groups) or any(a not in g for a, g in zip(self.anchors, self.groups)):
             raise LLMPruneError(f"stage anchors {list(self.anchors)} are not one member of each group", fix)
         if not math.isfinite(self.beta) or self.beta < 0:
-            raise LLMPruneError(f"DevFT beta must be a finite number >= 0 (got {self.beta})", "pass e.g. --devft-beta 0.2")
+            raise LLMPruneError(f"DevFT beta must be a finite number >= 0 (got {self.beta})", "pass e.g. --devft-beta 1")
+        if self.handover not in HANDOVERS:
+            raise LLMPruneError(f"DevFT hand-over '{self.handover}' is not one of {', '.join(HANDOVERS)}",
+                                "pass --devft-handover split or copy")
 
     @property
     def is_full(self) -> bool:
@@ -221,7 +238,7 @@ class Stage:
 
     def to_dict(self) -> dict:
         return {"num_layers": self.num_layers, "groups": [list(g) for g in self.groups],
-                "anchors": list(self.anchors), "beta": self.beta}
+                "anchors": list(self.anchors), "beta": self.beta, "handover": self.handover}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -231,13 +248,13 @@ class Stage:
         try:
             data = json.loads(text)
             return cls(int(data["num_layers"]), tuple(tuple(int(m) for m in g) for g in data["groups"]),
-                       tuple(int(a) for a in data["anchors"]), float(data["beta"]))
+                       tuple(int(a) for a in data["anchors"]), float(data["beta"]), str(data.get("handover", "copy")))
         except (ValueError, KeyError, TypeError) as exc:
             raise LLMPruneError(f"malformed DevFT stage description ({exc})",
                                 "the server sends it; check that server and clients run the same version") from None
 
 
-def build_stages(similarity: np.ndarray, schedule: list[int], beta: float) -> list[Stage]:
+def build_stages(similarity: np.ndarray, schedule: list[int], beta: float, handover: str = DEFAULT_HANDOVER) -> list[Stage]:
     """One Stage per schedule entry (growing layer counts ending at the model's depth)."""
     sim = _square(similarity)
     n = sim.shape[0]
@@ -248,7 +265,7 @@ def build_stages(similarity: np.ndarray, schedule: list[int], beta: float) -> li
     for size in schedule:
         groups = segment_layers(sim, int(size))
         anchors = tuple(anchor_of(g, sim) for g in groups)
-        stages.append(Stage(n, tuple(tuple(g) for g in groups), anchors, float(beta)))
+        stages.append(Stage(n, tuple(tuple(g) for g in groups), anchors, float(beta), handover))
     return stages
 
 
@@ -375,22 +392,27 @@ def _layer_of(key: str) -> tuple[int, str]:
     return int(layer), rest
 
 
-def expand_lora(arrays: dict[str, np.ndarray], stage: Stage) -> dict[str, np.ndarray]:
-    """The full model's adapter from a stage's (global names): every member of a group gets a copy
-    of its anchor's arrays; entries of layers no anchor covers are kept (copied) as they are. Used
-    at a stage change (the next stage starts from the last) and to evaluate a stage on the whole
-    model. A member whose own entry has another shape gets the anchor's cropped / zero-padded."""
+def expand_lora(arrays: dict[str, np.ndarray], stage: Stage, b_scale: float = 1.0) -> dict[str, np.ndarray]:
+    """The full model's adapter from a stage's (global names): every member of a group, the anchor
+    included, gets its anchor's arrays, B divided by the group's size under the "split" hand-over
+    and times `b_scale` (how much of the stage's update the server hands over); entries of layers
+    no anchor covers are kept (copied) as they are. Used at a stage change (the next stage starts
+    from the last) and to evaluate a stage on the whole model. A member whose own entry has another
+    shape gets the anchor's cropped / zero-padded."""
     group_of = stage.group_of()
     out = {key: np.array(value, copy=True) for key, value in arrays.items()}
     for key, value in arrays.items():
         layer, rest = _layer_of(key)
-        for member in group_of.get(layer, ()):
-            if member == layer:
-                continue
+        group = group_of.get(layer, ())
+        if not group or not key.endswith(".B"):
+            share = value
+        else:
+            share = value * ((b_scale / len(group)) if stage.handover == "split" else b_scale)
+        for member in group:
             name = f"{member}.{rest}"
             own = arrays.get(name)
-            same = own is None or own.shape == value.shape
-            out[name] = np.array(value, copy=True) if same else _resized(value, own.shape)
+            same = own is None or own.shape == share.shape
+            out[name] = np.array(share, copy=True) if same else _resized(share, own.shape)
     return dict(sorted(out.items(), key=lambda item: _layer_of(item[0])))
 
 

@@ -3,8 +3,8 @@
 
     the policy begins the round -> sample -> the policy says what each device gets -> instructions
     (each device's view of the global adapter) -> the transport sends and collects -> aggregate
-    (+ central DP) -> the server distils (--teacher) -> the policy observes -> evaluate -> the
-    round's row -> checkpoint
+    (+ central DP) -> the server distils (--teacher) -> evaluate -> the policy observes (the
+    bandit's reward reads the evaluation) -> the round's row -> checkpoint
 
 `RunContext` is everything one run shares (config, Flower grid, the server's model, the fleet plan,
 the round state, the stop event): no module-level state."""
@@ -65,9 +65,9 @@ class RunContext:
         self.plan = plan_fleet(self.model, self.cfg, self.nodes, policy)
         self.shapes = module_shapes(self.model, self.cfg.training.target_modules)
 
-    def evaluate(self, arrays: Arrays, rows: Arrays | None = None) -> float | None:
+    def evaluate(self, arrays: Arrays, rows: Arrays | None = None, windows: int | None = None) -> float | None:
         """Perplexity of the server's model with `arrays` (and the embedding `rows`) applied, on its
-        evaluation windows."""
+        evaluation windows (the first `windows` of them, when given)."""
         from llmprune.evaluate import perplexity
 
         from .lora import lora_applied
@@ -75,7 +75,8 @@ class RunContext:
         if self.windows is None:
             return None
         with rows_applied(self.model, rows), lora_applied(self.model, arrays, self.cfg.scale):
-            return round(perplexity(self.model, self.windows, progress=False).perplexity, 4)
+            chosen = self.windows if windows is None else self.windows[:windows]
+            return round(perplexity(self.model, chosen, progress=False).perplexity, 4)
 
 
 @dataclass
@@ -107,13 +108,16 @@ class LoraStrategy:
         run, policy, state = self.run, self.policy, self.run.state
         for server_round in progress(rounds):
             started = time.perf_counter()
+            hooks_started = time.perf_counter()
             notes = policy.begin_round(run, server_round)               # e.g. a DevFT stage change, a pruning step
+            policy_seconds = time.perf_counter() - hooks_started
             sampled = self.sample(server_round)
             sent = self.instructions(server_round, policy.assign(server_round, sampled))
             needed = run.cfg.fleet.min_replies(len(sent.messages))
             collected = Collected([]) if not sent.messages else self.transport.exchange(   # all sampled devices rest
                 server_round, sent.messages, run.plan.partitions, state.arrays, run.plan.rank, needed)
-            new, loss = self.aggregate(server_round, collected, needed, state.arrays)
+            previous = state.arrays
+            new, loss = self.aggregate(server_round, collected, needed, previous)
             rows = self.merge_rows(collected) if new is not None else state.rows
             if new is not None and run.distillation is not None and run.distillation.server is not None:
                 with rows_applied(run.model, rows):
@@ -124,11 +128,15 @@ class LoraStrategy:
             else:
                 log.warning("round %d: %d of %d clients returned, %d needed: the global adapter is unchanged",
                             server_round, len(collected.replies), len(sent.messages), needed)
-            policy.observe(server_round, RoundOutcome(collected.replies, collected.failures))
             eval_started = time.perf_counter()
             perplexity = run.evaluate(policy.eval_view(server_round, state.arrays), state.rows)
-            row = self.round_row(server_round, sent, collected, new is not None, loss, perplexity,
-                                 time.perf_counter() - eval_started)
+            eval_seconds = time.perf_counter() - eval_started
+            hooks_started = time.perf_counter()
+            policy.observe(server_round, RoundOutcome(collected.replies, collected.failures, sent.bytes_down,
+                                                      perplexity, self.leave_one_out(collected, previous, new)))
+            policy_seconds += time.perf_counter() - hooks_started    # the server's time in the policy
+            row = self.round_row(server_round, sent, collected, new is not None, loss, perplexity, eval_seconds)
+            row["policy_seconds"] = round(policy_seconds, 2)
             row.update(seconds=round(time.perf_counter() - started, 2), **notes)
             state.rounds.append(row)
             state.round = server_round
@@ -205,6 +213,23 @@ class LoraStrategy:
             new = self.dp.release(server_round, new, any_failed=any(
                 why != "timeout" for why in collected.failures.values()))
         return (new, loss) if new is not None else (None, None)
+
+    def leave_one_out(self, collected: Collected, previous: Arrays, new: Arrays | None) -> Callable | None:
+        """The round's aggregate without one device (None: with all), for a policy that credits
+        devices by what leaving them out costs (the bandit); None where no update can be taken out:
+        SecAgg+ (only the sum is known), central DP (a device's own influence must not steer what
+        the devices are told next), a round not applied."""
+        if new is None or collected.summed or self.dp is not None:
+            return None
+        replies = sorted(collected.replies, key=lambda r: r.partition_id)
+        updates = [ClientUpdate(split_rows(r.arrays)[0], float(r.num_examples), str(r.partition_id)) for r in replies]
+        if collected.server_update is not None:
+            updates.append(collected.server_update)
+
+        def without(pid: int | None) -> Arrays:
+            kept = [u for u in updates if pid is None or u.client != str(pid)]
+            return self.aggregation.aggregate(kept, previous, self.run.plan.rank) if kept else previous
+        return without
 
     def merge_rows(self, collected: Collected) -> Arrays | None:
         """--train-rows: the global embedding rows after this round's replies (rows.merge_rows),

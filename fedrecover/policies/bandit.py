@@ -1,9 +1,12 @@
-"""`--policy bandit` (FedSpine): the submodel policy with a learned arm per device. A seeded UCB
-bandit per device (fedrecover/bandit.py holds its arithmetic) picks an arm = (submodel size, LoRA
-rank) among those the device's declared memory admits (an undeclared device starts from the
-smallest and grows on success); which units the submodel holds is drawn as for `submodels`. The
-reward is the device's loss gain per second of its round, less a straggler penalty; a failure
-(out of memory, crash, timeout) is penalised and its arm and the costlier ones backed off."""
+"""`--policy bandit` (FedSpine): the submodel policy with a learned arm per device. A discounted
+UCB bandit per device (fedrecover/bandit.py holds its arithmetic) picks an arm = (submodel size,
+LoRA rank) among those the device's declared memory admits (an undeclared device starts from the
+smallest and grows on success), starting from priors of what each arm holds; which units the
+submodel holds is drawn as for `submodels`. The reward is measured on the global model: the
+server's evaluation loss before and after the round, credited to the devices by their holdings
+(or by leaving each one's update out), against a moving baseline, less a straggler penalty; a
+failure (out of memory, crash, timeout, dropped from a SecAgg+ sum) is penalised and its arm and
+the costlier ones backed off."""
 
 from __future__ import annotations
 
@@ -13,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from llmprune.errors import LLMPruneError
-from llmprune.options import non_negative_float, option
+from llmprune.options import fraction, non_negative_float, one_of, option, positive_int
 
-from ..bandit import Arm, DeviceBandit, arm_grid, parse_numbers, round_rewards
+from ..bandit import Arm, DeviceBandit, arm_grid, holdings_prior, next_baseline, parse_numbers, round_rewards
 from ..fleet import Assignment, Device, UnitCosts, assign_submodels, cycled, fleet_devices, submodel_memory_mb
 from .base import RoundOutcome
 from .submodels import SCHEDULE_STATE, SubmodelConfig, SubmodelPolicy, draw_submodel
@@ -38,15 +41,28 @@ class BanditConfig(SubmodelConfig):
     arm_ranks: tuple[int, ...] = option((), flag="--arm-ranks", parse=_ranks,
                                         default_text="lora-rank/4, lora-rank/2, lora-rank",
                                         help="bandit arms: LoRA ranks (each at most --lora-rank)")
-    exploration: float = option(0.5, flag="--bandit-exploration", parse=non_negative_float,
+    exploration: float = option(0.2, flag="--bandit-exploration", parse=non_negative_float,
                                 help="bandit: weight of the UCB exploration bonus")
+    discount: float = option(0.9, flag="--bandit-discount", parse=fraction,
+                             help="bandit: each round's weight on the past, in (0, 1]; 1 never forgets")
+    prior_weight: float = option(1.0, flag="--bandit-prior-weight", parse=non_negative_float,
+                                 help="bandit: pseudo-plays of each arm's prior (its holdings against the "
+                                      "largest arm's); 0 plays every arm once first")
+    baseline_decay: float = option(0.5, flag="--bandit-baseline-decay", parse=fraction,
+                                   help="bandit: weight of the latest round in the moving baseline of the "
+                                        "global model's loss change, in (0, 1]")
     straggler_weight: float = option(0.5, flag="--straggler-weight", parse=non_negative_float,
                                      help="bandit: reward penalty per unit of round time beyond the round's median")
+    credit: str = option("holdings", flag="--bandit-credit", parse=one_of("holdings", "leave-one-out"),
+                         help="bandit: a device's credit is its holdings share of the global model's change, or "
+                              "what leaving its update out costs it (one server evaluation per device per round)")
+    credit_windows: int = option(1, flag="--bandit-credit-windows", parse=positive_int,
+                                 help="bandit: the server's evaluation windows each leave-one-out evaluation reads")
 
 
 # one device's bandit (bandit.DeviceBandit.state_dict)
-BANDIT_STATE = {"arms": [[float]], "allowed": [int], "declared": int, "plays": [int], "sums": [float],
-                "failures": [int], "backoff_until": [int], "ceiling": int}
+BANDIT_STATE = {"arms": [[float]], "allowed": [int], "declared": int, "plays": [int], "counts": [float],
+                "sums": [float], "failures": [int], "backoff_until": [int], "ceiling": int}
 
 
 def arm_ranks(cfg: Any) -> list[int]:
@@ -77,11 +93,12 @@ def admitted_arms(costs: UnitCosts, device: Device, arms: list[Arm], units: list
 class BanditPolicy(SubmodelPolicy):
     name = "bandit"
     config_class = BanditConfig
-    summary = ("FedSpine: a per-device UCB bandit over (submodel size, LoRA rank) arms, learning from each "
-               "round's loss gain per second")
+    summary = ("FedSpine: a per-device discounted UCB bandit over (submodel size, LoRA rank) arms, rewarded by "
+               "its share of each round's change of the global model's loss")
     learns_memory = True
     defaults = {**SubmodelPolicy.defaults, "aggregation": "hetlora"}   # its arms have mixed ranks
-    state_schema = {"schedule": SCHEDULE_STATE, "scale": float, "bandits": {str: BANDIT_STATE}}
+    # losses: the server's evaluation loss before round 1 and after each round since ([] without evaluation)
+    state_schema = {"schedule": SCHEDULE_STATE, "baseline": float, "losses": [float], "bandits": {str: BANDIT_STATE}}
 
     @classmethod
     def check_config(cls, cfg: Any) -> None:
@@ -140,17 +157,22 @@ class BanditPolicy(SubmodelPolicy):
         self.bandits = {}
         for pid, a in run.plan.clients.values():
             dev = self.devices[a.device]
-            self.bandits[str(pid)] = DeviceBandit(self.arms, admitted_arms(self.unit_costs, dev, self.arms,
-                                                                           self.arm_units),
-                                                  declared=dev.memory_mb is not None,
-                                                  exploration=self.config.exploration)
-        self.scale = 0.0
+            allowed = admitted_arms(self.unit_costs, dev, self.arms, self.arm_units)
+            self.bandits[str(pid)] = DeviceBandit(
+                self.arms, allowed, declared=dev.memory_mb is not None, exploration=self.config.exploration,
+                discount=self.config.discount, prior=holdings_prior(self.arms, allowed, self.arm_units),
+                prior_weight=self.config.prior_weight)
+        self.baseline = 0.0
+        self.losses: list[float] = []
         self.arm_played: dict[int, int] = {}
         self.reports: dict[int, dict] = {}
         self.resting: set[int] = set()
 
     def begin_round(self, run, server_round: int) -> dict:
-        """A device whose every playable arm is backed off rests this round (the round's row names it)."""
+        """The global model's loss before the first round (the reward's starting point); a device
+        whose every playable arm is backed off rests this round (the round's row names it)."""
+        if not self.losses and run.windows is not None:
+            self.losses.append(math.log(run.evaluate(run.state.arrays, run.state.rows)))
         devices = {pid: a.device for pid, a in run.plan.clients.values()}
         self.resting = {int(k) for k, b in self.bandits.items() if b.choose(server_round) is None}
         if not self.resting:
@@ -174,15 +196,20 @@ class BanditPolicy(SubmodelPolicy):
 
     def observe(self, server_round: int, outcome: RoundOutcome) -> None:
         results: dict[str, dict] = {}
+        holdings: dict[str, float] = {}
         held: set[int] = set()
         for reply in outcome.replies:
             pid = reply.partition_id
-            if pid in self.last and reply.loss_first is not None:
-                results[str(pid)] = {"loss_first": reply.loss_first, "loss_last": reply.loss_last,
-                                     "seconds": reply.seconds}
+            if pid in self.last:
+                results[str(pid)] = {"seconds": reply.seconds}
+                holdings[str(pid)] = reply.num_examples * max(1, outcome.holdings.get(pid, 0))
                 held.update(self.last[pid].device_model.held().units(self.granularity))
         results.update({str(pid): {"failed": why} for pid, why in outcome.failures.items() if pid in self.last})
-        parts, self.scale = round_rewards(results, self.scale, self.config.straggler_weight)
+        gain = self.global_gain(outcome)
+        parts = round_rewards(results, holdings, gain, self.baseline, self.config.straggler_weight,
+                              left_out=self.left_out([int(k) for k, r in results.items() if "failed" not in r], outcome))
+        if math.isfinite(gain):
+            self.baseline = next_baseline(self.baseline, gain, self.config.baseline_decay)
         self.reports = {}
         for key, part in parts.items():
             arm = self.arm_played[int(key)]
@@ -190,17 +217,44 @@ class BanditPolicy(SubmodelPolicy):
             self.reports[int(key)] = {"arm": self.arms[arm].label(), "reward": part.to_dict()}
         self.schedule.record(held)
 
+    def left_out(self, returned: list[int], outcome: RoundOutcome) -> dict[str, float]:
+        """Per returned device, the server's loss (ln perplexity on its first --bandit-credit-windows
+        windows) with the device's update left out of the round's aggregate, less the loss with every
+        update: what the device's update did to the global model. {} where not measured (credit by
+        holdings, no server text, SecAgg+ or central DP, a round not applied)."""
+        if self.config.credit != "leave-one-out" or outcome.without is None or self.run.windows is None:
+            return {}
+        rows, k = self.run.state.rows, self.config.credit_windows
+        every = math.log(self.run.evaluate(outcome.without(None), rows, k))
+        return {str(pid): math.log(self.run.evaluate(outcome.without(pid), rows, k)) - every for pid in returned}
+
+    def global_gain(self, outcome: RoundOutcome) -> float:
+        """The round's change of the global model's loss (nats, + = better): the server's evaluation
+        before and after it; without server evaluation (a fleet given no --eval-data) the mean of
+        the devices' own loss drops, weighted by examples, the only measure there is."""
+        if outcome.perplexity is not None and self.losses:
+            after = math.log(outcome.perplexity) if outcome.perplexity > 0 else float("nan")
+            gain = self.losses[-1] - after
+            self.losses.append(after if math.isfinite(after) else self.losses[-1])
+            return gain
+        drops = [(r.num_examples, r.loss_first - r.loss_last) for r in outcome.replies
+                 if r.partition_id in self.last and r.loss_first is not None and r.loss_last is not None]
+        if not drops:
+            return 0.0
+        return sum(n * d for n, d in drops) / sum(n for n, _ in drops)
+
     def client_report(self, partition_id: int) -> dict:
         return self.reports.get(partition_id, {})
 
     def state_dict(self) -> dict:
-        return {"schedule": self.schedule.state_dict(), "scale": self.scale,
+        return {"schedule": self.schedule.state_dict(), "baseline": self.baseline, "losses": list(self.losses),
                 "bandits": {k: b.state_dict() for k, b in self.bandits.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.schedule.load_state_dict(state["schedule"])
-            self.scale = float(state["scale"])
+            self.baseline = float(state["baseline"])
+            self.losses = [float(v) for v in state["losses"]]
             for key, saved in state["bandits"].items():
                 self.bandits[key].load_state_dict(saved)
 
@@ -217,7 +271,7 @@ class BanditPolicy(SubmodelPolicy):
         for key, saved in state["bandits"].items():
             if saved["arms"] != grid:
                 return f"'bandits.{key}.arms' is not this run's arm grid {grid}"
-            lengths = {k: len(saved[k]) for k in ("plays", "sums", "failures", "backoff_until")}
+            lengths = {k: len(saved[k]) for k in ("plays", "counts", "sums", "failures", "backoff_until")}
             if any(n != len(grid) for n in lengths.values()):
                 return f"'bandits.{key}' does not hold one entry per arm ({lengths}, {len(grid)} arms)"
             if not saved["allowed"] or any(not 0 <= a < len(grid) for a in saved["allowed"]) \

@@ -6,8 +6,8 @@ so a policy overrides only what it changes. The round loop (strategy.py) calls t
     on --resume, before    state_problem(saved state): its shape (state_schema) and the policy's rules
     on the server, once    open(run) -> [the fleet plan is made] -> start(run) -> load_state_dict(saved)
                            -> transport(run, plain, timeout)
-    every round            begin_round -> assign -> [send, collect, aggregate] -> observe -> eval_view
-                           -> client_report (per device row) -> state_dict (saved with the round)
+    every round            begin_round -> assign -> [send, collect, aggregate] -> eval_view -> [evaluate]
+                           -> observe -> client_report (per device row) -> state_dict (saved with the round)
     at the end             report() (entries of metrics.json)
 
 What each hook may touch: `run` is the RunContext (strategy.py): its model, plan, state and
@@ -16,7 +16,8 @@ settings; a policy changes the run only in `open` and `begin_round`."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -46,10 +47,19 @@ class PolicyConfig:
 @dataclass
 class RoundOutcome:
     """What a round returned, as the policy sees it: each answering device's reply (TrainReply:
-    partition id, losses, seconds, peak memory) and why the others failed (oom, crash, timeout)."""
+    partition id, losses, seconds, peak memory), why the others failed (oom, crash, timeout,
+    dropped), the adapter bytes each device was sent (what it holds of the global adapter), the
+    server's perplexity of the global model after the round (None without evaluation), and
+    `without(pid)`: the round's aggregate with that device's update left out (`without(None)`: with
+    every update; before central DP noise and the server's distillation step), or None where the
+    server cannot take one update out (SecAgg+ shows it only the sum; central DP keeps a device's
+    influence out of anything the devices are told)."""
 
     replies: list
     failures: dict[int, str]
+    holdings: dict[int, int] = field(default_factory=dict)
+    perplexity: float | None = None
+    without: Callable[[int | None], Arrays] | None = None
 
 
 class Policy:
@@ -131,7 +141,7 @@ class Policy:
         return {node: self.run.plan.clients[node][1] for node in nodes}
 
     def observe(self, server_round: int, outcome: RoundOutcome) -> None:
-        """The round's outcome, after aggregation (before the round is saved)."""
+        """The round's outcome, after aggregation and the server's evaluation (before the round is saved)."""
 
     def eval_view(self, server_round: int, arrays: Arrays) -> Arrays:
         """The adapter the server evaluates after the round."""

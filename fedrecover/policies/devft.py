@@ -15,9 +15,21 @@ from typing import Any
 
 from llmprune.arch import adapter_for
 from llmprune.errors import LLMPruneError
-from llmprune.options import non_negative_float, option
+from llmprune.options import non_negative_float, one_of, option
 
-from ..devft import Stage, build_stages, check_schedule_text, expand_lora, load_stage_model, parse_schedule, stage_of_rounds
+from ..devft import (
+    DEFAULT_BETA,
+    DEFAULT_HANDOVER,
+    HANDOVER_SCALES,
+    HANDOVERS,
+    Stage,
+    build_stages,
+    check_schedule_text,
+    expand_lora,
+    load_stage_model,
+    parse_schedule,
+    stage_of_rounds,
+)
 from ..device_models import DeviceModel, DeviceModelKind, register_device_model
 from ..fleet import Assignment
 from .base import Arrays, Policy, PolicyConfig
@@ -46,8 +58,12 @@ class DevftConfig(PolicyConfig):
     stages: tuple[int | None, ...] = option((), flag="--devft-stages", parse=_stages, metavar="S1,S2,...,all",
                                             default_text="none: required with --policy devft",
                                             help="DevFT: representative layers per stage, growing, e.g. 4,8,all")
-    beta: float = option(0.2, flag="--devft-beta", parse=non_negative_float,
-                         help="DevFT: damping of the members' differences in a fused layer")
+    beta: float = option(DEFAULT_BETA, flag="--devft-beta", parse=non_negative_float,
+                         help="DevFT: weight of the members' differences in a fused layer (1: their sum)")
+    handover: str = option(DEFAULT_HANDOVER, flag="--devft-handover", parse=one_of(*HANDOVERS),
+                           help="DevFT: at a stage change each member gets its group's LoRA with B divided by "
+                                "the group's size, times the share the server's text prefers (split), or whole "
+                                "(copy, as published)")
 
     @property
     def schedule_text(self) -> str:
@@ -90,20 +106,36 @@ class StagePolicy(Policy):
                                 "pass --eval-data FILE (the server's own text)")
         _, features = unit_profiles(run.model, run.windows, "layer")
         schedule = parse_schedule(self.config.schedule_text, len(features))
-        self.stages = build_stages(cka_matrix(features), schedule, self.config.beta)
+        self.stages = build_stages(cka_matrix(features), schedule, self.config.beta, self.config.handover)
         self.stage_of_round = stage_of_rounds(schedule, self.cfg.training.rounds)
+        self.view_scales: dict[int, float] = {}     # round -> share of B its evaluation handed over
         log.info("DevFT stages: %s", [[list(g) for g in s.groups] for s in self.stages])
 
     def stage_at(self, server_round: int) -> Stage:
         return self.stages[self.stage_of_round[min(server_round, len(self.stage_of_round)) - 1]]
 
     def begin_round(self, run, server_round: int) -> dict:
-        """At a stage change each group's trained LoRA initialises its members."""
+        """At a stage change each group's trained LoRA initialises its members, at the share of the
+        stage's update the server's text prefers."""
         if server_round > 1 and self.stage_at(server_round) is not self.stage_at(server_round - 1):
-            log.info("round %d: stage %d -> %d layers; each group's LoRA initialises its members", server_round,
-                     len(self.stage_at(server_round - 1).anchors), len(self.stage_at(server_round).anchors))
-            run.state.arrays = expand_lora(run.state.arrays, self.stage_at(server_round - 1))
+            run.state.arrays, scale = self.handed_over(run.state.arrays, self.stage_at(server_round - 1))
+            log.info("round %d: stage %d -> %d layers; each group's LoRA initialises its members (B x %g)",
+                     server_round, len(self.stage_at(server_round - 1).anchors),
+                     len(self.stage_at(server_round).anchors), scale)
+            return {"devft_handover_scale": scale}
         return {}
+
+    def handed_over(self, arrays: Arrays, stage: Stage) -> tuple[Arrays, float]:
+        """The whole model's adapter from a stage's, and the multiple of B (HANDOVER_SCALES) whose
+        hand-over gives the lowest loss on the server's own text: a stage's LoRA partly learns to
+        make up for the layers the stage lacks, which the whole model does not need
+        (bench/devft_transfer.py), so the server hands over only as much as helps."""
+        if stage.is_full or stage.handover == "copy":     # "copy" is DevFT as published: the whole update
+            return expand_lora(arrays, stage), 1.0
+        tried = [(self.run.evaluate(expand_lora(arrays, stage, scale), self.run.state.rows), i)
+                 for i, scale in enumerate(HANDOVER_SCALES)]
+        scale = HANDOVER_SCALES[min(tried)[1]]            # ties keep the larger share (listed first)
+        return expand_lora(arrays, stage, scale), scale
 
     def assign(self, server_round: int, nodes: list[int]) -> dict[int, Assignment]:
         stage = self.stage_at(server_round)
@@ -112,10 +144,13 @@ class StagePolicy(Policy):
                 for node in nodes}
 
     def eval_view(self, server_round: int, arrays: Arrays) -> Arrays:
-        return expand_lora(arrays, self.stage_at(server_round))
+        """The whole model as the stage would hand it over now (the same choice of B's share)."""
+        view, self.view_scales[server_round] = self.handed_over(arrays, self.stage_at(server_round))
+        return view
 
     def report(self) -> dict:
-        return {"submodels": {"stages": [json.loads(s.to_json()) for s in self.stages]}}
+        return {"submodels": {"stages": [json.loads(s.to_json()) for s in self.stages],
+                              "handover_scales": {str(r): v for r, v in sorted(self.view_scales.items())}}}
 
     def state_dict(self) -> dict:
         return {"stages": [s.to_json() for s in self.stages]}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -70,6 +71,12 @@ def test_no_arm_fitting_a_declared_budget_is_one_line(costs, tmp_path, pruned_ck
     ({"arm_ranks": "2,16"}, "a rank above --lora-rank 8"),
     ({"arm_ranks": "2,4", "aggregation": "fedavg"}, "needs an aggregation of mixed ranks"),
     ({"fleet": None}, "--policy bandit needs --fleet"),
+    ({"bandit_discount": 0.0}, "--bandit-discount.*must be in \\(0, 1\\]"),
+    ({"bandit_discount": 1.5}, "--bandit-discount"),
+    ({"bandit_prior_weight": -1.0}, "--bandit-prior-weight"),
+    ({"bandit_baseline_decay": float("nan")}, "--bandit-baseline-decay"),
+    ({"bandit_credit": "shapley"}, "--bandit-credit"),
+    ({"bandit_credit_windows": 0}, "--bandit-credit-windows"),
 ])
 def test_bad_bandit_options(kwargs, message):
     base = dict(fleet="f.toml", policy="bandit", aggregation="hetlora")
@@ -88,8 +95,9 @@ def test_bad_adaptive_options(kwargs, message):
 
 
 # ---------------------------------------------------------------- the bandit in a simulation
+# credit by leave-one-out (the default is holdings, which the SecAgg+ run below takes): both paths run
 BANDIT = dict(clients=3, rounds=2, aggregation="hetlora", policy="bandit", arm_sizes="0.34,1",
-              arm_ranks="1,4", emulate_speed=True, **LEAN)
+              arm_ranks="1,4", emulate_speed=True, bandit_credit="leave-one-out", **LEAN)
 
 
 @pytest.fixture(scope="module")
@@ -135,15 +143,27 @@ def test_the_bandit_plays_arms_learns_rewards_and_backs_off_a_failing_device(ban
     assert failed == [f"llmprune.fedrecover.transport: round 1: client 2 failed: MemoryError: out of memory: "
                       f"training needed {failed[0].split('needed ')[1].split(' MB')[0]} MB at step 1, the device has 1 MB"]
     assert not any("Traceback" in line or line.startswith("flwr") for line in run.warnings), run.warnings
-    for row in rounds:
+    # the reward reads the global model: the server's loss (ln perplexity) before and after each round
+    from llmprune.fedrecover import state_dir_for
+
+    saved = json.loads((state_dir_for(run.out) / "state.json").read_text())["policy"]
+    losses = [math.log(row["eval_perplexity"]) for row in rounds]
+    before = [saved["losses"][0], *losses[:-1]]
+    assert saved["losses"] == pytest.approx([before[0], *losses], abs=1e-12)
+    for row, was, now in zip(rounds, before, losses):
+        shares = [c["reward"]["share"] for c in row["clients"]]
+        assert sum(shares) == pytest.approx(1.0, abs=1e-5) and all(0 < x < 1 for x in shares)
         for c in row["clients"]:
             reward = c["reward"]
             assert c["arm"] in {"0.34x1", "0.34x4", "1x1", "1x4"} and reward["failed"] == ""
-            assert reward["gain"] == pytest.approx(c["loss_first"] - c["loss_last"], abs=1e-4)
-            assert reward["rate"] == pytest.approx(reward["gain"] / reward["seconds"], abs=2e-6)
+            assert reward["gain"] == pytest.approx(was - now, abs=1e-5)
+            # credit by leave-one-out (as this run asks): what the server's loss would have been without it
+            assert reward["attribution"] == "leave-one-out" and math.isfinite(reward["credit"])
             assert -1.0 <= reward["reward"] <= 1.0
-    # a declared device explores its arms cheapest first: round 1 plays the smallest arm
-    assert rounds[0]["clients"][0]["arm"] == "0.34x1"
+        assert row["policy_seconds"] > 0      # the server's leave-one-out evaluations are timed
+    assert rounds[1]["clients"][0]["reward"]["baseline"] == pytest.approx(abs(before[0] - losses[0]), abs=1e-5)
+    # from priors, a declared device starts at the largest arm its memory admits, not the cheapest
+    assert [c["arm"] for c in rounds[0]["clients"]] == ["1x4", "1x4"]
 
 
 def test_a_device_missing_from_a_secagg_sum_is_a_failure_of_the_arm_it_played(pruned_ckpt, text_file, tmp_path):
@@ -160,9 +180,10 @@ def test_a_device_missing_from_a_secagg_sum_is_a_failure_of_the_arm_it_played(pr
     assert failure["partition-id"] == 2 and failure["failed"] == "dropped"
     assert failure["arm"] and failure["reward"]["reward"] == -1.0 and failure["reward"]["failed"] == "dropped"
     assert len(row["clients"]) == 2
-    for c in row["clients"]:
-        assert c["reward"]["failed"] == "" and c["reward"]["gain"] == pytest.approx(c["loss_first"] - c["loss_last"],
-                                                                                   abs=1e-4)
+    for c in row["clients"]:        # the two that returned share the global model's gain by holdings: the
+        # server sees only the sum, so it cannot leave one update out
+        assert c["reward"]["failed"] == "" and c["reward"]["share"] == pytest.approx(0.5, abs=0.1)
+        assert c["reward"]["attribution"] == "holdings"
 
 
 def test_an_emulated_device_sleeps_for_its_speed_and_fails_past_its_true_memory():
@@ -191,7 +212,8 @@ def test_the_bandit_state_is_saved_with_the_round_and_resume_continues_it(bandit
 
     ref, fleet, _ = bandit_run
     two = json.loads((state_dir_for(ref.out) / "state.json").read_text())
-    assert two["policy"]["scale"] > 0 and set(two["policy"]["bandits"]) == {"0", "1", "2"}
+    assert two["policy"]["baseline"] > 0 and len(two["policy"]["losses"]) == 3
+    assert set(two["policy"]["bandits"]) == {"0", "1", "2"}
     # 2 rounds, every device sampled; the ghost (client 2) rested in round 2
     assert {k: sum(b["plays"]) for k, b in two["policy"]["bandits"].items()} == {"0": 2, "1": 2, "2": 1}
     out = tmp_path / "recovered"
@@ -245,7 +267,8 @@ def _set(path: str, value):
     (lambda policy: policy["bandits"].update({"7": policy["bandits"]["0"]}), "'bandits' are for clients"),
     (_set("schedule.staleness", [0, -1, 0]), "'schedule' is inconsistent"),
     (_set("schedule.importance", [0.1]), "'schedule' is for 1 units"),
-    (lambda policy: policy.pop("scale"), "has no 'scale'"),
+    (lambda policy: policy.pop("baseline"), "has no 'baseline'"),
+    (_set("losses", [1.0, None]), "'losses[1]' is null, not a finite number"),
     (lambda policy: policy.clear(), "the saved bandit state: is missing"),
 ])
 def test_a_corrupted_bandit_state_is_refused_before_anything_starts(bandit_run, pruned_ckpt, text_file, tmp_path,
@@ -266,7 +289,10 @@ def test_a_corrupted_bandit_state_is_refused_before_anything_starts(bandit_run, 
 
 
 # ---------------------------------------------------------------- DevFT in a simulation
-DEVFT = dict(clients=2, rounds=3, policy="devft", devft_stages="1,2,all", aggregation="hetlora", **LEAN)
+# DevFT as published (copy hand-over) at the old damping: the run pinned before the reshaping; the
+# defaults (beta 1, split hand-over) are tested on their own in test_devft.py
+DEVFT = dict(clients=2, rounds=3, policy="devft", devft_stages="1,2,all", devft_beta=0.2, devft_handover="copy",
+             aggregation="hetlora", **LEAN)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
-"""The per-device UCB bandit: arm grid and number parsing, round rewards on hand-made results, UCB
-arithmetic, unplayed-first, failure back-off, careful growth of devices of unknown memory, allowed
-arms, and an exact resume through JSON."""
+"""The per-device bandit: arm grid and number parsing, the global-model credit on constructed round
+results, priors, UCB arithmetic, the exploration schedule on a stationary and a drifting reward,
+failure back-off, careful growth of devices of unknown memory, allowed arms, and an exact resume
+through JSON."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from llmprune.errors import LLMPruneError
-from llmprune.fedrecover.bandit import SCALE_EPS, Arm, DeviceBandit, arm_grid, parse_numbers, round_rewards
+from llmprune.fedrecover.bandit import Arm, DeviceBandit, arm_grid, holdings_prior, next_baseline, parse_numbers, round_rewards
 
 
 def grid3() -> list[Arm]:
@@ -53,74 +54,115 @@ def test_parse_numbers():
 # ---------------------------------------------------------------- rewards
 
 
-def test_round_rewards_arithmetic():
-    results = {
-        "a": {"loss_first": 3.0, "loss_last": 2.0, "seconds": 2.0},   # rate 0.5, the fastest
-        "b": {"loss_first": 2.5, "loss_last": 2.3, "seconds": 4.0},   # rate 0.05
-        "c": {"loss_first": 3.0, "loss_last": 6.0, "seconds": 6.0},   # rate -0.5, slow: clipped at -1
-        "e": {"loss_first": 2.0, "loss_last": 1.6, "seconds": 8.0},   # rate 0.05, slowest
-        "f": {"failed": "oom"},
-    }
-    parts, scale = round_rewards(results, scale=0.25)
-    assert scale == 0.5  # max(0.25, max |rate| = 0.5), updated before normalizing
-    # median of the returned devices' seconds [2, 4, 6, 8] = 5 (f's absence leaves it there)
+def test_credit_is_the_holdings_share_of_the_global_gain_against_the_baseline():
+    """Constructed round: four devices returned, one failed; the global loss fell 0.2 nats and
+    recent rounds averaged 0.1, so the round counts twice as good as recent ones."""
+    results = {"a": {"seconds": 2.0}, "b": {"seconds": 4.0}, "c": {"seconds": 6.0}, "e": {"seconds": 8.0},
+               "f": {"failed": "oom"}}
+    holdings = {"a": 40.0, "b": 30.0, "c": 20.0, "e": 10.0}            # examples x adapter values trained
+    parts = round_rewards(results, holdings, gain=0.2, baseline=0.1)
     a, b, c, e, f = (parts[k] for k in "abcef")
-    assert (a.gain, a.rate, a.normalized, a.straggle, a.reward) == (1.0, 0.5, 1.0, 0.0, 1.0)
-    assert b.gain == pytest.approx(0.2) and b.rate == pytest.approx(0.05)
-    assert b.normalized == pytest.approx(0.1) and b.straggle == 0.0 and b.reward == pytest.approx(0.1)
-    assert c.gain == -3.0 and c.normalized == -1.0 and c.straggle == pytest.approx(0.2)
-    assert c.reward == -1.0  # -1 - 0.5 * 0.2 = -1.1, clipped
-    assert e.straggle == pytest.approx(0.6) and e.reward == pytest.approx(0.1 - 0.3)
-    assert (f.gain, f.seconds, f.rate, f.normalized, f.straggle, f.failed, f.reward) == \
-        (None, None, None, None, 0.0, "oom", -1.0)
-    assert a.failed == ""
+    assert [p.share for p in (a, b, c, e)] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert sum(p.credit for p in (a, b, c, e)) == pytest.approx(0.2)  # the credits add up to the global gain
+    assert a.credit == pytest.approx(0.08) and e.credit == pytest.approx(0.02)
+    # n * share * gain / baseline = 4 * 0.4 * 2 = 3.2, clipped to 1; median seconds of [2, 4, 6, 8] = 5
+    assert a.straggle == 0.0 and a.reward == 1.0
+    assert b.reward == 1.0                                            # 4 * 0.3 * 2 = 2.4, clipped
+    # the credit is clipped before the straggler term: a large share does not hide the wait
+    assert c.straggle == pytest.approx(0.2) and c.reward == pytest.approx(0.9)      # clip(1.6) - 0.1
+    assert e.straggle == pytest.approx(0.6) and e.reward == pytest.approx(0.8 - 0.3)
+    assert (f.share, f.credit, f.seconds, f.failed, f.reward) == (None, None, None, "oom", -1.0)
+    assert a.gain == 0.2 and a.baseline == 0.1 and a.failed == ""
 
 
-def test_round_rewards_scale_weights_and_penalty():
-    results = {"a": {"loss_first": 2.0, "loss_last": 1.0, "seconds": 1.0},
-               "b": {"loss_first": 2.0, "loss_last": 1.5, "seconds": 3.0},
-               "t": {"failed": "timeout"}}
-    parts, scale = round_rewards(results, scale=4.0, straggler_weight=0.1, failure_penalty=0.7)
-    assert scale == 4.0  # a bigger past rate keeps the scale
-    assert parts["a"].normalized == 0.25 and parts["a"].straggle == 0.0   # median of [1, 3] = 2
-    assert parts["b"].straggle == pytest.approx(0.5)
-    assert parts["b"].reward == pytest.approx(0.5 / 3 / 4 - 0.1 * 0.5)
+def test_leave_one_out_blames_the_small_device_that_harmed_the_model_where_holdings_cannot():
+    """What bench/adaptive.py measured: two devices on tiny submodels (a tenth of the holdings each)
+    made the global model worse although the three on the whole model helped. Shared by holdings,
+    the loss falls on the big devices; left out one at a time, the server sees who did it."""
+    results = {k: {"seconds": 10.0} for k in ("big1", "big2", "big3", "tiny1", "tiny2")}
+    holdings = {"big1": 8.0, "big2": 8.0, "big3": 8.0, "tiny1": 1.0, "tiny2": 1.0}
+    # without a big device the loss would be 0.04 higher (it helped); without a tiny one 0.06 lower
+    left_out = {"big1": 0.04, "big2": 0.04, "big3": 0.04, "tiny1": -0.06, "tiny2": -0.06}
+    by_holdings = round_rewards(results, holdings, gain=-0.1, baseline=0.1)
+    measured = round_rewards(results, holdings, gain=-0.1, baseline=0.1, left_out=left_out)
+    assert by_holdings["big1"].reward == -1.0 and by_holdings["tiny1"].reward == pytest.approx(-5 / 26)
+    assert measured["big1"].reward == 1.0 and measured["tiny1"].reward == -1.0     # 5 x 0.04 / 0.1 = 2, clipped
+    assert measured["big1"].credit == 0.04 and measured["big1"].attribution == "leave-one-out"
+    assert by_holdings["big1"].attribution == "holdings"
+    # a device whose leave-one-out was not measured (e.g. it joined late) keeps the holdings credit
+    mixed = round_rewards(results, holdings, gain=-0.1, baseline=0.1, left_out={"big1": 0.04})
+    assert mixed["big2"].attribution == "holdings" and mixed["big1"].attribution == "leave-one-out"
+    with pytest.raises(LLMPruneError, match="non-finite leave-one-out"):
+        round_rewards(results, holdings, gain=-0.1, baseline=0.1, left_out={"big1": float("nan")})
+
+
+def test_a_worse_global_model_is_blamed_by_share_and_the_baseline_follows_the_gains():
+    results = {"a": {"seconds": 1.0}, "b": {"seconds": 3.0}, "t": {"failed": "timeout"}}
+    parts = round_rewards(results, {"a": 3.0, "b": 1.0}, gain=-0.05, baseline=0.1, straggler_weight=0.1,
+                          failure_penalty=0.7)
+    # relative -0.5; a: 2 * 0.75 * -0.5 = -0.75; b: 2 * 0.25 * -0.5 - 0.1 * 0.5 (median of [1, 3] = 2)
+    assert parts["a"].reward == pytest.approx(-0.75) and parts["b"].reward == pytest.approx(-0.25 - 0.05)
     assert parts["t"].reward == -0.7
+    # the moving baseline: the first round's |gain| starts it, then an exponential mean of |gain|
+    assert next_baseline(0.0, -0.3, 0.5) == 0.3
+    assert next_baseline(0.1, -0.05, 0.5) == pytest.approx(0.075)
+    assert next_baseline(0.1, 0.3, 1.0) == pytest.approx(0.3)
+
+
+def test_a_round_as_good_as_the_recent_ones_is_worth_the_same_early_and_late():
+    """Gains shrink as training converges; read against the moving baseline, an arm played late is
+    not blamed for it: the same share of a round as good as the recent ones earns the same."""
+    early = round_rewards({"a": {"seconds": 1.0}, "b": {"seconds": 1.0}}, {"a": 1.0, "b": 1.0}, gain=0.5,
+                          baseline=0.5)
+    late = round_rewards({"a": {"seconds": 1.0}, "b": {"seconds": 1.0}}, {"a": 1.0, "b": 1.0}, gain=0.01,
+                         baseline=0.01)
+    assert early["a"].reward == late["a"].reward == pytest.approx(1.0)
+    assert early["a"].credit == pytest.approx(0.25) and late["a"].credit == pytest.approx(0.005)
 
 
 def test_straggle_uses_the_median_not_the_mean():
-    same = {"loss_first": 1.0, "loss_last": 1.0}
-    parts, _ = round_rewards({"a": {**same, "seconds": 1.0}, "b": {**same, "seconds": 2.0},
-                              "c": {**same, "seconds": 9.0}}, scale=1.0)
+    parts = round_rewards({"a": {"seconds": 1.0}, "b": {"seconds": 2.0}, "c": {"seconds": 9.0}},
+                          {"a": 1.0, "b": 1.0, "c": 1.0}, gain=0.0, baseline=1.0)
     # median 2 (the mean would be 4): c straggles 9 / 2 - 1 = 3.5, reward 0 - 0.5 * 3.5 clipped at -1
     assert [parts[k].straggle for k in "abc"] == [0.0, 0.0, 3.5]
     assert parts["c"].reward == -1.0
 
 
 def test_round_rewards_edge_cases():
-    parts, scale = round_rewards({"x": {"failed": "crash"}}, scale=0.0)
-    assert scale == SCALE_EPS and parts["x"].reward == -1.0  # nothing returned: no division by zero
-    parts, scale = round_rewards({"x": {"loss_first": 1.0, "loss_last": 1.0, "seconds": 9.0}}, scale=0.0)
-    assert scale == SCALE_EPS and parts["x"].normalized == 0.0 and parts["x"].reward == 0.0
-    one = round_rewards({"x": {"loss_first": 2.0, "loss_last": 1.0, "seconds": 100.0}}, scale=0.0)[0]["x"]
-    assert one.straggle == 0.0 and one.reward == 1.0  # a single returned device is its own median
-    diverged = round_rewards({"x": {"loss_first": 2.0, "loss_last": float("nan"), "seconds": 1.0}}, 1.0)
-    assert diverged[0]["x"].failed == "nonfinite" and diverged[0]["x"].reward == -1.0 and diverged[1] == 1.0
-    for bad in ({"loss_first": 1.0, "seconds": 1.0}, {"loss_first": 1.0, "loss_last": 1.0, "seconds": 0.0},
-                {"failed": ""}):
+    parts = round_rewards({"x": {"failed": "crash"}}, {}, gain=0.1, baseline=0.0)
+    assert parts["x"].reward == -1.0  # nothing returned: no division by zero
+    one = round_rewards({"x": {"seconds": 100.0}}, {"x": 5.0}, gain=0.3, baseline=0.0)["x"]
+    # no baseline yet: the round counts as good as recent ones; a single device is its own median
+    assert one.share == 1.0 and one.straggle == 0.0 and one.reward == 1.0
+    assert round_rewards({"x": {"seconds": 1.0}}, {"x": 5.0}, gain=-0.3, baseline=0.0)["x"].reward == -1.0
+    flat = round_rewards({"x": {"seconds": 1.0}}, {"x": 5.0}, gain=0.0, baseline=0.0)["x"]
+    assert flat.reward == 0.0
+    diverged = round_rewards({"x": {"seconds": 1.0}, "y": {"failed": "oom"}}, {"x": 1.0}, float("nan"), 1.0)
+    assert diverged["x"].failed == "nonfinite" and diverged["x"].reward == -1.0 and diverged["y"].failed == "oom"
+    for bad in ({"loss_first": 1.0}, {"seconds": 0.0}, {"failed": ""}):
         with pytest.raises(LLMPruneError, match="device x"):
-            round_rewards({"x": bad}, 1.0)
-    with pytest.raises(LLMPruneError):
-        round_rewards({}, -1.0)
+            round_rewards({"x": bad}, {"x": 1.0}, 0.1, 1.0)
+    with pytest.raises(LLMPruneError, match="no holdings"):
+        round_rewards({"x": {"seconds": 1.0}}, {}, 0.1, 1.0)
+    with pytest.raises(LLMPruneError, match="not positive"):
+        round_rewards({"x": {"seconds": 1.0}}, {"x": 0.0}, 0.1, 1.0)
+    with pytest.raises(LLMPruneError, match="baseline"):
+        round_rewards({}, {}, 0.1, -1.0)
 
 
 def test_reward_parts_to_dict():
-    parts, _ = round_rewards({"a": {"loss_first": 1.0, "loss_last": 0.0, "seconds": 3.0},
-                              "f": {"failed": "oom"}}, scale=1.0)
-    d = parts["a"].to_dict()
-    assert d == {"gain": 1.0, "seconds": 3.0, "rate": 0.333333, "normalized": 0.333333, "straggle": 0.0,
-                 "failed": "", "reward": 0.333333}
-    assert json.loads(json.dumps(parts["f"].to_dict()))["gain"] is None
+    parts = round_rewards({"a": {"seconds": 3.0}, "f": {"failed": "oom"}}, {"a": 2.0}, gain=0.1234567,
+                          baseline=0.2)
+    assert parts["a"].to_dict() == {"gain": 0.123457, "baseline": 0.2, "share": 1.0, "credit": 0.123457,
+                                    "attribution": "holdings", "seconds": 3.0, "straggle": 0.0, "failed": "", "reward": 0.617283}
+    assert json.loads(json.dumps(parts["f"].to_dict()))["share"] is None
+
+
+def test_the_prior_is_each_arms_holdings_against_the_largest_it_may_play():
+    arms = arm_grid([0.25, 0.5, 1.0], [2, 4])
+    units = [1, 1, 2, 2, 4, 4]
+    assert holdings_prior(arms, [0, 1, 2, 3], units) == pytest.approx([0.25, 0.5, 0.5, 1.0, 0.0, 0.0])
+    assert holdings_prior(arms, list(range(6)), units) == pytest.approx([1 / 8, 1 / 4, 1 / 4, 1 / 2, 1 / 2, 1.0])
 
 
 # ---------------------------------------------------------------- UCB
@@ -162,6 +204,70 @@ def test_ucb_ties_go_to_the_cheaper_arm():
     for rnd, reward in zip((1, 2, 3), (0.1, 0.5, 0.5)):
         bandit.update(bandit.choose(rnd), reward, rnd)
     assert bandit.choose(4) == 1
+
+
+def stationary(_t: int) -> list[float]:
+    return [0.05, 0.1, 0.2, 0.3, 0.9, 0.6]      # arm 4 is best; the prior's favourite (arm 5) is second
+
+
+def drifting(t: int) -> list[float]:
+    return stationary(t) if t <= 15 else [0.05, 0.1, 0.9, 0.3, 0.2, 0.2]   # from round 16 arm 2 is best
+
+
+def simulate(bandit: DeviceBandit, means, rounds: int, seed: int) -> list[int]:
+    rng = np.random.default_rng(seed)
+    picks = []
+    for t in range(1, rounds + 1):
+        arm = bandit.choose(t)
+        picks.append(arm)
+        bandit.update(arm, float(np.clip(means(t)[arm] + rng.normal(0, 0.2), -1, 1)), t)
+    return picks
+
+
+def six_arms(**settings) -> DeviceBandit:
+    arms = arm_grid([0.1, 0.3, 1.0], [4, 8])
+    prior = holdings_prior(arms, list(range(6)), [2, 2, 5, 5, 18, 18])
+    return DeviceBandit(arms, list(range(6)), declared=True, prior=prior, **settings)
+
+
+def test_with_priors_the_bandit_starts_at_the_largest_arm_and_never_sweeps_every_arm():
+    """Stationary reward, 8 rounds (bench/adaptive.py's length): UCB1 spends 6 of them playing each
+    arm once; from priors the bandit starts where the memory estimate points and finds the best arm
+    next to it, with less regret over 20 seeds."""
+    def regret(settings: dict, seed: int) -> float:
+        picks = simulate(six_arms(**settings), stationary, 8, seed)
+        return sum(max(stationary(0)) - stationary(0)[a] for a in picks)
+
+    ucb1 = dict(discount=1.0, prior_weight=0.0, exploration=0.5)
+    ours = dict(discount=0.9, prior_weight=1.0, exploration=0.2)      # the policy's defaults
+    assert simulate(six_arms(**ucb1), stationary, 6, 0) == [0, 1, 2, 3, 4, 5]
+    picks = simulate(six_arms(**ours), stationary, 8, 0)
+    assert picks[0] == 5 and len(set(picks)) < 6 and picks[-3:].count(4) >= 2
+    assert np.mean([regret(ours, s) for s in range(20)]) < 0.5 * np.mean([regret(ucb1, s) for s in range(20)])
+
+
+def test_a_discounted_bandit_follows_a_reward_that_drifts():
+    """The best arm changes after round 15: with a discount the old rounds fade and the bandit moves
+    to the new best; without one it keeps the old best longer (over 20 seeds, rounds 16-40)."""
+    def moved(discount: float, seed: int) -> float:
+        picks = simulate(six_arms(discount=discount, prior_weight=1.0, exploration=0.2), drifting, 40, seed)
+        return picks[15:].count(2) / 25
+
+    discounted = np.mean([moved(0.9, s) for s in range(20)])
+    assert discounted > np.mean([moved(1.0, s) for s in range(20)]) + 0.1 and discounted > 0.4
+
+
+def test_priors_and_discount_survive_json_and_bad_settings_are_one_line():
+    bandit = six_arms(discount=0.9, prior_weight=1.0, exploration=0.2)
+    simulate(bandit, stationary, 5, 3)
+    again = six_arms(discount=0.9, prior_weight=1.0, exploration=0.2)
+    again.load_state_dict(json.loads(json.dumps(bandit.state_dict())))
+    assert again.ucb() == bandit.ucb() and simulate(again, stationary, 4, 9) == simulate(bandit, stationary, 4, 9)
+    for settings, words in ((dict(discount=0.0), "discount"), (dict(discount=1.5), "discount"),
+                            (dict(prior_weight=-1.0), "prior weight"), (dict(prior=[0.0]), "prior has 1")):
+        with pytest.raises(LLMPruneError, match=words) as err:
+            DeviceBandit(grid3(), [0, 1, 2], declared=True, **settings)
+        assert "\n" not in str(err.value)
 
 
 # ---------------------------------------------------------------- back-off
@@ -245,6 +351,24 @@ def test_allowed_restricts():
     assert set(bandit.ucb()) == {0, 2, 4}
     with pytest.raises(LLMPruneError, match="not allowed"):
         bandit.update(1, 0.0, 60)
+
+
+def test_an_arm_the_budget_does_not_admit_is_never_played_however_it_would_pay():
+    """The memory estimate admits arms 0-3 of six; arms 4 and 5 would earn the most, yet over 200
+    rounds of noisy rewards, with priors and discounting, neither is ever chosen."""
+    arms = arm_grid([0.1, 0.3, 1.0], [4, 8])
+    allowed = [0, 1, 2, 3]
+    bandit = DeviceBandit(arms, allowed, declared=True, exploration=1.0, discount=0.9, prior_weight=1.0,
+                          prior=holdings_prior(arms, allowed, [2, 2, 5, 5, 18, 18]))
+    rng = np.random.default_rng(7)
+    chosen = []
+    for rnd in range(1, 201):
+        arm = bandit.choose(rnd)
+        chosen.append(arm)
+        if arm is not None:          # None: every arm it may play is backed off, the device rests
+            bandit.update(arm, float(rng.uniform(-1, 1)), rnd, failed="oom" if rng.uniform() < 0.05 else "")
+    assert set(chosen) - {None} == {0, 1, 2, 3} and bandit.plays[4] == bandit.plays[5] == 0
+    assert bandit.counts[4] == bandit.counts[5] == 0.0
 
 
 @pytest.mark.parametrize("allowed", [[], [3], [0, 0], [-1]])

@@ -185,13 +185,14 @@ def test_build_stages():
     assert stages[1].submodel() == Submodel.of_layers(8, stages[1].anchors)
     with pytest.raises(LLMPruneError):
         build_stages(sim, [3, 6], 0.2)     # does not end at the model's depth
-    assert DEFAULT_BETA == 0.2
+    assert DEFAULT_BETA == 1.0     # measured best in bench/devft_transfer.py
 
 
 def test_stage_json_round_trip_and_validation():
     stage = Stage(5, ((0, 1), (2,), (3, 4)), (1, 2, 3), 0.25)
     assert Stage.from_json(stage.to_json()) == stage
-    assert stage.to_dict() == {"num_layers": 5, "groups": [[0, 1], [2], [3, 4]], "anchors": [1, 2, 3], "beta": 0.25}
+    assert stage.to_dict() == {"num_layers": 5, "groups": [[0, 1], [2], [3, 4]], "anchors": [1, 2, 3], "beta": 0.25,
+                               "handover": "copy"}
     for text in ("{", "[]", '{"num_layers": 5}', '{"num_layers": 5, "groups": 3, "anchors": [], "beta": 0}'):
         with pytest.raises(LLMPruneError, match="malformed DevFT stage"):
             Stage.from_json(text)
@@ -431,3 +432,88 @@ def test_stage_modules():
     shapes = module_shapes(tiny_model("llama"), ("q_proj", "up_proj"))
     assert stage_modules(shapes, STAGE) == ["1.self_attn.q_proj", "1.mlp.up_proj", "2.self_attn.q_proj",
                                             "2.mlp.up_proj"]
+
+
+# ---------------------------------------------------------------- the hand-over (split / copy)
+def test_the_split_hand_over_gives_each_member_its_share_of_the_groups_update():
+    shapes = module_shapes(tiny_model("llama"), ("q_proj", "v_proj"))
+    split = Stage(4, ((0, 1, 2), (3,)), (1, 3), 1.0, "split")
+    trained = init_arrays(shapes, stage_modules(shapes, split), rank=2, seed=5)
+    trained = {k: v + 1.0 for k, v in trained.items()}          # B != 0
+    got = expand_lora(trained, split)
+    for member in (0, 1, 2):     # the anchor too: the group adds the stage's update once, not three times
+        assert np.allclose(got[f"{member}.self_attn.q_proj.B"], trained["1.self_attn.q_proj.B"] / 3)
+        assert np.array_equal(got[f"{member}.self_attn.q_proj.A"], trained["1.self_attn.q_proj.A"])
+    assert np.array_equal(got["3.self_attn.v_proj.B"], trained["3.self_attn.v_proj.B"])   # a group of one
+    summed = sum(got[f"{m}.self_attn.q_proj.B"] @ got[f"{m}.self_attn.q_proj.A"] for m in (0, 1, 2))
+    assert np.allclose(summed, trained["1.self_attn.q_proj.B"] @ trained["1.self_attn.q_proj.A"], atol=1e-5)
+    copied = expand_lora(trained, Stage(4, split.groups, split.anchors, 1.0, "copy"))
+    assert np.array_equal(copied["0.self_attn.q_proj.B"], trained["1.self_attn.q_proj.B"])
+
+
+def test_the_hand_over_travels_with_the_stage_and_an_older_stage_is_a_copy():
+    stage = Stage(4, STAGE.groups, STAGE.anchors, 1.0, "split")
+    assert Stage.from_json(stage.to_json()) == stage
+    old = '{"num_layers": 4, "groups": [[0, 1], [2, 3]], "anchors": [1, 2], "beta": 0.2}'
+    assert Stage.from_json(old).handover == "copy"
+    with pytest.raises(LLMPruneError, match="hand-over 'sum' is not one of split, copy"):
+        Stage(4, STAGE.groups, STAGE.anchors, 1.0, "sum")
+    assert DEFAULT_BETA == 1.0 and build_stages(np.eye(4), [2, 4], DEFAULT_BETA)[0].handover == "split"
+
+
+def test_a_stages_training_lowers_the_next_stages_starting_loss():
+    """On a tiny model: LoRA trained on the 2-layer stage model (fused at the default beta), handed
+    over by the default split, starts the whole model at a lower loss on held-out windows of the
+    same text than no stage training would."""
+    from llmprune.fedrecover.lora import lora_applied
+    from llmprune.fedrecover.task import chunked_lm_loss, train_lora
+
+    torch.manual_seed(0)
+    model = tiny_model("llama")
+    model.eval()
+    pattern = torch.arange(7, 7 + 12)                          # a text the random model has not seen
+    windows = torch.stack([torch.roll(pattern.repeat(3), -i)[:32] for i in range(12)])
+    train, held = windows[:8], windows[8:]
+    shapes = module_shapes(model, ("q_proj", "v_proj", "up_proj", "down_proj"))
+    stage = build_stages(np.eye(4) * 0.5 + 0.5, [2, 4], DEFAULT_BETA)[0]
+    start = init_arrays(shapes, list(shapes), rank=4, seed=0)
+    local = stage.submodel().to_local({k: v for k, v in start.items()
+                                       if k.rsplit(".", 1)[0] in set(stage_modules(shapes, stage))})
+    trained, _ = train_lora(fuse_model(copy.deepcopy(model), stage), local, train, scale=2.0, steps=20,
+                            batch_size=4, lr=1e-2, seed=0)
+    handed = expand_lora({**start, **stage.submodel().to_global(trained)}, stage)
+    with torch.no_grad():
+        untrained = chunked_lm_loss(model, held).item()        # B = 0: no stage training
+        with lora_applied(model, handed, 2.0):
+            after = chunked_lm_loss(model, held).item()
+    assert after < untrained - 0.05, (untrained, after)
+
+
+def test_the_server_hands_over_the_share_of_the_update_its_text_prefers():
+    """The policy tries B x 1, 1/2, 1/4, 0 on its own evaluation and keeps the best; `copy` (DevFT
+    as published) hands over the whole update without asking."""
+    from types import SimpleNamespace
+
+    from llmprune.fedrecover import RecoverConfig
+    from llmprune.fedrecover.devft import HANDOVER_SCALES
+    from llmprune.fedrecover.policies.devft import StagePolicy
+
+    shapes = module_shapes(tiny_model("llama"), ("q_proj",))
+    split = Stage(4, ((0, 1), (2, 3)), (1, 2), 1.0, "split")
+    trained = {k: v + 1.0 for k, v in init_arrays(shapes, stage_modules(shapes, split), rank=2, seed=1).items()}
+    full_b = np.abs(expand_lora(trained, split)["1.self_attn.q_proj.B"]).sum()
+    asked = []
+
+    def evaluate(arrays, rows):     # the server's perplexity: best where B is a quarter of the update
+        share = np.abs(arrays["1.self_attn.q_proj.B"]).sum() / full_b
+        asked.append(round(float(share), 6))
+        return 10.0 + (share - 0.25) ** 2
+
+    policy = StagePolicy(RecoverConfig.of(policy="devft", devft_stages="2,all"))
+    policy.run = SimpleNamespace(evaluate=evaluate, state=SimpleNamespace(rows=None))
+    arrays, scale = policy.handed_over(trained, split)
+    assert asked == list(HANDOVER_SCALES) and scale == 0.25
+    assert np.allclose(arrays["0.self_attn.q_proj.B"], trained["1.self_attn.q_proj.B"] / 2 * 0.25)
+    asked.clear()
+    copied, scale = policy.handed_over(trained, Stage(4, split.groups, split.anchors, 1.0, "copy"))
+    assert scale == 1.0 and asked == [] and np.array_equal(copied["0.self_attn.q_proj.B"], trained["1.self_attn.q_proj.B"])

@@ -105,6 +105,29 @@ def test_a_round_that_too_few_devices_answered_leaves_the_adapter_and_dp_refuses
     policy.observe(1, RoundOutcome([reply], {}))
 
 
+def test_leaving_one_device_out_is_the_aggregate_of_the_others_and_only_where_updates_are_seen(model):
+    from llmprune.fedrecover.messages import TrainReply
+
+    cfg = RecoverConfig.of(clients=3, lora_rank=4, aggregation="fedavg")
+    run, policy = run_for(model, cfg)
+    strategy = LoraStrategy(run, policy, transport=None)
+    previous = run.state.arrays
+    replies = [TrainReply(pid, n, 5.0, 1.0, 100.0, arrays={k: v + pid + 1 for k, v in previous.items()})
+               for pid, n in ((0, 1), (1, 3), (2, 4))]
+    new, _ = strategy.aggregate(1, Collected(replies), 1, previous)
+    without = strategy.leave_one_out(Collected(replies), previous, new)
+    alone, _ = strategy.aggregate(1, Collected([replies[0], replies[2]]), 1, previous)
+    key = next(iter(previous))
+    assert np.allclose(without(1)[key], alone[key]) and np.allclose(without(None)[key], new[key])
+    assert np.allclose(without(None)[key], previous[key] + (1 * 1 + 3 * 2 + 4 * 3) / 8)
+    assert strategy.leave_one_out(Collected(replies), previous, None) is None           # a round not applied
+    summed = Collected(replies)
+    summed.summed = True
+    assert strategy.leave_one_out(summed, previous, new) is None                        # SecAgg+: only the sum
+    dp_run, dp_policy = run_for(model, RecoverConfig.of(clients=3, lora_rank=4, dp_clip=1.0, dp_noise=0.1))
+    assert LoraStrategy(dp_run, dp_policy, transport=None).leave_one_out(Collected(replies), previous, new) is None
+
+
 def test_a_registered_aggregation_is_an_option_everywhere():
     def keep(updates, previous, rank):
         return dict(previous)
