@@ -407,7 +407,7 @@ def expand_lora(arrays: dict[str, np.ndarray], stage: Stage, b_scale: float = 1.
         if not group or not key.endswith(".B"):
             share = value
         else:
-            share = value * ((b_scale / len(group)) if stage.handover == "split" else b_scale)
+            share = value * (b_scale if stage.handover == "copy" else b_scale / len(group))   # else split
         for member in group:
             name = f"{member}.{rest}"
             own = arrays.get(name)
