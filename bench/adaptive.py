@@ -7,9 +7,10 @@ speed (each step is followed by a sleep as long as the step) and two do not decl
 same rounds, local steps, batch, rank and learning rate:
   plan      --submodels: the fixed fleet plan (an undeclared device is planned as if all fits)
   bandit    --submodels --policy bandit: a discounted-UCB arm (submodel size, rank) per device,
-            arms 0.1/0.3/1 x rank 4/8, rewarded by its share of the global model's loss change on
-            the server's text; compared with the plan at equal rounds and by the fleet clock at
-            which it reaches the plan's final perplexity
+            arms 0.1/0.3/1 x rank 4/8, rewarded by its part of the global model's loss change on
+            the server's text, measured by leaving its update out (bandit-holdings: its holdings
+            share); compared with the plan at equal rounds and by the fleet clock at which it
+            reaches the plan's final perplexity
   full      lean clients on the whole pruned model (--skip-unfit): DevFT's reference
   devft     --policy devft --devft-stages 4,8,all (--skip-unfit)
   once      the dense model pruned to 0.2 before round 1, then tuned (--target-ratio 0.2)
@@ -48,14 +49,11 @@ CALIBRATION = str(SHARED / "wikitext2/wiki.valid.tokens")   # every arm's prunin
 FLEET = [("laptop-3g", 3072, None, 1.0), ("watch-1g", None, 1024, 1.0), ("tablet-2.6g", 2600, None, 0.5),
          ("phone-1.4g", 1400, None, 0.5), ("phone-2.2g", 2200, None, 1.0), ("phone-1.8g", None, 1800, 1.0)]
 LEAN = ["--client-dtype", "bfloat16", "--client-embedding", "int8", "--emulate-speed"]
+BANDIT = ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8", *LEAN]
 ARMS = {
     "plan": {"label": "fixed plan (--policy submodels)", "flags": ["--policy", "submodels", *LEAN]},
-    "bandit": {"label": "bandit, credit by leave-one-out",
-               "flags": ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8",
-                         "--bandit-credit", "leave-one-out", *LEAN]},
-    "bandit-holdings": {"label": "bandit, credit by holdings share",
-                        "flags": ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8",
-                                  "--bandit-credit", "holdings", *LEAN]},
+    "bandit": {"label": "bandit, credit by leave-one-out", "flags": [*BANDIT, "--bandit-credit", "leave-one-out"]},
+    "bandit-holdings": {"label": "bandit, credit by holdings share", "flags": [*BANDIT, "--bandit-credit", "holdings"]},
     "full": {"label": "whole pruned model", "flags": ["--skip-unfit", *LEAN]},
     "devft": {"label": "DevFT devft:4,8,all", "flags": ["--policy", "devft", "--devft-stages", "4,8,all", "--skip-unfit",
                                                         *LEAN]},

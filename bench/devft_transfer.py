@@ -48,15 +48,16 @@ def held_out_loss(model, windows: dict) -> dict[str, float]:
 
 def handed_over(start: dict, arrays: dict, stage, how: str, scale: float) -> dict:
     """The whole model's adapter (`start`: its untrained global adapter, B = 0) after a stage
-    trained `arrays` (the anchors' entries, global names), by hand-over `how`, its B times `scale`."""
+    trained `arrays` (the anchors' entries, global names), by hand-over `how`, its B times `scale`
+    (`anchor`: only the anchors keep their LoRA; `split` / `copy`: the policy's hand-overs)."""
+    from dataclasses import replace
+
     from llmprune.fedrecover.devft import expand_lora
 
     out = {**start, **arrays}
-    if how != "anchor":
-        out = expand_lora(out, stage)
-    size = {member: len(group) for group in stage.groups for member in group}
-    divide = (lambda k: size[int(k.split(".")[0])]) if how == "split" else (lambda k: 1)
-    return {k: v * scale / divide(k) if k.endswith(".B") else v for k, v in out.items()}
+    if how == "anchor":
+        return {k: v * scale if k.endswith(".B") else v for k, v in out.items()}
+    return expand_lora(out, replace(stage, handover=how), scale)
 
 
 def main() -> int:

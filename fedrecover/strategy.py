@@ -108,9 +108,8 @@ class LoraStrategy:
         run, policy, state = self.run, self.policy, self.run.state
         for server_round in progress(rounds):
             started = time.perf_counter()
-            hooks_started = time.perf_counter()
             notes = policy.begin_round(run, server_round)               # e.g. a DevFT stage change, a pruning step
-            policy_seconds = time.perf_counter() - hooks_started
+            policy_seconds = time.perf_counter() - started
             sampled = self.sample(server_round)
             sent = self.instructions(server_round, policy.assign(server_round, sampled))
             needed = run.cfg.fleet.min_replies(len(sent.messages))
@@ -205,10 +204,7 @@ class LoraStrategy:
             return (collected.average, loss) if collected.average is not None else (None, None)
         if len(replies) < needed or not replies:
             return None, None
-        updates = [ClientUpdate(split_rows(r.arrays)[0], float(r.num_examples), str(r.partition_id)) for r in replies]
-        if collected.server_update is not None:     # split training: the server is one more holder
-            updates.append(collected.server_update)
-        new = self.aggregation.aggregate(updates, previous, self.run.plan.rank)
+        new = self.aggregation.aggregate(client_updates(collected), previous, self.run.plan.rank)
         if self.dp is not None:
             new = self.dp.release(server_round, new, any_failed=any(
                 why != "timeout" for why in collected.failures.values()))
@@ -221,12 +217,12 @@ class LoraStrategy:
         the devices are told next), a round not applied."""
         if new is None or collected.summed or self.dp is not None:
             return None
-        replies = sorted(collected.replies, key=lambda r: r.partition_id)
-        updates = [ClientUpdate(split_rows(r.arrays)[0], float(r.num_examples), str(r.partition_id)) for r in replies]
-        if collected.server_update is not None:
-            updates.append(collected.server_update)
+
+        updates: list[ClientUpdate] = []
 
         def without(pid: int | None) -> Arrays:
+            if not updates:                        # built on the first call: most policies never ask
+                updates.extend(client_updates(collected))
             kept = [u for u in updates if pid is None or u.client != str(pid)]
             return self.aggregation.aggregate(kept, previous, self.run.plan.rank) if kept else previous
         return without
@@ -278,3 +274,13 @@ class LoraStrategy:
         plan = sent.assignments[pid].to_dict() if pid in sent.assignments else {}
         row = {"partition-id": pid, "failed": why, **{k: plan.get(k) for k in ("device", "memory_mb", "rank", "units")}}
         return {**row, **self.policy.client_report(pid)}
+
+
+def client_updates(collected: Collected) -> list[ClientUpdate]:
+    """The round's uploads as the aggregation takes them, in partition order (so float sums are
+    reproducible); under split training the server's own update is one more holder."""
+    replies = sorted(collected.replies, key=lambda r: r.partition_id)
+    updates = [ClientUpdate(split_rows(r.arrays)[0], float(r.num_examples), str(r.partition_id)) for r in replies]
+    if collected.server_update is not None:
+        updates.append(collected.server_update)
+    return updates

@@ -118,24 +118,28 @@ class StagePolicy(Policy):
         """At a stage change each group's trained LoRA initialises its members, at the share of the
         stage's update the server's text prefers."""
         if server_round > 1 and self.stage_at(server_round) is not self.stage_at(server_round - 1):
-            run.state.arrays, scale = self.handed_over(run.state.arrays, self.stage_at(server_round - 1))
+            # the last round's evaluation chose the share on these same arrays (not after --resume)
+            run.state.arrays, scale = self.handed_over(run.state.arrays, self.stage_at(server_round - 1),
+                                                       self.view_scales.get(server_round - 1))
             log.info("round %d: stage %d -> %d layers; each group's LoRA initialises its members (B x %g)",
                      server_round, len(self.stage_at(server_round - 1).anchors),
                      len(self.stage_at(server_round).anchors), scale)
             return {"devft_handover_scale": scale}
         return {}
 
-    def handed_over(self, arrays: Arrays, stage: Stage) -> tuple[Arrays, float]:
+    def handed_over(self, arrays: Arrays, stage: Stage, scale: float | None = None) -> tuple[Arrays, float]:
         """The whole model's adapter from a stage's, and the multiple of B (HANDOVER_SCALES) whose
-        hand-over gives the lowest loss on the server's own text: a stage's LoRA partly learns to
-        make up for the layers the stage lacks, which the whole model does not need
-        (bench/devft_transfer.py), so the server hands over only as much as helps."""
+        hand-over gives the lowest loss on the server's own text (unless `scale` is known): a
+        stage's LoRA partly learns to make up for the layers the stage lacks, which the whole model
+        does not need (bench/devft_transfer.py), so the server hands over only as much as helps."""
         if stage.is_full or stage.handover == "copy":     # "copy" is DevFT as published: the whole update
             return expand_lora(arrays, stage), 1.0
-        tried = [(self.run.evaluate(expand_lora(arrays, stage, scale), self.run.state.rows), i)
-                 for i, scale in enumerate(HANDOVER_SCALES)]
-        scale = HANDOVER_SCALES[min(tried)[1]]            # ties keep the larger share (listed first)
-        return expand_lora(arrays, stage, scale), scale
+        if scale is not None:
+            return expand_lora(arrays, stage, scale), scale
+        candidates = [expand_lora(arrays, stage, s) for s in HANDOVER_SCALES]
+        tried = [(self.run.evaluate(c, self.run.state.rows), i) for i, c in enumerate(candidates)]
+        best = min(tried)[1]                              # ties keep the larger share (listed first)
+        return candidates[best], HANDOVER_SCALES[best]
 
     def assign(self, server_round: int, nodes: list[int]) -> dict[int, Assignment]:
         stage = self.stage_at(server_round)

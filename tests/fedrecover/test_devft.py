@@ -515,5 +515,7 @@ def test_the_server_hands_over_the_share_of_the_update_its_text_prefers():
     assert asked == list(HANDOVER_SCALES) and scale == 0.25
     assert np.allclose(arrays["0.self_attn.q_proj.B"], trained["1.self_attn.q_proj.B"] / 2 * 0.25)
     asked.clear()
+    again, scale = policy.handed_over(trained, split, 0.25)        # the share already chosen: no evaluation
+    assert scale == 0.25 and asked == [] and all(np.array_equal(again[k], arrays[k]) for k in arrays)
     copied, scale = policy.handed_over(trained, Stage(4, split.groups, split.anchors, 1.0, "copy"))
     assert scale == 1.0 and asked == [] and np.array_equal(copied["0.self_attn.q_proj.B"], trained["1.self_attn.q_proj.B"])
