@@ -9,7 +9,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
 VPY=${VPY:-.venv/bin/python}
-cpu=$( (grep -m1 '^flags' /proc/cpuinfo || uname -m) | sha256sum | cut -c1-12)
+cpu_flags=$(grep -m1 '^flags' /proc/cpuinfo || true)
+# x86: the instruction sets named one by one from /proc/cpuinfo, never AMX: some virtual machines list
+# amx_tile but trap its instructions (SIGILL in libggml-cpu), and -march=native would turn it on.
+isa=(-DGGML_NATIVE=ON)
+if [ "$(uname -m)" = x86_64 ] && [ -n "$cpu_flags" ]; then
+  has() { for f in "$@"; do [[ " $cpu_flags " == *" $f "* ]] || return 1; done; }
+  isa=(-DGGML_NATIVE=OFF)
+  for pair in sse4_2:SSE42 f16c:F16C fma:FMA bmi2:BMI2 avx:AVX avx2:AVX2 avx_vnni:AVX_VNNI \
+              avx512f,avx512cd,avx512vl,avx512dq,avx512bw:AVX512 avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI \
+              avx512_bf16:AVX512_BF16; do
+    IFS=, read -r -a need <<< "${pair%%:*}"
+    if has "${need[@]}"; then isa+=("-DGGML_${pair##*:}=ON"); else isa+=("-DGGML_${pair##*:}=OFF"); fi
+  done
+fi
+cpu=$( (echo "$cpu_flags ${isa[*]}"; uname -m) | sha256sum | cut -c1-12)
 cache=${LLMPRUNE_CACHE:-$HOME/.cache/llmprune}/llama-cpp-python-$VERSION-$cpu
 sdist=$cache/llama_cpp_python-$VERSION.tar.gz
 if [ ! -f "$cache/lib/.complete" ]; then
@@ -21,7 +35,7 @@ if [ ! -f "$cache/lib/.complete" ]; then
   src=$work/llama_cpp_python-$VERSION/vendor/llama.cpp
   echo "building llama.cpp's libraries (llama-cpp-python $VERSION) into $cache/lib ..." >&2
   # $ORIGIN: each library finds the others beside it wherever the folder is copied (not in the build tree).
-  cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+  cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release "${isa[@]}" -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
     -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON -DCMAKE_BUILD_RPATH='$ORIGIN' \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF >/dev/null
   cmake --build "$work/build" -j"$(nproc)" --target llama >/dev/null
