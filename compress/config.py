@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 from llmprune.artifact import PRECISIONS
 from llmprune.errors import LLMPruneError
-from llmprune.options import option, positive_float, positive_int, vocab_size
+from llmprune.options import non_negative_int, option, positive_float, positive_int, vocab_size
 
 from .methods import METHODS, PruningMethod, get_method, method_names
 
@@ -64,6 +64,9 @@ class CompressConfig:
                                              help="'auto' (try every whole-layer count that fits the budget, keep "
                                                   "the lowest calibration loss) or the fraction of the budget taken "
                                                   "as whole layers")
+    split_patience: int = option(2, parse=non_negative_int, metavar="N",
+                                 help="--layer-share auto: stop adding whole layers after N candidates in a row "
+                                      "that do not lower the best calibration loss (0: try every count)")
     fit: str = option("refit", choices=FIT_MODES,
                       help="comp's least-squares tuning of each pruned output projection: refit (the whole kept "
                            "projection; measures best), scales (one multiplier per kept neuron: mask tuning), none")

@@ -73,6 +73,10 @@ def prune_with(source, calibration: Calibration, plans: list[Plan], cfg: Compres
     with source.output(out, overwrite) as sink:
         candidates, best = [], None
         for plan in plans:
+            if not worth_another(candidates, cfg.split_patience):
+                log.info("split: %d candidates in a row did not beat %d dropped layers; %d more not tried",
+                         cfg.split_patience, len(best[0].drop), len(plans) - len(candidates))
+                break
             layer_pass = source.open_pass(calibration, sink)
             details = prune_stack(layer_pass, calibration, plan, cfg, kappa=source.streamed)
             loss = layer_pass.loss()
@@ -90,6 +94,18 @@ def prune_with(source, calibration: Calibration, plans: list[Plan], cfg: Compres
             report["out"] = str(out)
         source.write(report, sink, out, overwrite, calibration, plan)
     return CompressResult(model=source.model, report=report)
+
+
+def worth_another(candidates: list[tuple[Plan, float]], patience: int) -> bool:
+    """Whether the split search tries its next candidate: with `patience` N > 0, not once the last N
+    candidates (each one more whole layer) all failed to lower the best loss before them. Measured
+    losses rise with every layer dropped (docs/benchmarks.md's compress runs, 0.1 to 0.5), so the
+    later, costlier candidates would not have won."""
+    if patience <= 0 or len(candidates) <= patience:
+        return True
+    losses = [loss for _, loss in candidates]
+    best_before = min(losses[:-patience])
+    return min(losses[-patience:]) < best_before
 
 
 # --- the in-memory layer source ------------------------------------------------------------------

@@ -91,6 +91,33 @@ def test_comp_auto_split_keeps_the_lowest_calibration_loss(tok, calib_texts, sma
             assert row["kappa_kept"] >= 1.0
 
 
+@pytest.mark.parametrize("losses, patience, more", [
+    ([4.0], 2, True), ([4.0, 4.3], 2, True),            # fewer than N candidates after the best: go on
+    ([4.0, 4.3, 4.5], 2, False), ([4.0, 4.3], 1, False),  # N in a row above the best: stop
+    ([4.0, 4.3, 3.9], 2, True),                          # the last one lowered it
+    ([4.0, 4.3, 4.5, 4.9], 0, True),                     # 0: every count
+])
+def test_the_split_search_stops_after_patience_candidates_that_do_not_beat_the_best(losses, patience, more):
+    from llmprune.compress.pruner import worth_another
+
+    assert worth_another([(None, loss) for loss in losses], patience) is more
+
+
+def test_split_patience_cuts_the_search_and_keeps_its_best(tok, calib_texts, small_config):
+    every = compress(tiny_model("llama"), small_config(ratio=0.5, split_patience=0), tokenizer=tok,
+                     calib=calib_texts).report
+    losses = [c["calibration_loss"] for c in every["split_candidates"]]
+    assert len(losses) >= 3
+    first = compress(tiny_model("llama"), small_config(ratio=0.5, split_patience=1), tokenizer=tok,
+                     calib=calib_texts).report
+    tried = first["split_candidates"]
+    # one candidate past the best so far that did not beat it ends the search
+    stop = next((i for i in range(1, len(losses)) if losses[i] >= min(losses[:i])), len(losses) - 1)
+    assert stop < len(losses) - 1, losses      # the search did stop early (this model's losses rise too)
+    assert [c["calibration_loss"] for c in tried] == pytest.approx(losses[:stop + 1])
+    assert first["calibration_loss"]["pruned"] == pytest.approx(min(losses[:stop + 1]))
+
+
 def test_error_allocation_differs_from_uniform(tok, calib_texts, small_config):
     uniform = compress(tiny_model("llama"), small_config(ratio=0.3, layer_share=0.0, allocation="uniform"),
                        tokenizer=tok, calib=calib_texts).report
