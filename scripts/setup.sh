@@ -15,8 +15,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VPY" -c "import llmpr
   exit 0
 fi
 "$VPY" -m pip install -q --upgrade pip >&2
-# --no-compile: no bytecode for the thousands of modules nothing imports (transformers' every model);
-# Python writes it for the others on first import. Measured: a set-up 88 s -> 43 s from the pip cache.
-"$VPY" -m pip install -q --no-compile "torch==${TORCH_VERSION:-2.13.0}" >&2
-"$VPY" -m pip install -q --no-compile -e ".[test]" >&2
+"$VPY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" >&2
+"$VPY" -m pip install -q -e ".[test]" >&2
 echo "$want" > "$stamp"
