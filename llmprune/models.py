@@ -155,18 +155,14 @@ def _load_gguf_model(path: Path, dtype: torch.dtype):
 
     config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, trust_remote_code=False)
     adapter_for(config)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
-                                                 trust_remote_code=False, **_unpacked_gguf())
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None:
-        # the weights are plain tensors by now; without this a GGUF-loaded model refuses to save
-        quantizer.remove_quantization_config(model)
-    return model
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                                trust_remote_code=False, **_unpacked_gguf())
 
 
 def _unpacked_gguf() -> dict:
     """transformers 5.24 and newer may keep a GGUF's weights in their quantized blocks (GgufConfig);
-    llmprune prunes, refits and trains the weights, so it asks for them unpacked into dense tensors."""
+    llmprune prunes, refits and trains the weights, so it asks for them unpacked into dense tensors
+    (transformers then drops its quantizer, without which the model could not be saved)."""
     try:
         from transformers import GgufConfig
     except ImportError:     # older transformers always unpacks
