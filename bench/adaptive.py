@@ -7,19 +7,22 @@ speed (each step is followed by a sleep as long as the step) and two do not decl
 same rounds, local steps, batch, rank and learning rate:
   plan      --submodels: the fixed fleet plan (an undeclared device is planned as if all fits)
   bandit    --submodels --policy bandit: a discounted-UCB arm (submodel size, rank) per device,
-            arms 0.1/0.3/1 x rank 4/8, rewarded by its part of the global model's loss change on
-            the server's text, measured by leaving its update out (bandit-holdings: its holdings
-            share); compared with the plan at equal rounds and by the fleet clock at which it
-            reaches the plan's final perplexity
+            the default grid (0.25/0.5/0.75/1 x rank 2/4/8; undeclared devices start on the
+            largest, as the plan assumes), rewarded by its part of the global model's loss change
+            on the server's text, measured by leaving its update out (bandit-holdings: its
+            holdings share); compared with the plan at equal rounds and by the fleet clock at
+            which it reaches the plan's final perplexity
   full      lean clients on the whole pruned model (--skip-unfit): DevFT's reference
   devft     --policy devft --devft-stages 4,8,all (--skip-unfit)
   once      the dense model pruned to 0.2 before round 1, then tuned (--target-ratio 0.2)
   tune      prune-tune: dense -> 0.2 in steps every --prune-every rounds (--target-ratio 0.2)
 Every arm calibrates on the same text: the checkpoint was pruned on WikiText-2 validation
 (32 x 512), and once/tune prune on it too (--prune-data); the server's own text (grouping, the
-bandit's reward, the rounds' evaluation) is the Python library reference for every arm; the
-perplexities below are on WikiText-2 test and the Python tutorial, which no arm trains,
-calibrates or groups on.
+bandit's reward, the rounds' evaluation) is a folder with a file per domain the fleet trains,
+read in turn (8 windows of 128: the Python library reference, and the last 200 KB of WikiText-2
+test, far past the windows the curves read), the same for every arm; the perplexities below are
+on WikiText-2 test (its first windows), the Python tutorial and Python source, which no arm
+trains, calibrates or groups on.
 Each arm is `llmprune recover --json` in its own process. Perplexity after every round on
 WikiText-2 test and the Python tutorial (from the saved round adapters, on the model each round
 trained), wall time, the fleet clock (per round the slowest returning device, as devices run in
@@ -43,13 +46,17 @@ from common import ROOT, SHARED, load_results, recovery_parser, run_json, save_r
 from recover import EVAL, pruned_checkpoint, pydocs_train  # noqa: E402
 from submodels import recover_args  # noqa: E402  (the same six-device run)
 
-SERVER_TEXT = "pydocs/library.txt"     # the server's own text: grouping, the bandit's reward, its evaluation
+# the server's own text (grouping, the bandit's reward, its evaluation): one file per domain the fleet
+# trains, so that neither domain's devices are judged on the other's text alone
+SERVER_SOURCES = {"python.txt": ("pydocs/library.txt", "head"), "wikitext.txt": ("wikitext2/wiki.test.raw", "tail")}
+SERVER_BYTES = 200_000
+SERVER_WINDOWS = 8
 CALIBRATION = str(SHARED / "wikitext2/wiki.valid.tokens")   # every arm's pruning calibration (the checkpoint's too)
 # name, declared memory_mb (None: undeclared), true limit oom_mb, speed
 FLEET = [("laptop-3g", 3072, None, 1.0), ("watch-1g", None, 1024, 1.0), ("tablet-2.6g", 2600, None, 0.5),
          ("phone-1.4g", 1400, None, 0.5), ("phone-2.2g", 2200, None, 1.0), ("phone-1.8g", None, 1800, 1.0)]
 LEAN = ["--client-dtype", "bfloat16", "--client-embedding", "int8", "--emulate-speed"]
-BANDIT = ["--policy", "bandit", "--arm-sizes", "0.1,0.3,1", "--arm-ranks", "4,8", *LEAN]
+BANDIT = ["--policy", "bandit", *LEAN]     # the default arm grid and start
 ARMS = {
     "plan": {"label": "fixed plan (--policy submodels)", "flags": ["--policy", "submodels", *LEAN]},
     "bandit": {"label": "bandit, credit by leave-one-out", "flags": [*BANDIT, "--bandit-credit", "leave-one-out"]},
@@ -64,6 +71,17 @@ ARMS = {
              "flags": ["--policy", "prune-tune", "--target-ratio", "0.2", "--prune-data", CALIBRATION, "--skip-unfit",
                        *LEAN]},
 }
+
+
+def write_server_text(folder: Path) -> Path:
+    """The server's text: SERVER_BYTES from the head or tail of each source (the tail of WikiText-2
+    test is far from the first windows, which the curves evaluate)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (rel, end) in SERVER_SOURCES.items():
+        text = (SHARED / rel).read_text(encoding="utf-8")
+        part = text[:SERVER_BYTES] if end == "head" else text[-SERVER_BYTES:]
+        (folder / name).write_text(part[part.index("\n") + 1:] if end == "tail" else part, encoding="utf-8")
+    return folder
 
 
 def write_fleet(path: Path) -> Path:
@@ -140,7 +158,9 @@ def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: f
         metrics = json.loads((out / "metrics.json").read_text())
         seconds = metrics["server_seconds"]                  # the ServerApp's whole run (wall less start-up)
     else:
-        command = recover_args(args, model, data, out, fleet, eval_windows=4) + flags + ["--rounds", str(rounds)]
+        server_text = write_server_text(args.work / "server-text")
+        command = recover_args(args, model, data, out, fleet, eval_windows=SERVER_WINDOWS, eval_data=server_text) \
+            + flags + ["--rounds", str(rounds)]
         metrics, seconds = run_json(command, args.work / f"{key}.log")
     curve = round_curve(model, out, metrics, scale, args, rounds)
     return {"label": arm["label"], "rounds": rounds, "wall_seconds": round(seconds, 1), "curve": curve,
@@ -176,7 +196,10 @@ def main() -> int:
         "fleet": [{"device": n, "memory_mb": m, "oom_mb": o, "speed": s} for n, m, o, s in FLEET],
         "rounds": args.rounds, "local_steps": args.local_steps, "prune_every": args.prune_every,
         "lora_rank": args.lora_rank, "lr": args.lr, "batch": f"{args.batch_size}x{args.seq_len}",
-        "aggregation": "hetlora", "max_windows_per_source": args.max_windows, "server_text": SERVER_TEXT,
+        "aggregation": "hetlora", "max_windows_per_source": args.max_windows,
+        "server_text": "a file per domain, read in turn: " + ", ".join(
+            f"{rel} ({'first' if end == 'head' else 'last'} {SERVER_BYTES} characters)"
+            for rel, end in SERVER_SOURCES.values()) + f"; {SERVER_WINDOWS}x{args.seq_len} windows",
         "eval": f"{args.eval_windows}x512 windows (+BOS)"}
     runs = results.setdefault("runs", {})
     work_pruned = ROOT / "bench/work/submodels"   # the submodel benchmark's checkpoint, when it exists

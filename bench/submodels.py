@@ -67,14 +67,17 @@ def smallest_common_setting(pruned: Path, args) -> dict:
     return {"rank": plan.rank, "depth": plan.depth, "estimate_mb": plan.estimate_mb}
 
 
-def recover_args(args, pruned: Path, data: list[str], out: Path, fleet: Path, eval_windows: int = 8) -> list[str]:
-    """The fleet's `llmprune recover` (bench/adaptive.py and bench/split.py run the same)."""
+def recover_args(args, pruned: Path, data: list[str], out: Path, fleet: Path, eval_windows: int = 8,
+                 eval_data: Path | None = None) -> list[str]:
+    """The fleet's `llmprune recover` (bench/adaptive.py and bench/split.py run the same); the
+    server's text is SERVER_TEXT unless `eval_data` is given."""
     return ["recover", "--model", str(pruned), "--data", *data, "--out", str(out), "--clients", str(len(FLEET)),
             "--fleet", str(fleet), "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
             "--partition", "domain", "--lora-rank", str(args.lora_rank), "--lr", str(args.lr),
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
             "--max-windows", str(args.max_windows), "--aggregation", "hetlora",
-            "--eval-data", str(SHARED / SERVER_TEXT), "--eval-windows", str(eval_windows), "--seed", "0", "--overwrite"]
+            "--eval-data", str(eval_data or SHARED / SERVER_TEXT), "--eval-windows", str(eval_windows),
+            "--seed", "0", "--overwrite"]
 
 
 def device_table(metrics: dict) -> list[dict]:

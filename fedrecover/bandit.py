@@ -15,8 +15,10 @@ the global model most for the time it takes.
 - `DeviceBandit` is a discounted UCB over the arms one device may play, started from priors (what
   the memory estimate says an arm holds) instead of playing every arm once, with two safety
   rails: after a failure the arm and every costlier one are backed off for a number of rounds that
-  doubles with each failure of that arm, and a device whose memory is unknown starts from its
-  smallest arm and grows one arm per success. Arms no declared budget admits are never offered.
+  doubles with each failure of that arm, and a device whose memory is unknown starts where the
+  fleet plan starts it (its largest arm, as if all fits; or, asked, its smallest), drops below the
+  failed arm's size after a failure and grows back one arm per success. Arms no declared budget
+  admits are never offered.
 
 Why the global model and not the device's own loss: a small submodel's LoRA learns to make up for
 the layers it lacks and lowers its own loss fastest per second, yet does not carry over to the
@@ -241,10 +243,11 @@ class DeviceBandit:
 
     def __init__(self, arms: list[Arm], allowed: list[int], declared: bool, exploration: float = 0.5,
                  backoff_rounds: int = 2, max_backoff: int = 16, discount: float = 1.0,
-                 prior: Sequence[float] | None = None, prior_weight: float = 0.0):
+                 prior: Sequence[float] | None = None, prior_weight: float = 0.0, unknown_start: str = "smallest"):
         """`arms` is the whole grid (sorted by cost), `allowed` the indices this device may ever
         play. `declared=False` (unknown memory): play only up to a ceiling that starts at the
-        smallest allowed arm and moves up one allowed arm per success of the ceiling arm."""
+        `unknown_start` ("smallest" or "largest") allowed arm, drops below the failed arm's size
+        after a failure and moves up one allowed arm per success of the ceiling arm."""
         if not arms:
             raise LLMPruneError("the bandit's arm grid is empty", GRID_FIX)
         if not allowed:
@@ -257,6 +260,8 @@ class DeviceBandit:
         if not (math.isfinite(exploration) and exploration >= 0) or backoff_rounds < 0 or max_backoff < 0:
             raise LLMPruneError(f"bandit settings exploration={exploration!r}, backoff_rounds={backoff_rounds!r}, "
                                 f"max_backoff={max_backoff!r}", "pass non-negative values")
+        if unknown_start not in ("smallest", "largest"):
+            raise LLMPruneError(f"bandit unknown_start {unknown_start!r}", "pass 'smallest' or 'largest'")
         if not 0 < discount <= 1 or not (math.isfinite(prior_weight) and prior_weight >= 0):
             raise LLMPruneError(f"bandit discount {discount!r} (needs (0, 1]) or prior weight {prior_weight!r} "
                                 "(needs >= 0)", "pass e.g. --bandit-discount 0.8 --bandit-prior-weight 1")
@@ -280,7 +285,8 @@ class DeviceBandit:
         self.failures = [0] * n
         self.backoff_until = [0] * n  # arm a is not playable in rounds < backoff_until[a]
         # A declared device may play every allowed arm: its ceiling is the costliest one.
-        self.ceiling = self.allowed[-1] if self.declared else self.allowed[0]
+        top = self.declared or unknown_start == "largest"
+        self.ceiling = self.allowed[-1] if top else self.allowed[0]
 
     def candidates(self, server_round: int) -> list[int]:
         """The arms playable this round, cheapest first: allowed, under the ceiling, not backed off."""
@@ -304,9 +310,9 @@ class DeviceBandit:
         return best
 
     def update(self, arm: int, reward: float, server_round: int, failed: str = "") -> None:
-        """Record one play. A failure backs off the arm and every costlier arm (a device that ran out
-        of memory on an arm will on a bigger one too) and lowers an unknown device's ceiling; a
-        success of the ceiling arm raises it by one allowed arm."""
+        """Record one play. A failure backs off the arm, its size's other ranks and every costlier
+        arm (a device that ran out of memory on an arm will on a bigger one too) and lowers an
+        unknown device's ceiling; a success of the ceiling arm raises it by one allowed arm."""
         if arm not in self.allowed:
             raise LLMPruneError(f"arm {arm} is not allowed for this device (allowed: {self.allowed})",
                                 "update with the arm choose() returned")
@@ -327,15 +333,18 @@ class DeviceBandit:
                 self.ceiling = higher[0]
 
     def _fail(self, arm: int, server_round: int, why: str) -> None:
-        """Back off `arm` and costlier arms for backoff_rounds * 2**(failures - 1) rounds (at most
-        max_backoff) after this one; an unknown device's ceiling drops below the failed arm."""
+        """Back off `arm`, the other ranks of its size and the costlier arms for backoff_rounds *
+        2**(failures - 1) rounds (at most max_backoff) after this one; an unknown device's ceiling
+        drops below the failed arm's size (a smaller rank of the same size holds nearly as much
+        memory: it would fail again)."""
         self.failures[arm] += 1
         length = min(self.max_backoff, self.backoff_rounds * 2 ** (self.failures[arm] - 1))
         until = server_round + 1 + length
-        for a in range(arm, len(self.arms)):
+        size = self.arms[arm].size
+        for a in range(min(i for i, x in enumerate(self.arms) if x.size == size), len(self.arms)):
             self.backoff_until[a] = max(self.backoff_until[a], until)
         if not self.declared:
-            lower = [a for a in self.allowed if a < arm]
+            lower = [a for a in self.allowed if self.arms[a].size < self.arms[arm].size]
             self.ceiling = min(self.ceiling, lower[-1] if lower else self.allowed[0])
         log.debug("arm %s failed (%s) in round %d: it and costlier arms wait until round %d",
                   self.arms[arm].label(), why, server_round, until)

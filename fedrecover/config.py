@@ -59,7 +59,8 @@ class DataConfig:
     max_windows: int | None = option(None, parse=positive_int, default_text="all",
                                      help="at most this many windows per data source, before partitioning")
     eval_data: str | None = option(None, resume="free", default_text="windows held out of the data; none on a fleet",
-                                   help="server-side evaluation text file")
+                                   help="server-side evaluation text: a file, or a folder with a file per domain "
+                                        "(windows taken from each file in turn)")
     eval_windows: int = option(4, parse=positive_int, resume="free", help="evaluation windows")
 
     def __post_init__(self) -> None:

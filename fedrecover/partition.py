@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from llmprune.data import load_texts, token_windows
+from llmprune.data import domain_windows, load_texts, token_windows
 from llmprune.errors import LLMPruneError
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def build_client_data(tokenizer, specs: list[str], clients: int, partition: Part
     partition the rest. Too little data for the clients is an error that says how much there is."""
     windows, domains = source_windows(tokenizer, specs, seq_len, max_windows)
     if eval_spec:
-        held = token_windows(tokenizer, load_texts(eval_spec), seq_len, eval_windows)
+        held = domain_windows(tokenizer, eval_spec, seq_len, eval_windows)
         train_idx = np.arange(len(domains))
     else:
         train_idx, eval_idx = split_eval(domains, eval_windows)

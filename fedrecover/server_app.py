@@ -69,11 +69,11 @@ def discover(grid: Grid, nodes: list[int], timeout: float | None, stop: threadin
 def eval_windows(cfg: RecoverConfig, settings: RunSettings, tokenizer, vocabulary=None):
     """The server's evaluation windows, in the tokenizer's ids (a fleet-chosen vocabulary re-reads
     the held-out windows of a simulation's data)."""
-    import llmprune
 
     if cfg.data.eval_data:
-        return llmprune.token_windows(tokenizer, llmprune.load_texts(cfg.data.eval_data), cfg.data.seq_len,
-                                      cfg.data.eval_windows)
+        from llmprune.data import domain_windows
+
+        return domain_windows(tokenizer, cfg.data.eval_data, cfg.data.seq_len, cfg.data.eval_windows)
     if settings.data_cache:
         from .partition import ClientData
 

@@ -49,10 +49,7 @@ def load_texts(
         raise LLMPruneError(f"data path '{printable(spec)}' is {kind}, not a text file or folder",
                             "point --data at a .txt/.json/.jsonl file or a folder of them")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
-        if not files:
-            raise LLMPruneError(f"data folder '{spec}' holds no .txt/.json/.jsonl files", "point --data at text files")
-        texts = [t for f in files for t in _read_file(f, template)]
+        texts = [t for f in folder_files(path) for t in _read_file(f, template)]
     elif path.is_file():
         texts = _read_file(path, template)
     elif _looks_like_path(spec):
@@ -64,6 +61,15 @@ def load_texts(
     if not texts or not any(t.strip() for t in texts):
         raise LLMPruneError(f"data '{spec}' is empty", "give a file or dataset with text in it")
     return texts
+
+
+def folder_files(path: Path) -> list[Path]:
+    """The text files of a data folder (.txt/.raw/.tokens/.json/.jsonl, at any depth), sorted."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSON_SUFFIXES)
+    if not files:
+        raise LLMPruneError(f"data folder '{printable(str(path))}' holds no .txt/.json/.jsonl files",
+                            "point --data at text files")
+    return files
 
 
 PYTHON_DOCS = "python-docs"
@@ -193,6 +199,22 @@ def token_windows(tokenizer, texts: list[str], seq_len: int, max_windows: int | 
     """The standard protocol: tokenize once, cut into windows of `seq_len`, prefix BOS if any."""
     bos = tokenizer.bos_token_id if add_bos else None
     return cut_windows(tokenize_stream(tokenizer, texts), seq_len, max_windows, bos)
+
+
+def domain_windows(tokenizer, spec: str | os.PathLike, seq_len: int, count: int, add_bos: bool = True) -> torch.Tensor:
+    """`count` evaluation windows of a data spec that may span domains: a folder's files are one
+    domain each and give windows in turn (the first window of each file, then the second, ...), so
+    that the first few windows already cover every domain; any other spec is one stream, as in
+    `token_windows`. An evaluation folder holding a file per domain is how a server text weighs the
+    fleet's domains equally instead of by which file sorts first."""
+    path = Path(spec).expanduser()
+    files = folder_files(path) if path.is_dir() and not special_file_kind(path) else []
+    if len(files) < 2:
+        return token_windows(tokenizer, load_texts(spec), seq_len, count, add_bos)
+    per_file = -(-count // len(files))
+    parts = [token_windows(tokenizer, load_texts(f), seq_len, per_file, add_bos) for f in files]
+    turns = [part[i] for i in range(per_file) for part in parts if i < part.shape[0]]
+    return torch.stack(turns[:count])
 
 
 def self_generated_text(model, tokenizer, n_tokens: int = 8192, seed: int = 0, chunk: int = 256) -> str:

@@ -1,12 +1,12 @@
 """`--policy bandit` (FedSpine): the submodel policy with a learned arm per device. A discounted
 UCB bandit per device (fedrecover/bandit.py holds its arithmetic) picks an arm = (submodel size,
-LoRA rank) among those the device's declared memory admits (an undeclared device starts from the
-smallest and grows on success), starting from priors of what each arm holds; which units the
-submodel holds is drawn as for `submodels`. The reward is measured on the global model: the
-server's evaluation loss before and after the round, credited to the devices by their holdings
-(or by leaving each one's update out), against a moving baseline, less a straggler penalty; a
-failure (out of memory, crash, timeout, dropped from a SecAgg+ sum) is penalised and its arm and
-the costlier ones backed off."""
+LoRA rank) among those the device's declared memory admits (an undeclared device starts where
+the plan starts it, at the largest, and drops a size after a failure), starting from priors of
+what each arm holds; which units the submodel holds is drawn as for `submodels`. The reward is
+measured on the global model: the server's evaluation loss before and after the round, credited
+to the devices by their holdings (or by leaving each one's update out), against a moving
+baseline, less a straggler penalty; a failure (out of memory, crash, timeout, dropped from a
+SecAgg+ sum) is penalised and its arm and the costlier ones backed off."""
 
 from __future__ import annotations
 
@@ -56,6 +56,11 @@ class BanditConfig(SubmodelConfig):
     credit: str = option("holdings", flag="--bandit-credit", parse=one_of("holdings", "leave-one-out"),
                          help="bandit: a device's credit is its holdings share of the global model's change, or "
                               "what leaving its update out costs it (one server evaluation per device per round)")
+    unknown_start: str = option("largest", flag="--bandit-unknown-start", parse=one_of("largest", "smallest"),
+                                help="bandit: the arm a device of undeclared memory starts on: the largest (as the "
+                                     "fleet plan assumes all fits; an out-of-memory failure drops it a size) or "
+                                     "the smallest (grown one arm per success: no device is ever pushed past its "
+                                     "memory, at the cost of rounds on small arms)")
     credit_windows: int = option(1, flag="--bandit-credit-windows", parse=positive_int,
                                  help="bandit: the server's evaluation windows each leave-one-out evaluation reads")
 
@@ -84,7 +89,7 @@ def arm_units(arms: list[Arm], n_units: int) -> list[int]:
 
 def admitted_arms(costs: UnitCosts, device: Device, arms: list[Arm], units: list[int]) -> list[int]:
     """The arms whose bound (the costliest units of that count, at that rank) fits the device's
-    declared memory; every arm when it declares none (the bandit then grows from the smallest)."""
+    declared memory; every arm when it declares none (its ceiling then learns the limit)."""
     if device.memory_mb is None:
         return list(range(len(arms)))
     return [i for i, arm in enumerate(arms) if submodel_memory_mb(costs, units[i], arm.rank)[0] <= device.memory_mb]
@@ -161,7 +166,7 @@ class BanditPolicy(SubmodelPolicy):
             self.bandits[str(pid)] = DeviceBandit(
                 self.arms, allowed, declared=dev.memory_mb is not None, exploration=self.config.exploration,
                 discount=self.config.discount, prior=holdings_prior(self.arms, allowed, self.arm_units),
-                prior_weight=self.config.prior_weight)
+                prior_weight=self.config.prior_weight, unknown_start=self.config.unknown_start)
         self.baseline = 0.0
         self.losses: list[float] = []
         self.arm_played: dict[int, int] = {}

@@ -338,6 +338,24 @@ def test_undeclared_starts_at_smallest_allowed():
     assert bandit.ceiling == 2
 
 
+def test_undeclared_starting_largest_drops_a_whole_size_after_out_of_memory():
+    # sizes 0.25 / 0.5 / 1 at ranks 2 and 4: a failure at 1x4 skips 1x2 (as big, it would fail too)
+    arms = arm_grid([0.25, 0.5, 1.0], [2, 4])
+    bandit = DeviceBandit(arms, list(range(6)), declared=False, backoff_rounds=2, unknown_start="largest",
+                          prior=[1 / 8, 1 / 4, 1 / 4, 1 / 2, 1 / 2, 1.0], prior_weight=1.0, exploration=0.0)
+    assert bandit.ceiling == 5 and bandit.choose(1) == 5      # where the plan starts it: all fits
+    bandit.update(5, -1.0, 1, failed="oom")
+    assert bandit.ceiling == 3 and bandit.candidates(2) == [0, 1, 2, 3]   # the largest arm of size 0.5
+    assert bandit.state_dict()["backoff_until"] == [0, 0, 0, 0, 4, 4]     # 1x2 waits with 1x4
+    bandit.update(3, 0.8, 2)                                  # a success grows it one arm (still backed off)
+    assert bandit.ceiling == 4 and bandit.candidates(3) == [0, 1, 2, 3] and bandit.candidates(4) == [0, 1, 2, 3, 4]
+
+
+def test_unknown_start_is_checked():
+    with pytest.raises(LLMPruneError, match="unknown_start"):
+        DeviceBandit(grid3(), [0, 1], declared=False, unknown_start="middle")
+
+
 def test_allowed_restricts():
     arms = arm_grid([0.25, 0.5, 1.0], [2, 4])
     bandit = DeviceBandit(arms, [4, 0, 2], declared=True, exploration=1.0)

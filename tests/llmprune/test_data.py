@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from llmprune import LLMPruneError, load_texts, token_windows
-from llmprune.data import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NO_INPUT, join_documents, render_record
+from llmprune.data import DEFAULT_TEMPLATE, DEFAULT_TEMPLATE_NO_INPUT, domain_windows, join_documents, render_record
 from llmprune.testing import TINY_TEXT, tiny_model, tiny_tokenizer
 
 # ---------------------------------------------------------------- load_texts: files and folders
@@ -203,6 +203,26 @@ def test_max_windows_takes_the_first_ones(tokenizer):
     three = token_windows(tokenizer, [TINY_TEXT], 16, max_windows=3)
     assert three.shape == (3, 17)
     assert torch.equal(three, all_windows[:3])
+
+
+def test_domain_windows_take_a_folders_files_in_turn(tokenizer, tmp_path):
+    folder = tmp_path / "server"
+    folder.mkdir()
+    halves = TINY_TEXT[: len(TINY_TEXT) // 2], TINY_TEXT[len(TINY_TEXT) // 2:]
+    (folder / "a.txt").write_text(halves[0])
+    (folder / "b.txt").write_text(halves[1])
+    each = [token_windows(tokenizer, [h], 16, 2) for h in halves]
+    windows = domain_windows(tokenizer, folder, 16, 3)
+    assert windows.shape == (3, 17)
+    # a's first, b's first, a's second: the first two windows already cover both files
+    assert torch.equal(windows, torch.stack([each[0][0], each[1][0], each[0][1]]))
+
+
+def test_domain_windows_of_a_file_or_a_one_file_folder_are_token_windows(tokenizer, tmp_path):
+    (tmp_path / "only.txt").write_text(TINY_TEXT)
+    expected = token_windows(tokenizer, [TINY_TEXT], 16, 3)
+    assert torch.equal(domain_windows(tokenizer, tmp_path / "only.txt", 16, 3), expected)
+    assert torch.equal(domain_windows(tokenizer, tmp_path, 16, 3), expected)
 
 
 def test_max_windows_beyond_available_warns_and_gives_all(tokenizer, caplog):
