@@ -170,7 +170,7 @@ def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: f
             "failures": [[f"{f['device']}:{f['failed']}" for f in r.get("failures", [])] for r in metrics["rounds"]],
             "arms": [{c["device"]: c.get("arm") for c in r["clients"]} for r in metrics["rounds"]],
             "clients": [[{k: c.get(k) for k in ("device", "units", "rank", "seconds", "peak_rss_mb", "model_rss_mb",
-                                                "loss_first", "loss_last", "arm", "reward")} for c in r["clients"]]
+                                                "loss_first", "loss_last", "arm", "explored", "reward")} for c in r["clients"]]
                         for r in metrics["rounds"]],
             "refused": metrics.get("refused", []), "prune_tune": metrics.get("prune_tune"),
             "server_eval": [r["eval_perplexity"] for r in metrics["rounds"]]}

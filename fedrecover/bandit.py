@@ -13,7 +13,8 @@ the global model most for the time it takes.
   straggler penalty; one that failed (out of memory, timeout, crash, dropped from a SecAgg+ sum) a
   fixed penalty.
 - `DeviceBandit` is a discounted UCB over the arms one device may play, started from priors (what
-  the memory estimate says an arm holds) instead of playing every arm once, with two safety
+  the memory estimate says an arm holds) instead of playing every arm once; `explorers` lets
+  only a few devices a round leave their best-known arm (in turn), with two safety
   rails: after a failure the arm and every costlier one are backed off for a number of rounds that
   doubles with each failure of that arm, and a device whose memory is unknown starts where the
   fleet plan starts it (its largest arm, as if all fits; or, asked, its smallest), drops below the
@@ -221,6 +222,26 @@ def _clip(value: float) -> float:
     return min(1.0, max(-1.0, value))
 
 
+def explorers(wishes: dict[str, bool], share: float, server_round: int) -> set[str]:
+    """Which of the devices that would explore this round (`wishes[key]`: its UCB arm is not its
+    greedy one) may: at most max(1, floor(share x devices)), taken in a rotation that moves one
+    device each round (by the keys' order), so every device gets its turn.
+
+    Why not every device at once: devices alike (same memory and speed, rewards from the same
+    rounds) hold the same bandit state and want to explore in the same round; when they all move
+    to smaller arms together the round is poor for the global model and its loss change, which is
+    the reward, no longer says which arm did what (measured: bench/adaptive.py)."""
+    if not 0 < share <= 1:
+        raise LLMPruneError(f"the bandit's explorer share {share!r} is outside (0, 1]", "pass e.g. 0.25")
+    keys = sorted(wishes, key=lambda k: (len(k), k))      # numeric order for the partition ids
+    if not keys:
+        return set()
+    allowed = max(1, math.floor(share * len(keys)))
+    start = (server_round - 1) % len(keys)
+    turn = keys[start:] + keys[:start]
+    return set([k for k in turn if wishes[k]][:allowed])
+
+
 def holdings_prior(arms: list[Arm], allowed: list[int], units: list[int]) -> list[float]:
     """Each arm's prior mean reward, from what is known before playing: the adapter it would hold
     (units x rank) over that of the largest arm the device may play, i.e. its expected holdings
@@ -306,6 +327,21 @@ class DeviceBandit:
         best = candidates[0]
         for a in candidates[1:]:
             if values[a] > values[best]:  # strict: ties keep the cheaper arm
+                best = a
+        return best
+
+    def greedy(self, server_round: int) -> int | None:
+        """The playable arm of the highest mean so far (priors included; ties keep the cheaper
+        arm): what the device plays when it does not explore. None when the device rests."""
+        candidates = self.candidates(server_round)
+        if not candidates:
+            return None
+        known = [a for a in candidates if self.counts[a] > 0]
+        if not known:
+            return candidates[0]
+        best = known[0]
+        for a in known[1:]:
+            if self.sums[a] / self.counts[a] > self.sums[best] / self.counts[best]:
                 best = a
         return best
 

@@ -18,7 +18,7 @@ from typing import Any
 from llmprune.errors import LLMPruneError
 from llmprune.options import fraction, non_negative_float, one_of, option, positive_int
 
-from ..bandit import Arm, DeviceBandit, arm_grid, holdings_prior, next_baseline, parse_numbers, round_rewards
+from ..bandit import Arm, DeviceBandit, arm_grid, explorers, holdings_prior, next_baseline, parse_numbers, round_rewards
 from ..fleet import Assignment, Device, UnitCosts, assign_submodels, cycled, fleet_devices, submodel_memory_mb
 from .base import RoundOutcome
 from .submodels import SCHEDULE_STATE, SubmodelConfig, SubmodelPolicy, draw_submodel
@@ -61,6 +61,10 @@ class BanditConfig(SubmodelConfig):
                                      "fleet plan assumes all fits; an out-of-memory failure drops it a size) or "
                                      "the smallest (grown one arm per success: no device is ever pushed past its "
                                      "memory, at the cost of rounds on small arms)")
+    explore_share: float = option(0.25, flag="--bandit-explore-share", parse=fraction,
+                                  help="bandit: at most this share of a round's devices (at least one, in turn) "
+                                       "play an arm other than their best-known one; 1 lets every device explore "
+                                       "at once")
     credit_windows: int = option(1, flag="--bandit-credit-windows", parse=positive_int,
                                  help="bandit: the server's evaluation windows each leave-one-out evaluation reads")
 
@@ -170,6 +174,7 @@ class BanditPolicy(SubmodelPolicy):
         self.baseline = 0.0
         self.losses: list[float] = []
         self.arm_played: dict[int, int] = {}
+        self.explored: set[int] = set()
         self.reports: dict[int, dict] = {}
         self.resting: set[int] = set()
 
@@ -188,16 +193,27 @@ class BanditPolicy(SubmodelPolicy):
         return {"resting": names}
 
     def assign(self, server_round: int, nodes: list[int]) -> dict[int, Assignment]:
+        playing = {self.run.plan.clients[node][0] for node in nodes} - self.resting
+        arms = self.round_arms(server_round, sorted(playing))
         out = {}
         for node in nodes:
             pid, plan = self.run.plan.clients[node]
             if pid in self.resting:
                 continue
-            arm = self.bandits[str(pid)].choose(server_round)
+            arm = arms[pid]
             out[node] = draw_submodel(self.schedule, self.unit_costs, plan, server_round, pid, self.arm_units[arm],
                                       self.arms[arm].rank, self.cfg.seed)
             self.last[pid], self.arm_played[pid] = out[node], arm
         return out
+
+    def round_arms(self, server_round: int, pids: list[int]) -> dict[int, int]:
+        """Each playing device's arm: its UCB choice for the round's explorers (`bandit.explorers`:
+        a few devices a round, in turn), its greedy (best mean) arm for the others."""
+        ucb = {pid: self.bandits[str(pid)].choose(server_round) for pid in pids}
+        greedy = {pid: self.bandits[str(pid)].greedy(server_round) for pid in pids}
+        chosen = explorers({str(pid): ucb[pid] != greedy[pid] for pid in pids}, self.config.explore_share, server_round)
+        self.explored = {int(key) for key in chosen}
+        return {pid: ucb[pid] if str(pid) in chosen else greedy[pid] for pid in pids}
 
     def observe(self, server_round: int, outcome: RoundOutcome) -> None:
         results: dict[str, dict] = {}
@@ -219,7 +235,8 @@ class BanditPolicy(SubmodelPolicy):
         for key, part in parts.items():
             arm = self.arm_played[int(key)]
             self.bandits[key].update(arm, part.reward, server_round, part.failed)
-            self.reports[int(key)] = {"arm": self.arms[arm].label(), "reward": part.to_dict()}
+            self.reports[int(key)] = {"arm": self.arms[arm].label(), "explored": int(key) in self.explored,
+                                      "reward": part.to_dict()}
         self.schedule.record(held)
 
     def left_out(self, returned: list[int], outcome: RoundOutcome) -> dict[str, float]:

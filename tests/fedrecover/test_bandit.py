@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 
 from llmprune.errors import LLMPruneError
-from llmprune.fedrecover.bandit import Arm, DeviceBandit, arm_grid, holdings_prior, next_baseline, parse_numbers, round_rewards
+from llmprune.fedrecover.bandit import (
+    Arm,
+    DeviceBandit,
+    arm_grid,
+    explorers,
+    holdings_prior,
+    next_baseline,
+    parse_numbers,
+    round_rewards,
+)
 
 
 def grid3() -> list[Arm]:
@@ -455,3 +464,34 @@ def test_load_refuses_another_grid():
         DeviceBandit(arm_grid([0.25, 0.5, 1.0], [8]), [0, 1, 2], declared=True).load_state_dict(state)
     with pytest.raises(LLMPruneError, match="another arm grid"):
         DeviceBandit(grid3(), [0, 1], declared=True).load_state_dict(state)
+
+
+# ---------------------------------------------------------------- staggered exploration
+
+
+def test_a_few_devices_explore_a_round_in_turn():
+    everyone = {str(k): True for k in range(6)}
+    # a quarter of 6 devices: one a round, moving one device each round (ids in numeric order)
+    assert [explorers(everyone, 0.25, r) for r in (1, 2, 3, 7)] == [{"0"}, {"1"}, {"2"}, {"0"}]
+    assert explorers(everyone, 0.5, 5) == {"4", "5", "0"}
+    # only those that want to explore are counted; the turn passes to the next one that does
+    assert explorers({**{str(k): False for k in range(6)}, "3": True, "5": True}, 0.25, 1) == {"3"}
+    assert explorers({"2": True, "10": True, "9": False}, 1.0, 1) == {"2", "10"}
+    assert explorers({}, 0.25, 1) == set() and explorers({"0": False}, 1.0, 1) == set()
+    with pytest.raises(LLMPruneError, match="explorer share 0"):
+        explorers(everyone, 0.0, 1)
+
+
+def test_greedy_is_the_best_mean_and_the_cheaper_on_a_tie():
+    arms = arm_grid([0.25, 0.5, 1.0], [4])
+    bandit = DeviceBandit(arms, [0, 1, 2], declared=True, prior=[0.25, 0.5, 1.0], prior_weight=1.0, exploration=1.0)
+    assert bandit.greedy(1) == 2                       # the prior: the largest holds most
+    bandit.update(2, -1.0, 1)                          # a bad round on it: mean (1 - 1) / 2 = 0
+    assert bandit.greedy(2) == 1
+    bandit.update(1, 0.4, 2)                           # means 0.25 (1 play), 0.45 (2), 0 (2)
+    assert bandit.greedy(3) == 1 and bandit.choose(3) == 0   # UCB explores the least-played; greedy does not
+    tie = DeviceBandit(arms, [0, 1, 2], declared=True, prior=[0.5, 0.5, 0.5], prior_weight=1.0)
+    assert tie.greedy(1) == 0
+    rest = DeviceBandit(arms, [1], declared=True)
+    rest.update(1, -1.0, 1, failed="oom")
+    assert rest.greedy(2) is None and rest.choose(2) is None
