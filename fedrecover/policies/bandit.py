@@ -65,8 +65,9 @@ class BanditConfig(SubmodelConfig):
                                   help="bandit: at most this share of a round's devices (at least one, in turn) "
                                        "play an arm other than their best-known one; 1 lets every device explore "
                                        "at once")
-    credit_windows: int = option(1, flag="--bandit-credit-windows", parse=positive_int,
-                                 help="bandit: the server's evaluation windows each leave-one-out evaluation reads")
+    credit_windows: int | None = option(None, flag="--bandit-credit-windows", parse=positive_int, default_text="all",
+                                        help="bandit: the server's first evaluation windows each leave-one-out "
+                                             "evaluation reads (all: every domain of a per-domain --eval-data counts)")
 
 
 # one device's bandit (bandit.DeviceBandit.state_dict)
@@ -241,7 +242,7 @@ class BanditPolicy(SubmodelPolicy):
 
     def left_out(self, returned: list[int], outcome: RoundOutcome) -> dict[str, float]:
         """Per returned device, the server's loss (ln perplexity on its first --bandit-credit-windows
-        windows) with the device's update left out of the round's aggregate, less the loss with every
+        windows, default all) with the device's update left out of the round's aggregate, less the loss with every
         update: what the device's update did to the global model. {} where not measured (credit by
         holdings, no server text, SecAgg+ or central DP, a round not applied)."""
         if self.config.credit != "leave-one-out" or outcome.without is None or self.run.windows is None:

@@ -77,6 +77,9 @@ def test_no_arm_fitting_a_declared_budget_is_one_line(costs, tmp_path, pruned_ck
     ({"bandit_baseline_decay": float("nan")}, "--bandit-baseline-decay"),
     ({"bandit_credit": "shapley"}, "--bandit-credit"),
     ({"bandit_credit_windows": 0}, "--bandit-credit-windows"),
+    ({"bandit_unknown_start": "middle"}, "--bandit-unknown-start"),
+    ({"bandit_explore_share": 0.0}, "--bandit-explore-share"),
+    ({"bandit_explore_share": 1.5}, "--bandit-explore-share"),
 ])
 def test_bad_bandit_options(kwargs, message):
     base = dict(fleet="f.toml", policy="bandit", aggregation="hetlora")
