@@ -10,8 +10,8 @@ same rounds, local steps, batch, rank and learning rate:
             the default grid (0.25/0.5/0.75/1 x rank 2/4/8; undeclared devices start on the
             largest, as the plan assumes), rewarded by its part of the global model's loss change
             on the server's text, measured by leaving its update out (bandit-holdings: its
-            holdings share); compared with the plan at equal rounds and by the fleet clock at
-            which it reaches the plan's final perplexity
+            holdings share; bandit-time: holdings, --straggler-weight 2); compared with the plan
+            at equal rounds and by the fleet clock at which it reaches the plan's final perplexity
   full      lean clients on the whole pruned model (--skip-unfit): DevFT's reference
   devft     --policy devft --devft-stages 4,8,all (--skip-unfit)
   once      the dense model pruned to 0.2 before round 1, then tuned (--target-ratio 0.2)
@@ -61,6 +61,8 @@ ARMS = {
     "plan": {"label": "fixed plan (--policy submodels)", "flags": ["--policy", "submodels", *LEAN]},
     "bandit": {"label": "bandit, credit by leave-one-out", "flags": [*BANDIT, "--bandit-credit", "leave-one-out"]},
     "bandit-holdings": {"label": "bandit, credit by holdings share", "flags": [*BANDIT, "--bandit-credit", "holdings"]},
+    "bandit-time": {"label": "bandit, holdings, straggler weight 2", "flags": [*BANDIT, "--bandit-credit", "holdings",
+                                                                         "--straggler-weight", "2"]},
     "full": {"label": "whole pruned model", "flags": ["--skip-unfit", *LEAN]},
     "devft": {"label": "DevFT devft:4,8,all", "flags": ["--policy", "devft", "--devft-stages", "4,8,all", "--skip-unfit",
                                                         *LEAN]},
@@ -244,7 +246,8 @@ def summarize(runs: dict) -> dict:
         out[key] = {"final": {n: run["curve"][-1][n] for n in COMPARED}, "wall_seconds": run["wall_seconds"],
                     "fleet_seconds": run["fleet_clock"][-1], "bytes_up": sum(run["bytes_up"]),
                     "failures": sum(len(f) for f in run["failures"])}
-    for base, other, what in (("plan", "bandit", "time"), ("plan", "bandit-holdings", "time"), ("full", "devft", "bytes")):
+    for base, other, what in (("plan", "bandit", "time"), ("plan", "bandit-holdings", "time"), ("plan", "bandit-time", "time"),
+                              ("full", "devft", "bytes")):
         if base in runs and other in runs:
             b, o = runs[base], runs[other]
             row = {}
