@@ -140,7 +140,9 @@ def copy_run(ref, out) -> None:
 # Float results differ in the last bits between CPU kernels (torch picks AVX-512 or AVX2 code): the
 # pins of each CPU capability torch reports, recorded with scripts/pin_recover.py. recover_pins.json
 # was recorded before the reshaping on an AVX-512 machine; the AVX2 file by today's code, which gave
-# that file's results bit for bit there (their norms agree to 2e-6 here).
+# that file's results bit for bit there (their norms agree to 2e-6 here). Two CPUs of one capability
+# can still differ in the last bits (an AMD EPYC gives 3 of the AVX-512 file's cases off by float noise):
+# assert_pinned then holds the run to the pins within that noise.
 PINS = {"AVX512": "recover_pins.json", "AVX2": "recover_pins.avx2.json"}
 
 
@@ -156,27 +158,61 @@ def pins_file() -> Path:
 def assert_pinned(run, case: str) -> None:
     """The run's final adapter and merged model are bit for bit those scripts/pin_recover.py recorded
     for `case` before fedrecover's reshaping (tests/fedrecover/recover_pins.json): the same settings,
-    the same seed, the same result."""
-    import hashlib
+    the same seed, the same result. Where this CPU's kernels round differently from the recording
+    machine's (two AVX-512 CPUs need not agree in the last bits: oneDNN and MKL pick kernels per CPU
+    model), the hashes cannot agree, and the run must instead agree with the pins within float noise:
+    see `pinned_differences`."""
     import json
-    from pathlib import Path
 
     from safetensors.numpy import load_file
 
     from llmprune.fedrecover import state_dir_for
 
-    def sha(arrays) -> str:
-        h = hashlib.sha256()
-        for k in sorted(arrays):
-            h.update(k.encode())
-            h.update(np.ascontiguousarray(arrays[k]).tobytes())
-        return h.hexdigest()[:16]
-
     pins = json.loads(pins_file().read_text())[case]
     last = len(run.metrics["rounds"])
+    adapter = load_file(str(state_dir_for(run.out) / f"round-{last:03d}.safetensors"))
     weights = {}
     for path in sorted(Path(run.out).glob("*.safetensors")):
         weights.update(load_file(str(path)))
-    assert sha(load_file(str(state_dir_for(run.out) / f"round-{last:03d}.safetensors"))) == pins["adapter"], case
-    assert sha(weights) == pins["merged"], case
-    assert [r["eval_perplexity"] for r in run.metrics["rounds"]] == [r["eval_perplexity"] for r in pins["rounds"]]
+    if (array_sha(adapter), array_sha(weights)) == (pins["adapter"], pins["merged"]):
+        assert [r["eval_perplexity"] for r in run.metrics["rounds"]] == [r["eval_perplexity"] for r in pins["rounds"]]
+        return
+    differences = pinned_differences(run.metrics, adapter, pins)
+    assert not differences, f"{case}: " + "; ".join(differences)
+
+
+def array_sha(arrays: dict) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(arrays):
+        h.update(k.encode())
+        h.update(np.ascontiguousarray(arrays[k]).tobytes())
+    return h.hexdigest()[:16]
+
+
+# Float noise between CPU kernels, measured against the AVX-512 pins on an AMD EPYC (AVX-512): adapter norms
+# and train losses agree to < 5e-7 relative, perplexities to their last written digit; a run with another
+# seed moves the plan_dp adapter norm by 2.6e-3. Perplexities are written to 4 decimals, norms to 6.
+PIN_RTOL = 1e-5
+ROUNDING = {"perplexity": 1.5e-4, "norm": 1.5e-6, "loss": 0.0}
+
+
+def pinned_differences(metrics: dict, adapter: dict, pins: dict, rtol: float = PIN_RTOL) -> list[str]:
+    """What of a run differs from its pins by more than float noise: the final adapter's norm, the
+    perplexity before and after each round, each round's train loss and the devices it sampled."""
+    if len(metrics["rounds"]) != len(pins["rounds"]):
+        return [f"{len(metrics['rounds'])} rounds, pinned {len(pins['rounds'])}"]
+    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in adapter.values())))
+    got = [("adapter norm", norm, pins["adapter_norm"]),
+           ("initial perplexity", metrics["initial_eval_perplexity"], pins["initial_eval_perplexity"])]
+    out = []
+    for i, (row, pin) in enumerate(zip(metrics["rounds"], pins["rounds"]), 1):
+        got += [(f"round {i} perplexity", row["eval_perplexity"], pin["eval_perplexity"]),
+                (f"round {i} train loss", row["train_loss"], pin["train_loss"])]
+        sampled = [c.get("partition-id") for c in row["clients"]]
+        if sampled != [c["partition-id"] for c in pin["clients"]]:
+            out.append(f"round {i} sampled {sampled}, pinned {[c['partition-id'] for c in pin['clients']]}")
+    out += [f"{name} {value!r}, pinned {pinned!r}" for name, value, pinned in got
+            if abs(value - pinned) > rtol * abs(pinned) + ROUNDING[name.rsplit(" ", 1)[-1]]]
+    return out

@@ -276,6 +276,29 @@ def test_plan_dp_gives_what_it_gave_before_the_reshaping(basic_run):
     assert_pinned(basic_run, "plan_dp")
 
 
+def test_the_pin_check_allows_float_noise_and_nothing_more():
+    """Off the recording CPU the pins hold within float noise: a run whose adapter norm, perplexity,
+    train loss or sampled devices moved by more is reported, naming what moved."""
+    import copy
+
+    from .conftest import pinned_differences, pins_file
+
+    pins = json.loads(pins_file().read_text())["plan_dp"]
+    metrics = {"initial_eval_perplexity": pins["initial_eval_perplexity"], "rounds": copy.deepcopy(pins["rounds"])}
+
+    def adapter(scale: float) -> dict:
+        return {"0.q_proj.lora_A": np.array([pins["adapter_norm"] * scale], dtype=np.float32)}
+
+    assert pinned_differences(metrics, adapter(1 + 1e-6), pins) == []
+    assert [d.split(" ", 2)[:2] for d in pinned_differences(metrics, adapter(1.0001), pins)] == [["adapter", "norm"]]
+    moved = copy.deepcopy(metrics)
+    moved["rounds"][1]["eval_perplexity"] += 0.005     # the second round's whole effect is 0.004
+    moved["rounds"][0]["clients"].reverse()
+    moved["rounds"][0]["train_loss"] *= 1 + 1e-6       # float noise: not reported
+    assert [d.split(", pinned")[0] for d in pinned_differences(moved, adapter(1.0), pins)] == [
+        "round 1 sampled [2, 1]", f"round 2 perplexity {moved['rounds'][1]['eval_perplexity']!r}"]
+
+
 def test_a_device_that_drops_out_of_a_secagg_round_is_a_failure_of_the_round(pruned_ckpt, text_file, tmp_path):
     """SecAgg+ shows the server only the sum: the round still names the sampled device whose share
     is missing (`dropped`), so policies learn from it as from a plain round's crash."""
