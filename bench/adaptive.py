@@ -147,7 +147,7 @@ def fleet_clock(metrics: dict) -> list[float]:
     return out
 
 
-def run_arm(key: str, args, pruned: Path, dense: Path, data: list[str], scale: float) -> dict:
+def run_arm(key: str, args, pruned: Path | None, dense: Path, data: list[str], scale: float) -> dict:
     arm = ARMS[key]
     model = dense if arm.get("dense") else pruned
     flags = list(arm["flags"])
@@ -205,7 +205,10 @@ def main() -> int:
         "eval": f"{args.eval_windows}x512 windows (+BOS)"}
     runs = results.setdefault("runs", {})
     work_pruned = ROOT / "bench/work/submodels"   # the submodel benchmark's checkpoint, when it exists
-    pruned = pruned_checkpoint(args, work_pruned if (work_pruned / "pruned-0.2").is_dir() else args.work)
+    # pruned once, only when an arm starts from it (once and tune start from the dense model)
+    pruned = None
+    if any(not ARMS[key].get("dense") for key in args.arms if key not in runs):
+        pruned = pruned_checkpoint(args, work_pruned if (work_pruned / "pruned-0.2").is_dir() else args.work)
     from llmprune.models import resolve_model_spec
 
     dense = Path(resolve_model_spec(args.model).path)

@@ -43,7 +43,9 @@ CASES = {
                                                    submodel_granularity="sublayer", **LEAN)),
     "bandit": ("pruned", "bandit", dict(clients=2, rounds=3, aggregation="hetlora", submodels=True, policy="bandit",
                                         arm_sizes="0.34,1", arm_ranks="1,4", **LEAN)),
-    "devft": ("pruned", None, dict(clients=2, rounds=3, schedule="devft:1,2,all", aggregation="hetlora", **LEAN)),
+    # the defaults of when it was pinned (tests/fedrecover/test_adaptive.py's DEVFT): today's are beta 1, split
+    "devft": ("pruned", None, dict(clients=2, rounds=3, schedule="devft:1,2,all", devft_beta=0.2, devft_handover="copy",
+                                   aggregation="hetlora", **LEAN)),
     "prune_tune": ("dense", None, dict(clients=2, rounds=2, target_ratio=0.3, prune_every=1, eval_data="TEXT")),
 }
 
@@ -145,6 +147,9 @@ def main() -> None:
 # Cases whose last bits were not reproducible before the reshaping: SecAgg+ rounds stochastically
 # (inside Flower), and flexlora's SVD re-split took the uploads in arrival order (now partition order).
 NOISY = {"secagg", "plan_fleet_flexlora"}
+# Cases whose behaviour changed on purpose after they were pinned: the pin no longer applies.
+CHANGED = {"bandit": "issue 24 rewards the bandit by the global model and starts undeclared devices on the "
+                     "largest arm (stops 38-39)"}
 
 
 def compare(pinned: dict, got: dict) -> int:
@@ -152,12 +157,13 @@ def compare(pinned: dict, got: dict) -> int:
     bad = 0
     for name, case in got.items():
         ref = pinned.get(name)
-        if ref is None:
-            print(f"{name:20s} not pinned")
+        if ref is None or name in CHANGED:
+            print(f"{name:20s} {'not pinned' if ref is None else 'changed on purpose: ' + CHANGED[name]}")
             continue
         same = (case["adapter"], case["merged"]) == (ref["adapter"], ref["merged"])
         drift = abs(case["adapter_norm"] - ref["adapter_norm"]) / ref["adapter_norm"]
-        ok = same or (name in NOISY and drift < 1e-4)
+        # another CPU's kernels round differently in the last bits (tests/fedrecover/conftest.py: PIN_RTOL)
+        ok = same or drift < (1e-4 if name in NOISY else 1e-5)
         bad |= not ok
         print(f"{name:20s} {'identical' if same else f'norm drift {drift:.2e}'} {'' if ok else 'DIFFERS'}")
     return int(bad)
