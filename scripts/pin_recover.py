@@ -9,10 +9,11 @@ sha256 of the final adapter and of the merged model. Run it before and after a r
 tests/fedrecover/recover_pins.json was recorded before fedrecover's reshaping (policies as plug-ins) on an
 AVX-512 machine; recover_pins.avx2.json by the reshaped code on an AVX2 one (CPU kernels differ in the last
 bits; tests/fedrecover/conftest.py picks the file of torch's CPU capability);
-tests/fedrecover/test_pinned.py checks the cases the test suite already runs against it. SecAgg+
+the tests named *_gives_what_it_gave_before_the_reshaping (tests/fedrecover/test_simulation.py,
+test_adaptive.py) check the cases the suite already runs against it, bit for bit where the CPU gives the
+recorded bits and within float noise elsewhere. SecAgg+
 quantizes stochastically (Flower draws the rounding), so its case agrees to float noise only."""
 import argparse
-import hashlib
 import json
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.fedrecover.conftest import array_sha as sha  # noqa: E402
 from tests.fedrecover.conftest import varied_text  # noqa: E402
 
 LEAN = dict(client_dtype="bfloat16", client_embedding="int8")
@@ -74,14 +76,6 @@ def config_for(overrides: dict, fleet: str | None, text: str):
     if "target_ratio" in kw:
         policy = "prune-tune"
     return RecoverConfig.of(policy=policy, **kw)
-
-
-def sha(arrays: dict) -> str:
-    h = hashlib.sha256()
-    for k in sorted(arrays):
-        h.update(k.encode())
-        h.update(np.ascontiguousarray(arrays[k]).tobytes())
-    return h.hexdigest()[:16]
 
 
 def summarize(result, state: Path) -> dict:
