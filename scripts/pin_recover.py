@@ -19,12 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from tests.fedrecover.conftest import PIN_RTOL, adapter_norm, varied_text  # noqa: E402
 from tests.fedrecover.conftest import array_sha as sha  # noqa: E402
-from tests.fedrecover.conftest import varied_text  # noqa: E402
 
 LEAN = dict(client_dtype="bfloat16", client_embedding="int8")
 SMALL = dict(clients=2, rounds=1, local_steps=2, seq_len=32, batch_size=2, lora_rank=4)
@@ -94,9 +92,8 @@ def summarize(result, state: Path) -> dict:
     for f in sorted(result.out.glob("*.safetensors")):
         weights.update(load_file(str(f)))
     adapter = load_file(str(state / f"round-{last:03d}.safetensors"))
-    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in adapter.values())))
     return {"initial_eval_perplexity": m["initial_eval_perplexity"], "rounds": rounds,
-            "adapter": sha(adapter), "adapter_norm": round(norm, 6), "merged": sha(weights)}
+            "adapter": sha(adapter), "adapter_norm": round(adapter_norm(adapter), 6), "merged": sha(weights)}
 
 
 def main() -> None:
@@ -157,7 +154,7 @@ def compare(pinned: dict, got: dict) -> int:
         same = (case["adapter"], case["merged"]) == (ref["adapter"], ref["merged"])
         drift = abs(case["adapter_norm"] - ref["adapter_norm"]) / ref["adapter_norm"]
         # another CPU's kernels round differently in the last bits (tests/fedrecover/conftest.py: PIN_RTOL)
-        ok = same or drift < (1e-4 if name in NOISY else 1e-5)
+        ok = same or drift < (1e-4 if name in NOISY else PIN_RTOL)
         bad |= not ok
         print(f"{name:20s} {'identical' if same else f'norm drift {drift:.2e}'} {'' if ok else 'DIFFERS'}")
     return int(bad)

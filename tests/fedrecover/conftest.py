@@ -191,6 +191,11 @@ def array_sha(arrays: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def adapter_norm(arrays: dict) -> float:
+    """The L2 norm of all of an adapter's values (float64), as the pins record it."""
+    return float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in arrays.values())))
+
+
 # Float noise between CPU kernels, measured against the AVX-512 pins on an AMD EPYC (AVX-512): adapter norms
 # and train losses agree to < 5e-7 relative, perplexities to their last written digit; a run with another
 # seed moves the plan_dp adapter norm by 2.6e-3. Perplexities are written to 4 decimals, norms to 6.
@@ -203,8 +208,7 @@ def pinned_differences(metrics: dict, adapter: dict, pins: dict, rtol: float = P
     perplexity before and after each round, each round's train loss and the devices it sampled."""
     if len(metrics["rounds"]) != len(pins["rounds"]):
         return [f"{len(metrics['rounds'])} rounds, pinned {len(pins['rounds'])}"]
-    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in adapter.values())))
-    got = [("adapter norm", norm, pins["adapter_norm"]),
+    got = [("adapter norm", adapter_norm(adapter), pins["adapter_norm"]),
            ("initial perplexity", metrics["initial_eval_perplexity"], pins["initial_eval_perplexity"])]
     out = []
     for i, (row, pin) in enumerate(zip(metrics["rounds"], pins["rounds"]), 1):
